@@ -1,0 +1,148 @@
+//! The Confluent wire format: `0x00`, a 4-byte big-endian schema id, the Avro binary body.
+//! The only place in newsroom that knows how events look as bytes.
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
+
+use crate::Event;
+
+/// The first byte of every framed record.
+pub const MAGIC: u8 = 0;
+const HEADER_LEN: usize = 5;
+
+/// Why bytes could not be framed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Shorter than the header, or not starting with the magic byte.
+    #[error("not a Confluent-framed record (missing magic byte or schema id)")]
+    NotFramed,
+    /// The Avro body does not fit the writer schema, or resolution to the reader failed.
+    #[error("avro: {0}")]
+    Avro(#[from] apache_avro::Error),
+    /// Bytes were left after the body.
+    #[error("{0} bytes left after the Avro body")]
+    TrailingBytes(usize),
+}
+
+/// Encodes `event` with `schema` (registered under `schema_id`) into a framed record.
+pub fn encode<E: Event>(schema_id: u32, schema: &Schema, event: &E) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(MAGIC);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    GenericDatumWriter::builder(schema)
+        .human_readable(true)
+        .build()?
+        .write_ser(&mut out, event)?;
+    Ok(out)
+}
+
+/// Splits a framed record into its schema id and Avro body.
+pub fn unframe(bytes: &[u8]) -> Result<(u32, &[u8]), WireError> {
+    if bytes.len() < HEADER_LEN || bytes[0] != MAGIC {
+        return Err(WireError::NotFramed);
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    Ok((id, &bytes[HEADER_LEN..]))
+}
+
+/// Reads an Avro body written with `writer` and resolves it to the `reader` schema.
+pub fn decode(writer: &Schema, reader: &Schema, body: &[u8]) -> Result<Value, WireError> {
+    let mut rest = body;
+    let value = GenericDatumReader::builder(writer)
+        .reader_schema(reader)
+        .human_readable(true)
+        .build()?
+        .read_value(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EventMetadata;
+    use crate::schemas::{EventDecodeError, schema_of};
+    use crate::users::{Role, UserEvent, UserRegistered};
+    use uuid::Uuid;
+
+    fn registered() -> UserRegistered {
+        let id = Uuid::now_v7();
+        UserRegistered {
+            metadata: EventMetadata {
+                event_id: Uuid::now_v7(),
+                aggregate_id: id,
+                aggregate_version: 1,
+                occurred_at: 1_764_000_000_123_456,
+                correlation_id: "req-1".into(),
+                causation_id: "cmd-1".into(),
+                actor_id: None,
+                schema_version: UserRegistered::SCHEMA_VERSION,
+            },
+            name: "Ada Lovelace".into(),
+            email: "ada@example.com".into(),
+            password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            role: Role::Reader,
+        }
+    }
+
+    #[test]
+    fn an_event_survives_the_avro_round_trip() -> Result<(), Box<dyn std::error::Error>> {
+        let schema = schema_of(UserRegistered::FULL_NAME).ok_or("no schema")?;
+        let event = registered();
+
+        let bytes = encode(42, schema, &event)?;
+        let (id, body) = unframe(&bytes)?;
+        let value = decode(schema, schema, body)?;
+        let decoded = UserEvent::from_avro(UserRegistered::FULL_NAME, value)?;
+
+        assert_eq!(bytes[0], MAGIC);
+        assert_eq!(id, 42);
+        assert_eq!(decoded, UserEvent::Registered(event));
+        Ok(())
+    }
+
+    #[test]
+    fn an_actor_id_survives_the_round_trip() -> Result<(), Box<dyn std::error::Error>> {
+        let schema = schema_of(UserRegistered::FULL_NAME).ok_or("no schema")?;
+        let mut event = registered();
+        event.metadata.actor_id = Some(Uuid::now_v7());
+        event.role = Role::Admin;
+
+        let bytes = encode(1, schema, &event)?;
+        let value = decode(schema, schema, unframe(&bytes)?.1)?;
+
+        assert_eq!(
+            UserEvent::from_avro(UserRegistered::FULL_NAME, value)?,
+            UserEvent::Registered(event)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unframed_or_truncated_bytes_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let schema = schema_of(UserRegistered::FULL_NAME).ok_or("no schema")?;
+        let bytes = encode(7, schema, &registered())?;
+
+        assert!(matches!(unframe(b"garbage"), Err(WireError::NotFramed)));
+        assert!(matches!(unframe(&[0, 0, 0]), Err(WireError::NotFramed)));
+        let truncated = &bytes[HEADER_LEN..bytes.len() - 3];
+        assert!(decode(schema, schema, truncated).is_err());
+        let mut longer = bytes[HEADER_LEN..].to_vec();
+        longer.push(0);
+        assert!(matches!(
+            decode(schema, schema, &longer),
+            Err(WireError::TrailingBytes(1))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_record_name_is_an_unknown_type() {
+        let result = UserEvent::from_avro("newsroom.users.Nope", Value::Null);
+        assert!(matches!(result, Err(EventDecodeError::UnknownType(_))));
+    }
+}

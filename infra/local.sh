@@ -1,0 +1,387 @@
+#!/usr/bin/env bash
+# Local infrastructure for newsroom without Docker: Apache Kafka (KRaft, single node),
+# Apicurio Registry (Confluent-compatible API), PostgreSQL and Redis, all on loopback,
+# with their data under .local/ in the project. Idempotent: `up` installs what is
+# missing, starts what is not running and waits until each one answers.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${NEWSROOM_STATE_DIR:-$ROOT/.local}"
+HOST=127.0.0.1
+KAFKA_PORT="${NEWSROOM_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${NEWSROOM_KAFKA_CONTROLLER_PORT:-9093}"
+REGISTRY_PORT="${NEWSROOM_REGISTRY_PORT:-8085}"
+REGISTRY_MANAGEMENT_PORT="${NEWSROOM_REGISTRY_MANAGEMENT_PORT:-9085}"
+PG_PORT="${NEWSROOM_PG_PORT:-5432}"
+REDIS_PORT="${NEWSROOM_REDIS_PORT:-6379}"
+APICURIO_VERSION="${NEWSROOM_APICURIO_VERSION:-3.3.3}"
+PG_VERSION="${NEWSROOM_PG_VERSION:-15}"
+PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
+
+usage() {
+  cat <<EOF
+Usage: infra/local.sh COMMAND [SERVICE]
+
+Runs newsroom's infrastructure on this machine, bound to $HOST, data in $STATE.
+
+Commands:
+  up [SERVICE]      install what is missing, start what is not running, wait until ready
+  down [SERVICE]    stop what this script started (data is kept)
+  status            list each service, its address and whether it answers
+  deps              install the Debian packages and Maven artifacts only
+  reset             stop everything and delete $STATE (all data, downloaded jars)
+  -h, --help        show this help
+
+Services: postgres, redis, kafka, registry (default: all, started in that order).
+
+Environment (defaults in brackets):
+  NEWSROOM_KAFKA_PORT [9092]  NEWSROOM_KAFKA_CONTROLLER_PORT [9093]
+  NEWSROOM_REGISTRY_PORT [8085]  NEWSROOM_REGISTRY_MANAGEMENT_PORT [9085]
+  NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]
+  NEWSROOM_STATE_DIR [$ROOT/.local]  NEWSROOM_JAVA21_HOME [first JDK >= 21 found]
+EOF
+}
+
+log() { printf '[infra] %s\n' "$*" >&2; }
+die() { printf '[infra] error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds.
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      die "$name did not become ready within ${secs}s (logs in $STATE/$name/)"
+    fi
+    sleep 0.5
+  done
+}
+
+pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# --- installation -------------------------------------------------------------
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  local sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  if ((APT_UPDATED == 0)); then
+    $sudo apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+java21_home() {
+  if [[ -n ${NEWSROOM_JAVA21_HOME:-} ]]; then
+    echo "$NEWSROOM_JAVA21_HOME"
+    return
+  fi
+  local candidate version
+  for candidate in ${JAVA_HOME:-} /usr/lib/jvm/*; do
+    [[ -x $candidate/bin/java ]] || continue
+    version=$("$candidate/bin/java" -XshowSettings:properties -version 2>&1 |
+      sed -n 's/^ *java.specification.version = //p')
+    if [[ ${version%%.*} =~ ^[0-9]+$ ]] && ((${version%%.*} >= 21)); then
+      echo "$candidate"
+      return
+    fi
+  done
+  return 1
+}
+
+install_deps() {
+  apt_install ca-certificates curl maven openjdk-17-jre-headless \
+    "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev build-essential kcat
+  if ! java21_home >/dev/null; then
+    # Apicurio Registry 3.x needs Java 21+. Debian 12 ships 17 only; try newer packages.
+    apt_install openjdk-21-jre-headless 2>/dev/null || apt_install openjdk-25-jre-headless 2>/dev/null ||
+      die "Apicurio Registry needs Java >= 21; set NEWSROOM_JAVA21_HOME to one"
+  fi
+  install_kafka
+  install_registry
+}
+
+install_kafka() {
+  local lib="$STATE/kafka/lib"
+  if [[ -f $lib/.complete ]]; then return 0; fi
+  log "resolving Apache Kafka from Maven Central into $lib"
+  rm -rf "$lib"
+  mkdir -p "$lib"
+  mvn -q -B -f "$ROOT/infra/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$lib" >"$STATE/kafka/maven.log" 2>&1 ||
+    die "maven could not resolve Kafka (see $STATE/kafka/maven.log)"
+  touch "$lib/.complete"
+}
+
+install_registry() {
+  local dir="$STATE/registry/app"
+  if [[ -f $dir/quarkus-run.jar ]]; then return 0; fi
+  log "resolving Apicurio Registry $APICURIO_VERSION from Maven Central"
+  mkdir -p "$STATE/registry"
+  mvn -q -B -f "$ROOT/infra/kafka/pom.xml" dependency:copy -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
+    -DoutputDirectory="$STATE/registry" >"$STATE/registry/maven.log" 2>&1 ||
+    die "maven could not resolve Apicurio Registry (see $STATE/registry/maven.log)"
+  rm -rf "$dir.tmp"
+  mkdir -p "$dir.tmp"
+  tar -xzf "$STATE/registry/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" -C "$dir.tmp"
+  rm -f "$STATE/registry/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz"
+  mv "$dir.tmp" "$dir"
+}
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+pg_data() { echo "$STATE/postgres/data"; }
+
+as_pg_owner() {
+  if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_ready() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT"; }
+
+start_postgres() {
+  local data
+  data=$(pg_data)
+  if pg_ready; then log "postgres already answers on $HOST:$PG_PORT"; ensure_pg_roles; return 0; fi
+  mkdir -p "$STATE/postgres"
+  if [[ $(id -u) -eq 0 ]]; then
+    chown postgres: "$STATE/postgres"
+    # The server refuses to run as root: the postgres user must reach the data folder.
+    as_pg_owner test -x "$STATE/postgres" ||
+      die "user postgres cannot reach $STATE/postgres; set NEWSROOM_STATE_DIR to a folder it can"
+  fi
+  if [[ ! -f $data/PG_VERSION ]]; then
+    log "initialising a PostgreSQL cluster in $data"
+    as_pg_owner "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+      -E UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  as_pg_owner "$PG_BIN/pg_ctl" -D "$data" -l "$STATE/postgres/postgres.log" -w -t 60 start \
+    -o "-c listen_addresses=$HOST -c port=$PG_PORT -c unix_socket_directories=$STATE/postgres -c max_connections=400 -c shared_buffers=256MB -c fsync=on" \
+    >/dev/null
+  wait_for postgres 60 pg_ready
+  ensure_pg_roles
+}
+
+ensure_pg_roles() {
+  local psql=("$PG_BIN/psql" -q -h "$STATE/postgres" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
+  [[ -S $STATE/postgres/.s.PGSQL.$PG_PORT ]] || return 0 # not ours: roles are the owner's business
+  as_pg_owner "${psql[@]}" >/dev/null <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'newsroom') THEN
+    CREATE ROLE newsroom LOGIN CREATEDB PASSWORD 'newsroom';
+  END IF;
+END $$;
+SQL
+  for db in newsroom apicurio; do
+    if ! as_pg_owner "${psql[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+      as_pg_owner "${psql[@]}" -c "CREATE DATABASE $db OWNER newsroom" >/dev/null
+    fi
+  done
+}
+
+stop_postgres() {
+  local data
+  data=$(pg_data)
+  if [[ -f $data/postmaster.pid ]]; then
+    as_pg_owner "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null || true
+  fi
+}
+
+# --- Redis --------------------------------------------------------------------
+
+redis_ready() { [[ $(redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
+
+start_redis() {
+  if redis_ready; then log "redis already answers on $HOST:$REDIS_PORT"; return 0; fi
+  mkdir -p "$STATE/redis"
+  redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes --dir "$STATE/redis" \
+    --pidfile "$STATE/redis/redis.pid" --logfile "$STATE/redis/redis.log" \
+    --appendonly yes --appendfsync everysec --save "" --protected-mode yes
+  wait_for redis 30 redis_ready
+}
+
+stop_redis() {
+  if pid_alive "$STATE/redis/redis.pid"; then
+    redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || kill "$(cat "$STATE/redis/redis.pid")"
+  fi
+}
+
+# --- Kafka --------------------------------------------------------------------
+
+kafka_ready() { port_open "$KAFKA_PORT" && grep -q "Kafka Server started" "$STATE/kafka/server.log"; }
+
+write_kafka_config() {
+  cat >"$STATE/kafka/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$STATE/kafka/data
+num.partitions=3
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=10
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.retention.ms=-1
+EOF
+}
+
+start_kafka() {
+  if pid_alive "$STATE/kafka/kafka.pid" && port_open "$KAFKA_PORT"; then
+    log "kafka already answers on $HOST:$KAFKA_PORT"
+    return 0
+  fi
+  port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by a process this script did not start"
+  install_kafka
+  mkdir -p "$STATE/kafka/data"
+  write_kafka_config
+  local cp="$STATE/kafka/lib/*"
+  local java=(java -Xms256m -Xmx1g -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties"
+    -Dkafka.logs.dir="$STATE/kafka" -cp "$cp")
+  if [[ ! -f $STATE/kafka/data/meta.properties ]]; then
+    log "formatting Kafka storage in $STATE/kafka/data"
+    local cluster_id
+    cluster_id=$("${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$STATE/kafka/server.properties" \
+      -g >"$STATE/kafka/format.log" 2>&1 || die "kafka storage format failed (see $STATE/kafka/format.log)"
+  fi
+  : >"$STATE/kafka/server.log"
+  nohup "${java[@]}" kafka.Kafka "$STATE/kafka/server.properties" >>"$STATE/kafka/server.log" 2>&1 &
+  echo $! >"$STATE/kafka/kafka.pid"
+  wait_for kafka 120 kafka_ready
+}
+
+stop_kafka() {
+  stop_pidfile "$STATE/kafka/kafka.pid" kafka 60
+}
+
+# stop_pidfile FILE NAME SECONDS: SIGTERM, wait, then SIGKILL.
+stop_pidfile() {
+  local file=$1 name=$2 secs=$3
+  pid_alive "$file" || { rm -f "$file"; return 0; }
+  local pid
+  pid=$(cat "$file")
+  kill "$pid"
+  local deadline=$((SECONDS + secs))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      log "$name did not stop within ${secs}s; killing it"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    sleep 0.2
+  done
+  rm -f "$file"
+}
+
+# --- Apicurio Registry --------------------------------------------------------
+
+registry_ready() { curl -fsS "http://$HOST:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null; }
+
+start_registry() {
+  if pid_alive "$STATE/registry/registry.pid" && registry_ready; then
+    log "registry already answers on $HOST:$REGISTRY_PORT"
+    return 0
+  fi
+  port_open "$REGISTRY_PORT" && die "port $REGISTRY_PORT is taken by a process this script did not start"
+  install_registry
+  local jhome
+  jhome=$(java21_home) || die "Apicurio Registry needs Java >= 21 (run infra/local.sh deps)"
+  # Schemas are stored in PostgreSQL so that the ids inside events survive restarts.
+  nohup "$jhome/bin/java" -Xms128m -Xmx512m \
+    -Dquarkus.http.host="$HOST" -Dquarkus.http.port="$REGISTRY_PORT" \
+    -Dquarkus.management.host="$HOST" -Dquarkus.management.port="$REGISTRY_MANAGEMENT_PORT" \
+    -Dapicurio.storage.kind=sql -Dapicurio.storage.sql.kind=postgresql \
+    -Dapicurio.datasource.url="jdbc:postgresql://$HOST:$PG_PORT/apicurio" \
+    -Dapicurio.datasource.username=newsroom -Dapicurio.datasource.password=newsroom \
+    -Dapicurio.rest.deletion.artifact.enabled=true \
+    -Dapicurio.rest.deletion.artifact-version.enabled=true \
+    -jar "$STATE/registry/app/quarkus-run.jar" >"$STATE/registry/registry.log" 2>&1 &
+  echo $! >"$STATE/registry/registry.pid"
+  wait_for registry 120 registry_ready
+  # Every schema change must stay readable by every older reader and writer.
+  curl -fsS -X PUT -H 'Content-Type: application/vnd.schemaregistry.v1+json' \
+    --data '{"compatibility":"BACKWARD_TRANSITIVE"}' \
+    "http://$HOST:$REGISTRY_PORT/apis/ccompat/v7/config" >/dev/null
+}
+
+stop_registry() { stop_pidfile "$STATE/registry/registry.pid" registry 30; }
+
+# --- commands -----------------------------------------------------------------
+
+SERVICES=(postgres redis kafka registry)
+
+check_service() {
+  case $1 in
+    postgres | redis | kafka | registry) ;;
+    *) die "unknown service '$1' (one of: ${SERVICES[*]})" ;;
+  esac
+}
+
+cmd_up() {
+  mkdir -p "$STATE"
+  local started=$SECONDS
+  if [[ -n ${1:-} ]]; then
+    check_service "$1"
+    "start_$1"
+  else
+    install_deps
+    for s in "${SERVICES[@]}"; do "start_$s"; done
+  fi
+  log "up in $((SECONDS - started))s"
+  cmd_status
+}
+
+cmd_down() {
+  if [[ -n ${1:-} ]]; then
+    check_service "$1"
+    "stop_$1"
+    return
+  fi
+  local i
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do "stop_${SERVICES[i]}"; done
+  log "stopped"
+}
+
+cmd_status() {
+  local ok=0
+  row() { printf '%-9s %-22s %s\n' "$1" "$2" "$3"; }
+  row SERVICE ADDRESS STATE
+  if pg_ready; then row postgres "$HOST:$PG_PORT" up; else row postgres "$HOST:$PG_PORT" down; ok=1; fi
+  if redis_ready; then row redis "$HOST:$REDIS_PORT" up; else row redis "$HOST:$REDIS_PORT" down; ok=1; fi
+  if port_open "$KAFKA_PORT"; then row kafka "$HOST:$KAFKA_PORT" up; else row kafka "$HOST:$KAFKA_PORT" down; ok=1; fi
+  if registry_ready; then
+    row registry "http://$HOST:$REGISTRY_PORT/apis/ccompat/v7" up
+  else
+    row registry "http://$HOST:$REGISTRY_PORT/apis/ccompat/v7" down
+    ok=1
+  fi
+  return $ok
+}
+
+case ${1:-} in
+  up) cmd_up "${2:-}" ;;
+  down) cmd_down "${2:-}" ;;
+  status) cmd_status ;;
+  deps) mkdir -p "$STATE" && install_deps ;;
+  reset) cmd_down && rm -rf "$STATE" && log "removed $STATE" ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac

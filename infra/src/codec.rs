@@ -1,0 +1,42 @@
+//! Encoding and decoding of events with registry-assigned schema ids.
+
+use anyhow::{Context as _, anyhow};
+use apache_avro::Schema;
+use newsroom_events::Event;
+use newsroom_events::schemas::schema_of;
+use newsroom_events::wire;
+
+use crate::registry::Registry;
+
+/// Encodes `event` in the Confluent wire format with its registered schema id.
+pub fn encode<E: Event>(registry: &Registry, event: &E) -> anyhow::Result<Vec<u8>> {
+    let id = registry
+        .id_of(E::FULL_NAME)
+        .ok_or_else(|| anyhow!("schema of {} is not registered", E::FULL_NAME))?;
+    let schema =
+        schema_of(E::FULL_NAME).ok_or_else(|| anyhow!("no schema for {}", E::FULL_NAME))?;
+    Ok(wire::encode(id, schema, event)?)
+}
+
+/// A record read back: the event type's full name and its value, resolved to the schema
+/// this code reads with.
+#[derive(Debug)]
+pub struct Decoded {
+    /// Avro full name of the record (the event type).
+    pub name: String,
+    /// The value in the reader's schema.
+    pub value: apache_avro::types::Value,
+}
+
+/// Decodes a framed record: looks up the writer schema by id, resolves to our reader schema.
+pub async fn decode(registry: &Registry, bytes: &[u8]) -> anyhow::Result<Decoded> {
+    let (id, body) = wire::unframe(bytes)?;
+    let writer = registry.schema(id).await?;
+    let name = match writer.as_ref() {
+        Schema::Record(record) => record.name.fullname(None),
+        _ => return Err(anyhow!("schema {id} is not a record")),
+    };
+    let reader = schema_of(&name).with_context(|| format!("unknown event type {name}"))?;
+    let value = wire::decode(&writer, reader, body)?;
+    Ok(Decoded { name, value })
+}

@@ -1,0 +1,92 @@
+//! The schema registry (any Confluent-API registry; Apicurio locally): registers the event
+//! schemas under the record-name strategy and resolves schema ids found in records.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apache_avro::Schema;
+use schema_registry_converter::async_impl::schema_registry::{
+    SrSettings, get_schema_by_id, post_schema,
+};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+
+use crate::settings::RegistrySettings;
+
+/// A registry client with the ids of newsroom's own schemas and a cache of writer schemas.
+#[derive(Clone)]
+pub struct Registry {
+    settings: Arc<SrSettings>,
+    own: Arc<HashMap<&'static str, u32>>,
+    by_id: Arc<RwLock<HashMap<u32, Arc<Schema>>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("own", &self.own).finish()
+    }
+}
+
+impl Registry {
+    /// Connects to the registry and registers every event schema of `newsroom-events`
+    /// under its record full name; a schema that breaks compatibility fails here.
+    pub async fn connect(settings: &RegistrySettings) -> anyhow::Result<Self> {
+        let sr = SrSettings::new_builder(settings.url.clone())
+            .set_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the schema registry client")?;
+        let mut own = HashMap::new();
+        for (name, text) in newsroom_events::schemas::ALL {
+            let supplied = SuppliedSchema::new(
+                Some((*name).to_owned()),
+                SchemaType::Avro,
+                (*text).to_owned(),
+            );
+            let registered = post_schema(&sr, (*name).to_owned(), supplied)
+                .await
+                .with_context(|| format!("registering the schema of {name} at {}", settings.url))?;
+            own.insert(*name, registered.id);
+        }
+        Ok(Registry {
+            settings: Arc::new(sr),
+            own: Arc::new(own),
+            by_id: Arc::new(RwLock::new(HashMap::new())),
+        })
+    }
+
+    /// The registry id of one of newsroom's own event schemas.
+    pub fn id_of(&self, full_name: &str) -> Option<u32> {
+        self.own.get(full_name).copied()
+    }
+
+    /// The schema registered under `id` (cached: ids are immutable).
+    pub async fn schema(&self, id: u32) -> anyhow::Result<Arc<Schema>> {
+        if let Some(schema) = self.cached(id) {
+            return Ok(schema);
+        }
+        let registered = get_schema_by_id(id, &self.settings)
+            .await
+            .with_context(|| format!("fetching schema {id} from the registry"))?;
+        let schema = Arc::new(
+            Schema::parse_str(&registered.schema)
+                .with_context(|| format!("parsing schema {id}"))?,
+        );
+        if let Ok(mut cache) = self.by_id.write() {
+            cache.insert(id, schema.clone());
+        }
+        Ok(schema)
+    }
+
+    fn cached(&self, id: u32) -> Option<Arc<Schema>> {
+        self.by_id.read().ok().and_then(|c| c.get(&id).cloned())
+    }
+
+    /// Whether the registry answers.
+    pub async fn ping(&self) -> bool {
+        match self.own.values().next() {
+            Some(id) => get_schema_by_id(*id, &self.settings).await.is_ok(),
+            None => true,
+        }
+    }
+}

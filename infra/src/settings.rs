@@ -1,0 +1,192 @@
+//! Typed settings from `NEWSROOM_*` environment variables (or flags), with local defaults.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Every setting of every role, grouped by concern.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Settings {
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+    /// Schema registry.
+    #[command(flatten)]
+    pub registry: RegistrySettings,
+    /// PostgreSQL.
+    #[command(flatten)]
+    pub postgres: PostgresSettings,
+    /// HTTP listeners.
+    #[command(flatten)]
+    pub http: HttpSettings,
+    /// Password hashing.
+    #[command(flatten)]
+    pub hashing: HashingSettings,
+}
+
+/// Where Kafka is and how newsroom names and uses its topics.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaSettings {
+    /// Bootstrap servers.
+    #[arg(
+        long = "kafka-brokers",
+        env = "NEWSROOM_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Prefix of every topic name (`<prefix>.users`, ...), so deployments and tests can share a cluster.
+    #[arg(
+        long = "topic-prefix",
+        env = "NEWSROOM_TOPIC_PREFIX",
+        default_value = "newsroom"
+    )]
+    pub topic_prefix: String,
+    /// Partitions of the event topics when newsroom creates them.
+    #[arg(
+        long = "topic-partitions",
+        env = "NEWSROOM_TOPIC_PARTITIONS",
+        default_value_t = 6
+    )]
+    pub partitions: i32,
+    /// Replication factor of the topics newsroom creates.
+    #[arg(
+        long = "topic-replication",
+        env = "NEWSROOM_TOPIC_REPLICATION",
+        default_value_t = 1
+    )]
+    pub replication: i32,
+    /// How long a write may wait for Kafka before the request fails with 503 (milliseconds).
+    #[arg(
+        long = "kafka-timeout-ms",
+        env = "NEWSROOM_KAFKA_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub timeout_ms: u64,
+    /// Identity of this command process; part of its Kafka transactional id.
+    #[arg(
+        long = "instance-id",
+        env = "NEWSROOM_INSTANCE_ID",
+        default_value = "0"
+    )]
+    pub instance_id: String,
+}
+
+impl KafkaSettings {
+    /// The write timeout as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The Confluent-API schema registry.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistrySettings {
+    /// Base URL of the Confluent-compatible API (Apicurio: `.../apis/ccompat/v7`).
+    #[arg(
+        id = "registry_url",
+        long = "registry-url",
+        env = "NEWSROOM_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8085/apis/ccompat/v7"
+    )]
+    pub url: String,
+}
+
+/// The PostgreSQL read-model store.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PostgresSettings {
+    /// Connection URL.
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "NEWSROOM_DATABASE_URL",
+        default_value = "postgres://newsroom:newsroom@127.0.0.1:5432/newsroom"
+    )]
+    pub url: String,
+    /// Largest number of connections per process.
+    #[arg(
+        long = "database-max-connections",
+        env = "NEWSROOM_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub max_connections: u32,
+}
+
+/// The HTTP listeners of the two APIs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpSettings {
+    /// Address of the command API.
+    #[arg(
+        long = "command-addr",
+        env = "NEWSROOM_COMMAND_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub command_addr: SocketAddr,
+    /// Address of the query API.
+    #[arg(
+        long = "query-addr",
+        env = "NEWSROOM_QUERY_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub query_addr: SocketAddr,
+    /// Worker threads per HTTP server (0: one per core).
+    #[arg(
+        long = "http-workers",
+        env = "NEWSROOM_HTTP_WORKERS",
+        default_value_t = 0
+    )]
+    pub workers: usize,
+}
+
+/// Argon2id parameters for password hashes (OWASP's minimum by default).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HashingSettings {
+    /// Memory cost in KiB.
+    #[arg(
+        long = "argon2-memory-kib",
+        env = "NEWSROOM_ARGON2_MEMORY_KIB",
+        default_value_t = 19_456
+    )]
+    pub memory_kib: u32,
+    /// Iterations.
+    #[arg(
+        long = "argon2-iterations",
+        env = "NEWSROOM_ARGON2_ITERATIONS",
+        default_value_t = 2
+    )]
+    pub iterations: u32,
+    /// Lanes.
+    #[arg(
+        long = "argon2-parallelism",
+        env = "NEWSROOM_ARGON2_PARALLELISM",
+        default_value_t = 1
+    )]
+    pub parallelism: u32,
+}
+
+impl Settings {
+    /// The settings as they are when no variable or flag is given (local defaults).
+    pub fn local_defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        // Parsing an empty command line only fails if a default itself is invalid.
+        <Wrapper as clap::Parser>::try_parse_from(["newsroom"])
+            .map(|w| w.settings)
+            .unwrap_or_else(|e| panic!("built-in defaults are invalid: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_local_infrastructure() {
+        let settings = Settings::local_defaults();
+        assert_eq!(settings.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(settings.http.command_addr.port(), 8080);
+        assert_eq!(settings.http.query_addr.port(), 8081);
+        assert!(settings.registry.url.starts_with("http://127.0.0.1:8085/"));
+    }
+}

@@ -1,0 +1,17 @@
+//! Consumers of the event log. Each projection reads its topics with `read_committed`,
+//! applies events in batches, and writes the read-model rows and the offsets it consumed
+//! in one PostgreSQL transaction, so that a restart resumes exactly where the last
+//! committed batch ended (its own offsets, not Kafka's).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod consumer;
+pub mod users;
+
+use sqlx::PgPool;
+
+/// Applies the read-model migrations (idempotent).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! The query API: serves the read models the projector builds.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod routes;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use newsroom_infra::Settings;
+use newsroom_infra::http::{self, Ops};
+use sqlx::PgPool;
+
+/// What every handler shares.
+pub struct State {
+    /// The read-model database.
+    pub pool: PgPool,
+}
+
+/// The OpenAPI document of the query API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Builds the query API on `listener` over the read models in `pool`.
+pub fn build(settings: &Settings, listener: TcpListener, pool: PgPool) -> anyhow::Result<Server> {
+    let state = web::Data::new(State { pool });
+    let ready_state = state.clone();
+    let ops = Ops {
+        service: "query-api",
+        openapi: OPENAPI,
+        readiness: Arc::new(move || {
+            let state = ready_state.clone();
+            Box::pin(async move {
+                let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+                vec![("postgres", postgres)]
+            })
+        }),
+    };
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .wrap(from_fn(http::request_id))
+            .app_data(state.clone())
+            .app_data(http::path_config())
+            .configure(|cfg| http::ops_routes(cfg, ops.clone()))
+            .route("/v1/users/{id}", web::get().to(routes::users::get))
+            .default_service(web::to(http::not_found))
+    })
+    .listen(listener)
+    .context("listening for the query API")?;
+    if settings.http.workers > 0 {
+        server = server.workers(settings.http.workers);
+    }
+    Ok(server.shutdown_timeout(10).run())
+}

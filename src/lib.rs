@@ -1,0 +1,143 @@
+//! newsroom: an event-sourced CQRS news portal back end on Apache Kafka.
+//!
+//! This crate wires the roles together: [`start`] brings up any subset of them in one
+//! process, which is what `newsroom run` (every role) and the black-box tests use.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::net::{SocketAddr, TcpListener};
+
+use actix_web::dev::ServerHandle;
+use anyhow::Context as _;
+use newsroom_infra::Settings;
+use newsroom_infra::kafka::{Stream, ensure_topics};
+use newsroom_infra::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Which roles to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// The command API.
+    pub command_api: bool,
+    /// The query API.
+    pub query_api: bool,
+    /// The projector (read-model consumers).
+    pub projector: bool,
+}
+
+impl Roles {
+    /// Every role.
+    pub const ALL: Roles = Roles {
+        command_api: true,
+        query_api: true,
+        projector: true,
+    };
+}
+
+/// Roles running in this process.
+pub struct Running {
+    /// Where the command API listens, if it runs.
+    pub command_addr: Option<SocketAddr>,
+    /// Where the query API listens, if it runs.
+    pub query_addr: Option<SocketAddr>,
+    servers: Vec<(ServerHandle, JoinHandle<std::io::Result<()>>)>,
+    workers: Vec<JoinHandle<anyhow::Result<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
+}
+
+/// Starts `roles`: creates the topics if needed, applies migrations, starts the servers
+/// and consumers, and returns once every listener is bound.
+pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running> {
+    ensure_topics(&settings.kafka).await?;
+    let (stop, stopped) = watch::channel(false);
+    let mut running = Running {
+        command_addr: None,
+        query_addr: None,
+        servers: Vec::new(),
+        workers: Vec::new(),
+        stop,
+    };
+    let needs_db = roles.query_api || roles.projector;
+    let pool = if needs_db {
+        let pool = newsroom_infra::db::connect(&settings.postgres).await?;
+        newsroom_projector::migrate(&pool)
+            .await
+            .context("migrating the read models")?;
+        Some(pool)
+    } else {
+        None
+    };
+    if roles.command_api {
+        let listener = bind(settings.http.command_addr)?;
+        running.command_addr = Some(listener.local_addr()?);
+        let server = newsroom_command::build(settings, listener).await?;
+        running
+            .servers
+            .push((server.handle(), tokio::spawn(server)));
+        tracing::info!(addr = ?running.command_addr, "command API listening");
+    }
+    if let (true, Some(pool)) = (roles.query_api, pool.clone()) {
+        let listener = bind(settings.http.query_addr)?;
+        running.query_addr = Some(listener.local_addr()?);
+        let server = newsroom_query::build(settings, listener, pool)?;
+        running
+            .servers
+            .push((server.handle(), tokio::spawn(server)));
+        tracing::info!(addr = ?running.query_addr, "query API listening");
+    }
+    if let (true, Some(pool)) = (roles.projector, pool) {
+        let registry = Registry::connect(&settings.registry).await?;
+        let kafka = settings.kafka.clone();
+        let mut stopped = stopped.clone();
+        running.workers.push(tokio::spawn(async move {
+            newsroom_projector::consumer::run(
+                newsroom_projector::users::UsersProjection,
+                Stream::Users.topic(&kafka),
+                &kafka,
+                pool,
+                registry,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )
+            .await
+        }));
+    }
+    Ok(running)
+}
+
+impl Running {
+    /// Runs until Ctrl-C or SIGTERM, or until a role fails; then stops every role.
+    pub async fn until_signal(self) -> anyhow::Result<()> {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+            _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        }
+        self.stop().await
+    }
+
+    /// Stops every role gracefully: servers finish in-flight requests, consumers their batch.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for (handle, _) in &self.servers {
+            handle.stop(true).await;
+        }
+        for (_, task) in self.servers {
+            task.await
+                .context("joining a server")?
+                .context("server failed")?;
+        }
+        for worker in self.workers {
+            worker.await.context("joining a consumer")??;
+        }
+        Ok(())
+    }
+}
