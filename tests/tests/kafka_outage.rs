@@ -1,0 +1,105 @@
+//! Kafka stopped: the command API answers 503 at once and writes nothing, then recovers.
+//! Its own test binary, because it stops the shared broker (cargo runs test binaries one
+//! after another, so no other test sees the outage).
+
+use std::time::{Duration, Instant};
+
+use newsroom_events::users::UserEvent;
+use newsroom_infra::codec;
+use newsroom_infra::kafka::Stream;
+use newsroom_infra::registry::Registry;
+use newsroom_tests::{TestApp, infra, new_user};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+#[tokio::test]
+async fn with_kafka_down_registration_is_503_and_nothing_is_appended() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let before = new_user();
+    assert_eq!(
+        app.post_json("/v1/users", &before).await?.status(),
+        StatusCode::CREATED
+    );
+
+    infra(&["down", "kafka"])?;
+    let refused = new_user();
+    let outcome = async {
+        // Let the writer notice; then every request must fail fast.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last;
+        loop {
+            let started = Instant::now();
+            let response = app.post_json("/v1/users", &refused).await?;
+            let elapsed = started.elapsed();
+            last = response.status();
+            if last == StatusCode::SERVICE_UNAVAILABLE {
+                assert!(response.headers().contains_key("retry-after"));
+                let problem: Value = response.json().await?;
+                assert_eq!(problem["code"], "unavailable");
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "never refused while Kafka was down (last {last})"
+            );
+            let _ = elapsed;
+        }
+        let started = Instant::now();
+        let again = app.post_json("/v1/users", &refused).await?;
+        assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "fails fast: {:?}",
+            started.elapsed()
+        );
+        let ready = app
+            .http
+            .get(format!("{}/readyz", app.command_url))
+            .send()
+            .await?;
+        assert_eq!(
+            ready.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "readiness reports Kafka down"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    // Bring Kafka back whatever happened, so later test binaries find it.
+    infra(&["up", "kafka"])?;
+    outcome?;
+
+    let after = new_user();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = app.post_json("/v1/users", &after).await?.status();
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never recovered after Kafka came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let registry = Registry::connect(&app.settings.registry).await?;
+    let mut emails = Vec::new();
+    for record in app.committed_records(Stream::Users)? {
+        let decoded = codec::decode(&registry, &record.payload).await?;
+        let UserEvent::Registered(e) = UserEvent::from_avro(&decoded.name, decoded.value)?;
+        emails.push(e.email);
+    }
+    emails.sort();
+    let mut expected = vec![
+        before["email"].as_str().unwrap_or_default().to_owned(),
+        after["email"].as_str().unwrap_or_default().to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(
+        emails, expected,
+        "exactly the acknowledged registrations are in the log"
+    );
+    app.stop().await
+}
