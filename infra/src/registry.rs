@@ -28,6 +28,27 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// The compatibility every event schema must keep: a new version reads all older ones.
+pub const COMPATIBILITY: &str = "BACKWARD_TRANSITIVE";
+
+/// Sets the subject's compatibility level (Confluent API `PUT /config/{subject}`), so
+/// that the registry refuses any later version that could not read every earlier one.
+async fn require_backward_transitive(base: &str, subject: &str) -> anyhow::Result<()> {
+    let response = reqwest::Client::new()
+        .put(format!("{}/config/{subject}", base.trim_end_matches('/')))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .timeout(Duration::from_secs(5))
+        .body(format!("{{\"compatibility\":\"{COMPATIBILITY}\"}}"))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "registry answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
 impl Registry {
     /// Connects to the registry and registers every event schema of `newsroom-events`
     /// under its record full name; a schema that breaks compatibility fails here.
@@ -47,6 +68,9 @@ impl Registry {
                 .await
                 .with_context(|| format!("registering the schema of {name} at {}", settings.url))?;
             own.insert(*name, registered.id);
+            require_backward_transitive(&settings.url, name)
+                .await
+                .with_context(|| format!("setting the compatibility of {name}"))?;
         }
         Ok(Registry {
             settings: Arc::new(sr),

@@ -1,0 +1,5 @@
+//! Black-box tests of the running system over HTTP, against the real infrastructure.
+//! One binary (one link) for every test that can run in parallel with the others.
+
+mod registry;
+mod users;
