@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use actix_web::dev::ServerHandle;
 use anyhow::Context as _;
 use newsroom_infra::Settings;
+use newsroom_infra::auth::Tokens;
 use newsroom_infra::kafka::{Stream, ensure_topics};
 use newsroom_infra::registry::Registry;
 use tokio::sync::watch;
@@ -43,6 +44,7 @@ pub struct Running {
     pub query_addr: Option<SocketAddr>,
     servers: Vec<(ServerHandle, JoinHandle<std::io::Result<()>>)>,
     workers: Vec<JoinHandle<anyhow::Result<()>>>,
+    membership: Option<newsroom_command::owner::Membership>,
     stop: watch::Sender<bool>,
 }
 
@@ -60,37 +62,33 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         query_addr: None,
         servers: Vec::new(),
         workers: Vec::new(),
+        membership: None,
         stop,
     };
-    let needs_db = roles.query_api || roles.projector;
-    let pool = if needs_db {
-        let pool = newsroom_infra::db::connect(&settings.postgres).await?;
-        newsroom_projector::migrate(&pool)
-            .await
-            .context("migrating the read models")?;
-        Some(pool)
-    } else {
-        None
-    };
+    let pool = newsroom_infra::db::connect(&settings.postgres).await?;
+    newsroom_infra::db::migrate(&pool).await?;
+    // One token service for every API of the process (in local mode its secret is random).
+    let tokens = Tokens::from_settings(&settings.auth)?;
     if roles.command_api {
         let listener = bind(settings.http.command_addr)?;
         running.command_addr = Some(listener.local_addr()?);
-        let server = newsroom_command::build(settings, listener).await?;
+        let api = newsroom_command::build(settings, listener, pool.clone(), tokens.clone()).await?;
         running
             .servers
-            .push((server.handle(), tokio::spawn(server)));
+            .push((api.server.handle(), tokio::spawn(api.server)));
+        running.membership = Some(api.membership);
         tracing::info!(addr = ?running.command_addr, "command API listening");
     }
-    if let (true, Some(pool)) = (roles.query_api, pool.clone()) {
+    if roles.query_api {
         let listener = bind(settings.http.query_addr)?;
         running.query_addr = Some(listener.local_addr()?);
-        let server = newsroom_query::build(settings, listener, pool)?;
+        let server = newsroom_query::build(settings, listener, pool.clone(), tokens)?;
         running
             .servers
             .push((server.handle(), tokio::spawn(server)));
         tracing::info!(addr = ?running.query_addr, "query API listening");
     }
-    if let (true, Some(pool)) = (roles.projector, pool) {
+    if roles.projector {
         let registry = Registry::connect(&settings.registry).await?;
         let kafka = settings.kafka.clone();
         let mut stopped = stopped.clone();
@@ -127,6 +125,9 @@ impl Running {
     /// Stops every role gracefully: servers finish in-flight requests, consumers their batch.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        if let Some(membership) = self.membership {
+            membership.leave().await;
+        }
         for (handle, _) in &self.servers {
             handle.stop(true).await;
         }

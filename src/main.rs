@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         Role::Setup => {
             newsroom_infra::kafka::ensure_topics(&cli.settings.kafka).await?;
             let pool = newsroom_infra::db::connect(&cli.settings.postgres).await?;
-            newsroom_projector::migrate(&pool).await?;
+            newsroom_infra::db::migrate(&pool).await?;
             tracing::info!("topics and read-model schema are in place");
             return Ok(());
         }

@@ -1,50 +1,117 @@
-//! The command API: validates commands, decides events with the pure aggregates in
-//! [`domain`], and appends them to Kafka through the transactional [`log::EventLog`],
-//! answering only after the append committed.
+//! The command API: validates commands, routes each to the one writer of its aggregate's
+//! partition ([`owner`]), where the pure aggregates of [`domain`] decide the events, which
+//! are committed to Kafka in transactions before the answer is sent.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod aggregate;
+pub mod claims;
 pub mod domain;
-pub mod log;
+pub mod forward;
+pub mod keys;
+pub mod owner;
 pub mod password;
 pub mod routes;
 pub mod validation;
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
+use newsroom_events::users::Role;
 use newsroom_infra::Settings;
+use newsroom_infra::auth::Tokens;
 use newsroom_infra::http::{self, Ops};
 use newsroom_infra::registry::Registry;
+use sqlx::PgPool;
 
-use crate::log::EventLog;
+use crate::claims::Claims;
+use crate::forward::Directory;
+use crate::keys::Keys;
+use crate::owner::{Membership, Owners, RequestMeta, Shared};
 use crate::password::Hasher;
 
 /// What every handler shares.
 pub struct State {
-    /// The event log writer.
-    pub log: EventLog,
-    /// Schema ids for encoding.
-    pub registry: Registry,
+    /// The partitions this process writes.
+    pub owners: Arc<Owners>,
+    /// Registry, keys, claims, directory.
+    pub shared: Arc<Shared>,
     /// Password hashing.
     pub hasher: Hasher,
+    /// Access tokens.
+    pub tokens: Tokens,
+    /// The database (command-side tables and, for author names, the users read model).
+    pub pool: PgPool,
 }
 
 /// The OpenAPI document of the command API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Builds the command API on `listener` (bind port 0 to let the OS pick one).
-pub async fn build(settings: &Settings, listener: TcpListener) -> anyhow::Result<Server> {
+/// A running command API.
+pub struct CommandApi {
+    /// The HTTP server.
+    pub server: Server,
+    /// Membership in the ownership group (leave it on shutdown).
+    pub membership: Membership,
+}
+
+/// Builds the command API on `listener`: joins the ownership group (partitions are taken
+/// over in the background) and starts serving.
+pub async fn build(
+    settings: &Settings,
+    listener: TcpListener,
+    pool: PgPool,
+    tokens: Tokens,
+) -> anyhow::Result<CommandApi> {
     let registry = Registry::connect(&settings.registry).await?;
-    let state = web::Data::new(State {
-        log: EventLog::start(&settings.kafka),
+    let address = match &settings.http.command_advertise {
+        Some(address) => address.clone(),
+        None => listener.local_addr()?.to_string(),
+    };
+    let instance = format!(
+        "{}-{}",
+        settings.kafka.instance_id,
+        uuid::Uuid::now_v7().simple()
+    );
+    let partitions = settings.kafka.partitions;
+    let shared = Arc::new(Shared {
+        kafka: settings.kafka.clone(),
         registry,
-        hasher: Hasher::new(&settings.hashing)?,
+        keys: Keys::new(pool.clone()),
+        claims: Claims::new(&settings.auth, pool.clone())?,
+        directory: Directory::new(
+            pool.clone(),
+            instance.clone(),
+            address,
+            settings.kafka.timeout(),
+        )?,
+        partitions,
+        kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
+    let owners = Arc::new(Owners::new(partitions));
+    let membership = Membership::join(shared.clone(), owners.clone(), &instance)?;
+    let state = web::Data::new(State {
+        owners: owners.clone(),
+        shared,
+        hasher: Hasher::new(&settings.hashing)?,
+        tokens,
+        pool,
+    });
+    if let (Some(email), Some(password)) =
+        (&settings.auth.admin_email, &settings.auth.admin_password)
+    {
+        tokio::spawn(bootstrap_admin(
+            state.clone(),
+            email.clone(),
+            password.clone(),
+        ));
+    }
+    let tokens = web::Data::new(state.tokens.clone());
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
@@ -52,9 +119,14 @@ pub async fn build(settings: &Settings, listener: TcpListener) -> anyhow::Result
         readiness: Arc::new(move || {
             let state = ready_state.clone();
             Box::pin(async move {
+                let kafka = state
+                    .shared
+                    .kafka_up
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 vec![
-                    ("kafka", state.log.is_connected()),
-                    ("registry", state.registry.ping().await),
+                    ("kafka", kafka),
+                    ("partitions", state.owners.all_ready()),
+                    ("registry", state.shared.registry.ping().await),
                 ]
             })
         }),
@@ -63,10 +135,40 @@ pub async fn build(settings: &Settings, listener: TcpListener) -> anyhow::Result
         App::new()
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
-            .app_data(http::json_config())
+            .app_data(tokens.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users", web::post().to(routes::users::register))
+            .route("/v1/auth/token", web::post().to(routes::session::token))
+            .route("/v1/users/{id}", web::patch().to(routes::users::update))
+            .route("/v1/users/{id}", web::delete().to(routes::users::erase))
+            .route(
+                "/v1/users/{id}/password",
+                web::put().to(routes::users::change_password),
+            )
+            .route(
+                "/v1/users/{id}/role",
+                web::put().to(routes::users::change_role),
+            )
+            .route(
+                "/v1/users/{id}/notifications/read",
+                web::post().to(routes::users::notifications_read),
+            )
+            .route("/v1/news", web::post().to(routes::news::create))
+            .route("/v1/news/{id}", web::patch().to(routes::news::update))
+            .route("/v1/news/{id}", web::delete().to(routes::news::delete))
+            .route(
+                "/v1/news/{id}/publish",
+                web::post().to(routes::news::publish),
+            )
+            .route(
+                "/v1/news/{id}/unpublish",
+                web::post().to(routes::news::unpublish),
+            )
+            .route(
+                "/v1/news/{id}/archive",
+                web::post().to(routes::news::archive),
+            )
             .default_service(web::to(http::not_found))
     })
     .listen(listener)
@@ -74,5 +176,45 @@ pub async fn build(settings: &Settings, listener: TcpListener) -> anyhow::Result
     if settings.http.workers > 0 {
         server = server.workers(settings.http.workers);
     }
-    Ok(server.shutdown_timeout(10).run())
+    Ok(CommandApi {
+        server: server.shutdown_timeout(10).run(),
+        membership,
+    })
+}
+
+/// Creates the first admin from `NEWSROOM_ADMIN_EMAIL` / `NEWSROOM_ADMIN_PASSWORD` when no
+/// user has that e-mail yet, retrying until this process writes a partition.
+async fn bootstrap_admin(state: web::Data<State>, email: String, password: String) {
+    let claim = state.shared.claims.claim_of(&email);
+    for _ in 0..600 {
+        match state.shared.claims.holder(&claim).await {
+            Ok(Some(_)) => return,
+            Ok(None) if !state.owners.ready::<aggregate::UserAggregate>().is_empty() => {
+                let meta = RequestMeta::new("bootstrap-admin".into(), None);
+                let name = "Administrator".to_owned();
+                match routes::users::register_user(
+                    &state,
+                    name,
+                    email.clone(),
+                    password.clone(),
+                    Role::Admin,
+                    meta,
+                )
+                .await
+                {
+                    Ok(committed) => {
+                        tracing::info!(user = %committed.state.id, "created the first admin");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "creating the first admin failed; retrying")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "checking for the first admin"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::error!("gave up creating the first admin");
 }

@@ -1,7 +1,9 @@
 //! Password hashing with Argon2id, off the async threads (it is CPU-bound on purpose).
 
 use anyhow::Context as _;
-use argon2::password_hash::{PasswordHasher as _, SaltString, rand_core::OsRng};
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
+};
 use argon2::{Algorithm, Argon2, Params, Version};
 use newsroom_infra::settings::HashingSettings;
 
@@ -37,12 +39,34 @@ impl Hasher {
         .await
         .context("the hashing task panicked")?
     }
+
+    /// Whether `password` matches the PHC string `hash` (an empty or invalid hash never does).
+    pub async fn verify(&self, hash: &str, password: String) -> anyhow::Result<bool> {
+        let hash = hash.to_owned();
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .context("the verifying task panicked")
+    }
+
+    /// Spends the time of one hash, so that an unknown e-mail and a wrong password take
+    /// as long to refuse.
+    pub async fn waste_time(&self, password: String) {
+        let _ = self.hash(password).await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use argon2::{PasswordHash, PasswordVerifier as _};
+    use argon2::PasswordHash;
 
     #[tokio::test]
     async fn a_hash_is_argon2id_and_verifies_only_its_password() -> anyhow::Result<()> {

@@ -51,6 +51,149 @@ impl<'a> Fields<'a> {
         Some(email.to_owned())
     }
 
+    /// Whether the body has `field` (null counts as absent).
+    pub fn has(&self, field: &str) -> bool {
+        self.object.get(field).is_some_and(|v| !v.is_null())
+    }
+
+    /// An optional trimmed string (absent or null: `None`).
+    pub fn optional_trimmed_string(
+        &mut self,
+        field: &str,
+        min: usize,
+        max: usize,
+    ) -> Option<String> {
+        if !self.has(field) {
+            return None;
+        }
+        self.trimmed_string(field, min, max)
+    }
+
+    /// An optional e-mail address.
+    pub fn optional_email(&mut self, field: &str) -> Option<String> {
+        if !self.has(field) {
+            return None;
+        }
+        self.email(field)
+    }
+
+    /// An optional boolean.
+    pub fn optional_bool(&mut self, field: &str) -> Option<bool> {
+        match self.object.get(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => {
+                self.error(field, "must be true or false");
+                None
+            }
+        }
+    }
+
+    /// A required value of a fixed set (`parse` gives `None` for the others).
+    pub fn one_of<T>(
+        &mut self,
+        field: &str,
+        allowed: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let raw = self.raw_string(field)?;
+        let parsed = parse(raw);
+        if parsed.is_none() {
+            self.error(field, format!("must be one of {allowed}"));
+        }
+        parsed
+    }
+
+    /// An optional value of a fixed set.
+    pub fn optional_one_of<T>(
+        &mut self,
+        field: &str,
+        allowed: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        if !self.has(field) {
+            return None;
+        }
+        self.one_of(field, allowed, parse)
+    }
+
+    /// An optional array of values of a fixed set, without duplicates, in canonical order.
+    pub fn optional_set_of<T: Ord>(
+        &mut self,
+        field: &str,
+        allowed: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let items = match self.object.get(field) {
+            None | Some(Value::Null) => return None,
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.error(field, "must be an array");
+                return None;
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item.as_str().and_then(&parse) {
+                Some(value) => out.push(value),
+                None => {
+                    self.error(field, format!("every item must be one of {allowed}"));
+                    return None;
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
+
+    /// Tags: an array of at most `max_items` strings, each trimmed, lower-cased and
+    /// `1..=max_len` characters, duplicates removed, order kept.
+    pub fn optional_tags(
+        &mut self,
+        field: &str,
+        max_items: usize,
+        max_len: usize,
+    ) -> Option<Vec<String>> {
+        let items = match self.object.get(field) {
+            None | Some(Value::Null) => return None,
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.error(field, "must be an array of strings");
+                return None;
+            }
+        };
+        let mut tags: Vec<String> = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(text) = item.as_str() else {
+                self.error(field, "must be an array of strings");
+                return None;
+            };
+            let tag = text.trim().to_lowercase();
+            let chars = tag.chars().count();
+            if chars == 0 || chars > max_len {
+                self.error(
+                    field,
+                    format!("each tag must be 1 to {max_len} characters long"),
+                );
+                return None;
+            }
+            if !tags.contains(&tag) {
+                tags.push(tag);
+            }
+        }
+        if tags.len() > max_items {
+            self.error(field, format!("at most {max_items} distinct tags"));
+            return None;
+        }
+        Some(tags)
+    }
+
+    /// Records an error that concerns the body as a whole or a rule across fields.
+    pub fn reject(&mut self, field: &str, message: impl Into<String>) {
+        self.error(field, message);
+    }
+
     /// Ends reading: the errors, if any, as one 422.
     pub fn finish(self) -> Result<(), ApiError> {
         if self.errors.is_empty() {

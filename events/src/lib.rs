@@ -1,17 +1,23 @@
 //! The domain events of newsroom, their metadata and their Avro form.
 //!
 //! This crate does no I/O: it knows the event types, the `.avsc` schemas they must match
-//! (the files in `avro/` are the wire contract) and the Confluent wire format
-//! (magic byte, schema id, Avro body). Talking to the schema registry or to Kafka is the
-//! business of `newsroom-infra`.
+//! (the files in `avro/` are the wire contract), the Confluent wire format (magic byte,
+//! schema id, Avro body), how personal data is sealed inside events, consistency tokens,
+//! and Kafka's partitioner. Talking to the registry or to Kafka is `newsroom-infra`'s job.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod category;
 pub mod consistency;
+mod macros;
 pub mod metadata;
+pub mod news;
+pub mod partition;
+pub mod personal;
 pub mod schemas;
 pub mod users;
 pub mod wire;
 
+pub use category::Category;
 pub use metadata::EventMetadata;
 pub use schemas::Event;

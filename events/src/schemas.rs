@@ -8,7 +8,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::EventMetadata;
-use crate::users::UserRegistered;
+use crate::news::NewsEvent;
+use crate::users::UserEvent;
 
 /// A domain event type with its schema.
 pub trait Event: Serialize + DeserializeOwned + AvroSchema {
@@ -39,10 +40,12 @@ pub fn decode_as<E: Event>(value: apache_avro::types::Value) -> Result<E, EventD
 }
 
 /// `(full name, .avsc text)` of every event type, in the order they are registered.
-pub const ALL: &[(&str, &str)] = &[(UserRegistered::FULL_NAME, UserRegistered::SCHEMA)];
+pub fn all() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    UserEvent::SCHEMAS.iter().chain(NewsEvent::SCHEMAS)
+}
 
 static PARSED: LazyLock<HashMap<&'static str, Schema>> = LazyLock::new(|| {
-    ALL.iter()
+    all()
         .map(|(name, text)| {
             let schema = Schema::parse_str(text)
                 .unwrap_or_else(|e| panic!("avro/ schema of {name} does not parse: {e}"));
@@ -62,7 +65,7 @@ mod tests {
 
     #[test]
     fn every_schema_file_parses_and_is_named_as_its_type() {
-        for (name, _) in ALL {
+        for (name, _) in all() {
             let schema = schema_of(name).expect("schema is parsed");
             let Schema::Record(record) = schema else {
                 panic!("{name} is not a record schema");
@@ -87,6 +90,26 @@ mod tests {
 
     #[test]
     fn rust_event_types_match_their_avsc_files() {
+        use crate::news::*;
+        use crate::users::*;
         assert_same_shape::<UserRegistered>();
+        assert_same_shape::<UserUpdated>();
+        assert_same_shape::<UserPasswordChanged>();
+        assert_same_shape::<UserRoleChanged>();
+        assert_same_shape::<UserErased>();
+        assert_same_shape::<UserNotificationsRead>();
+        assert_same_shape::<NewsDrafted>();
+        assert_same_shape::<NewsEdited>();
+        assert_same_shape::<NewsPublished>();
+        assert_same_shape::<NewsUnpublished>();
+        assert_same_shape::<NewsArchived>();
+        assert_same_shape::<NewsDeleted>();
+    }
+
+    #[test]
+    fn every_family_lists_every_schema_once() {
+        let names: std::collections::HashSet<_> = all().map(|(n, _)| *n).collect();
+        assert_eq!(names.len(), 12);
+        assert_eq!(all().count(), 12);
     }
 }

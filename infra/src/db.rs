@@ -17,3 +17,12 @@ pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<PgPool> {
         .await
         .context("connecting to PostgreSQL")
 }
+
+/// Applies every migration of `infra/migrations` (read models and command-side tables).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations")
+        .run(pool)
+        .await
+        .context("applying the database migrations")?;
+    Ok(())
+}

@@ -229,6 +229,57 @@ impl From<JsonPayloadError> for ApiError {
     }
 }
 
+/// A JSON request body, kept both raw (to forward it unchanged) and parsed. Extracting it
+/// applies API.md's rules: `application/json` (415), at most 1 MiB (413), valid JSON (400).
+#[derive(Debug, Clone)]
+pub struct JsonBody {
+    /// The bytes as received.
+    pub raw: web::Bytes,
+    /// The parsed document.
+    pub value: serde_json::Value,
+}
+
+impl actix_web::FromRequest for JsonBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<JsonBody, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        use futures::StreamExt as _;
+        let is_json = req
+            .mime_type()
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.essence_str() == "application/json");
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut payload = payload.take();
+        Box::pin(async move {
+            if !is_json {
+                return Err(ApiError::UnsupportedMediaType);
+            }
+            if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            let mut raw = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk
+                    .map_err(|e| ApiError::Malformed(format!("the body could not be read: {e}")))?;
+                if raw.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(ApiError::PayloadTooLarge);
+                }
+                raw.extend_from_slice(&chunk);
+            }
+            let raw = raw.freeze();
+            let value = serde_json::from_slice(&raw)
+                .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))?;
+            Ok(JsonBody { raw, value })
+        })
+    }
+}
+
 /// The JSON body rules of API.md: at most 1 MiB, `application/json` only, problem+json errors.
 pub fn json_config() -> web::JsonConfig {
     web::JsonConfig::default()

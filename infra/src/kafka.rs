@@ -84,13 +84,22 @@ pub fn read_committed_consumer(settings: &KafkaSettings, group_id: &str) -> Clie
     config
 }
 
-/// Creates the event topics that do not exist yet (events are kept forever).
+/// The topic whose partitions the command processes share out: owning partition `i` of it
+/// makes a process the writer of partition `i` of every aggregate topic. Nothing is
+/// written to it.
+pub fn ownership_topic(settings: &KafkaSettings) -> String {
+    format!("{}.command-owners", settings.topic_prefix)
+}
+
+/// Creates the event topics (and the ownership topic) that do not exist yet; events are
+/// kept forever.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let admin: AdminClient<DefaultClientContext> = base(settings)
         .create()
         .context("creating the Kafka admin client")?;
-    let names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
+    let mut names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
+    names.push(ownership_topic(settings));
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {

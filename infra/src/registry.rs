@@ -58,7 +58,7 @@ impl Registry {
             .build()
             .context("building the schema registry client")?;
         let mut own = HashMap::new();
-        for (name, text) in newsroom_events::schemas::ALL {
+        for (name, text) in newsroom_events::schemas::all() {
             let supplied = SuppliedSchema::new(
                 Some((*name).to_owned()),
                 SchemaType::Avro,

@@ -21,6 +21,50 @@ pub struct Settings {
     /// Password hashing.
     #[command(flatten)]
     pub hashing: HashingSettings,
+    /// Authentication and secrets.
+    #[command(flatten)]
+    pub auth: AuthSettings,
+}
+
+/// Tokens, secrets and the bootstrap admin.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthSettings {
+    /// HS256 secret of the access tokens (at least 32 bytes). Required unless `--local`.
+    #[arg(
+        long = "jwt-secret",
+        env = "NEWSROOM_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// Secret key of the e-mail claims (keyed hashes of addresses). Must never change once
+    /// users exist. Required unless `--local`.
+    #[arg(
+        long = "email-pepper",
+        env = "NEWSROOM_EMAIL_PEPPER",
+        hide_env_values = true
+    )]
+    pub email_pepper: Option<String>,
+    /// Local mode: generate a token secret and use a fixed development pepper when none
+    /// is configured (never in production).
+    #[arg(long = "local", env = "NEWSROOM_LOCAL", default_value_t = false)]
+    pub local: bool,
+    /// Lifetime of access tokens in seconds.
+    #[arg(
+        long = "token-ttl-secs",
+        env = "NEWSROOM_TOKEN_TTL_SECS",
+        default_value_t = 3600
+    )]
+    pub token_ttl_secs: u64,
+    /// E-mail of the first admin, created at start when no user has it.
+    #[arg(long = "admin-email", env = "NEWSROOM_ADMIN_EMAIL")]
+    pub admin_email: Option<String>,
+    /// Password of the first admin.
+    #[arg(
+        long = "admin-password",
+        env = "NEWSROOM_ADMIN_PASSWORD",
+        hide_env_values = true
+    )]
+    pub admin_password: Option<String>,
 }
 
 /// Where Kafka is and how newsroom names and uses its topics.
@@ -127,6 +171,9 @@ pub struct HttpSettings {
         default_value = "127.0.0.1:8081"
     )]
     pub query_addr: SocketAddr,
+    /// Address other command processes reach this one at (default: the bound address).
+    #[arg(long = "command-advertise", env = "NEWSROOM_COMMAND_ADVERTISE")]
+    pub command_advertise: Option<String>,
     /// Worker threads per HTTP server (0: one per core).
     #[arg(
         long = "http-workers",

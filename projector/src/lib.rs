@@ -7,11 +7,3 @@
 
 pub mod consumer;
 pub mod users;
-
-use sqlx::PgPool;
-
-/// Applies the read-model migrations (idempotent).
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("./migrations").run(pool).await?;
-    Ok(())
-}

@@ -1,14 +1,35 @@
-//! The `users` read model.
+//! The `users` read model. Personal fields are decrypted with the user's key from
+//! `cmd_user_keys`; once the key is destroyed they read as empty, and `UserErased`
+//! clears the row's personal data for good.
 
 use anyhow::Context as _;
+use newsroom_events::personal::{self, Personal, UserKey};
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
 
 use crate::consumer::Projection;
 
 /// Projects User events into the `users` table.
 pub struct UsersProjection;
+
+async fn open(
+    tx: &mut Transaction<'static, Postgres>,
+    user: Uuid,
+    blob: &[u8],
+) -> anyhow::Result<Personal> {
+    let key: Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT key FROM cmd_user_keys WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(&mut **tx)
+            .await
+            .context("reading a user key")?;
+    Ok(key
+        .and_then(|(bytes,)| UserKey::from_slice(&bytes))
+        .and_then(|key| personal::open(&key, user, blob).ok())
+        .unwrap_or_default())
+}
 
 impl Projection for UsersProjection {
     fn name(&self) -> &'static str {
@@ -20,31 +41,83 @@ impl Projection for UsersProjection {
         tx: &mut Transaction<'static, Postgres>,
         event: Decoded,
     ) -> anyhow::Result<()> {
-        {
-            let event = UserEvent::from_avro(&event.name, event.value)?;
-            match event {
-                UserEvent::Registered(e) => {
-                    let at = e.metadata.occurred_at();
-                    // Guarded by version: a redelivered or replayed event changes nothing.
-                    sqlx::query(
-                        "INSERT INTO users (id, name, email, role, version, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $6) \
-                         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email, \
-                         role = EXCLUDED.role, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at \
-                         WHERE users.version < EXCLUDED.version",
-                    )
-                    .bind(e.metadata.aggregate_id)
-                    .bind(&e.name)
-                    .bind(&e.email)
-                    .bind(e.role.as_str())
-                    .bind(e.metadata.aggregate_version)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await
-                    .context("projecting UserRegistered")?;
-                }
+        let event = UserEvent::from_avro(&event.name, event.value)?;
+        let meta = event.metadata().clone();
+        let (id, version, at) = (
+            meta.aggregate_id,
+            meta.aggregate_version,
+            meta.occurred_at(),
+        );
+        // Every write is guarded by version: a redelivered or replayed event changes nothing.
+        let query = match event {
+            UserEvent::Registered(e) => {
+                let p = open(tx, id, &e.personal).await?;
+                sqlx::query(
+                    "INSERT INTO users (id, name, email, role, version, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(p.name.unwrap_or_default())
+                .bind(p.email.unwrap_or_default())
+                .bind(e.role.as_str())
+                .bind(version)
+                .bind(at)
             }
-            Ok(())
-        }
+            UserEvent::Updated(e) => {
+                let p = match &e.personal {
+                    Some(blob) => open(tx, id, blob).await?,
+                    None => Personal::default(),
+                };
+                let categories: Option<Vec<String>> = e
+                    .followed_categories
+                    .map(|cs| cs.iter().map(|c| c.as_str().to_owned()).collect());
+                sqlx::query(
+                    "UPDATE users SET name = COALESCE($3, name), email = COALESCE($4, email), \
+                     followed_categories = COALESCE($5, followed_categories), \
+                     email_notifications = COALESCE($6, email_notifications), version = $2, updated_at = $7 \
+                     WHERE id = $1 AND version < $2",
+                )
+                .bind(id)
+                .bind(version)
+                .bind(p.name)
+                .bind(p.email)
+                .bind(categories)
+                .bind(e.email_notifications)
+                .bind(at)
+            }
+            UserEvent::RoleChanged(e) => sqlx::query(
+                "UPDATE users SET role = $3, version = $2, updated_at = $4 WHERE id = $1 AND version < $2",
+            )
+            .bind(id)
+            .bind(version)
+            .bind(e.role.as_str())
+            .bind(at),
+            UserEvent::PasswordChanged(_) => {
+                sqlx::query("UPDATE users SET version = $2, updated_at = $3 WHERE id = $1 AND version < $2")
+                    .bind(id)
+                    .bind(version)
+                    .bind(at)
+            }
+            UserEvent::NotificationsRead(e) => sqlx::query(
+                "UPDATE users SET notifications_read_at = $3, version = $2, updated_at = $4 \
+                 WHERE id = $1 AND version < $2",
+            )
+            .bind(id)
+            .bind(version)
+            .bind(chrono::DateTime::from_timestamp_micros(e.read_at))
+            .bind(at),
+            UserEvent::Erased(_) => sqlx::query(
+                "UPDATE users SET erased = true, name = '', email = '', version = $2, updated_at = $3 \
+                 WHERE id = $1 AND version < $2",
+            )
+            .bind(id)
+            .bind(version)
+            .bind(at),
+        };
+        query
+            .execute(&mut **tx)
+            .await
+            .context("projecting a user event")?;
+        Ok(())
     }
 }

@@ -12,6 +12,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use newsroom_infra::Settings;
+use newsroom_infra::auth::Tokens;
 use newsroom_infra::http::{self, Ops};
 use sqlx::PgPool;
 
@@ -25,8 +26,14 @@ pub struct State {
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Builds the query API on `listener` over the read models in `pool`.
-pub fn build(settings: &Settings, listener: TcpListener, pool: PgPool) -> anyhow::Result<Server> {
+pub fn build(
+    settings: &Settings,
+    listener: TcpListener,
+    pool: PgPool,
+    tokens: Tokens,
+) -> anyhow::Result<Server> {
     let state = web::Data::new(State { pool });
+    let tokens = web::Data::new(tokens);
     let ready_state = state.clone();
     let ops = Ops {
         service: "query-api",
@@ -43,6 +50,7 @@ pub fn build(settings: &Settings, listener: TcpListener, pool: PgPool) -> anyhow
         App::new()
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
+            .app_data(tokens.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users/{id}", web::get().to(routes::users::get))

@@ -16,6 +16,24 @@ use serde_json::Value;
 use sqlx::Connection as _;
 use uuid::Uuid;
 
+/// The token secret every test process shares (child processes too).
+pub const TEST_JWT_SECRET: &str = "newsroom-test-secret-0123456789abcdef";
+/// The bootstrap admin's password in tests.
+pub const ADMIN_PASSWORD: &str = "admin password 123";
+
+/// A registered user with a token.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    /// Id.
+    pub id: Uuid,
+    /// E-mail.
+    pub email: String,
+    /// Password.
+    pub password: String,
+    /// Bearer token.
+    pub token: String,
+}
+
 /// A running newsroom with its own topics and database.
 pub struct TestApp {
     /// Base URL of the command API.
@@ -57,6 +75,10 @@ impl TestApp {
         // Cheap hashing keeps the suite fast; the parameters are the product's, not the tests'.
         settings.hashing.memory_kib = 1024;
         settings.hashing.iterations = 1;
+        settings.auth.jwt_secret = Some(TEST_JWT_SECRET.into());
+        settings.auth.email_pepper = Some(format!("pepper-{id}"));
+        settings.auth.admin_email = Some(format!("admin.{id}@example.com"));
+        settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
 
         let admin_url = settings.postgres.url.clone();
         let database = format!("t_{id}");
@@ -109,6 +131,118 @@ impl TestApp {
         }
     }
 
+    /// Logs in; the token, or the error status.
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<Result<String, reqwest::StatusCode>> {
+        let response = self
+            .http
+            .post(format!("{}/v1/auth/token", self.command_url))
+            .json(&serde_json::json!({"email": email, "password": password}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Ok(Err(response.status()));
+        }
+        let body: Value = response.json().await?;
+        Ok(Ok(body["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()))
+    }
+
+    /// The bootstrap admin (created at start), logged in.
+    pub async fn admin(&self) -> anyhow::Result<TestUser> {
+        let email = self
+            .settings
+            .auth
+            .admin_email
+            .clone()
+            .context("no admin configured")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(token) = self.login(&email, ADMIN_PASSWORD).await? {
+                let id = token_subject(&token)?;
+                return Ok(TestUser {
+                    id,
+                    email,
+                    password: ADMIN_PASSWORD.into(),
+                    token,
+                });
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the bootstrap admin never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Registers a new reader and logs them in.
+    pub async fn reader(&self) -> anyhow::Result<TestUser> {
+        let body = new_user();
+        let response = self.post_json("/v1/users", &body).await?;
+        anyhow::ensure!(
+            response.status() == reqwest::StatusCode::CREATED,
+            "registration: {}",
+            response.status()
+        );
+        let created: Value = response.json().await?;
+        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        let email = body["email"].as_str().unwrap_or_default().to_owned();
+        let password = body["password"].as_str().unwrap_or_default().to_owned();
+        let token = self
+            .login(&email, &password)
+            .await?
+            .map_err(|s| anyhow::anyhow!("login failed: {s}"))?;
+        Ok(TestUser {
+            id,
+            email,
+            password,
+            token,
+        })
+    }
+
+    /// Registers a user and makes them an editor (through the admin), logged in again so
+    /// that the token carries the role.
+    pub async fn editor(&self) -> anyhow::Result<TestUser> {
+        let user = self.reader().await?;
+        let admin = self.admin().await?;
+        let response = self
+            .http
+            .put(format!("{}/v1/users/{}/role", self.command_url, user.id))
+            .bearer_auth(&admin.token)
+            .json(&serde_json::json!({"role": "editor"}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "making an editor: {}",
+            response.status()
+        );
+        let token = self
+            .login(&user.email, &user.password)
+            .await?
+            .map_err(|s| anyhow::anyhow!("login failed: {s}"))?;
+        Ok(TestUser { token, ..user })
+    }
+
+    /// The data key of `user` as stored by the command side, if it still exists.
+    pub async fn user_key(
+        &self,
+        user: Uuid,
+    ) -> anyhow::Result<Option<newsroom_events::personal::UserKey>> {
+        let mut db = sqlx::PgConnection::connect(&self.settings.postgres.url).await?;
+        let row: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT key FROM cmd_user_keys WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&mut db)
+                .await?;
+        Ok(row.and_then(|(k,)| newsroom_events::personal::UserKey::from_slice(&k)))
+    }
+
     /// POSTs `body` as JSON to the command API.
     pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<reqwest::Response> {
         Ok(self
@@ -124,6 +258,7 @@ impl TestApp {
     pub async fn get_eventually(
         &self,
         path: &str,
+        token: &str,
         timeout: Duration,
     ) -> anyhow::Result<reqwest::Response> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -131,6 +266,7 @@ impl TestApp {
             let response = self
                 .http
                 .get(format!("{}{path}", self.query_url))
+                .bearer_auth(token)
                 .send()
                 .await?;
             if response.status().is_success() || tokio::time::Instant::now() >= deadline {
@@ -208,6 +344,15 @@ impl TestApp {
         .await?;
         Ok(())
     }
+}
+
+/// The user id a token names (its `sub`), read without verifying it.
+pub fn token_subject(token: &str) -> anyhow::Result<Uuid> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    let claims: Value = serde_json::from_slice(&bytes)?;
+    Ok(Uuid::parse_str(claims["sub"].as_str().unwrap_or_default())?)
 }
 
 fn replace_database(url: &str, database: &str) -> String {

@@ -2,30 +2,144 @@
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use anyhow::Context as _;
-use chrono::Utc;
-use newsroom_events::users::UserEvent;
-use newsroom_infra::codec;
-use newsroom_infra::http::{ApiError, RequestId};
+use newsroom_events::Category;
+use newsroom_events::users::Role;
+use newsroom_infra::auth::Caller;
+use newsroom_infra::http::{ApiError, FieldError, JsonBody, RequestId};
 use newsroom_infra::kafka::Stream;
 use newsroom_infra::views::UserView;
-use serde_json::Value;
 use uuid::Uuid;
 
+use super::{Placement, X_CONSISTENCY_TOKEN, if_match, place, token_for};
 use crate::State;
-use crate::domain::user::{self, Context, RegisterUser, User};
-use crate::log::OutRecord;
-use crate::routes::{X_CONSISTENCY_TOKEN, token_for};
+use crate::aggregate::UserAggregate;
+use crate::claims::Claimed;
+use crate::domain::user::{Profile, User, UserCommand};
+use crate::domain::{Actor, DomainError};
+use crate::owner::{self, Committed, RequestMeta};
 use crate::validation::Fields;
+
+/// The user as the API shows it.
+pub fn user_view(user: &User) -> UserView {
+    UserView {
+        id: user.id,
+        name: user.name.clone(),
+        email: user.email.clone(),
+        role: user.role.as_str().to_owned(),
+        followed_categories: user
+            .followed_categories
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect(),
+        email_notifications: user.email_notifications,
+        version: user.version,
+        created_at: user.created_at,
+    }
+}
+
+fn answer(status: actix_web::http::StatusCode, committed: &Committed<User>) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    response
+        .insert_header((header::ETAG, format!("\"{}\"", committed.state.version)))
+        .insert_header((
+            X_CONSISTENCY_TOKEN,
+            token_for(Stream::Users, committed.position),
+        ));
+    if status == actix_web::http::StatusCode::NO_CONTENT {
+        return response.finish();
+    }
+    if status == actix_web::http::StatusCode::CREATED {
+        response.insert_header((
+            header::LOCATION,
+            format!("/v1/users/{}", committed.state.id),
+        ));
+    }
+    response.json(user_view(&committed.state))
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)
+}
+
+/// Registers a user with `role`, claiming the e-mail first; shared by `POST /v1/users` and
+/// the bootstrap admin. The new id is chosen in a partition this process writes.
+pub async fn register_user(
+    state: &State,
+    name: String,
+    email: String,
+    password: String,
+    role: Role,
+    meta: RequestMeta,
+) -> Result<Committed<User>, ApiError> {
+    let owners = &state.owners;
+    if owners.ready::<UserAggregate>().is_empty() {
+        return Err(ApiError::Unavailable(
+            "this process writes no partition yet; retry shortly".into(),
+        ));
+    }
+    let id = owners.new_id::<UserAggregate>();
+    let partition = owners.partition_of(id);
+    let claims = &state.shared.claims;
+    let claim = claims.claim_of(&email);
+    let password_hash = state.hasher.hash(password).await?;
+    state.shared.keys.create(id, partition).await?;
+    let taken = |holder| {
+        tracing::info!(%holder, "e-mail already claimed");
+        ApiError::Conflict {
+            code: "email_taken",
+            detail: "another user has this e-mail address".into(),
+        }
+    };
+    match claims
+        .try_claim(&claim, id, partition, meta.event_id, None)
+        .await?
+    {
+        Claimed::Ours => {}
+        Claimed::Taken { holder, .. } => {
+            state.shared.keys.destroy(id).await?;
+            return Err(taken(holder));
+        }
+    }
+    let command = UserCommand::Register {
+        name,
+        email,
+        email_claim: claim.clone(),
+        password_hash,
+        role,
+    };
+    match owner::submit::<UserAggregate>(owners, id, command, meta).await {
+        Ok(committed) => {
+            claims.confirm(&claim, id).await?;
+            Ok(committed)
+        }
+        Err(failure) => {
+            if definitive(&failure) {
+                claims.abandon(&claim, id).await?;
+                state.shared.keys.destroy(id).await?;
+            }
+            Err(failure.into())
+        }
+    }
+}
+
+fn definitive(failure: &owner::Submitted) -> bool {
+    !matches!(
+        failure,
+        owner::Submitted::Failed(owner::CommandError::Unavailable {
+            definitive: false,
+            ..
+        })
+    )
+}
 
 /// `POST /v1/users`: register a reader.
 #[tracing::instrument(skip_all)]
 pub async fn register(
     req: HttpRequest,
-    body: web::Json<Value>,
+    body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut fields = Fields::of(&body)?;
+    let mut fields = Fields::of(&body.value)?;
     let name = fields.trimmed_string("name", 1, 100);
     let email = fields.email("email");
     let password = fields.exact_string("password", 8, 128);
@@ -35,59 +149,262 @@ pub async fn register(
             "validated fields missing"
         )));
     };
-
-    let password_hash = state.hasher.hash(password).await?;
-    let request_id = RequestId::of(&req);
-    let ctx = Context {
-        now: Utc::now(),
-        correlation_id: request_id,
-        command_id: Uuid::now_v7().to_string(),
-        actor_id: None,
-    };
-    let command = RegisterUser {
-        user_id: Uuid::now_v7(),
-        name,
-        email,
-        password_hash,
-    };
-    let user_id = command.user_id;
-    let events = user::register(None, command, &ctx).map_err(|e| ApiError::Internal(e.into()))?;
-    let records = events
-        .iter()
-        .map(|event| {
-            let payload = match event {
-                UserEvent::Registered(e) => codec::encode(&state.registry, e),
-            }
-            .context("encoding a user event")?;
-            Ok(OutRecord {
-                stream: Stream::Users,
-                key: user_id,
-                payload,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let positions = state.log.append(records).await?;
-
-    let created = events
-        .iter()
-        .fold(None, user::apply)
-        .ok_or_else(|| anyhow::anyhow!("registration produced no user"))?;
-    Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/v1/users/{user_id}")))
-        .insert_header((header::ETAG, format!("\"{}\"", created.version)))
-        .insert_header((X_CONSISTENCY_TOKEN, token_for(&positions)))
-        .json(user_body(&created)))
+    let meta = RequestMeta::new(RequestId::of(&req), None);
+    let committed = register_user(&state, name, email, password, Role::Reader, meta).await?;
+    Ok(answer(actix_web::http::StatusCode::CREATED, &committed))
 }
 
-fn user_body(user: &User) -> UserView {
-    UserView {
-        id: user.id,
-        name: user.name.clone(),
-        email: user.email.clone(),
-        role: user.role.as_str().to_owned(),
-        followed_categories: Vec::new(),
-        email_notifications: false,
-        version: user.version,
-        created_at: user.created_at,
+/// Runs a command on an existing user here, or forwards the request to the user's owner.
+async fn run(
+    state: &State,
+    req: &HttpRequest,
+    body: &[u8],
+    id: Uuid,
+    actor: Actor,
+    command: UserCommand,
+) -> Result<Result<Committed<User>, HttpResponse>, ApiError> {
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<UserAggregate>(state, req, body, partition).await?
+    {
+        return Ok(Err(response));
+    }
+    let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));
+    Ok(Ok(owner::submit::<UserAggregate>(
+        &state.owners,
+        id,
+        command,
+        meta,
+    )
+    .await?))
+}
+
+/// `PATCH /v1/users/{id}`: name, e-mail, followed categories, e-mail notifications.
+#[tracing::instrument(skip_all, fields(user = %path))]
+pub async fn update(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    let id = parse_id(&path)?;
+    let expected_version = if_match(&req)?;
+    let mut fields = Fields::of(&body.value)?;
+    let name = fields.optional_trimmed_string("name", 1, 100);
+    let email = fields.optional_email("email");
+    let followed_categories = fields.optional_set_of(
+        "followed_categories",
+        "famous, politics, sports",
+        Category::parse,
+    );
+    let email_notifications = fields.optional_bool("email_notifications");
+    if ![
+        "name",
+        "email",
+        "followed_categories",
+        "email_notifications",
+    ]
+    .iter()
+    .any(|f| fields.has(f))
+    {
+        fields.reject(
+            "body",
+            "give at least one of name, email, followed_categories, email_notifications",
+        );
+    }
+    fields.finish()?;
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
+    {
+        return Ok(response);
+    }
+    // The e-mail is claimed before the change and confirmed after its commit.
+    let meta = RequestMeta::new(RequestId::of(&req), Some(actor.id));
+    let claims = &state.shared.claims;
+    let mut new_claim = None;
+    if let Some(email) = &email {
+        let current = owner::read::<UserAggregate>(&state.owners, id).await?;
+        let visible = current.filter(|u| !u.erased);
+        if actor.id != id && !actor.is_admin() {
+            return Err(ApiError::Forbidden);
+        }
+        let user = visible.ok_or(ApiError::NotFound)?;
+        let claim = claims.claim_of(email);
+        if claim != user.email_claim {
+            match claims
+                .try_claim(
+                    &claim,
+                    id,
+                    partition,
+                    meta.event_id,
+                    Some(&user.email_claim),
+                )
+                .await?
+            {
+                Claimed::Ours => new_claim = Some(claim.clone()),
+                Claimed::Taken { .. } => {
+                    return Err(ApiError::Conflict {
+                        code: "email_taken",
+                        detail: "another user has this e-mail address".into(),
+                    });
+                }
+            }
+        }
+    }
+    let profile = Profile {
+        name,
+        email: email.map(|e| {
+            let claim = claims.claim_of(&e);
+            (e, claim)
+        }),
+        followed_categories,
+        email_notifications,
+    };
+    let command = UserCommand::Update {
+        actor,
+        expected_version,
+        profile,
+    };
+    let outcome = owner::submit::<UserAggregate>(&state.owners, id, command, meta).await;
+    if let Some(claim) = &new_claim {
+        match &outcome {
+            Ok(_) => claims.confirm(claim, id).await?,
+            Err(failure) if definitive(failure) => claims.abandon(claim, id).await?,
+            Err(_) => {}
+        }
+    }
+    Ok(answer(actix_web::http::StatusCode::OK, &outcome?))
+}
+
+/// `PUT /v1/users/{id}/password`: self only, with the current password.
+#[tracing::instrument(skip_all, fields(user = %path))]
+pub async fn change_password(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    let id = parse_id(&path)?;
+    let expected_version = if_match(&req)?;
+    let mut fields = Fields::of(&body.value)?;
+    let current_password = fields.exact_string("current_password", 1, 128);
+    let new_password = fields.exact_string("new_password", 8, 128);
+    fields.finish()?;
+    let (Some(current_password), Some(new_password)) = (current_password, new_password) else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "validated fields missing"
+        )));
+    };
+    if actor.id != id {
+        return Err(ApiError::Forbidden);
+    }
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
+    {
+        return Ok(response);
+    }
+    let user = owner::read::<UserAggregate>(&state.owners, id)
+        .await?
+        .filter(|u| !u.erased)
+        .ok_or(ApiError::NotFound)?;
+    if !state
+        .hasher
+        .verify(&user.password_hash, current_password)
+        .await?
+    {
+        return Err(DomainError::StalePassword.into());
+    }
+    let command = UserCommand::ChangePassword {
+        actor,
+        expected_version,
+        verified_hash: user.password_hash.clone(),
+        new_hash: state.hasher.hash(new_password).await?,
+    };
+    match run(&state, &req, &body.raw, id, actor, command).await? {
+        Ok(committed) => Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed)),
+        Err(forwarded) => Ok(forwarded),
+    }
+}
+
+/// `PUT /v1/users/{id}/role`: admins only.
+#[tracing::instrument(skip_all, fields(user = %path))]
+pub async fn change_role(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    let id = parse_id(&path)?;
+    let expected_version = if_match(&req)?;
+    let mut fields = Fields::of(&body.value)?;
+    let role = fields.one_of("role", "reader, editor, admin", Role::parse);
+    fields.finish()?;
+    let role =
+        role.ok_or_else(|| ApiError::Validation(vec![FieldError::new("role", "is required")]))?;
+    if !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
+    let command = UserCommand::ChangeRole {
+        actor,
+        expected_version,
+        role,
+    };
+    match run(&state, &req, &body.raw, id, actor, command).await? {
+        Ok(committed) => Ok(answer(actix_web::http::StatusCode::OK, &committed)),
+        Err(forwarded) => Ok(forwarded),
+    }
+}
+
+/// `DELETE /v1/users/{id}`: erasure (self or admin). The user's key is destroyed, so the
+/// personal fields of all their events become unreadable.
+#[tracing::instrument(skip_all, fields(user = %path))]
+pub async fn erase(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    let id = parse_id(&path)?;
+    let expected_version = if_match(&req)?;
+    let command = UserCommand::Erase {
+        actor,
+        expected_version,
+    };
+    match run(&state, &req, &[], id, actor, command).await? {
+        Ok(committed) => {
+            state.shared.keys.destroy(id).await?;
+            state.shared.claims.release_all(id).await?;
+            Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed))
+        }
+        Err(forwarded) => Ok(forwarded),
+    }
+}
+
+/// `POST /v1/users/{id}/notifications/read`: self only.
+#[tracing::instrument(skip_all, fields(user = %path))]
+pub async fn notifications_read(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    let id = parse_id(&path)?;
+    let command = UserCommand::MarkNotificationsRead {
+        actor,
+        at: chrono::Utc::now(),
+    };
+    match run(&state, &req, &[], id, actor, command).await? {
+        Ok(committed) => Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed)),
+        Err(forwarded) => Ok(forwarded),
     }
 }

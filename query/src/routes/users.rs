@@ -2,8 +2,8 @@
 
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use newsroom_infra::auth::Caller;
 use newsroom_infra::http::ApiError;
 use newsroom_infra::views::UserView;
 use uuid::Uuid;
@@ -21,18 +21,28 @@ type UserRow = (
     DateTime<Utc>,
 );
 
-/// `GET /v1/users/{id}`.
-#[tracing::instrument(skip(state))]
-pub async fn get(id: web::Path<Uuid>, state: web::Data<State>) -> Result<HttpResponse, ApiError> {
+/// `GET /v1/users/{id}`: the user themselves or an admin.
+#[tracing::instrument(skip(state, caller))]
+pub async fn get(
+    id: web::Path<Uuid>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.required()?;
+    if actor.id != *id && !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
     let row: Option<UserRow> = sqlx::query_as(
         "SELECT id, name, email, role, followed_categories, email_notifications, version, created_at \
-         FROM users WHERE id = $1",
+         FROM users WHERE id = $1 AND NOT erased",
     )
     .bind(*id)
     .fetch_optional(&state.pool)
     .await
-    .context("reading a user")
-    .map_err(|e| ApiError::Unavailable(format!("the read model is unavailable: {e:#}")))?;
+    .map_err(|e| {
+        tracing::error!(error = %e, "reading a user from the read model");
+        ApiError::Unavailable("the read model is unavailable".into())
+    })?;
     let (id, name, email, role, followed_categories, email_notifications, version, created_at) =
         row.ok_or(ApiError::NotFound)?;
     let user = UserView {

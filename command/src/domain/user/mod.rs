@@ -1,11 +1,17 @@
 //! The User aggregate.
 
+#[cfg(test)]
+mod tests;
+
 use chrono::{DateTime, Utc};
-use newsroom_events::users::{Role, UserEvent, UserRegistered};
-use newsroom_events::{Event, EventMetadata};
+use newsroom_events::Category;
+use newsroom_events::users::Role;
 use uuid::Uuid;
 
-/// The state of one user, folded from their events.
+use super::{Actor, DomainError, Stamp, check_version};
+
+/// The state of one user, folded from their changes (personal data in clear: the command
+/// side holds the keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     /// Id.
@@ -14,144 +20,290 @@ pub struct User {
     pub name: String,
     /// E-mail address.
     pub email: String,
-    /// Role.
-    pub role: Role,
-    /// Number of events so far.
-    pub version: i64,
-    /// When the user registered.
-    pub created_at: DateTime<Utc>,
-}
-
-/// What the command side knows about the request beyond its body.
-#[derive(Debug, Clone)]
-pub struct Context {
-    /// Id of the new event(s) base; each event gets its own id from this generator's output.
-    pub now: DateTime<Utc>,
-    /// The request id.
-    pub correlation_id: String,
-    /// The id of this command.
-    pub command_id: String,
-    /// The authenticated caller.
-    pub actor_id: Option<Uuid>,
-}
-
-/// Register a new user (validated input, password already hashed).
-#[derive(Debug, Clone)]
-pub struct RegisterUser {
-    /// The id chosen for the new user.
-    pub user_id: Uuid,
-    /// Trimmed name.
-    pub name: String,
-    /// Trimmed e-mail.
-    pub email: String,
+    /// Claim (keyed hash) of the normalised e-mail.
+    pub email_claim: String,
     /// Argon2id PHC string.
     pub password_hash: String,
+    /// Role.
+    pub role: Role,
+    /// Followed categories, in canonical order.
+    pub followed_categories: Vec<Category>,
+    /// E-mail notifications on or off.
+    pub email_notifications: bool,
+    /// Notifications up to this time are read.
+    pub notifications_read_at: Option<DateTime<Utc>>,
+    /// Erased: the user answers 404 and accepts no command.
+    pub erased: bool,
+    /// Number of changes.
+    pub version: i64,
+    /// Registration time.
+    pub created_at: DateTime<Utc>,
+    /// Time of the last change.
+    pub updated_at: DateTime<Utc>,
 }
 
-/// A command the aggregate refuses.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UserError {
-    /// The user already exists.
-    #[error("user {0} already exists")]
-    AlreadyExists(Uuid),
+/// What a user's command may change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// New name.
+    pub name: Option<String>,
+    /// New e-mail with its claim.
+    pub email: Option<(String, String)>,
+    /// New followed categories.
+    pub followed_categories: Option<Vec<Category>>,
+    /// New preference.
+    pub email_notifications: Option<bool>,
 }
 
-/// Decides the events of a registration.
-pub fn register(
+/// Commands of the User aggregate (inputs validated, secrets already hashed).
+#[derive(Debug, Clone)]
+pub enum UserCommand {
+    /// Register (anyone); `role` is `Reader` except for the bootstrap admin.
+    Register {
+        /// Name.
+        name: String,
+        /// E-mail.
+        email: String,
+        /// Claim of the e-mail.
+        email_claim: String,
+        /// Argon2id hash.
+        password_hash: String,
+        /// Starting role.
+        role: Role,
+    },
+    /// Change profile fields (self or admin).
+    Update {
+        /// Caller.
+        actor: Actor,
+        /// `If-Match`.
+        expected_version: Option<i64>,
+        /// Changes.
+        profile: Profile,
+    },
+    /// Set a new password (self only). `verified_hash` is the hash the caller's current
+    /// password was checked against; it must still be the current one.
+    ChangePassword {
+        /// Caller.
+        actor: Actor,
+        /// `If-Match`.
+        expected_version: Option<i64>,
+        /// The hash the current password matched.
+        verified_hash: String,
+        /// The new hash.
+        new_hash: String,
+    },
+    /// Give a user a role (admin only).
+    ChangeRole {
+        /// Caller.
+        actor: Actor,
+        /// `If-Match`.
+        expected_version: Option<i64>,
+        /// The new role.
+        role: Role,
+    },
+    /// Erase the user (self or admin).
+    Erase {
+        /// Caller.
+        actor: Actor,
+        /// `If-Match`.
+        expected_version: Option<i64>,
+    },
+    /// Mark notifications read (self only).
+    MarkNotificationsRead {
+        /// Caller.
+        actor: Actor,
+        /// Up to when.
+        at: DateTime<Utc>,
+    },
+}
+
+/// The one change an accepted command makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserChange {
+    /// Registered.
+    Registered {
+        /// Name.
+        name: String,
+        /// E-mail.
+        email: String,
+        /// Claim of the e-mail.
+        email_claim: String,
+        /// Hash.
+        password_hash: String,
+        /// Role.
+        role: Role,
+    },
+    /// Profile changed.
+    Updated(Profile),
+    /// Password changed.
+    PasswordChanged {
+        /// New hash.
+        password_hash: String,
+    },
+    /// Role changed.
+    RoleChanged {
+        /// New role.
+        role: Role,
+    },
+    /// Erased.
+    Erased,
+    /// Notifications read up to `at`.
+    NotificationsRead {
+        /// Up to when.
+        at: DateTime<Utc>,
+    },
+}
+
+/// Who may act on a user: themselves, or an admin (unless `self_only`).
+fn authorize(target: Uuid, actor: &Actor, self_only: bool) -> Result<(), DomainError> {
+    if actor.id == target || (!self_only && actor.is_admin()) {
+        Ok(())
+    } else {
+        Err(DomainError::Forbidden)
+    }
+}
+
+/// The user `id` as the caller may see it: 403 before 404, so that existence does not
+/// leak to other users.
+fn existing<'a>(
+    id: Uuid,
+    state: Option<&'a User>,
+    actor: &Actor,
+    self_only: bool,
+) -> Result<&'a User, DomainError> {
+    authorize(id, actor, self_only)?;
+    state.filter(|u| !u.erased).ok_or(DomainError::NotFound)
+}
+
+/// Decides the change a command makes to user `id`.
+pub fn handle(
+    id: Uuid,
     state: Option<&User>,
-    command: RegisterUser,
-    ctx: &Context,
-) -> Result<Vec<UserEvent>, UserError> {
-    if let Some(user) = state {
-        return Err(UserError::AlreadyExists(user.id));
-    }
-    Ok(vec![UserEvent::Registered(UserRegistered {
-        metadata: metadata(command.user_id, 1, ctx, UserRegistered::SCHEMA_VERSION),
-        name: command.name,
-        email: command.email,
-        password_hash: command.password_hash,
-        role: Role::Reader,
-    })])
-}
-
-/// Folds one event into the state.
-pub fn apply(state: Option<User>, event: &UserEvent) -> Option<User> {
-    match event {
-        UserEvent::Registered(e) => Some(User {
-            id: e.metadata.aggregate_id,
-            name: e.name.clone(),
-            email: e.email.clone(),
-            role: e.role,
-            version: e.metadata.aggregate_version,
-            created_at: e.metadata.occurred_at(),
-        }),
-    }
-    .or(state)
-}
-
-fn metadata(aggregate_id: Uuid, version: i64, ctx: &Context, schema_version: i32) -> EventMetadata {
-    EventMetadata {
-        event_id: Uuid::now_v7(),
-        aggregate_id,
-        aggregate_version: version,
-        occurred_at: newsroom_events::metadata::micros(ctx.now),
-        correlation_id: ctx.correlation_id.clone(),
-        causation_id: ctx.command_id.clone(),
-        actor_id: ctx.actor_id,
-        schema_version,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ctx() -> Context {
-        Context {
-            now: Utc::now(),
-            correlation_id: "req-1".into(),
-            command_id: "cmd-1".into(),
-            actor_id: None,
+    command: UserCommand,
+) -> Result<UserChange, DomainError> {
+    match command {
+        UserCommand::Register {
+            name,
+            email,
+            email_claim,
+            password_hash,
+            role,
+        } => match state {
+            Some(_) => Err(DomainError::AlreadyExists),
+            None => Ok(UserChange::Registered {
+                name,
+                email,
+                email_claim,
+                password_hash,
+                role,
+            }),
+        },
+        UserCommand::Update {
+            actor,
+            expected_version,
+            profile,
+        } => {
+            let user = existing(id, state, &actor, false)?;
+            check_version(expected_version, user.version)?;
+            Ok(UserChange::Updated(profile))
+        }
+        UserCommand::ChangePassword {
+            actor,
+            expected_version,
+            verified_hash,
+            new_hash,
+        } => {
+            let user = existing(id, state, &actor, true)?;
+            check_version(expected_version, user.version)?;
+            if user.password_hash != verified_hash {
+                return Err(DomainError::StalePassword);
+            }
+            Ok(UserChange::PasswordChanged {
+                password_hash: new_hash,
+            })
+        }
+        UserCommand::ChangeRole {
+            actor,
+            expected_version,
+            role,
+        } => {
+            if !actor.is_admin() {
+                return Err(DomainError::Forbidden);
+            }
+            let user = existing(id, state, &actor, false)?;
+            check_version(expected_version, user.version)?;
+            Ok(UserChange::RoleChanged { role })
+        }
+        UserCommand::Erase {
+            actor,
+            expected_version,
+        } => {
+            let user = existing(id, state, &actor, false)?;
+            check_version(expected_version, user.version)?;
+            Ok(UserChange::Erased)
+        }
+        UserCommand::MarkNotificationsRead { actor, at } => {
+            existing(id, state, &actor, true)?;
+            Ok(UserChange::NotificationsRead { at })
         }
     }
+}
 
-    fn command(id: Uuid) -> RegisterUser {
-        RegisterUser {
-            user_id: id,
-            name: "Ada".into(),
-            email: "ada@example.com".into(),
-            password_hash: "$argon2id$...".into(),
+/// Folds one change into the state.
+pub fn apply(state: Option<User>, change: &UserChange, stamp: Stamp) -> Option<User> {
+    if let UserChange::Registered {
+        name,
+        email,
+        email_claim,
+        password_hash,
+        role,
+    } = change
+    {
+        return Some(User {
+            id: stamp.id,
+            name: name.clone(),
+            email: email.clone(),
+            email_claim: email_claim.clone(),
+            password_hash: password_hash.clone(),
+            role: *role,
+            followed_categories: Vec::new(),
+            email_notifications: false,
+            notifications_read_at: None,
+            erased: false,
+            version: stamp.version,
+            created_at: stamp.at,
+            updated_at: stamp.at,
+        });
+    }
+    let mut user = state?;
+    match change {
+        UserChange::Registered { .. } => {}
+        UserChange::Updated(profile) => {
+            if let Some(name) = &profile.name {
+                user.name = name.clone();
+            }
+            if let Some((email, claim)) = &profile.email {
+                user.email = email.clone();
+                user.email_claim = claim.clone();
+            }
+            if let Some(categories) = &profile.followed_categories {
+                user.followed_categories = categories.clone();
+            }
+            if let Some(on) = profile.email_notifications {
+                user.email_notifications = on;
+            }
         }
+        UserChange::PasswordChanged { password_hash } => user.password_hash = password_hash.clone(),
+        UserChange::RoleChanged { role } => user.role = *role,
+        UserChange::Erased => {
+            user.erased = true;
+            user.name.clear();
+            user.email.clear();
+            user.password_hash.clear();
+        }
+        UserChange::NotificationsRead { at } => user.notifications_read_at = Some(*at),
     }
-
-    #[test]
-    fn given_no_user_when_registering_then_a_reader_is_registered_at_version_1() {
-        let id = Uuid::now_v7();
-        let events = register(None, command(id), &ctx()).expect("accepted");
-        let [UserEvent::Registered(e)] = events.as_slice() else {
-            panic!("expected exactly one UserRegistered, got {events:?}");
-        };
-        assert_eq!(e.metadata.aggregate_id, id);
-        assert_eq!(e.metadata.aggregate_version, 1);
-        assert_eq!(e.metadata.correlation_id, "req-1");
-        assert_eq!(e.metadata.causation_id, "cmd-1");
-        assert_eq!(e.role, Role::Reader);
-        assert_eq!(
-            (e.name.as_str(), e.email.as_str()),
-            ("Ada", "ada@example.com")
-        );
-    }
-
-    #[test]
-    fn given_a_registered_user_when_registering_again_then_it_is_refused() {
-        let id = Uuid::now_v7();
-        let events = register(None, command(id), &ctx()).expect("accepted");
-        let state = events.iter().fold(None, apply);
-        assert_eq!(state.as_ref().map(|u| u.version), Some(1));
-        assert_eq!(
-            register(state.as_ref(), command(id), &ctx())
-                .expect_err("a second registration is refused"),
-            UserError::AlreadyExists(id)
-        );
-    }
+    user.version = stamp.version;
+    user.updated_at = stamp.at;
+    Some(user)
 }

@@ -1,0 +1,232 @@
+//! E-mail uniqueness across users: a claim per normalised address, keyed by an HMAC of it
+//! (the address itself is personal data and never stored here). The primary key of
+//! `cmd_email_claims` decides races; a claim is `pending` while its command is in flight
+//! and `held` once the command committed.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use newsroom_infra::settings::AuthSettings;
+use sha2::Sha256;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::user::User;
+use crate::keys::Keys;
+
+/// The fixed pepper of local mode (development data only).
+const LOCAL_PEPPER: &str = "newsroom-local-development-pepper";
+
+/// The claim store.
+#[derive(Clone)]
+pub struct Claims {
+    pool: PgPool,
+    pepper: Vec<u8>,
+}
+
+/// The outcome of trying to claim an address.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// The caller's user holds it now (pending until confirmed).
+    Ours,
+    /// Another user holds it, or is claiming it right now.
+    Taken {
+        /// The holder.
+        holder: Uuid,
+        /// Whether the holder's claim is still pending.
+        pending: bool,
+        /// The holder's partition.
+        partition: i32,
+    },
+}
+
+/// How to compare addresses: trimmed and lower-cased.
+pub fn normalize(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+impl Claims {
+    /// A store over `pool` with the configured pepper.
+    pub fn new(settings: &AuthSettings, pool: PgPool) -> anyhow::Result<Self> {
+        let pepper = match (&settings.email_pepper, settings.local) {
+            (Some(pepper), _) => pepper.as_bytes().to_vec(),
+            (None, true) => LOCAL_PEPPER.as_bytes().to_vec(),
+            (None, false) => anyhow::bail!(
+                "NEWSROOM_EMAIL_PEPPER is not set (use --local / NEWSROOM_LOCAL=true for development)"
+            ),
+        };
+        Ok(Claims { pool, pepper })
+    }
+
+    /// The claim of an address (hex HMAC-SHA256 of the normalised address).
+    pub fn claim_of(&self, email: &str) -> String {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.pepper)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(normalize(email).as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Claims `claim` for `user` (of `partition`), pending until [`Claims::confirm`].
+    /// `releases` is the user's previous claim, dropped on confirmation.
+    pub async fn try_claim(
+        &self,
+        claim: &str,
+        user: Uuid,
+        partition: i32,
+        event_id: Uuid,
+        releases: Option<&str>,
+    ) -> anyhow::Result<Claimed> {
+        let inserted = sqlx::query(
+            "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state, releases) \
+             VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (claim) DO NOTHING",
+        )
+        .bind(claim)
+        .bind(user)
+        .bind(partition)
+        .bind(event_id)
+        .bind(releases)
+        .execute(&self.pool)
+        .await
+        .context("claiming an e-mail")?;
+        if inserted.rows_affected() == 1 {
+            return Ok(Claimed::Ours);
+        }
+        let row: Option<(Uuid, String, i32)> = sqlx::query_as(
+            "SELECT user_id, state, partition FROM cmd_email_claims WHERE claim = $1",
+        )
+        .bind(claim)
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading an e-mail claim")?;
+        Ok(match row {
+            Some((holder, _, _)) if holder == user => Claimed::Ours,
+            Some((holder, state, partition)) => Claimed::Taken {
+                holder,
+                pending: state == "pending",
+                partition,
+            },
+            // Released between the two statements: try once more.
+            None => Box::pin(self.try_claim(claim, user, partition, event_id, releases)).await?,
+        })
+    }
+
+    /// The command committed: the claim is held, the previous one released.
+    pub async fn confirm(&self, claim: &str, user: Uuid) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(Option<String>,)> = sqlx::query_as(
+            "SELECT releases FROM cmd_email_claims WHERE claim = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(claim)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("reading an e-mail claim")?;
+        let Some((releases,)) = row else {
+            return Ok(());
+        };
+        sqlx::query("UPDATE cmd_email_claims SET state = 'held', releases = NULL, updated_at = now() WHERE claim = $1")
+            .bind(claim)
+            .execute(&mut *tx)
+            .await
+            .context("confirming an e-mail claim")?;
+        if let Some(old) = releases.filter(|old| old != claim) {
+            sqlx::query("DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2")
+                .bind(old)
+                .bind(user)
+                .execute(&mut *tx)
+                .await
+                .context("releasing the previous e-mail claim")?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The command failed (nothing written): drop the pending claim.
+    pub async fn abandon(&self, claim: &str, user: Uuid) -> anyhow::Result<()> {
+        sqlx::query(
+            "DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2 AND state = 'pending'",
+        )
+        .bind(claim)
+        .bind(user)
+        .execute(&self.pool)
+        .await
+        .context("abandoning an e-mail claim")?;
+        Ok(())
+    }
+
+    /// Releases every claim of an erased user.
+    pub async fn release_all(&self, user: Uuid) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM cmd_email_claims WHERE user_id = $1")
+            .bind(user)
+            .execute(&self.pool)
+            .await
+            .context("releasing e-mail claims")?;
+        Ok(())
+    }
+
+    /// The user holding `claim`.
+    pub async fn holder(&self, claim: &str) -> anyhow::Result<Option<Uuid>> {
+        let row: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT user_id FROM cmd_email_claims WHERE claim = $1 AND state = 'held'",
+        )
+        .bind(claim)
+        .fetch_optional(&self.pool)
+        .await
+        .context("looking up an e-mail claim")?;
+        Ok(row.map(|(u,)| u))
+    }
+
+    /// Makes the claims (and keys) of `partition` agree with the users' committed state:
+    /// run by a new owner before it serves the partition, this settles what a crashed
+    /// process left pending.
+    pub async fn reconcile(
+        &self,
+        partition: i32,
+        users: &HashMap<Uuid, User>,
+        keys: &Keys,
+    ) -> anyhow::Result<()> {
+        let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
+            "SELECT claim, user_id, state FROM cmd_email_claims WHERE partition = $1",
+        )
+        .bind(partition)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the partition's claims")?;
+        for (claim, user, state) in rows {
+            let current = users.get(&user).filter(|u| !u.erased);
+            let committed = current.is_some_and(|u| u.email_claim == claim);
+            match (committed, state.as_str()) {
+                (true, "pending") => self.confirm(&claim, user).await?,
+                (true, _) => {}
+                (false, _) => {
+                    sqlx::query("DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2")
+                        .bind(&claim)
+                        .bind(user)
+                        .execute(&self.pool)
+                        .await?;
+                }
+            }
+        }
+        for user in users.values().filter(|u| u.erased) {
+            if keys.get(user.id).is_some() {
+                keys.destroy(user.id).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_compare_trimmed_and_case_insensitively() {
+        assert_eq!(normalize("  Ada@Example.COM "), "ada@example.com");
+    }
+}

@@ -1,0 +1,143 @@
+//! Requests for a partition this process does not own go to its owner: the ownership
+//! directory (`cmd_partition_owners`) says where, and the request is replayed there as
+//! it came. A forwarded request is never forwarded again: if it reaches a non-owner
+//! (ownership moved meanwhile), it is answered 503 with `Retry-After`.
+
+use std::time::Duration;
+
+use actix_web::http::{StatusCode, header::HeaderName};
+use actix_web::{HttpRequest, HttpResponse};
+use anyhow::Context as _;
+use newsroom_infra::http::ApiError;
+use sqlx::PgPool;
+
+/// Marks a request as forwarded once.
+pub const FORWARDED: &str = "x-newsroom-forwarded";
+
+/// Headers copied from the original request to the owner, and back.
+const REQUEST_HEADERS: [&str; 6] = [
+    "authorization",
+    "content-type",
+    "if-match",
+    "idempotency-key",
+    "x-request-id",
+    "accept",
+];
+const RESPONSE_HEADERS: [&str; 6] = [
+    "content-type",
+    "location",
+    "etag",
+    "x-consistency-token",
+    "retry-after",
+    "x-request-id",
+];
+
+/// The ownership directory and the client that forwards.
+#[derive(Clone)]
+pub struct Directory {
+    pool: PgPool,
+    instance: String,
+    address: String,
+    client: reqwest::Client,
+}
+
+impl Directory {
+    /// This process is `instance`, reachable at `address` (`host:port`).
+    pub fn new(
+        pool: PgPool,
+        instance: String,
+        address: String,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout + Duration::from_secs(5))
+            .build()
+            .context("building the forwarding client")?;
+        Ok(Directory {
+            pool,
+            instance,
+            address,
+            client,
+        })
+    }
+
+    /// Records that this process now writes `partition`.
+    pub async fn announce(&self, partition: i32) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO cmd_partition_owners (partition, owner, address) VALUES ($1, $2, $3) \
+             ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner, address = EXCLUDED.address, since = now()",
+        )
+        .bind(partition)
+        .bind(&self.instance)
+        .bind(&self.address)
+        .execute(&self.pool)
+        .await
+        .context("announcing partition ownership")?;
+        Ok(())
+    }
+
+    async fn owner_address(&self, partition: i32) -> anyhow::Result<Option<String>> {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT owner, address FROM cmd_partition_owners WHERE partition = $1")
+                .bind(partition)
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading the ownership directory")?;
+        Ok(row
+            .filter(|(owner, _)| *owner != self.instance)
+            .map(|(_, address)| address))
+    }
+
+    /// Replays `req` with `body` at the owner of `partition`.
+    pub async fn forward(
+        &self,
+        req: &HttpRequest,
+        body: &[u8],
+        partition: i32,
+    ) -> Result<HttpResponse, ApiError> {
+        let moving = || {
+            ApiError::Unavailable(format!(
+                "partition {partition} is changing owner; retry shortly"
+            ))
+        };
+        if req.headers().contains_key(FORWARDED) {
+            return Err(moving());
+        }
+        let Some(address) = self.owner_address(partition).await? else {
+            return Err(moving());
+        };
+        let url = format!(
+            "http://{address}{}",
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        );
+        let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+            .unwrap_or(reqwest::Method::GET);
+        let mut outgoing = self
+            .client
+            .request(method, &url)
+            .header(FORWARDED, "1")
+            .body(body.to_vec());
+        for name in REQUEST_HEADERS {
+            if let Some(value) = req.headers().get(name) {
+                outgoing = outgoing.header(name, value.as_bytes());
+            }
+        }
+        let answer = outgoing.send().await.map_err(|e| {
+            tracing::warn!(%address, partition, error = %e, "forwarding failed");
+            moving()
+        })?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut response = HttpResponse::build(status);
+        for name in RESPONSE_HEADERS {
+            if let Some(value) = answer.headers().get(name) {
+                response.insert_header((HeaderName::from_static(name), value.as_bytes()));
+            }
+        }
+        let bytes = answer.bytes().await.map_err(|_| moving())?;
+        Ok(response.body(bytes))
+    }
+}

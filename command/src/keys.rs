@@ -1,0 +1,89 @@
+//! Where the per-user data keys live (crypto-shredding): the `cmd_user_keys` table, with
+//! an in-memory cache per process. Deleting a user's row destroys their key; from then on
+//! the personal fields of their events cannot be read by anyone.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use newsroom_events::personal::UserKey;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The key store.
+#[derive(Clone)]
+pub struct Keys {
+    pool: PgPool,
+    cache: Arc<RwLock<HashMap<Uuid, UserKey>>>,
+}
+
+impl Keys {
+    /// A store over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Keys {
+            pool,
+            cache: Arc::new(RwLock::new(HashMap::new())),
+        }
+    }
+
+    /// Creates and stores a key for a new user of `partition`.
+    pub async fn create(&self, user: Uuid, partition: i32) -> anyhow::Result<UserKey> {
+        let key = UserKey::generate();
+        sqlx::query("INSERT INTO cmd_user_keys (user_id, key, partition) VALUES ($1, $2, $3)")
+            .bind(user)
+            .bind(key.0.as_slice())
+            .bind(partition)
+            .execute(&self.pool)
+            .await
+            .context("storing a user key")?;
+        self.remember(user, key.clone());
+        Ok(key)
+    }
+
+    /// Loads every key of `partition` into the cache (before its state is rebuilt).
+    pub async fn load_partition(&self, partition: i32) -> anyhow::Result<()> {
+        let rows: Vec<(Uuid, Vec<u8>)> =
+            sqlx::query_as("SELECT user_id, key FROM cmd_user_keys WHERE partition = $1")
+                .bind(partition)
+                .fetch_all(&self.pool)
+                .await
+                .context("loading user keys")?;
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        for (user, bytes) in rows {
+            if let Some(key) = UserKey::from_slice(&bytes) {
+                cache.insert(user, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached key of `user`, if it exists.
+    pub fn get(&self, user: Uuid) -> Option<UserKey> {
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&user)
+            .cloned()
+    }
+
+    /// Destroys the key of `user`.
+    pub async fn destroy(&self, user: Uuid) -> anyhow::Result<()> {
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&user);
+        sqlx::query("DELETE FROM cmd_user_keys WHERE user_id = $1")
+            .bind(user)
+            .execute(&self.pool)
+            .await
+            .context("destroying a user key")?;
+        Ok(())
+    }
+
+    fn remember(&self, user: Uuid, key: UserKey) {
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user, key);
+    }
+}

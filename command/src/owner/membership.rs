@@ -1,0 +1,126 @@
+//! Partition ownership through a Kafka consumer group on `<prefix>.command-owners`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use super::{Owners, Shared, give_up, take_over};
+
+/// Pause between attempts to take over a partition whose takeover failed.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Reacts to assignments and revocations of the ownership group.
+pub struct MembershipContext {
+    shared: Arc<Shared>,
+    owners: Arc<Owners>,
+    runtime: Handle,
+}
+
+impl ClientContext for MembershipContext {}
+
+impl ConsumerContext for MembershipContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            for element in list.elements() {
+                tracing::info!(partition = element.partition(), "partition revoked");
+                give_up(&self.owners, element.partition());
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            for element in list.elements() {
+                let partition = element.partition();
+                tracing::info!(partition, "partition assigned; taking over");
+                let (shared, owners) = (self.shared.clone(), self.owners.clone());
+                self.runtime.spawn(async move {
+                    loop {
+                        match take_over(shared.clone(), owners.clone(), partition).await {
+                            Ok(()) => break,
+                            Err(e) => {
+                                tracing::warn!(
+                                    partition,
+                                    error = format!("{e:#}"),
+                                    "takeover failed; retrying"
+                                );
+                                tokio::time::sleep(RETRY).await;
+                            }
+                        }
+                        // Stop retrying once the partition was revoked meanwhile.
+                        if matches!(
+                            owners.route::<crate::aggregate::UserAggregate>(partition),
+                            super::Route::Elsewhere
+                        ) {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The membership of this process in the ownership group.
+pub struct Membership {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Membership {
+    /// Joins the group; partitions are taken over as they are assigned.
+    pub fn join(
+        shared: Arc<Shared>,
+        owners: Arc<Owners>,
+        instance: &str,
+    ) -> anyhow::Result<Membership> {
+        let topic = newsroom_infra::kafka::ownership_topic(&shared.kafka);
+        let context = MembershipContext {
+            shared: shared.clone(),
+            owners,
+            runtime: Handle::current(),
+        };
+        let consumer: StreamConsumer<MembershipContext> =
+            newsroom_infra::kafka::read_committed_consumer(
+                &shared.kafka,
+                &format!("{}.command", shared.kafka.topic_prefix),
+            )
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("client.id", format!("newsroom-command-{instance}"))
+            .create_with_context(context)
+            .context("creating the ownership consumer")?;
+        consumer
+            .subscribe(&[&topic])
+            .context("joining the ownership group")?;
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Nothing is ever written to the ownership topic: polling only keeps this
+            // process in the group and runs the rebalance callbacks.
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    message = consumer.recv() => {
+                        if let Err(e) = message {
+                            tracing::debug!(error = %e, "ownership consumer");
+                        }
+                    }
+                }
+            }
+            consumer.unsubscribe();
+        });
+        Ok(Membership { stop, task })
+    }
+
+    /// Leaves the group (its partitions go to the other processes).
+    pub async fn leave(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}

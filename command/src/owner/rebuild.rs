@@ -1,0 +1,103 @@
+//! Rebuilding a partition's state from the log (read_committed, from the beginning).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use newsroom_infra::codec;
+use newsroom_infra::kafka::read_committed_consumer;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+use super::Shared;
+use crate::aggregate::Aggregate;
+use crate::domain::Stamp;
+
+/// How long a rebuild may take before the takeover is retried.
+const REBUILD_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The state of every aggregate of `partition`, folded from its committed events.
+pub async fn state<A: Aggregate>(
+    shared: &Shared,
+    partition: i32,
+) -> anyhow::Result<HashMap<Uuid, A::State>> {
+    let topic = A::STREAM.topic(&shared.kafka);
+    let group = format!("{}.cmd-rebuild", shared.kafka.topic_prefix);
+    let consumer: StreamConsumer = read_committed_consumer(&shared.kafka, &group)
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .context("creating the rebuild consumer")?;
+    let timeout = shared.kafka.timeout();
+    let (watermarks, consumer) = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let marks = consumer.fetch_watermarks(&topic, partition, timeout);
+            (marks, consumer)
+        })
+        .await?
+    };
+    let (_, high) = watermarks.context("reading the partition's end")?;
+    let mut states: HashMap<Uuid, A::State> = HashMap::new();
+    if high == 0 {
+        return Ok(states);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let deadline = tokio::time::Instant::now() + REBUILD_DEADLINE;
+    let mut events = 0u64;
+    loop {
+        if position(&consumer, &topic, partition) >= high {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "rebuilding {topic}/{partition} took too long"
+        );
+        let message = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        {
+            Err(_) => continue,
+            Ok(message) => message.context("reading the partition")?,
+        };
+        let offset = message.offset();
+        let Some(payload) = message.payload() else {
+            continue;
+        };
+        let decoded = match codec::decode(&shared.registry, payload).await {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                tracing::error!(%topic, partition, offset, error = format!("{e:#}"), "undecodable event skipped in rebuild");
+                continue;
+            }
+        };
+        let (metadata, change) = A::decode(&decoded.name, decoded.value, &shared.keys)
+            .with_context(|| format!("event at {topic}/{partition}@{offset}"))?;
+        let id = metadata.aggregate_id;
+        let stamp = Stamp {
+            id,
+            version: metadata.aggregate_version,
+            at: metadata.occurred_at(),
+        };
+        match A::apply(states.remove(&id), &change, stamp) {
+            Some(state) => states.insert(id, state),
+            None => None,
+        };
+        events += 1;
+        if offset + 1 >= high {
+            break;
+        }
+    }
+    tracing::debug!(%topic, partition, events, "partition rebuilt");
+    Ok(states)
+}
+
+fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> i64 {
+    let Ok(list) = consumer.position() else {
+        return 0;
+    };
+    list.find_partition(topic, partition)
+        .and_then(|p| p.offset().to_raw())
+        .unwrap_or(0)
+}

@@ -1,0 +1,287 @@
+//! `/v1/news` commands.
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use newsroom_events::Category;
+use newsroom_events::users::Role;
+use newsroom_infra::auth::Caller;
+use newsroom_infra::http::{ApiError, JsonBody, RequestId};
+use newsroom_infra::kafka::Stream;
+use newsroom_infra::views::{AuthorView, DELETED_AUTHOR, NewsView};
+use uuid::Uuid;
+
+use super::{Placement, X_CONSISTENCY_TOKEN, if_match, place, token_for};
+use crate::State;
+use crate::aggregate::NewsAggregate;
+use crate::domain::Actor;
+use crate::domain::news::{Edit, News, NewsCommand};
+use crate::owner::{self, Committed, RequestMeta};
+use crate::validation::Fields;
+
+const CATEGORIES: &str = "famous, politics, sports";
+
+/// The author's name from the users read model (`[deleted]` once erased).
+async fn author(state: &State, id: Uuid) -> AuthorView {
+    let name: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading an author's name");
+            None
+        });
+    let name = match name {
+        Some((name,)) => name,
+        None if state.shared.keys.get(id).is_some() => String::new(),
+        None => DELETED_AUTHOR.to_owned(),
+    };
+    AuthorView { id, name }
+}
+
+/// The article as the API shows it. Read counts are the query API's: a command answers 0.
+pub async fn news_view(state: &State, news: &News) -> NewsView {
+    NewsView {
+        id: news.id,
+        category: news.category.as_str().to_owned(),
+        title: news.title.clone(),
+        content: Some(news.content.clone()),
+        tags: news.tags.clone(),
+        author: author(state, news.author_id).await,
+        status: news.status.as_str().to_owned(),
+        version: news.version,
+        created_at: news.created_at,
+        updated_at: news.updated_at,
+        published_at: news.published_at,
+        read_count: 0,
+    }
+}
+
+async fn answer(state: &State, status: StatusCode, committed: &Committed<News>) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    response
+        .insert_header((header::ETAG, format!("\"{}\"", committed.state.version)))
+        .insert_header((
+            X_CONSISTENCY_TOKEN,
+            token_for(Stream::News, committed.position),
+        ));
+    if status == StatusCode::NO_CONTENT {
+        return response.finish();
+    }
+    if status == StatusCode::CREATED {
+        response.insert_header((header::LOCATION, format!("/v1/news/{}", committed.state.id)));
+    }
+    response.json(news_view(state, &committed.state).await)
+}
+
+fn editor(caller: Caller) -> Result<Actor, ApiError> {
+    let actor = caller.required()?;
+    match actor.role {
+        Role::Editor | Role::Admin => Ok(actor),
+        Role::Reader => Err(ApiError::Forbidden),
+    }
+}
+
+/// `POST /v1/news`: draft an article (editors, admins).
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    req: HttpRequest,
+    caller: Caller,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = editor(caller)?;
+    let mut fields = Fields::of(&body.value)?;
+    let category = fields.one_of("category", CATEGORIES, Category::parse);
+    let title = fields.trimmed_string("title", 1, 200);
+    let content = fields.exact_string("content", 1, 100_000);
+    let tags = fields.optional_tags("tags", 20, 50).unwrap_or_default();
+    fields.finish()?;
+    let (Some(category), Some(title), Some(content)) = (category, title, content) else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "validated fields missing"
+        )));
+    };
+    if state.owners.ready::<NewsAggregate>().is_empty() {
+        return Err(ApiError::Unavailable(
+            "this process writes no partition yet; retry shortly".into(),
+        ));
+    }
+    let id = state.owners.new_id::<NewsAggregate>();
+    let command = NewsCommand::Draft {
+        actor,
+        category,
+        title,
+        content,
+        tags,
+    };
+    let meta = RequestMeta::new(RequestId::of(&req), Some(actor.id));
+    let committed = owner::submit::<NewsAggregate>(&state.owners, id, command, meta).await?;
+    Ok(answer(&state, StatusCode::CREATED, &committed).await)
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)
+}
+
+/// Runs a command on an existing article here, or forwards it to the article's owner.
+async fn run(
+    state: &State,
+    req: &HttpRequest,
+    body: &[u8],
+    id: Uuid,
+    actor: Actor,
+    command: NewsCommand,
+    status: StatusCode,
+) -> Result<HttpResponse, ApiError> {
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<NewsAggregate>(state, req, body, partition).await?
+    {
+        return Ok(response);
+    }
+    let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));
+    let committed = owner::submit::<NewsAggregate>(&state.owners, id, command, meta).await?;
+    Ok(answer(state, status, &committed).await)
+}
+
+/// `PATCH /v1/news/{id}`.
+#[tracing::instrument(skip_all, fields(news = %path))]
+pub async fn update(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = editor(caller)?;
+    let id = parse_id(&path)?;
+    let expected_version = if_match(&req)?;
+    let mut fields = Fields::of(&body.value)?;
+    let edit = Edit {
+        category: fields.optional_one_of("category", CATEGORIES, Category::parse),
+        title: fields.optional_trimmed_string("title", 1, 200),
+        content: if fields.has("content") {
+            fields.exact_string("content", 1, 100_000)
+        } else {
+            None
+        },
+        tags: fields.optional_tags("tags", 20, 50),
+    };
+    if !["category", "title", "content", "tags"]
+        .iter()
+        .any(|f| fields.has(f))
+    {
+        fields.reject(
+            "body",
+            "give at least one of category, title, content, tags",
+        );
+    }
+    fields.finish()?;
+    let command = NewsCommand::Edit {
+        actor,
+        expected_version,
+        edit,
+    };
+    run(&state, &req, &body.raw, id, actor, command, StatusCode::OK).await
+}
+
+/// A lifecycle command without a body.
+async fn lifecycle(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+    build: impl FnOnce(Actor, Option<i64>) -> NewsCommand,
+    status: StatusCode,
+) -> Result<HttpResponse, ApiError> {
+    let actor = editor(caller)?;
+    let id = parse_id(&path)?;
+    let command = build(actor, if_match(&req)?);
+    run(&state, &req, &[], id, actor, command, status).await
+}
+
+/// `POST /v1/news/{id}/publish`.
+pub async fn publish(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let at = chrono::Utc::now();
+    lifecycle(
+        req,
+        path,
+        caller,
+        state,
+        |actor, expected_version| NewsCommand::Publish {
+            actor,
+            expected_version,
+            at,
+        },
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// `POST /v1/news/{id}/unpublish`.
+pub async fn unpublish(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    lifecycle(
+        req,
+        path,
+        caller,
+        state,
+        |actor, expected_version| NewsCommand::Unpublish {
+            actor,
+            expected_version,
+        },
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// `POST /v1/news/{id}/archive`.
+pub async fn archive(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    lifecycle(
+        req,
+        path,
+        caller,
+        state,
+        |actor, expected_version| NewsCommand::Archive {
+            actor,
+            expected_version,
+        },
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// `DELETE /v1/news/{id}`.
+pub async fn delete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    lifecycle(
+        req,
+        path,
+        caller,
+        state,
+        |actor, expected_version| NewsCommand::Delete {
+            actor,
+            expected_version,
+        },
+        StatusCode::NO_CONTENT,
+    )
+    .await
+}

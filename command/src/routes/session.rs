@@ -1,0 +1,56 @@
+//! `POST /v1/auth/token`: log in.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use newsroom_infra::http::{ApiError, JsonBody};
+
+use super::{Placement, place};
+use crate::State;
+use crate::aggregate::UserAggregate;
+use crate::domain::Actor;
+use crate::owner;
+use crate::validation::Fields;
+
+/// Exchanges e-mail and password for an access token; wrong credentials are 401 (the same
+/// answer, after the same hashing work, whether or not the address is known).
+#[tracing::instrument(skip_all)]
+pub async fn token(
+    req: HttpRequest,
+    body: JsonBody,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let mut fields = Fields::of(&body.value)?;
+    let email = fields.exact_string("email", 1, 254);
+    let password = fields.exact_string("password", 1, 128);
+    fields.finish()?;
+    let (Some(email), Some(password)) = (email, password) else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "validated fields missing"
+        )));
+    };
+    let claim = state.shared.claims.claim_of(&email);
+    let Some(id) = state.shared.claims.holder(&claim).await? else {
+        state.hasher.waste_time(password).await;
+        return Err(ApiError::Unauthenticated);
+    };
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
+    {
+        return Ok(response);
+    }
+    let user = owner::read::<UserAggregate>(&state.owners, id)
+        .await?
+        .filter(|u| !u.erased);
+    let Some(user) = user else {
+        state.hasher.waste_time(password).await;
+        return Err(ApiError::Unauthenticated);
+    };
+    if !state.hasher.verify(&user.password_hash, password).await? {
+        return Err(ApiError::Unauthenticated);
+    }
+    let issued = state.tokens.issue(Actor {
+        id: user.id,
+        role: user.role,
+    })?;
+    Ok(HttpResponse::Ok().json(issued))
+}
