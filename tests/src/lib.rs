@@ -243,6 +243,39 @@ impl TestApp {
         Ok(row.and_then(|(k,)| newsroom_events::personal::UserKey::from_slice(&k)))
     }
 
+    /// Sends a command: `method` on `path` of the command API, with an optional bearer
+    /// token, JSON body and `If-Match` version; the status and the JSON body (null if none).
+    pub async fn command(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        if_match: Option<i64>,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.command_url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Some(version) = if_match {
+            request = request.header("if-match", format!("\"{version}\""));
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        };
+        Ok((status, value))
+    }
+
     /// POSTs `body` as JSON to the command API.
     pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<reqwest::Response> {
         Ok(self

@@ -1,5 +1,6 @@
 //! Black-box tests of the running system over HTTP, against the real infrastructure.
 //! One binary (one link) for every test that can run in parallel with the others.
 
+mod commands;
 mod registry;
 mod users;

@@ -1,0 +1,615 @@
+//! Black-box tests of the command API: every endpoint, its errors, the auth matrix, and
+//! the consistency guarantees (unique e-mail, If-Match under races, erasure).
+
+use std::collections::HashMap;
+
+use futures::future::join_all;
+use newsroom_events::users::UserEvent;
+use newsroom_infra::codec;
+use newsroom_infra::kafka::Stream;
+use newsroom_infra::registry::Registry;
+use newsroom_tests::{TestApp, TestUser, new_user};
+use reqwest::Method;
+use reqwest::StatusCode as S;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+type TestResult = anyhow::Result<()>;
+
+fn article() -> Value {
+    json!({"category": "sports", "title": "Derby day", "content": "A match report.", "tags": ["Football", " football ", "Derby"]})
+}
+
+async fn draft(app: &TestApp, editor: &TestUser) -> anyhow::Result<Uuid> {
+    let (status, body) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&article()),
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == S::CREATED, "drafting: {status} {body}");
+    Ok(Uuid::parse_str(body["id"].as_str().unwrap_or_default())?)
+}
+
+#[tokio::test]
+async fn drafting_normalises_tags_and_answers_the_article_with_its_author() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+
+    let (status, body) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&article()),
+            None,
+        )
+        .await?;
+
+    assert_eq!(status, S::CREATED, "{body}");
+    assert_eq!(body["status"], "draft");
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["tags"], json!(["football", "derby"]));
+    assert_eq!(body["author"]["id"], json!(editor.id));
+    assert_eq!(body["published_at"], Value::Null);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_news_lifecycle_follows_its_transitions_with_409_and_412() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let id = draft(&app, &editor).await?;
+    let t = Some(editor.token.as_str());
+    let path = |action: &str| format!("/v1/news/{id}/{action}");
+
+    let (status, _) = app
+        .command(Method::POST, &path("unpublish"), t, None, None)
+        .await?;
+    assert_eq!(status, S::CONFLICT, "a draft cannot be unpublished");
+    let (status, body) = app
+        .command(Method::POST, &path("publish"), t, None, Some(1))
+        .await?;
+    assert_eq!(
+        (status, body["status"].clone(), body["version"].clone()),
+        (S::OK, json!("published"), json!(2))
+    );
+    assert!(body["published_at"].is_string());
+    let (status, body) = app
+        .command(Method::POST, &path("publish"), t, None, None)
+        .await?;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (S::CONFLICT, json!("invalid_transition"))
+    );
+    let (status, body) = app
+        .command(Method::POST, &path("archive"), t, None, Some(1))
+        .await?;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (S::PRECONDITION_FAILED, json!("version_mismatch"))
+    );
+    assert_eq!(
+        (body["expected"].clone(), body["actual"].clone()),
+        (json!(1), json!(2))
+    );
+    let (status, body) = app
+        .command(Method::POST, &path("unpublish"), t, None, Some(2))
+        .await?;
+    assert_eq!(
+        (status, body["status"].clone(), body["published_at"].clone()),
+        (S::OK, json!("draft"), Value::Null)
+    );
+    app.command(Method::POST, &path("publish"), t, None, None)
+        .await?;
+    let (status, body) = app
+        .command(Method::POST, &path("archive"), t, None, None)
+        .await?;
+    assert_eq!((status, body["status"].clone()), (S::OK, json!("archived")));
+    let (status, _) = app
+        .command(Method::POST, &path("publish"), t, None, None)
+        .await?;
+    assert_eq!(
+        status,
+        S::CONFLICT,
+        "an archived article cannot be published"
+    );
+    let (status, _) = app
+        .command(
+            Method::PATCH,
+            &format!("/v1/news/{id}"),
+            t,
+            Some(&json!({"title": "x"})),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::CONFLICT, "an archived article cannot be edited");
+    let (status, _) = app
+        .command(Method::DELETE, &format!("/v1/news/{id}"), t, None, None)
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    for action in ["publish", "unpublish", "archive"] {
+        let (status, _) = app
+            .command(Method::POST, &path(action), t, None, None)
+            .await?;
+        assert_eq!(status, S::NOT_FOUND, "{action} after delete");
+    }
+    let (status, _) = app
+        .command(
+            Method::POST,
+            &format!("/v1/news/{}/publish", Uuid::now_v7()),
+            t,
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NOT_FOUND, "unknown id");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn news_commands_follow_the_auth_matrix() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (author, other, reader, admin) = (
+        app.editor().await?,
+        app.editor().await?,
+        app.reader().await?,
+        app.admin().await?,
+    );
+    let id = draft(&app, &author).await?;
+    let edit = json!({"title": "Edited"});
+    let news = format!("/v1/news/{id}");
+    let tok = |u: &TestUser| Some(u.token.clone());
+
+    // Creating.
+    for (who, token, expected) in [
+        ("anonymous", None, S::UNAUTHORIZED),
+        ("reader", tok(&reader), S::FORBIDDEN),
+        ("editor", tok(&other), S::CREATED),
+        ("admin", tok(&admin), S::CREATED),
+    ] {
+        let (status, _) = app
+            .command(
+                Method::POST,
+                "/v1/news",
+                token.as_deref(),
+                Some(&article()),
+                None,
+            )
+            .await?;
+        assert_eq!(status, expected, "POST /v1/news as {who}");
+    }
+    // A draft does not exist for other editors; a published article is theirs to read, not to change.
+    for (who, token, on_draft) in [
+        ("anonymous", None, S::UNAUTHORIZED),
+        ("reader", tok(&reader), S::FORBIDDEN),
+        ("other editor", tok(&other), S::NOT_FOUND),
+    ] {
+        let (status, _) = app
+            .command(Method::PATCH, &news, token.as_deref(), Some(&edit), None)
+            .await?;
+        assert_eq!(status, on_draft, "PATCH draft as {who}");
+        let (status, _) = app
+            .command(
+                Method::POST,
+                &format!("{news}/publish"),
+                token.as_deref(),
+                None,
+                None,
+            )
+            .await?;
+        assert_eq!(status, on_draft, "publish draft as {who}");
+    }
+    let (status, _) = app
+        .command(
+            Method::PATCH,
+            &news,
+            tok(&author).as_deref(),
+            Some(&edit),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK, "the author edits");
+    let (status, _) = app
+        .command(
+            Method::POST,
+            &format!("{news}/publish"),
+            tok(&admin).as_deref(),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK, "an admin publishes anyone's draft");
+    for (who, token, expected) in [
+        ("anonymous", None, S::UNAUTHORIZED),
+        ("reader", tok(&reader), S::FORBIDDEN),
+        ("other editor", tok(&other), S::FORBIDDEN),
+    ] {
+        for (method, path) in [
+            (Method::PATCH, news.clone()),
+            (Method::POST, format!("{news}/unpublish")),
+            (Method::POST, format!("{news}/archive")),
+            (Method::DELETE, news.clone()),
+        ] {
+            let body = (method == Method::PATCH).then_some(&edit);
+            let (status, _) = app
+                .command(method.clone(), &path, token.as_deref(), body, None)
+                .await?;
+            assert_eq!(
+                status, expected,
+                "{method} {path} as {who} on a published article"
+            );
+        }
+    }
+    let (status, _) = app
+        .command(
+            Method::POST,
+            &format!("{news}/archive"),
+            tok(&author).as_deref(),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK, "the author archives");
+    let (status, _) = app
+        .command(Method::DELETE, &news, tok(&other).as_deref(), None, None)
+        .await?;
+    assert_eq!(
+        status,
+        S::NOT_FOUND,
+        "an archived article does not exist for other editors"
+    );
+    let (status, _) = app
+        .command(Method::DELETE, &news, tok(&admin).as_deref(), None, None)
+        .await?;
+    assert_eq!(status, S::NO_CONTENT, "an admin deletes");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn user_commands_follow_the_auth_matrix() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (me, other, editor, admin) = (
+        app.reader().await?,
+        app.reader().await?,
+        app.editor().await?,
+        app.admin().await?,
+    );
+    let user = format!("/v1/users/{}", me.id);
+    let tok = |u: &TestUser| Some(u.token.clone());
+    let cases: Vec<(Method, String, Option<Value>, [S; 5])> = vec![
+        // anonymous, self, other reader, editor, admin
+        (
+            Method::PATCH,
+            user.clone(),
+            Some(json!({"name": "Renamed"})),
+            [S::UNAUTHORIZED, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::OK],
+        ),
+        (
+            Method::PUT,
+            format!("{user}/role"),
+            Some(json!({"role": "reader"})),
+            [
+                S::UNAUTHORIZED,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+                S::OK,
+            ],
+        ),
+        (
+            Method::POST,
+            format!("{user}/notifications/read"),
+            None,
+            [
+                S::UNAUTHORIZED,
+                S::NO_CONTENT,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+            ],
+        ),
+        (
+            Method::PUT,
+            format!("{user}/password"),
+            Some(json!({"current_password": me.password, "new_password": me.password})),
+            [
+                S::UNAUTHORIZED,
+                S::NO_CONTENT,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+                S::FORBIDDEN,
+            ],
+        ),
+    ];
+    for (method, path, body, expected) in cases {
+        let callers = [
+            ("anonymous", None),
+            ("self", tok(&me)),
+            ("other", tok(&other)),
+            ("editor", tok(&editor)),
+            ("admin", tok(&admin)),
+        ];
+        for ((who, token), expected) in callers.into_iter().zip(expected) {
+            let (status, answer) = app
+                .command(method.clone(), &path, token.as_deref(), body.as_ref(), None)
+                .await?;
+            assert_eq!(status, expected, "{method} {path} as {who}: {answer}");
+        }
+    }
+    let (status, _) = app
+        .command(Method::DELETE, &user, tok(&other).as_deref(), None, None)
+        .await?;
+    assert_eq!(status, S::FORBIDDEN, "another reader may not erase");
+    let (status, _) = app.command(Method::DELETE, &user, None, None, None).await?;
+    assert_eq!(status, S::UNAUTHORIZED);
+    let (status, _) = app
+        .command(Method::DELETE, &user, tok(&admin).as_deref(), None, None)
+        .await?;
+    assert_eq!(status, S::NO_CONTENT, "an admin erases");
+    let (status, _) = app
+        .command(Method::DELETE, &user, tok(&me).as_deref(), None, None)
+        .await?;
+    assert_eq!(status, S::NOT_FOUND, "an erased user is gone");
+    let (status, _) = app
+        .command(
+            Method::PATCH,
+            &format!("/v1/users/{}", Uuid::now_v7()),
+            tok(&admin).as_deref(),
+            Some(&json!({"name": "x"})),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NOT_FOUND, "unknown user");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn login_answers_401_for_wrong_credentials_and_tokens_are_checked() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let user = app.reader().await?;
+
+    assert_eq!(
+        app.login(&user.email, "wrong password").await?,
+        Err(S::UNAUTHORIZED)
+    );
+    assert_eq!(
+        app.login("nobody@example.com", "whatever1").await?,
+        Err(S::UNAUTHORIZED)
+    );
+    assert!(
+        app.login(&user.email.to_uppercase(), &user.password)
+            .await?
+            .is_ok(),
+        "e-mail is case-insensitive"
+    );
+    let (status, body) = app
+        .command(
+            Method::PATCH,
+            &format!("/v1/users/{}", user.id),
+            Some("not-a-token"),
+            Some(&json!({"name": "x"})),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (S::UNAUTHORIZED, json!("unauthenticated"))
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_password_change_needs_the_current_password_and_then_the_new_one_logs_in() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let user = app.reader().await?;
+    let path = format!("/v1/users/{}/password", user.id);
+
+    let wrong = json!({"current_password": "not it at all", "new_password": "brand new secret"});
+    let (status, body) = app
+        .command(Method::PUT, &path, Some(&user.token), Some(&wrong), None)
+        .await?;
+    assert_eq!(
+        (status, body["errors"][0]["field"].clone()),
+        (S::UNPROCESSABLE_ENTITY, json!("current_password"))
+    );
+    let short = json!({"current_password": user.password, "new_password": "short"});
+    let (status, _) = app
+        .command(Method::PUT, &path, Some(&user.token), Some(&short), None)
+        .await?;
+    assert_eq!(status, S::UNPROCESSABLE_ENTITY);
+    let right = json!({"current_password": user.password, "new_password": "brand new secret"});
+    let (status, _) = app
+        .command(Method::PUT, &path, Some(&user.token), Some(&right), None)
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+
+    assert_eq!(
+        app.login(&user.email, &user.password).await?,
+        Err(S::UNAUTHORIZED)
+    );
+    assert!(app.login(&user.email, "brand new secret").await?.is_ok());
+    app.stop().await
+}
+
+#[tokio::test]
+async fn fifty_racing_registrations_of_one_email_give_one_201_and_49_409() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let email = format!("race.{}@Example.com", Uuid::now_v7().simple());
+
+    let attempts = (0..50).map(|i| {
+        let body = json!({"name": format!("Racer {i}"), "email": if i % 2 == 0 { email.clone() } else { email.to_lowercase() }, "password": "racing password"});
+        let app = &app;
+        async move { app.post_json("/v1/users", &body).await.map(|r| r.status()) }
+    });
+    let statuses = join_all(attempts)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut counts: HashMap<S, usize> = HashMap::new();
+    for status in statuses {
+        *counts.entry(status).or_default() += 1;
+    }
+    assert_eq!(counts.get(&S::CREATED), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&S::CONFLICT), Some(&49), "{counts:?}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_hundred_racing_patches_with_one_if_match_give_one_200_and_one_event() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let user = app.reader().await?;
+    let path = format!("/v1/users/{}", user.id);
+    let events_before = app
+        .committed_records(Stream::Users)?
+        .iter()
+        .filter(|r| r.key == user.id.as_bytes())
+        .count();
+
+    let attempts = (0..100).map(|i| {
+        let body = json!({"name": format!("Name {i}")});
+        let (app, path, token) = (&app, &path, &user.token);
+        async move {
+            app.command(Method::PATCH, path, Some(token), Some(&body), Some(1))
+                .await
+                .map(|(s, _)| s)
+        }
+    });
+    let statuses = join_all(attempts)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+    assert_eq!(
+        statuses.iter().filter(|s| **s == S::OK).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == S::PRECONDITION_FAILED)
+            .count(),
+        99,
+        "{statuses:?}"
+    );
+    let events_after = app
+        .committed_records(Stream::Users)?
+        .iter()
+        .filter(|r| r.key == user.id.as_bytes())
+        .count();
+    assert_eq!(events_after, events_before + 1, "exactly one new event");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_email_change_moves_the_claim_and_a_taken_address_is_409() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (first, second) = (app.reader().await?, app.reader().await?);
+    let path = format!("/v1/users/{}", first.id);
+
+    let taken = json!({"email": second.email});
+    let (status, body) = app
+        .command(Method::PATCH, &path, Some(&first.token), Some(&taken), None)
+        .await?;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (S::CONFLICT, json!("email_taken"))
+    );
+    let fresh = new_user()["email"].clone();
+    let (status, body) = app
+        .command(
+            Method::PATCH,
+            &path,
+            Some(&first.token),
+            Some(&json!({"email": fresh})),
+            None,
+        )
+        .await?;
+    assert_eq!((status, body["email"].clone()), (S::OK, fresh.clone()));
+
+    assert!(
+        app.login(fresh.as_str().unwrap_or_default(), &first.password)
+            .await?
+            .is_ok(),
+        "the new address logs in"
+    );
+    assert_eq!(
+        app.login(&first.email, &first.password).await?,
+        Err(S::UNAUTHORIZED)
+    );
+    let reuse = json!({"name": "Someone", "email": first.email, "password": "another password"});
+    assert_eq!(
+        app.post_json("/v1/users", &reuse).await?.status(),
+        S::CREATED,
+        "the old address is free again"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn after_erasure_the_raw_events_no_longer_yield_name_or_email() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let user = app.reader().await?;
+    let registry = Registry::connect(&app.settings.registry).await?;
+    let personal_in_log = |records: Vec<newsroom_tests::RawRecord>| {
+        let registry = registry.clone();
+        let app = &app;
+        async move {
+            let mut found = Vec::new();
+            for record in records.iter().filter(|r| r.key == user.id.as_bytes()) {
+                let decoded = codec::decode(&registry, &record.payload).await?;
+                let event = UserEvent::from_avro(&decoded.name, decoded.value)?;
+                let key = app.user_key(user.id).await?;
+                if let (UserEvent::Registered(e), Some(key)) = (event, key) {
+                    found.push(newsroom_events::personal::open(&key, user.id, &e.personal)?);
+                }
+            }
+            anyhow::Ok(found)
+        }
+    };
+    let before = personal_in_log(app.committed_records(Stream::Users)?).await?;
+    assert_eq!(before.len(), 1);
+    assert_eq!(
+        before[0].email.as_deref(),
+        Some(user.email.as_str()),
+        "readable before erasure"
+    );
+
+    let (status, _) = app
+        .command(
+            Method::DELETE,
+            &format!("/v1/users/{}", user.id),
+            Some(&user.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+
+    let records = app.committed_records(Stream::Users)?;
+    assert!(
+        app.user_key(user.id).await?.is_none(),
+        "the key is destroyed"
+    );
+    assert!(
+        personal_in_log(records).await?.is_empty(),
+        "nothing of the user can be decrypted"
+    );
+    for record in app.committed_records(Stream::Users)? {
+        let raw = String::from_utf8_lossy(&record.payload);
+        assert!(
+            !raw.contains(&user.email) && !raw.contains("Ada Lovelace"),
+            "no personal data in clear"
+        );
+    }
+    assert_eq!(
+        app.login(&user.email, &user.password).await?,
+        Err(S::UNAUTHORIZED)
+    );
+    app.stop().await
+}
