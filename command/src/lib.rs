@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod claims;
 pub mod domain;
 pub mod forward;
+pub mod idempotency;
 pub mod keys;
 pub mod owner;
 pub mod password;
@@ -112,6 +113,8 @@ pub async fn build(
         ));
     }
     let tokens = web::Data::new(state.tokens.clone());
+    let idempotency = web::Data::new(idempotency::Idempotency::new(state.pool.clone()));
+    tokio::spawn(expire_idempotency_keys(idempotency.clone()));
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
@@ -133,9 +136,11 @@ pub async fn build(
     };
     let mut server = HttpServer::new(move || {
         App::new()
+            .wrap(from_fn(idempotency::middleware))
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
             .app_data(tokens.clone())
+            .app_data(idempotency.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users", web::post().to(routes::users::register))
@@ -180,6 +185,19 @@ pub async fn build(
         server: server.shutdown_timeout(10).run(),
         membership,
     })
+}
+
+/// Drops idempotency records older than 24 hours, hourly.
+async fn expire_idempotency_keys(store: web::Data<idempotency::Idempotency>) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        match store.expire().await {
+            Ok(n) if n > 0 => tracing::info!(expired = n, "idempotency records expired"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "expiring idempotency records"),
+        }
+    }
 }
 
 /// Creates the first admin from `NEWSROOM_ADMIN_EMAIL` / `NEWSROOM_ADMIN_PASSWORD` when no

@@ -83,6 +83,9 @@ pub enum ApiError {
     /// 422 `validation_failed` with every invalid field.
     #[error("validation failed")]
     Validation(Vec<FieldError>),
+    /// 422 `idempotency_key_reused`: the key came with another request before.
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
     /// 503 `unavailable`: a dependency is down and nothing was written.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -122,6 +125,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation(_) => "validation_failed",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -138,6 +142,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "Payload too large",
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Validation(_) => "Validation failed",
+            ApiError::IdempotencyKeyReused => "Idempotency key reused",
             ApiError::Unavailable(_) => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
         }
@@ -156,6 +161,9 @@ impl ApiError {
             ApiError::PayloadTooLarge => format!("the body is larger than {MAX_BODY_BYTES} bytes"),
             ApiError::UnsupportedMediaType => "the body must be application/json".into(),
             ApiError::Validation(errors) => format!("{} invalid field(s)", errors.len()),
+            ApiError::IdempotencyKeyReused => {
+                "this Idempotency-Key was used with a different request".into()
+            }
             ApiError::Internal(_) => "an unexpected error occurred; it has been logged".into(),
         }
     }
@@ -172,7 +180,9 @@ impl ResponseError for ApiError {
             ApiError::VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

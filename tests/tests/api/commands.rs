@@ -613,3 +613,63 @@ async fn after_erasure_the_raw_events_no_longer_yield_name_or_email() -> TestRes
     );
     app.stop().await
 }
+
+#[tokio::test]
+async fn one_idempotency_key_sent_ten_times_appends_one_event_with_identical_answers() -> TestResult
+{
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let before = app.committed_records(Stream::News)?.len();
+    let send = |key: String, body: Value| {
+        let (app, token) = (&app, editor.token.clone());
+        async move {
+            let response = app
+                .http
+                .post(format!("{}/v1/news", app.command_url))
+                .bearer_auth(token)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await?;
+            let status = response.status();
+            let etag = response.headers().get("etag").cloned();
+            let token = response.headers().get("x-consistency-token").cloned();
+            let body: Value = response.json().await?;
+            anyhow::Ok((status, etag, token, body))
+        }
+    };
+
+    // Concurrently, then one after another.
+    let key = Uuid::now_v7().to_string();
+    let mut answers = join_all((0..5).map(|_| send(key.clone(), article())))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    for _ in 0..5 {
+        answers.push(send(key.clone(), article()).await?);
+    }
+
+    assert_eq!(answers[0].0, S::CREATED);
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "every answer is the first one: {answers:?}"
+    );
+    let after = app.committed_records(Stream::News)?.len();
+    assert_eq!(after, before + 1, "one event for ten requests");
+
+    let (status, body, ..) = {
+        let (s, _, _, b) = send(
+            key.clone(),
+            json!({"category": "politics", "title": "Other", "content": "x"}),
+        )
+        .await?;
+        (s, b, ())
+    };
+    assert_eq!(
+        (status, body["code"].clone()),
+        (S::UNPROCESSABLE_ENTITY, json!("idempotency_key_reused"))
+    );
+    let (status, ..) = send("x".repeat(256), article()).await?;
+    assert_eq!(status, S::BAD_REQUEST, "a key over 255 characters");
+    app.stop().await
+}

@@ -1,0 +1,281 @@
+//! `Idempotency-Key`: the first request with a key records its outcome durably (in
+//! `cmd_idempotency`); a retry with the same key and the same request within 24 hours gets
+//! the same status, headers and body and appends nothing; the same key with another
+//! request is refused with 422 `idempotency_key_reused`. Keys are scoped by caller.
+//!
+//! Outcomes that wrote nothing and may succeed later (5xx) are not recorded, so a retry
+//! runs again. A request arriving while the first is still running waits for its outcome.
+
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, MessageBody, to_bytes};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage as _, HttpResponse, ResponseError, web};
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use newsroom_infra::auth::Tokens;
+use newsroom_infra::http::{ApiError, MAX_BODY_BYTES};
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+
+use crate::forward::FORWARDED;
+
+/// The header.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Headers of the answer that are recorded and replayed.
+const REPLAYED: [&str; 4] = ["content-type", "location", "etag", "x-consistency-token"];
+/// How long a retry waits for the first request with its key to finish.
+const WAIT: Duration = Duration::from_secs(15);
+/// A pending record older than this was left by a process that died mid-request.
+const STALE: Duration = Duration::from_secs(60);
+
+/// The key store.
+#[derive(Clone)]
+pub struct Idempotency {
+    pool: PgPool,
+}
+
+enum Begun {
+    First,
+    Replay(HttpResponse),
+}
+
+fn valid_key(key: &str) -> bool {
+    (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl Idempotency {
+    /// A store over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Idempotency { pool }
+    }
+
+    async fn begin(&self, caller: &str, key: &str, hash: &str) -> Result<Begun, ApiError> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let inserted = sqlx::query(
+                "INSERT INTO cmd_idempotency (caller, key, request_hash, state) VALUES ($1, $2, $3, 'pending') \
+                 ON CONFLICT (caller, key) DO NOTHING",
+            )
+            .bind(caller)
+            .bind(key)
+            .bind(hash)
+            .execute(&self.pool)
+            .await
+            .context("recording an idempotency key")?;
+            if inserted.rows_affected() == 1 {
+                return Ok(Begun::First);
+            }
+            type Row = (
+                String,
+                String,
+                Option<i32>,
+                Option<Value>,
+                Option<Vec<u8>>,
+                f64,
+            );
+            let row: Option<Row> = sqlx::query_as(
+                "SELECT request_hash, state, status, headers, body, EXTRACT(EPOCH FROM now() - created_at)::float8 \
+                 FROM cmd_idempotency WHERE caller = $1 AND key = $2",
+            )
+            .bind(caller)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading an idempotency key")?;
+            let Some((stored_hash, state, status, headers, body, age)) = row else {
+                continue;
+            };
+            let expired = age > 24.0 * 3600.0 || (state == "pending" && age > STALE.as_secs_f64());
+            if expired {
+                self.forget(caller, key).await?;
+                continue;
+            }
+            if stored_hash != hash {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            if state == "done" {
+                return Ok(Begun::Replay(replay(status, headers, body)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(
+                    "a request with this Idempotency-Key is still running".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn finish(
+        &self,
+        caller: &str,
+        key: &str,
+        status: u16,
+        headers: Value,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE cmd_idempotency SET state = 'done', status = $3, headers = $4, body = $5 \
+             WHERE caller = $1 AND key = $2",
+        )
+        .bind(caller)
+        .bind(key)
+        .bind(i32::from(status))
+        .bind(headers)
+        .bind(body)
+        .execute(&self.pool)
+        .await
+        .context("recording an outcome")?;
+        Ok(())
+    }
+
+    async fn forget(&self, caller: &str, key: &str) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2")
+            .bind(caller)
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .context("forgetting an idempotency key")?;
+        Ok(())
+    }
+
+    /// Drops records older than 24 hours.
+    pub async fn expire(&self) -> anyhow::Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM cmd_idempotency WHERE created_at < now() - interval '24 hours'",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn replay(status: Option<i32>, headers: Option<Value>, body: Option<Vec<u8>>) -> HttpResponse {
+    let status = status
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| actix_web::http::StatusCode::from_u16(s).ok())
+        .unwrap_or(actix_web::http::StatusCode::OK);
+    let mut response = HttpResponse::build(status);
+    if let Some(Value::Object(headers)) = headers {
+        for (name, value) in headers {
+            if let (Ok(name), Some(value)) = (HeaderName::try_from(name.as_str()), value.as_str()) {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    response.insert_header((name, value));
+                }
+            }
+        }
+    }
+    response.insert_header((HeaderName::from_static("idempotent-replayed"), "true"));
+    response.body(body.unwrap_or_default())
+}
+
+/// Middleware over the commands: applies `Idempotency-Key` when the request has one.
+pub async fn middleware(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let key = req
+        .headers()
+        .get(IDEMPOTENCY_KEY)
+        .map(|v| v.to_str().map(str::to_owned));
+    let is_command = !matches!(
+        *req.method(),
+        actix_web::http::Method::GET | actix_web::http::Method::HEAD
+    );
+    let forwarded = req.headers().contains_key(FORWARDED);
+    let key = match key {
+        Some(_) if !is_command || forwarded => None,
+        Some(Ok(key)) if valid_key(&key) => Some(key),
+        Some(_) => {
+            let error = ApiError::Malformed(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+            );
+            return Ok(req.into_response(error.error_response()));
+        }
+        None => None,
+    };
+    let (Some(key), Some(store)) = (key, req.app_data::<web::Data<Idempotency>>().cloned()) else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let caller = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| {
+            req.app_data::<web::Data<Tokens>>()
+                .and_then(|tokens| tokens.verify(t))
+        })
+        .map_or_else(|| "anonymous".to_owned(), |actor| actor.id.to_string());
+
+    // The request's identity: method, path and body bytes.
+    let mut body = web::BytesMut::new();
+    let mut payload = req.take_payload();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Ok(req.into_response(ApiError::PayloadTooLarge.error_response()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
+    let mut hasher = Sha256::new();
+    hasher.update(req.method().as_str().as_bytes());
+    hasher.update(b" ");
+    hasher.update(req.path().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(&body);
+    let hash: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    req.set_payload(actix_web::dev::Payload::from(body));
+
+    match store.begin(&caller, &key, &hash).await {
+        Err(error) => return Ok(req.into_response(error.error_response())),
+        Ok(Begun::Replay(response)) => return Ok(req.into_response(response)),
+        Ok(Begun::First) => {}
+    }
+    let response = match next.call(req).await {
+        Ok(response) => response,
+        Err(error) => {
+            let _ = store.forget(&caller, &key).await;
+            return Err(error);
+        }
+    };
+    let status = response.status();
+    if status.is_server_error() {
+        // Nothing was written: let a retry run again.
+        if let Err(e) = store.forget(&caller, &key).await {
+            tracing::warn!(error = format!("{e:#}"), "forgetting an idempotency key");
+        }
+        return Ok(response.map_into_boxed_body());
+    }
+    let mut headers = Map::new();
+    for name in REPLAYED {
+        if let Some(value) = response.headers().get(name).and_then(|v| v.to_str().ok()) {
+            headers.insert(name.to_owned(), Value::String(value.to_owned()));
+        }
+    }
+    let (request, response) = response.into_parts();
+    let (response, body) = response.into_parts();
+    let bytes = to_bytes(body).await.unwrap_or_default();
+    if let Err(e) = store
+        .finish(
+            &caller,
+            &key,
+            status.as_u16(),
+            Value::Object(headers),
+            &bytes,
+        )
+        .await
+    {
+        tracing::error!(error = format!("{e:#}"), "recording an idempotent outcome");
+    }
+    let response = response.set_body(BoxBody::new(bytes));
+    Ok(ServiceResponse::new(request, response))
+}
