@@ -161,10 +161,10 @@ fn replay(status: Option<i32>, headers: Option<Value>, body: Option<Vec<u8>>) ->
     let mut response = HttpResponse::build(status);
     if let Some(Value::Object(headers)) = headers {
         for (name, value) in headers {
-            if let (Ok(name), Some(value)) = (HeaderName::try_from(name.as_str()), value.as_str()) {
-                if let Ok(value) = HeaderValue::from_str(value) {
-                    response.insert_header((name, value));
-                }
+            if let (Ok(name), Some(value)) = (HeaderName::try_from(name.as_str()), value.as_str())
+                && let Ok(value) = HeaderValue::from_str(value)
+            {
+                response.insert_header((name, value));
             }
         }
     }
