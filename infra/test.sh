@@ -15,5 +15,7 @@ started=$SECONDS
 infra/local.sh up
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The ownership tests start the newsroom binary as separate processes.
+cargo build --bin newsroom
 cargo test --workspace "$@"
 echo "[test] done in $((SECONDS - started))s"

@@ -72,6 +72,17 @@ pub static APPENDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Partitions this process writes (command API).
+pub static PARTITIONS_OWNED: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    registered(
+        prometheus::IntGauge::new(
+            "newsroom_command_partitions_owned",
+            "Partitions whose writer runs in this process",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
 /// Records one served request.
 pub fn record_http(route: &str, method: &str, status: u16, elapsed: Duration) {
     HTTP_REQUESTS

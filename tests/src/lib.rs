@@ -60,6 +60,11 @@ pub struct RawRecord {
 impl TestApp {
     /// Starts every role on fresh topics and a fresh database.
     pub async fn spawn() -> anyhow::Result<TestApp> {
+        Self::spawn_with(Roles::ALL).await
+    }
+
+    /// Starts `roles` on fresh topics and a fresh database.
+    pub async fn spawn_with(roles: Roles) -> anyhow::Result<TestApp> {
         if std::env::var_os("NEWSROOM_LOG").is_some() {
             newsroom_infra::telemetry::init();
         }
@@ -94,12 +99,13 @@ impl TestApp {
         .context("creating the test database")?;
         settings.postgres.url = replace_database(&admin_url, &database);
 
-        let running = newsroom::start(&settings, Roles::ALL).await?;
-        let command_addr = running.command_addr.context("command API not started")?;
-        let query_addr = running.query_addr.context("query API not started")?;
+        let running = newsroom::start(&settings, roles).await?;
+        let url = |addr: Option<std::net::SocketAddr>| {
+            addr.map(|a| format!("http://{a}")).unwrap_or_default()
+        };
         let app = TestApp {
-            command_url: format!("http://{command_addr}"),
-            query_url: format!("http://{query_addr}"),
+            command_url: url(running.command_addr),
+            query_url: url(running.query_addr),
             settings,
             http: reqwest::Client::new(),
             database,
@@ -111,7 +117,12 @@ impl TestApp {
     }
 
     async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let url = format!("{}/readyz", self.command_url);
+        let base = if self.command_url.is_empty() {
+            &self.query_url
+        } else {
+            &self.command_url
+        };
+        let url = format!("{base}/readyz");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if self

@@ -336,6 +336,7 @@ pub(crate) async fn take_over(
     owners.set::<UserAggregate>(partition, Some(Slot::Ready(users)));
     owners.set::<NewsAggregate>(partition, Some(Slot::Ready(news)));
     shared.directory.announce(partition).await?;
+    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
     tracing::info!(partition, "partition taken over");
     Ok(())
 }
@@ -344,4 +345,5 @@ pub(crate) async fn take_over(
 pub(crate) fn give_up(owners: &Owners, partition: i32) {
     owners.set::<UserAggregate>(partition, None);
     owners.set::<NewsAggregate>(partition, None);
+    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
 }
