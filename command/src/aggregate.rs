@@ -23,8 +23,8 @@ use crate::keys::Keys;
 
 /// An aggregate type as the partition writers see it.
 pub trait Aggregate: Send + Sync + 'static {
-    /// Its state.
-    type State: Clone + Send + Sync + 'static;
+    /// Its state (serializable for snapshots).
+    type State: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static;
     /// Its commands.
     type Command: Send + 'static;
     /// The change an accepted command makes.
@@ -46,6 +46,13 @@ pub trait Aggregate: Send + Sync + 'static {
     ) -> Option<Self::State>;
     /// The version of a state.
     fn version(state: &Self::State) -> i64;
+    /// The id of a state's aggregate.
+    fn id(state: &Self::State) -> Uuid;
+    /// Whether a change must be followed by a fresh snapshot at once (erasure: no
+    /// snapshot may keep personal data of an erased user).
+    fn forces_snapshot(_change: &Self::Change) -> bool {
+        false
+    }
     /// The wire event of a change, framed with `id_of`'s schema ids.
     fn encode(
         change: &Self::Change,
@@ -101,6 +108,14 @@ impl Aggregate for UserAggregate {
 
     fn version(state: &User) -> i64 {
         state.version
+    }
+
+    fn id(state: &User) -> Uuid {
+        state.id
+    }
+
+    fn forces_snapshot(change: &UserChange) -> bool {
+        matches!(change, UserChange::Erased)
     }
 
     fn encode(
@@ -253,6 +268,10 @@ impl Aggregate for NewsAggregate {
 
     fn version(state: &News) -> i64 {
         state.version
+    }
+
+    fn id(state: &News) -> Uuid {
+        state.id
     }
 
     fn encode(

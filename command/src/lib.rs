@@ -92,6 +92,7 @@ pub async fn build(
             settings.kafka.timeout(),
         )?,
         partitions,
+        pool: pool.clone(),
         kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
     let owners = Arc::new(Owners::new(partitions));

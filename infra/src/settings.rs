@@ -105,6 +105,13 @@ pub struct KafkaSettings {
         default_value_t = 2000
     )]
     pub timeout_ms: u64,
+    /// Events a partition writer applies between two snapshots of its state.
+    #[arg(
+        long = "snapshot-every",
+        env = "NEWSROOM_SNAPSHOT_EVERY",
+        default_value_t = 10_000
+    )]
+    pub snapshot_every: u64,
     /// Identity of this command process; part of its Kafka transactional id.
     #[arg(
         long = "instance-id",

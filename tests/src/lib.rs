@@ -107,7 +107,7 @@ impl TestApp {
             command_url: url(running.command_addr),
             query_url: url(running.query_addr),
             settings,
-            http: reqwest::Client::new(),
+            http: client(),
             database,
             admin_url,
             running: Some(running),
@@ -388,6 +388,15 @@ impl TestApp {
         .await?;
         Ok(())
     }
+}
+
+/// An HTTP client whose idle connections expire before the servers' keep-alive (5 s), so
+/// that no request is sent on a connection the server is closing.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_else(|e| panic!("building the HTTP client: {e}"))
 }
 
 /// The user id a token names (its `sub`), read without verifying it.

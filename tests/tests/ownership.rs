@@ -188,7 +188,7 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
         projector: true,
     })
     .await?;
-    let http = reqwest::Client::new();
+    let http = newsroom_tests::client();
     let a = Process::start(&app, "a")?;
     let b = Process::start(&app, "b")?;
 
@@ -391,6 +391,7 @@ async fn a_writer_fenced_by_a_new_owner_of_its_partition_cannot_append() -> anyh
             Duration::from_secs(2),
         )?,
         partitions: app.settings.kafka.partitions,
+        pool: newsroom_infra::db::connect(&app.settings.postgres).await?,
         kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
     let id = loop {
@@ -465,5 +466,137 @@ async fn a_writer_fenced_by_a_new_owner_of_its_partition_cannot_append() -> anyh
         vec![1, 2],
         "one draft, one publication, nothing from the zombie"
     );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_new_writer_starts_from_the_latest_snapshot_and_reads_only_the_rest() -> anyhow::Result<()>
+{
+    use newsroom_command::aggregate::NewsAggregate;
+    use newsroom_command::domain::Actor;
+    use newsroom_command::domain::news::NewsCommand;
+    use newsroom_command::owner::{Request, RequestMeta, Shared, writer};
+    use newsroom_events::Category;
+    use newsroom_events::partition::partition_of;
+    use newsroom_events::users::Role;
+    use std::sync::Arc;
+
+    let app = TestApp::spawn_with(Roles {
+        command_api: false,
+        query_api: true,
+        projector: false,
+    })
+    .await?;
+    let pool = newsroom_infra::db::connect(&app.settings.postgres).await?;
+    let mut kafka = app.settings.kafka.clone();
+    kafka.snapshot_every = 2;
+    let shared = Arc::new(Shared {
+        kafka,
+        registry: Registry::connect(&app.settings.registry).await?,
+        keys: newsroom_command::keys::Keys::new(pool.clone()),
+        claims: newsroom_command::claims::Claims::new(&app.settings.auth, pool.clone())?,
+        directory: newsroom_command::forward::Directory::new(
+            pool.clone(),
+            "test".into(),
+            "127.0.0.1:1".into(),
+            Duration::from_secs(2),
+        )?,
+        partitions: app.settings.kafka.partitions,
+        pool: pool.clone(),
+        kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    });
+    let id = loop {
+        let id = Uuid::now_v7();
+        if partition_of(id.as_bytes(), app.settings.kafka.partitions) == 1 {
+            break id;
+        }
+    };
+    let editor = Actor {
+        id: Uuid::now_v7(),
+        role: Role::Editor,
+    };
+    let send = |queue: tokio::sync::mpsc::Sender<Request<NewsAggregate>>, command: NewsCommand| async move {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let meta = RequestMeta::new("snapshot-test".into(), Some(editor.id));
+        queue
+            .send(Request::Command {
+                id,
+                command,
+                meta,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("writer gone"))?;
+        anyhow::Ok(answer.await?)
+    };
+    let (first, _) = writer::start::<NewsAggregate>(shared.clone(), 1).await?;
+    let draft = NewsCommand::Draft {
+        actor: editor,
+        category: Category::Politics,
+        title: "Original".into(),
+        content: "c".into(),
+        tags: vec![],
+    };
+    send(first.clone(), draft)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    send(
+        first.clone(),
+        NewsCommand::Publish {
+            actor: editor,
+            expected_version: None,
+            at: chrono::Utc::now(),
+        },
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // The snapshot (taken after 2 events, off the command path) appears.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next_offset = loop {
+        let row: Option<(i64,)> = sqlx::query_as(
+            "SELECT next_offset FROM cmd_snapshots WHERE stream = 'news' AND partition = 1",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        if let Some((next,)) = row {
+            break next;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no snapshot was taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        next_offset >= 2,
+        "the snapshot covers both events: {next_offset}"
+    );
+    // Mark the snapshot so that a state that came from it can be told from one read from
+    // the log: a writer that used it shows the marked title.
+    sqlx::query("UPDATE cmd_snapshots SET state = convert_to(replace(convert_from(state, 'UTF8'), 'Original', 'From the snapshot'), 'UTF8') WHERE stream = 'news' AND partition = 1")
+        .execute(&pool)
+        .await?;
+
+    let (second, initial) = writer::start::<NewsAggregate>(shared.clone(), 1).await?;
+    let state = initial
+        .get(&id)
+        .ok_or_else(|| anyhow::anyhow!("the article is missing"))?;
+    assert_eq!(
+        (state.title.as_str(), state.version),
+        ("From the snapshot", 2),
+        "state comes from the snapshot"
+    );
+    let unpublished = send(
+        second,
+        NewsCommand::Unpublish {
+            actor: editor,
+            expected_version: Some(2),
+        },
+    )
+    .await?;
+    assert_eq!(
+        unpublished.map(|c| c.state.version).ok(),
+        Some(3),
+        "and the writer goes on from it"
+    );
+    drop(first);
     app.stop().await
 }

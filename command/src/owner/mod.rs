@@ -9,6 +9,7 @@
 
 mod membership;
 mod rebuild;
+mod snapshot;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub directory: Directory,
     /// Partitions of every aggregate topic.
     pub partitions: i32,
+    /// The command-side database (snapshots).
+    pub pool: sqlx::PgPool,
     /// False from the moment a writer finds every broker down until a writer reaches
     /// Kafka again (readiness reports it).
     pub kafka_up: Arc<std::sync::atomic::AtomicBool>,

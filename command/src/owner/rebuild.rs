@@ -11,7 +11,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
-use super::Shared;
+use super::{Shared, snapshot};
 use crate::aggregate::Aggregate;
 use crate::domain::Stamp;
 
@@ -22,7 +22,7 @@ const REBUILD_DEADLINE: Duration = Duration::from_secs(300);
 pub async fn state<A: Aggregate>(
     shared: &Shared,
     partition: i32,
-) -> anyhow::Result<HashMap<Uuid, A::State>> {
+) -> anyhow::Result<(HashMap<Uuid, A::State>, i64)> {
     let topic = A::STREAM.topic(&shared.kafka);
     let group = format!("{}.cmd-rebuild", shared.kafka.topic_prefix);
     let consumer: StreamConsumer = read_committed_consumer(&shared.kafka, &group)
@@ -39,12 +39,23 @@ pub async fn state<A: Aggregate>(
         .await?
     };
     let (_, high) = watermarks.context("reading the partition's end")?;
-    let mut states: HashMap<Uuid, A::State> = HashMap::new();
-    if high == 0 {
-        return Ok(states);
+    let (mut states, start) = match snapshot::load::<A>(&shared.pool, partition).await {
+        Ok(Some((states, next))) if next <= high => (states, next),
+        Ok(Some(_)) => {
+            tracing::warn!(%topic, partition, "snapshot is ahead of the log (topic recreated?); ignoring it");
+            (HashMap::new(), 0)
+        }
+        Ok(None) => (HashMap::new(), 0),
+        Err(e) => {
+            tracing::warn!(%topic, partition, error = format!("{e:#}"), "snapshot unreadable; rebuilding from the start");
+            (HashMap::new(), 0)
+        }
+    };
+    if start >= high {
+        return Ok((states, high));
     }
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    assignment.add_partition_offset(&topic, partition, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
     let deadline = tokio::time::Instant::now() + REBUILD_DEADLINE;
     let mut events = 0u64;
@@ -89,8 +100,8 @@ pub async fn state<A: Aggregate>(
             break;
         }
     }
-    tracing::debug!(%topic, partition, events, "partition rebuilt");
-    Ok(states)
+    tracing::debug!(%topic, partition, from = start, events, "partition rebuilt");
+    Ok((states, high))
 }
 
 fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> i64 {

@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{CommandError, Committed, Request, Shared, rebuild};
+use super::{CommandError, Committed, Request, Shared, rebuild, snapshot};
 use crate::aggregate::Aggregate;
 use crate::domain::Stamp;
 
@@ -44,6 +44,23 @@ impl ClientContext for WriterContext {
             self.kafka_up.store(false, Ordering::Relaxed);
         }
         tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+/// The writer's view of its partition: the committed state and where the log ends.
+struct Log<S> {
+    states: HashMap<Uuid, S>,
+    next_offset: i64,
+    since_snapshot: u64,
+}
+
+impl<S: Clone> Log<S> {
+    fn new(states: HashMap<Uuid, S>, next_offset: i64) -> Self {
+        Log {
+            states,
+            next_offset,
+            since_snapshot: 0,
+        }
     }
 }
 
@@ -84,16 +101,18 @@ pub async fn start<A: Aggregate>(
     partition: i32,
 ) -> anyhow::Result<Started<A>> {
     let connection = connect::<A>(&shared, partition).await?;
-    let states = rebuild::state::<A>(&shared, partition).await?;
+    let (states, next_offset) = rebuild::state::<A>(&shared, partition).await?;
     tracing::info!(
         stream = A::STREAM.name(),
         partition,
         aggregates = states.len(),
+        next_offset,
         "partition writer ready"
     );
     let (sender, requests) = mpsc::channel(QUEUE);
     let initial = states.clone();
-    tokio::spawn(run::<A>(shared, partition, connection, states, requests));
+    let log = Log::new(states, next_offset);
+    tokio::spawn(run::<A>(shared, partition, connection, log, requests));
     Ok((sender, initial))
 }
 
@@ -120,7 +139,7 @@ async fn run<A: Aggregate>(
     shared: Arc<Shared>,
     partition: i32,
     mut connection: Connection,
-    mut states: HashMap<Uuid, A::State>,
+    mut log: Log<A::State>,
     mut requests: mpsc::Receiver<Request<A>>,
 ) {
     let topic = A::STREAM.topic(&shared.kafka);
@@ -135,7 +154,7 @@ async fn run<A: Aggregate>(
         if !connection.connected.load(Ordering::Relaxed) {
             refuse(batch, "Kafka is unreachable");
             match recover::<A>(&shared, partition, &mut requests).await {
-                Some((c, s)) => (connection, states) = (c, s),
+                Some((c, l)) => (connection, log) = (c, l),
                 None => return,
             }
             continue;
@@ -145,12 +164,28 @@ async fn run<A: Aggregate>(
             &topic,
             partition,
             &connection.producer,
-            &mut states,
+            &mut log.states,
             batch,
         )
         .await
         {
-            Ok(()) => {}
+            Ok(done) => {
+                if let Some(last) = done.last_offset {
+                    log.next_offset = last + 1;
+                }
+                log.since_snapshot += done.events;
+                let due = done.events > 0 && log.since_snapshot >= shared.kafka.snapshot_every;
+                if done.force_snapshot || due {
+                    log.since_snapshot = 0;
+                    let states: Vec<A::State> = log.states.values().cloned().collect();
+                    let (pool, next) = (shared.pool.clone(), log.next_offset);
+                    tokio::spawn(async move {
+                        if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
+                            tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
+                        }
+                    });
+                }
+            }
             Err(Failure::Aborted(reason)) => {
                 tracing::warn!(partition, reason, "transaction aborted")
             }
@@ -161,7 +196,7 @@ async fn run<A: Aggregate>(
                     "transaction outcome unknown; rebuilding the partition"
                 );
                 match recover::<A>(&shared, partition, &mut requests).await {
-                    Some((c, s)) => (connection, states) = (c, s),
+                    Some((c, l)) => (connection, log) = (c, l),
                     None => return,
                 }
             }
@@ -189,12 +224,12 @@ async fn recover<A: Aggregate>(
     shared: &Arc<Shared>,
     partition: i32,
     requests: &mut mpsc::Receiver<Request<A>>,
-) -> Option<(Connection, HashMap<Uuid, A::State>)> {
+) -> Option<(Connection, Log<A::State>)> {
     loop {
         let attempt = async {
             let connection = connect::<A>(shared, partition).await?;
-            let states = rebuild::state::<A>(shared, partition).await?;
-            anyhow::Ok((connection, states))
+            let (states, next_offset) = rebuild::state::<A>(shared, partition).await?;
+            anyhow::Ok((connection, Log::new(states, next_offset)))
         };
         tokio::pin!(attempt);
         // Refuse what arrives while the attempt runs, so callers never wait on a dead Kafka.
@@ -246,6 +281,13 @@ fn refuse<A: Aggregate>(batch: Vec<Request<A>>, reason: &str) {
     }
 }
 
+/// What a committed batch did.
+struct BatchDone {
+    events: u64,
+    last_offset: Option<i64>,
+    force_snapshot: bool,
+}
+
 struct Decided<S> {
     reply: oneshot::Sender<Result<Committed<S>, CommandError>>,
     id: Uuid,
@@ -259,12 +301,13 @@ async fn serve_batch<A: Aggregate>(
     producer: &Producer,
     states: &mut HashMap<Uuid, A::State>,
     batch: Vec<Request<A>>,
-) -> Result<(), Failure> {
+) -> Result<BatchDone, Failure> {
     // Commands see the effects of earlier commands of the same batch (an overlay), so
     // they are applied strictly one after another; nothing reaches `states` before commit.
     let mut overlay: HashMap<Uuid, Option<A::State>> = HashMap::new();
     let mut decided: Vec<Decided<A::State>> = Vec::new();
     let mut reads = Vec::new();
+    let mut force_snapshot = false;
     let id_of = |name: &str| shared.registry.id_of(name);
     for request in batch {
         match request {
@@ -299,6 +342,7 @@ async fn serve_batch<A: Aggregate>(
                 };
                 match A::encode(&change, metadata, &shared.keys, &id_of) {
                     Ok(payload) => {
+                        force_snapshot |= A::forces_snapshot(&change);
                         let stamp = Stamp {
                             id,
                             version,
@@ -336,6 +380,11 @@ async fn serve_batch<A: Aggregate>(
             APPENDS
                 .with_label_values(&["committed"])
                 .inc_by(decided.len() as u64);
+            let summary = BatchDone {
+                events: decided.len() as u64,
+                last_offset: offsets.iter().copied().max(),
+                force_snapshot,
+            };
             for (id, state) in overlay {
                 match state {
                     Some(state) => states.insert(id, state),
@@ -356,7 +405,7 @@ async fn serve_batch<A: Aggregate>(
             for (id, reply) in reads {
                 let _ = reply.send(states.get(&id).cloned());
             }
-            Ok(())
+            Ok(summary)
         }
         Err(failure) => {
             APPENDS

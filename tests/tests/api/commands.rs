@@ -12,6 +12,7 @@ use newsroom_tests::{TestApp, TestUser, new_user};
 use reqwest::Method;
 use reqwest::StatusCode as S;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 use uuid::Uuid;
 
 type TestResult = anyhow::Result<()>;
@@ -611,6 +612,26 @@ async fn after_erasure_the_raw_events_no_longer_yield_name_or_email() -> TestRes
         app.login(&user.email, &user.password).await?,
         Err(S::UNAUTHORIZED)
     );
+    // The erasure forces a snapshot of the writer's state: none keeps the user's data.
+    let mut db = sqlx::PgConnection::connect(&app.settings.postgres.url).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let rows: Vec<(Vec<u8>,)> =
+            sqlx::query_as("SELECT state FROM cmd_snapshots WHERE stream = 'users'")
+                .fetch_all(&mut db)
+                .await?;
+        let clean = rows
+            .iter()
+            .all(|(s,)| !String::from_utf8_lossy(s).contains(&user.email));
+        if !rows.is_empty() && clean {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no clean snapshot after erasure"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     app.stop().await
 }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::{Actor, DomainError, Stamp, check_version};
 
 /// The lifecycle of an article.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Status {
     /// Being written; only its author and admins see it.
     Draft,
@@ -34,7 +34,7 @@ impl Status {
 }
 
 /// The state of one article.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct News {
     /// Id.
     pub id: Uuid,

@@ -12,7 +12,7 @@ use super::{Actor, DomainError, Stamp, check_version};
 
 /// The state of one user, folded from their changes (personal data in clear: the command
 /// side holds the keys).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     /// Id.
     pub id: Uuid,
