@@ -13,4 +13,8 @@ case ${1:-} in
 esac
 infra/local.sh up
 cargo build --release --bin newsroom
+export NEWSROOM_LOCAL="${NEWSROOM_LOCAL:-true}"
+export NEWSROOM_ADMIN_EMAIL="${NEWSROOM_ADMIN_EMAIL:-admin@newsroom.local}"
+export NEWSROOM_ADMIN_PASSWORD="${NEWSROOM_ADMIN_PASSWORD:-change-me-now}"
+echo "[serve] command API http://127.0.0.1:8080, query API http://127.0.0.1:8081; admin $NEWSROOM_ADMIN_EMAIL"
 exec target/release/newsroom run "$@"
