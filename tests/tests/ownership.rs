@@ -361,242 +361,247 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
     app.stop().await
 }
 
-#[tokio::test]
-async fn a_writer_fenced_by_a_new_owner_of_its_partition_cannot_append() -> anyhow::Result<()> {
+mod writers {
+    //! Partition writers driven directly, against the real Kafka and PostgreSQL.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use newsroom::Roles;
     use newsroom_command::aggregate::NewsAggregate;
     use newsroom_command::domain::Actor;
     use newsroom_command::domain::news::NewsCommand;
-    use newsroom_command::owner::{CommandError, Request, RequestMeta, Shared, writer};
+    use newsroom_command::owner::{CommandError, Committed, Request, RequestMeta, Shared, writer};
+    use newsroom_command::{claims::Claims, forward::Directory, keys::Keys};
     use newsroom_events::Category;
     use newsroom_events::partition::partition_of;
     use newsroom_events::users::Role;
-    use std::sync::Arc;
+    use newsroom_infra::codec;
+    use newsroom_infra::kafka::Stream;
+    use newsroom_infra::registry::Registry;
+    use newsroom_tests::TestApp;
+    use sqlx::PgPool;
+    use tokio::sync::{mpsc, oneshot};
+    use uuid::Uuid;
 
-    let app = TestApp::spawn_with(Roles {
-        command_api: false,
-        query_api: true,
-        projector: false,
-    })
-    .await?;
-    let pool = newsroom_infra::db::connect(&app.settings.postgres).await?;
-    let shared = Arc::new(Shared {
-        kafka: app.settings.kafka.clone(),
-        registry: Registry::connect(&app.settings.registry).await?,
-        keys: newsroom_command::keys::Keys::new(pool.clone()),
-        claims: newsroom_command::claims::Claims::new(&app.settings.auth, pool.clone())?,
-        directory: newsroom_command::forward::Directory::new(
-            pool,
-            "test".into(),
-            "127.0.0.1:1".into(),
-            Duration::from_secs(2),
-        )?,
-        partitions: app.settings.kafka.partitions,
-        pool: newsroom_infra::db::connect(&app.settings.postgres).await?,
-        kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    });
-    let id = loop {
-        let id = Uuid::now_v7();
-        if partition_of(id.as_bytes(), app.settings.kafka.partitions) == 0 {
-            break id;
-        }
-    };
-    let editor = Actor {
-        id: Uuid::now_v7(),
-        role: Role::Editor,
-    };
-    let send = |queue: tokio::sync::mpsc::Sender<Request<NewsAggregate>>, command: NewsCommand| async move {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let meta = RequestMeta::new("fencing-test".into(), Some(editor.id));
-        queue
-            .send(Request::Command {
+    type Queue = mpsc::Sender<Request<NewsAggregate>>;
+
+    /// Topics and a database, the shared parts of writers, and one article id in `partition`.
+    struct Fixture {
+        app: TestApp,
+        shared: Arc<Shared>,
+        pool: PgPool,
+        id: Uuid,
+        editor: Actor,
+        partition: i32,
+    }
+
+    impl Fixture {
+        async fn new(partition: i32, snapshot_every: u64) -> anyhow::Result<Fixture> {
+            let roles = Roles {
+                command_api: false,
+                query_api: true,
+                projector: false,
+            };
+            let app = TestApp::spawn_with(roles).await?;
+            let pool = newsroom_infra::db::connect(&app.settings.postgres).await?;
+            let mut kafka = app.settings.kafka.clone();
+            kafka.snapshot_every = snapshot_every;
+            let shared = Arc::new(Shared {
+                kafka,
+                registry: Registry::connect(&app.settings.registry).await?,
+                keys: Keys::new(pool.clone()),
+                claims: Claims::new(&app.settings.auth, pool.clone())?,
+                directory: Directory::new(
+                    pool.clone(),
+                    "test".into(),
+                    "127.0.0.1:1".into(),
+                    Duration::from_secs(2),
+                )?,
+                partitions: app.settings.kafka.partitions,
+                pool: pool.clone(),
+                kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            });
+            let id = loop {
+                let id = Uuid::now_v7();
+                if partition_of(id.as_bytes(), app.settings.kafka.partitions) == partition {
+                    break id;
+                }
+            };
+            let editor = Actor {
+                id: Uuid::now_v7(),
+                role: Role::Editor,
+            };
+            Ok(Fixture {
+                app,
+                shared,
+                pool,
                 id,
+                editor,
+                partition,
+            })
+        }
+
+        async fn writer(
+            &self,
+        ) -> anyhow::Result<(
+            Queue,
+            std::collections::HashMap<Uuid, newsroom_command::domain::news::News>,
+        )> {
+            writer::start::<NewsAggregate>(self.shared.clone(), self.partition).await
+        }
+
+        async fn send(
+            &self,
+            queue: &Queue,
+            command: NewsCommand,
+        ) -> anyhow::Result<Result<Committed<newsroom_command::domain::news::News>, CommandError>>
+        {
+            let (reply, answer) = oneshot::channel();
+            let meta = RequestMeta::new("writer-test".into(), Some(self.editor.id));
+            let request = Request::Command {
+                id: self.id,
                 command,
                 meta,
                 reply,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("writer gone"))?;
-        anyhow::Ok(answer.await?)
-    };
-    let draft = NewsCommand::Draft {
-        actor: editor,
-        category: Category::Sports,
-        title: "t".into(),
-        content: "c".into(),
-        tags: vec![],
-    };
-    let publish = || NewsCommand::Publish {
-        actor: editor,
-        expected_version: Some(1),
-        at: chrono::Utc::now(),
-    };
+            };
+            queue
+                .send(request)
+                .await
+                .map_err(|_| anyhow::anyhow!("writer gone"))?;
+            Ok(answer.await?)
+        }
 
-    let (old, _) = writer::start::<NewsAggregate>(shared.clone(), 0).await?;
-    let drafted = send(old.clone(), draft).await?;
-    assert_eq!(
-        drafted.map(|c| c.state.version).ok(),
-        Some(1),
-        "the first owner writes"
-    );
+        fn draft(&self, title: &str) -> NewsCommand {
+            NewsCommand::Draft {
+                actor: self.editor,
+                category: Category::Sports,
+                title: title.into(),
+                content: "c".into(),
+                tags: vec![],
+            }
+        }
 
-    let (new, _) = writer::start::<NewsAggregate>(shared.clone(), 0).await?;
-    let zombie = send(old.clone(), publish()).await?;
-    assert!(
-        matches!(zombie, Err(CommandError::Unavailable { .. })),
-        "the fenced writer cannot append: {zombie:?}"
-    );
-    let current = send(new, publish()).await?;
-    assert_eq!(
-        current.map(|c| c.state.version).ok(),
-        Some(2),
-        "the new owner rebuilt the draft and publishes it"
-    );
+        fn publish(&self, expected_version: i64) -> NewsCommand {
+            NewsCommand::Publish {
+                actor: self.editor,
+                expected_version: Some(expected_version),
+                at: chrono::Utc::now(),
+            }
+        }
 
-    let registry = Registry::connect(&app.settings.registry).await?;
-    let mut versions = Vec::new();
-    for record in app.committed_records(Stream::News)? {
-        let decoded = codec::decode(&registry, &record.payload).await?;
-        let event = newsroom_events::news::NewsEvent::from_avro(&decoded.name, decoded.value)?;
-        if event.metadata().aggregate_id == id {
-            versions.push(event.metadata().aggregate_version);
+        /// The versions of the article's events in the log, in order.
+        async fn versions_in_log(&self) -> anyhow::Result<Vec<i64>> {
+            let registry = Registry::connect(&self.app.settings.registry).await?;
+            let mut versions = Vec::new();
+            for record in self.app.committed_records(Stream::News)? {
+                let decoded = codec::decode(&registry, &record.payload).await?;
+                let event =
+                    newsroom_events::news::NewsEvent::from_avro(&decoded.name, decoded.value)?;
+                if event.metadata().aggregate_id == self.id {
+                    versions.push(event.metadata().aggregate_version);
+                }
+            }
+            Ok(versions)
         }
     }
-    assert_eq!(
-        versions,
-        vec![1, 2],
-        "one draft, one publication, nothing from the zombie"
-    );
-    app.stop().await
-}
 
-#[tokio::test]
-async fn a_new_writer_starts_from_the_latest_snapshot_and_reads_only_the_rest() -> anyhow::Result<()>
-{
-    use newsroom_command::aggregate::NewsAggregate;
-    use newsroom_command::domain::Actor;
-    use newsroom_command::domain::news::NewsCommand;
-    use newsroom_command::owner::{Request, RequestMeta, Shared, writer};
-    use newsroom_events::Category;
-    use newsroom_events::partition::partition_of;
-    use newsroom_events::users::Role;
-    use std::sync::Arc;
+    fn version<E>(
+        outcome: Result<Committed<newsroom_command::domain::news::News>, E>,
+    ) -> Option<i64> {
+        outcome.map(|c| c.state.version).ok()
+    }
 
-    let app = TestApp::spawn_with(Roles {
-        command_api: false,
-        query_api: true,
-        projector: false,
-    })
-    .await?;
-    let pool = newsroom_infra::db::connect(&app.settings.postgres).await?;
-    let mut kafka = app.settings.kafka.clone();
-    kafka.snapshot_every = 2;
-    let shared = Arc::new(Shared {
-        kafka,
-        registry: Registry::connect(&app.settings.registry).await?,
-        keys: newsroom_command::keys::Keys::new(pool.clone()),
-        claims: newsroom_command::claims::Claims::new(&app.settings.auth, pool.clone())?,
-        directory: newsroom_command::forward::Directory::new(
-            pool.clone(),
-            "test".into(),
-            "127.0.0.1:1".into(),
-            Duration::from_secs(2),
-        )?,
-        partitions: app.settings.kafka.partitions,
-        pool: pool.clone(),
-        kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    });
-    let id = loop {
-        let id = Uuid::now_v7();
-        if partition_of(id.as_bytes(), app.settings.kafka.partitions) == 1 {
-            break id;
-        }
-    };
-    let editor = Actor {
-        id: Uuid::now_v7(),
-        role: Role::Editor,
-    };
-    let send = |queue: tokio::sync::mpsc::Sender<Request<NewsAggregate>>, command: NewsCommand| async move {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let meta = RequestMeta::new("snapshot-test".into(), Some(editor.id));
-        queue
-            .send(Request::Command {
-                id,
-                command,
-                meta,
-                reply,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("writer gone"))?;
-        anyhow::Ok(answer.await?)
-    };
-    let (first, _) = writer::start::<NewsAggregate>(shared.clone(), 1).await?;
-    let draft = NewsCommand::Draft {
-        actor: editor,
-        category: Category::Politics,
-        title: "Original".into(),
-        content: "c".into(),
-        tags: vec![],
-    };
-    send(first.clone(), draft)
-        .await?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    send(
-        first.clone(),
-        NewsCommand::Publish {
-            actor: editor,
-            expected_version: None,
-            at: chrono::Utc::now(),
-        },
-    )
-    .await?
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    #[tokio::test]
+    async fn a_writer_fenced_by_a_new_owner_of_its_partition_cannot_append() -> anyhow::Result<()> {
+        let f = Fixture::new(0, 10_000).await?;
+        let (old, _) = f.writer().await?;
+        assert_eq!(
+            version(f.send(&old, f.draft("t")).await?),
+            Some(1),
+            "the first owner writes"
+        );
 
-    // The snapshot (taken after 2 events, off the command path) appears.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let next_offset = loop {
-        let row: Option<(i64,)> = sqlx::query_as(
-            "SELECT next_offset FROM cmd_snapshots WHERE stream = 'news' AND partition = 1",
+        let (new, _) = f.writer().await?;
+        let zombie = f.send(&old, f.publish(1)).await?;
+        assert!(
+            matches!(zombie, Err(CommandError::Unavailable { .. })),
+            "the fenced writer cannot append: {zombie:?}"
+        );
+        let current = f.send(&new, f.publish(1)).await?;
+        assert_eq!(
+            version(current),
+            Some(2),
+            "the new owner rebuilt the draft and publishes it"
+        );
+
+        assert_eq!(
+            f.versions_in_log().await?,
+            vec![1, 2],
+            "one draft, one publication, nothing from the zombie"
+        );
+        f.app.stop().await
+    }
+
+    #[tokio::test]
+    async fn a_new_writer_starts_from_the_latest_snapshot_and_reads_only_the_rest()
+    -> anyhow::Result<()> {
+        let f = Fixture::new(1, 2).await?;
+        let (first, _) = f.writer().await?;
+        assert_eq!(version(f.send(&first, f.draft("Original")).await?), Some(1));
+        assert_eq!(version(f.send(&first, f.publish(1)).await?), Some(2));
+
+        // The snapshot (taken after 2 events, off the command path) appears.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next_offset = loop {
+            let row: Option<(i64,)> = sqlx::query_as(
+                "SELECT next_offset FROM cmd_snapshots WHERE stream = 'news' AND partition = 1",
+            )
+            .fetch_optional(&f.pool)
+            .await?;
+            if let Some((next,)) = row {
+                break next;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no snapshot was taken");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            next_offset >= 2,
+            "the snapshot covers both events: {next_offset}"
+        );
+        // Mark the snapshot, so that a state that came from it can be told from one read
+        // from the log: a writer that used it shows the marked title.
+        sqlx::query(
+            "UPDATE cmd_snapshots SET state = convert_to(replace(convert_from(state, 'UTF8'), 'Original', \
+             'From the snapshot'), 'UTF8') WHERE stream = 'news' AND partition = 1",
         )
-        .fetch_optional(&pool)
-        .await?;
-        if let Some((next,)) = row {
-            break next;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no snapshot was taken");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        next_offset >= 2,
-        "the snapshot covers both events: {next_offset}"
-    );
-    // Mark the snapshot so that a state that came from it can be told from one read from
-    // the log: a writer that used it shows the marked title.
-    sqlx::query("UPDATE cmd_snapshots SET state = convert_to(replace(convert_from(state, 'UTF8'), 'Original', 'From the snapshot'), 'UTF8') WHERE stream = 'news' AND partition = 1")
-        .execute(&pool)
+        .execute(&f.pool)
         .await?;
 
-    let (second, initial) = writer::start::<NewsAggregate>(shared.clone(), 1).await?;
-    let state = initial
-        .get(&id)
-        .ok_or_else(|| anyhow::anyhow!("the article is missing"))?;
-    assert_eq!(
-        (state.title.as_str(), state.version),
-        ("From the snapshot", 2),
-        "state comes from the snapshot"
-    );
-    let unpublished = send(
-        second,
-        NewsCommand::Unpublish {
-            actor: editor,
-            expected_version: Some(2),
-        },
-    )
-    .await?;
-    assert_eq!(
-        unpublished.map(|c| c.state.version).ok(),
-        Some(3),
-        "and the writer goes on from it"
-    );
-    drop(first);
-    app.stop().await
+        let (second, initial) = f.writer().await?;
+        let state = initial
+            .get(&f.id)
+            .ok_or_else(|| anyhow::anyhow!("the article is missing"))?;
+        assert_eq!(
+            (state.title.as_str(), state.version),
+            ("From the snapshot", 2),
+            "state comes from the snapshot"
+        );
+        let unpublished = f
+            .send(
+                &second,
+                NewsCommand::Unpublish {
+                    actor: f.editor,
+                    expected_version: Some(2),
+                },
+            )
+            .await?;
+        assert_eq!(
+            version(unpublished),
+            Some(3),
+            "and the writer goes on from it"
+        );
+        drop(first);
+        f.app.stop().await
+    }
 }

@@ -254,6 +254,27 @@ impl Owners {
     }
 }
 
+/// Hands a request for aggregate `id` to its local writer and waits for the answer.
+async fn ask<A: Owned, T>(
+    owners: &Owners,
+    id: Uuid,
+    request: impl FnOnce(oneshot::Sender<T>) -> Request<A>,
+) -> Result<T, Submitted> {
+    let stopped = || Submitted::Failed(CommandError::unavailable("the partition writer stopped"));
+    let sender = match owners.route::<A>(owners.partition_of(id)) {
+        Route::Local(sender) => sender,
+        Route::Starting => {
+            return Err(Submitted::Failed(CommandError::unavailable(
+                "the partition is being taken over",
+            )));
+        }
+        Route::Elsewhere => return Err(Submitted::NotHere),
+    };
+    let (reply, answer) = oneshot::channel();
+    sender.send(request(reply)).await.map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())
+}
+
 /// Sends `command` for aggregate `id` to its local writer and waits for the commit.
 pub async fn submit<A: Owned>(
     owners: &Owners,
@@ -261,54 +282,19 @@ pub async fn submit<A: Owned>(
     command: A::Command,
     meta: RequestMeta,
 ) -> Result<Committed<A::State>, Submitted> {
-    let sender = match owners.route::<A>(owners.partition_of(id)) {
-        Route::Local(sender) => sender,
-        Route::Starting => {
-            return Err(Submitted::Failed(CommandError::unavailable(
-                "the partition is being taken over",
-            )));
-        }
-        Route::Elsewhere => return Err(Submitted::NotHere),
-    };
-    let (reply, answer) = oneshot::channel();
-    sender
-        .send(Request::Command {
-            id,
-            command,
-            meta,
-            reply,
-        })
-        .await
-        .map_err(|_| {
-            Submitted::Failed(CommandError::unavailable("the partition writer stopped"))
-        })?;
-    answer
-        .await
-        .map_err(|_| Submitted::Failed(CommandError::unavailable("the partition writer stopped")))?
-        .map_err(Submitted::Failed)
+    ask::<A, _>(owners, id, |reply| Request::Command {
+        id,
+        command,
+        meta,
+        reply,
+    })
+    .await?
+    .map_err(Submitted::Failed)
 }
 
 /// Reads the current state of aggregate `id` from its local writer.
 pub async fn read<A: Owned>(owners: &Owners, id: Uuid) -> Result<Option<A::State>, Submitted> {
-    let sender = match owners.route::<A>(owners.partition_of(id)) {
-        Route::Local(sender) => sender,
-        Route::Starting => {
-            return Err(Submitted::Failed(CommandError::unavailable(
-                "the partition is being taken over",
-            )));
-        }
-        Route::Elsewhere => return Err(Submitted::NotHere),
-    };
-    let (reply, answer) = oneshot::channel();
-    sender
-        .send(Request::Read { id, reply })
-        .await
-        .map_err(|_| {
-            Submitted::Failed(CommandError::unavailable("the partition writer stopped"))
-        })?;
-    answer
-        .await
-        .map_err(|_| Submitted::Failed(CommandError::unavailable("the partition writer stopped")))
+    ask::<A, _>(owners, id, |reply| Request::Read { id, reply }).await
 }
 
 /// The outcome of handing a request to the local writers.
