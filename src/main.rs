@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             newsroom_infra::kafka::ensure_topics(&cli.settings.kafka).await?;
             let pool = newsroom_infra::db::connect(&cli.settings.postgres).await?;
             newsroom_infra::db::migrate(&pool).await?;
+            newsroom_infra::db::check_deployment(&pool, &cli.settings.kafka.topic_prefix).await?;
             tracing::info!("topics and read-model schema are in place");
             return Ok(());
         }

@@ -48,6 +48,8 @@ pub struct State {
     pub tokens: Tokens,
     /// The database (command-side tables and, for author names, the users read model).
     pub pool: PgPool,
+    /// Recently read author names.
+    pub authors: routes::news::AuthorNames,
 }
 
 /// The OpenAPI document of the command API.
@@ -103,6 +105,7 @@ pub async fn build(
         hasher: Hasher::new(&settings.hashing)?,
         tokens,
         pool,
+        authors: routes::news::AuthorNames::default(),
     });
     if let (Some(email), Some(password)) =
         (&settings.auth.admin_email, &settings.auth.admin_password)

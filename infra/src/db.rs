@@ -26,3 +26,25 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .context("applying the database migrations")?;
     Ok(())
 }
+
+/// Binds the database to the deployment's topic prefix on first use, and refuses a
+/// database that belongs to another prefix (its read models, claims, keys and snapshots
+/// came from other topics).
+pub async fn check_deployment(pool: &PgPool, topic_prefix: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO deployment (topic_prefix) VALUES ($1) ON CONFLICT (only_row) DO NOTHING",
+    )
+    .bind(topic_prefix)
+    .execute(pool)
+    .await
+    .context("recording the deployment")?;
+    let (owner,): (String,) = sqlx::query_as("SELECT topic_prefix FROM deployment")
+        .fetch_one(pool)
+        .await
+        .context("reading the deployment")?;
+    anyhow::ensure!(
+        owner == topic_prefix,
+        "this database belongs to topic prefix '{owner}', not '{topic_prefix}': use one database per deployment"
+    );
+    Ok(())
+}

@@ -48,6 +48,10 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("socket.connection.setup.timeout.ms", "2000")
         .set("reconnect.backoff.max.ms", "1000")
         .set("log_level", "4");
+    // NEWSROOM_KAFKA_DEBUG=eos,broker,... turns on librdkafka's debug contexts.
+    if let Ok(contexts) = std::env::var("NEWSROOM_KAFKA_DEBUG") {
+        config.set("debug", contexts).set("log_level", "7");
+    }
     config
 }
 
@@ -60,6 +64,11 @@ pub fn transactional_producer(settings: &KafkaSettings, transactional_id: &str) 
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
+        // A transaction begun right after a commit meets CONCURRENT_TRANSACTIONS while the
+        // broker writes the previous markers; the default 100 ms retry backoff would make
+        // every batch wait for it.
+        .set("retry.backoff.ms", "2")
+        .set("retry.backoff.max.ms", "50")
         .set("compression.type", "zstd")
         .set("message.timeout.ms", timeout.to_string())
         .set(

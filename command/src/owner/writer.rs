@@ -371,9 +371,20 @@ async fn serve_batch<A: Aggregate>(
         let producer = producer.clone();
         let topic = topic.to_owned();
         let timeout = shared.kafka.timeout();
-        tokio::task::spawn_blocking(move || commit(&producer, &topic, partition, &records, timeout))
-            .await
-            .unwrap_or_else(|e| Err(Failure::Uncertain(format!("the commit task failed: {e}"))))
+        let started = std::time::Instant::now();
+        let count = records.len();
+        let outcome = tokio::task::spawn_blocking(move || {
+            commit(&producer, &topic, partition, &records, timeout)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Uncertain(format!("the commit task failed: {e}"))));
+        tracing::debug!(
+            partition,
+            events = count,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "transaction"
+        );
+        outcome
     };
     match outcome {
         Ok(offsets) => {
@@ -471,23 +482,31 @@ fn commit(
             .payload(payload);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| abort(e))?);
     }
+    // Wait for the acknowledgements first: with nothing left in flight, the flush inside
+    // commit_transaction returns at once (otherwise rust-rdkafka's flush polls the event
+    // queue that its own polling thread drains, and waits 100 ms for nothing).
+    let mut offsets = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match futures::executor::block_on(delivery) {
+            Ok(Ok(delivered)) => offsets.push(delivered.offset),
+            Ok(Err((error, _))) => return Err(abort(error)),
+            Err(_) => return Err(abort(KafkaError::Canceled)),
+        }
+    }
+    // The delivery counter can lag the reports by a moment; settle it with short flushes
+    // so that commit_transaction's own flush finds nothing in flight.
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.flush(Duration::from_millis(1)).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err(abort(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)));
+        }
+    }
     if let Err(error) = producer.commit_transaction(timeout) {
         return Err(match &error {
             KafkaError::Transaction(e) if e.txn_requires_abort() => abort(error),
             _ if is_fenced(&error) => Failure::Fenced(error.to_string()),
             _ => Failure::Uncertain(error.to_string()),
         });
-    }
-    let mut offsets = Vec::with_capacity(deliveries.len());
-    for delivery in deliveries {
-        match futures::executor::block_on(delivery) {
-            Ok(Ok(delivered)) => offsets.push(delivered.offset),
-            _ => {
-                return Err(Failure::Uncertain(
-                    "a committed record has no delivery report".into(),
-                ));
-            }
-        }
     }
     Ok(offsets)
 }

@@ -22,20 +22,57 @@ const CATEGORIES: &str = "famous, politics, sports";
 
 /// The author's name from the users read model (`[deleted]` once erased).
 async fn author(state: &State, id: Uuid) -> AuthorView {
-    let name: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "reading an author's name");
-            None
-        });
-    let name = match name {
-        Some((name,)) => name,
+    if let Some(name) = state.authors.get(id) {
+        return AuthorView { id, name };
+    }
+    let row: Option<(String, bool)> =
+        sqlx::query_as("SELECT name, erased FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading an author's name");
+                None
+            });
+    let name = match row {
+        Some((_, true)) => DELETED_AUTHOR.to_owned(),
+        Some((name, false)) => {
+            state.authors.put(id, &name);
+            name
+        }
+        // Not projected yet (a brand-new editor), or erased before the projection ran.
         None if state.shared.keys.get(id).is_some() => String::new(),
         None => DELETED_AUTHOR.to_owned(),
     };
     AuthorView { id, name }
+}
+
+/// Author names for command answers, kept a few seconds (names change rarely; the query
+/// API serves the authoritative ones).
+#[derive(Default)]
+pub struct AuthorNames {
+    names: std::sync::RwLock<std::collections::HashMap<Uuid, (String, std::time::Instant)>>,
+}
+
+impl AuthorNames {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX: usize = 10_000;
+
+    fn get(&self, id: Uuid) -> Option<String> {
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        names
+            .get(&id)
+            .filter(|(_, at)| at.elapsed() < Self::FRESH)
+            .map(|(name, _)| name.clone())
+    }
+
+    fn put(&self, id: Uuid, name: &str) {
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        if names.len() >= Self::MAX {
+            names.retain(|_, (_, at)| at.elapsed() < Self::FRESH);
+        }
+        names.insert(id, (name.to_owned(), std::time::Instant::now()));
+    }
 }
 
 /// The article as the API shows it. Read counts are the query API's: a command answers 0.
