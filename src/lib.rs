@@ -91,23 +91,55 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
     }
     if roles.projector {
         let registry = Registry::connect(&settings.registry).await?;
-        let kafka = settings.kafka.clone();
-        let mut stopped = stopped.clone();
-        running.workers.push(tokio::spawn(async move {
-            newsroom_projector::consumer::run(
-                newsroom_projector::users::UsersProjection,
-                Stream::Users.topic(&kafka),
-                &kafka,
-                pool,
-                registry,
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-            )
-            .await
-        }));
+        running.workers.push(project(
+            newsroom_projector::users::UsersProjection,
+            Stream::Users,
+            settings,
+            &pool,
+            &registry,
+            &stopped,
+        ));
+        running.workers.push(project(
+            newsroom_projector::news::NewsProjection,
+            Stream::News,
+            settings,
+            &pool,
+            &registry,
+            &stopped,
+        ));
     }
     Ok(running)
+}
+
+/// Runs `projection` over `stream` until the stop signal.
+fn project<P: newsroom_projector::consumer::Projection + 'static>(
+    projection: P,
+    stream: Stream,
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    registry: &Registry,
+    stopped: &watch::Receiver<bool>,
+) -> JoinHandle<anyhow::Result<()>> {
+    let (kafka, pool, registry, mut stopped) = (
+        settings.kafka.clone(),
+        pool.clone(),
+        registry.clone(),
+        stopped.clone(),
+    );
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        newsroom_projector::consumer::run(
+            projection,
+            stream.topic(&kafka),
+            &kafka,
+            pool,
+            registry,
+            stop,
+        )
+        .await
+    })
 }
 
 impl Running {

@@ -86,6 +86,9 @@ pub enum ApiError {
     /// 422 `idempotency_key_reused`: the key came with another request before.
     #[error("idempotency key reused")]
     IdempotencyKeyReused,
+    /// 503 `projection_lagging`: the read models do not include the token's writes yet.
+    #[error("projection lagging")]
+    ProjectionLagging,
     /// 503 `unavailable`: a dependency is down and nothing was written.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -126,6 +129,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation(_) => "validation_failed",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::ProjectionLagging => "projection_lagging",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -143,6 +147,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Validation(_) => "Validation failed",
             ApiError::IdempotencyKeyReused => "Idempotency key reused",
+            ApiError::ProjectionLagging => "Read models lagging",
             ApiError::Unavailable(_) => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
         }
@@ -165,6 +170,9 @@ impl ApiError {
                 "this Idempotency-Key was used with a different request".into()
             }
             ApiError::Internal(_) => "an unexpected error occurred; it has been logged".into(),
+            ApiError::ProjectionLagging => {
+                "the read models do not include the writes of X-Consistency-Token yet; retry shortly".into()
+            }
         }
     }
 }
@@ -183,7 +191,9 @@ impl ResponseError for ApiError {
             ApiError::Validation(_) | ApiError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::ProjectionLagging => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -34,10 +34,20 @@ pub const COMPATIBILITY: &str = "BACKWARD_TRANSITIVE";
 /// Sets the subject's compatibility level (Confluent API `PUT /config/{subject}`), so
 /// that the registry refuses any later version that could not read every earlier one.
 async fn require_backward_transitive(base: &str, subject: &str) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
-        .put(format!("{}/config/{subject}", base.trim_end_matches('/')))
-        .header("content-type", "application/vnd.schemaregistry.v1+json")
+    let url = format!("{}/config/{subject}", base.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .build()?;
+    let current: Option<serde_json::Value> = match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => r.json().await.ok(),
+        _ => None,
+    };
+    if current.is_some_and(|c| c["compatibilityLevel"] == COMPATIBILITY) {
+        return Ok(());
+    }
+    let response = client
+        .put(&url)
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
         .body(format!("{{\"compatibility\":\"{COMPATIBILITY}\"}}"))
         .send()
         .await?;
@@ -47,6 +57,31 @@ async fn require_backward_transitive(base: &str, subject: &str) -> anyhow::Resul
         response.status()
     );
     Ok(())
+}
+
+/// Retries `attempt` a few times: processes starting together race to create the same
+/// subjects, and some registries (Apicurio) answer one of them 409 meanwhile.
+async fn with_retries<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tries < 5 => {
+                tries += 1;
+                tracing::debug!(
+                    what,
+                    error = format!("{e:#}"),
+                    "registry call failed; retrying"
+                );
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e.context(what.to_owned())),
+        }
+    }
 }
 
 impl Registry {
@@ -64,13 +99,16 @@ impl Registry {
                 SchemaType::Avro,
                 (*text).to_owned(),
             );
-            let registered = post_schema(&sr, (*name).to_owned(), supplied)
-                .await
-                .with_context(|| format!("registering the schema of {name} at {}", settings.url))?;
+            let what = format!("registering the schema of {name} at {}", settings.url);
+            let registered = with_retries(&what, || {
+                let supplied = supplied.clone();
+                let sr = &sr;
+                async move { Ok(post_schema(sr, (*name).to_owned(), supplied).await?) }
+            })
+            .await?;
             own.insert(*name, registered.id);
-            require_backward_transitive(&settings.url, name)
-                .await
-                .with_context(|| format!("setting the compatibility of {name}"))?;
+            let what = format!("setting the compatibility of {name}");
+            with_retries(&what, || require_backward_transitive(&settings.url, name)).await?;
         }
         Ok(Registry {
             settings: Arc::new(sr),

@@ -6,4 +6,5 @@
 #![deny(missing_docs)]
 
 pub mod consumer;
+pub mod news;
 pub mod users;

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod consistency;
 pub mod routes;
 
 use std::net::TcpListener;
@@ -20,6 +21,8 @@ use sqlx::PgPool;
 pub struct State {
     /// The read-model database.
     pub pool: PgPool,
+    /// The deployment's topic prefix (consistency tokens name streams without it).
+    pub topic_prefix: String,
 }
 
 /// The OpenAPI document of the query API.
@@ -32,7 +35,10 @@ pub fn build(
     pool: PgPool,
     tokens: Tokens,
 ) -> anyhow::Result<Server> {
-    let state = web::Data::new(State { pool });
+    let state = web::Data::new(State {
+        pool,
+        topic_prefix: settings.kafka.topic_prefix.clone(),
+    });
     let tokens = web::Data::new(tokens);
     let ready_state = state.clone();
     let ops = Ops {
@@ -54,6 +60,8 @@ pub fn build(
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users/{id}", web::get().to(routes::users::get))
+            .route("/v1/news", web::get().to(routes::news::list))
+            .route("/v1/news/{id}", web::get().to(routes::news::get))
             .default_service(web::to(http::not_found))
     })
     .listen(listener)

@@ -448,7 +448,9 @@ mod writers {
             Queue,
             std::collections::HashMap<Uuid, newsroom_command::domain::news::News>,
         )> {
-            writer::start::<NewsAggregate>(self.shared.clone(), self.partition).await
+            // Driven by hand, a writer owns nothing: once fenced it stays fenced.
+            writer::start::<NewsAggregate>(self.shared.clone(), self.partition, Arc::new(|| false))
+                .await
         }
 
         async fn send(

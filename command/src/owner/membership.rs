@@ -39,9 +39,11 @@ impl ConsumerContext for MembershipContext {
                 let partition = element.partition();
                 tracing::info!(partition, "partition assigned; taking over");
                 let (shared, owners) = (self.shared.clone(), self.owners.clone());
+                let assignment = owners.assign(partition);
                 self.runtime.spawn(async move {
                     loop {
-                        match take_over(shared.clone(), owners.clone(), partition).await {
+                        match take_over(shared.clone(), owners.clone(), partition, assignment).await
+                        {
                             Ok(()) => break,
                             Err(e) => {
                                 tracing::warn!(
@@ -53,10 +55,7 @@ impl ConsumerContext for MembershipContext {
                             }
                         }
                         // Stop retrying once the partition was revoked meanwhile.
-                        if matches!(
-                            owners.route::<crate::aggregate::UserAggregate>(partition),
-                            super::Route::Elsewhere
-                        ) {
+                        if !owners.holds(partition, assignment) {
                             break;
                         }
                     }

@@ -162,6 +162,10 @@ pub type Table<A> = RwLock<HashMap<i32, Slot<A>>>;
 pub struct Owners {
     users: Table<UserAggregate>,
     news: Table<NewsAggregate>,
+    /// Partitions assigned to this process, each with the number of its assignment, so
+    /// that a takeover finishing after a revocation does not serve the partition.
+    assigned: std::sync::Mutex<HashMap<i32, u64>>,
+    assignments: std::sync::atomic::AtomicU64,
     /// Partitions of the aggregate topics.
     pub partitions: i32,
 }
@@ -190,8 +194,33 @@ impl Owners {
         Owners {
             users: RwLock::new(HashMap::new()),
             news: RwLock::new(HashMap::new()),
+            assigned: std::sync::Mutex::new(HashMap::new()),
+            assignments: std::sync::atomic::AtomicU64::new(0),
             partitions,
         }
+    }
+
+    /// Records that the group gave `partition` to this process; the returned number
+    /// identifies this assignment.
+    pub(crate) fn assign(&self, partition: i32) -> u64 {
+        let number = self
+            .assignments
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(partition, number);
+        number
+    }
+
+    /// Whether assignment `number` of `partition` still holds.
+    pub(crate) fn holds(&self, partition: i32, number: u64) -> bool {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            == Some(&number)
     }
 
     /// The partition of aggregate `id`.
@@ -311,19 +340,43 @@ pub(crate) async fn take_over(
     shared: Arc<Shared>,
     owners: Arc<Owners>,
     partition: i32,
+    assignment: u64,
 ) -> anyhow::Result<()> {
-    owners.set::<UserAggregate>(partition, Some(Slot::Starting));
-    owners.set::<NewsAggregate>(partition, Some(Slot::Starting));
+    {
+        let assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        if assigned.get(&partition) != Some(&assignment) {
+            return Ok(());
+        }
+        owners.set::<UserAggregate>(partition, Some(Slot::Starting));
+        owners.set::<NewsAggregate>(partition, Some(Slot::Starting));
+    }
     shared.keys.load_partition(partition).await?;
-    let (users, user_states) = writer::start::<UserAggregate>(shared.clone(), partition).await?;
-    let (news, _) = writer::start::<NewsAggregate>(shared.clone(), partition).await?;
+    let still_owned: writer::StillOwned = {
+        let owners = owners.clone();
+        Arc::new(move || owners.holds(partition, assignment))
+    };
+    // Each start fences the partition's previous writer: do not start after a revocation.
+    anyhow::ensure!(still_owned(), "revoked before its takeover");
+    let (users, user_states) =
+        writer::start::<UserAggregate>(shared.clone(), partition, still_owned.clone()).await?;
+    anyhow::ensure!(still_owned(), "revoked during its takeover");
+    let (news, _) = writer::start::<NewsAggregate>(shared.clone(), partition, still_owned).await?;
     shared
         .claims
         .reconcile(partition, &user_states, &shared.keys)
         .await?;
     drop(user_states);
-    owners.set::<UserAggregate>(partition, Some(Slot::Ready(users)));
-    owners.set::<NewsAggregate>(partition, Some(Slot::Ready(news)));
+    {
+        // Checked and published under the assignment lock: a revocation that came during
+        // the takeover wins, and the writers just started are dropped (they stop).
+        let assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        if assigned.get(&partition) != Some(&assignment) {
+            tracing::info!(partition, "revoked during its takeover; not serving it");
+            return Ok(());
+        }
+        owners.set::<UserAggregate>(partition, Some(Slot::Ready(users)));
+        owners.set::<NewsAggregate>(partition, Some(Slot::Ready(news)));
+    }
     shared.directory.announce(partition).await?;
     newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
     tracing::info!(partition, "partition taken over");
@@ -332,7 +385,10 @@ pub(crate) async fn take_over(
 
 /// Stops serving `partition`: new requests go elsewhere; writers finish their batch.
 pub(crate) fn give_up(owners: &Owners, partition: i32) {
+    let mut assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
+    assigned.remove(&partition);
     owners.set::<UserAggregate>(partition, None);
     owners.set::<NewsAggregate>(partition, None);
+    drop(assigned);
     newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
 }

@@ -94,11 +94,17 @@ pub type Started<A> = (
     HashMap<Uuid, <A as Aggregate>::State>,
 );
 
+/// Answers whether this process still owns the partition (after a fencing error, a
+/// writer whose process still owns the partition takes it back instead of stopping: the
+/// fencing came from a takeover that was abandoned).
+pub type StillOwned = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Connects (fencing any previous writer of the partition), rebuilds the state, and starts
 /// the writer task; returns its request queue and a copy of the state it starts from.
 pub async fn start<A: Aggregate>(
     shared: Arc<Shared>,
     partition: i32,
+    still_owned: StillOwned,
 ) -> anyhow::Result<Started<A>> {
     let connection = connect::<A>(&shared, partition).await?;
     let (states, next_offset) = rebuild::state::<A>(&shared, partition).await?;
@@ -112,7 +118,14 @@ pub async fn start<A: Aggregate>(
     let (sender, requests) = mpsc::channel(QUEUE);
     let initial = states.clone();
     let log = Log::new(states, next_offset);
-    tokio::spawn(run::<A>(shared, partition, connection, log, requests));
+    tokio::spawn(run::<A>(
+        shared,
+        partition,
+        connection,
+        log,
+        requests,
+        still_owned,
+    ));
     Ok((sender, initial))
 }
 
@@ -141,6 +154,7 @@ async fn run<A: Aggregate>(
     mut connection: Connection,
     mut log: Log<A::State>,
     mut requests: mpsc::Receiver<Request<A>>,
+    still_owned: StillOwned,
 ) {
     let topic = A::STREAM.topic(&shared.kafka);
     while let Some(first) = requests.recv().await {
@@ -194,6 +208,18 @@ async fn run<A: Aggregate>(
                     partition,
                     reason,
                     "transaction outcome unknown; rebuilding the partition"
+                );
+                match recover::<A>(&shared, partition, &mut requests).await {
+                    Some((c, l)) => (connection, log) = (c, l),
+                    None => return,
+                }
+            }
+            Err(Failure::Fenced(reason)) if still_owned() => {
+                tracing::warn!(
+                    stream = A::STREAM.name(),
+                    partition,
+                    reason,
+                    "fenced by an abandoned takeover; taking the partition back"
                 );
                 match recover::<A>(&shared, partition, &mut requests).await {
                     Some((c, l)) => (connection, log) = (c, l),

@@ -1,3 +1,4 @@
 //! HTTP handlers of the query API.
 
+pub mod news;
 pub mod users;

@@ -22,13 +22,15 @@ type UserRow = (
 );
 
 /// `GET /v1/users/{id}`: the user themselves or an admin.
-#[tracing::instrument(skip(state, caller))]
+#[tracing::instrument(skip(req, state, caller))]
 pub async fn get(
+    req: actix_web::HttpRequest,
     id: web::Path<Uuid>,
     caller: Caller,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = caller.required()?;
+    crate::consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
     if actor.id != *id && !actor.is_admin() {
         return Err(ApiError::Forbidden);
     }

@@ -2,5 +2,6 @@
 //! One binary (one link) for every test that can run in parallel with the others.
 
 mod commands;
+mod queries;
 mod registry;
 mod users;

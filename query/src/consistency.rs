@@ -1,0 +1,100 @@
+//! `X-Consistency-Token`: a query that sends one is answered only from read models that
+//! include the positions it names, waiting up to `X-Consistency-Timeout-Ms` (default 3000,
+//! at most 30000); still behind at the deadline → 503 `projection_lagging`.
+
+use std::time::Duration;
+
+use actix_web::HttpRequest;
+use anyhow::Context as _;
+use newsroom_events::consistency::ConsistencyToken;
+use newsroom_infra::http::ApiError;
+use sqlx::PgPool;
+
+/// The request header carrying a token.
+pub const TOKEN: &str = "x-consistency-token";
+/// The request header bounding the wait.
+pub const TIMEOUT: &str = "x-consistency-timeout-ms";
+const DEFAULT_TIMEOUT_MS: u64 = 3000;
+const MAX_TIMEOUT_MS: u64 = 30_000;
+const POLL: Duration = Duration::from_millis(5);
+
+/// The projection that has applied a stream's events.
+fn projection_of(stream: &str) -> Option<&'static str> {
+    match stream {
+        "users" => Some("users"),
+        "news" => Some("news"),
+        _ => None,
+    }
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
+    req.headers()
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::Malformed(format!("{name} must be ASCII")))
+        })
+        .transpose()
+}
+
+/// Waits until the read models include the request's token, if it has one.
+pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Result<(), ApiError> {
+    let Some(text) = header(req, TOKEN)? else {
+        return Ok(());
+    };
+    let token = ConsistencyToken::parse(text.trim()).map_err(|_| {
+        ApiError::Malformed("X-Consistency-Token is not a token this server issued".into())
+    })?;
+    let timeout_ms = match header(req, TIMEOUT)? {
+        None => DEFAULT_TIMEOUT_MS,
+        Some(raw) => raw
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms <= MAX_TIMEOUT_MS)
+            .ok_or_else(|| {
+                ApiError::Malformed(format!(
+                    "X-Consistency-Timeout-Ms must be 0 to {MAX_TIMEOUT_MS}"
+                ))
+            })?,
+    };
+    let mut pending = Vec::new();
+    for (stream, position) in token.positions() {
+        let projection = projection_of(stream).ok_or_else(|| {
+            ApiError::Malformed(format!(
+                "X-Consistency-Token names an unknown stream {stream}"
+            ))
+        })?;
+        pending.push((projection, format!("{topic_prefix}.{stream}"), position));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let mut behind = false;
+        for (projection, topic, position) in &pending {
+            let row: Option<(i64,)> = sqlx::query_as(
+                "SELECT next_offset FROM projection_offsets WHERE projection = $1 AND topic = $2 AND partition = $3",
+            )
+            .bind(projection)
+            .bind(topic)
+            .bind(position.partition)
+            .fetch_optional(pool)
+            .await
+            .context("reading projection offsets")
+            .map_err(|e| {
+                tracing::error!(error = format!("{e:#}"), "consistency check");
+                ApiError::Unavailable("the read models are unavailable".into())
+            })?;
+            if row.is_none_or(|(next,)| next <= position.offset) {
+                behind = true;
+                break;
+            }
+        }
+        if !behind {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::ProjectionLagging);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -1,0 +1,261 @@
+//! `/v1/news` reads.
+
+use std::collections::HashMap;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use newsroom_infra::auth::{Actor, Caller};
+use newsroom_infra::http::ApiError;
+use newsroom_infra::views::{AuthorView, NewsView};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::State;
+use crate::consistency;
+
+/// The news rows with their author's name, in `NewsRow` order (a macro, so that queries
+/// stay static strings).
+macro_rules! select_news {
+    () => {
+        "SELECT n.id, n.category, n.title, n.content, n.tags, n.author_id, \
+         CASE WHEN u.id IS NULL THEN '' WHEN u.erased THEN '[deleted]' ELSE u.name END AS author_name, \
+         n.status, n.version, n.created_at, n.updated_at, n.published_at, n.read_count \
+         FROM news n LEFT JOIN users u ON u.id = n.author_id "
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct NewsRow {
+    id: Uuid,
+    category: String,
+    title: String,
+    content: String,
+    tags: Vec<String>,
+    author_id: Uuid,
+    author_name: String,
+    status: String,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    published_at: Option<DateTime<Utc>>,
+    read_count: i64,
+}
+
+impl NewsRow {
+    fn view(self, with_content: bool) -> NewsView {
+        NewsView {
+            id: self.id,
+            category: self.category,
+            title: self.title,
+            content: with_content.then_some(self.content),
+            tags: self.tags,
+            author: AuthorView {
+                id: self.author_id,
+                name: self.author_name,
+            },
+            status: self.status,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            published_at: self.published_at,
+            read_count: self.read_count,
+        }
+    }
+
+    /// Drafts and archived articles exist only for their author and admins.
+    fn visible_to(&self, caller: Option<Actor>) -> bool {
+        match self.status.as_str() {
+            "published" => true,
+            "draft" | "archived" => caller.is_some_and(|a| a.is_admin() || a.id == self.author_id),
+            _ => false,
+        }
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> ApiError {
+    tracing::error!(error = %e, "reading the news read model");
+    ApiError::Unavailable("the read model is unavailable".into())
+}
+
+/// Whether `If-None-Match` names `version`.
+fn not_modified(req: &HttpRequest, version: i64) -> bool {
+    let Some(value) = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let etag = format!("\"{version}\"");
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag == etag || tag.strip_prefix("W/") == Some(etag.as_str()))
+}
+
+/// `GET /v1/news/{id}`.
+#[tracing::instrument(skip_all, fields(news = %id))]
+pub async fn get(
+    req: HttpRequest,
+    id: web::Path<Uuid>,
+    caller: Caller,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    let row: Option<NewsRow> = sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
+        .bind(*id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(unavailable)?;
+    let row = row
+        .filter(|r| r.visible_to(caller.0))
+        .ok_or(ApiError::NotFound)?;
+    let etag = format!("\"{}\"", row.version);
+    if not_modified(&req, row.version) {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, etag))
+            .finish());
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, etag))
+        .json(row.view(true)))
+}
+
+/// A page of a list.
+#[derive(Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Where the next page starts; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A position in the list: after the item published at `at` with id `id`.
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("n1:{}:{id}", at.timestamp_micros()))
+}
+
+fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || ApiError::Malformed("cursor was not issued by this server".into());
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, ':');
+    let (Some("n1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// `limit`: 1..=100, default 20.
+pub fn limit(params: &HashMap<String, String>) -> Result<i64, ApiError> {
+    match params.get("limit") {
+        None => Ok(20),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| {
+                ApiError::Malformed("limit must be a whole number from 1 to 100".into())
+            }),
+    }
+}
+
+/// `GET /v1/news?category=&tag=&author_id=&limit=&cursor=`: published articles, newest
+/// publication first. Pages are keyset-based on (published_at, id), so publications made
+/// while a client pages through never make it skip or repeat an item.
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    req: HttpRequest,
+    params: web::Query<HashMap<String, String>>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    let category = match params.get("category") {
+        None => None,
+        Some(c) if ["famous", "politics", "sports"].contains(&c.as_str()) => Some(c.clone()),
+        Some(_) => {
+            return Err(ApiError::Malformed(
+                "category must be famous, politics or sports".into(),
+            ));
+        }
+    };
+    let tag = match params.get("tag") {
+        None => None,
+        Some(t) => {
+            let tag = t.trim().to_lowercase();
+            if tag.is_empty() || tag.chars().count() > 50 {
+                return Err(ApiError::Malformed("tag must be 1 to 50 characters".into()));
+            }
+            Some(tag)
+        }
+    };
+    let author = match params.get("author_id") {
+        None => None,
+        Some(a) => Some(
+            Uuid::parse_str(a)
+                .map_err(|_| ApiError::Malformed("author_id must be a UUID".into()))?,
+        ),
+    };
+    let limit = limit(&params)?;
+    let after = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let rows: Vec<NewsRow> = sqlx::query_as(concat!(
+        select_news!(),
+        "WHERE n.status = 'published' \
+         AND ($1::text IS NULL OR n.category = $1) \
+         AND ($2::text IS NULL OR n.tags @> ARRAY[$2]) \
+         AND ($3::uuid IS NULL OR n.author_id = $3) \
+         AND ($4::timestamptz IS NULL OR (n.published_at, n.id) < ($4, $5)) \
+         ORDER BY n.published_at DESC, n.id DESC LIMIT $6"
+    ))
+    .bind(category)
+    .bind(tag)
+    .bind(author)
+    .bind(after.map(|(at, _)| at))
+    .bind(after.map(|(_, id)| id))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<NewsView> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|r| r.view(false))
+        .collect();
+    let next_cursor = if more {
+        items
+            .last()
+            .and_then(|n| n.published_at.map(|at| encode_cursor(at, n.id)))
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(Page { items, next_cursor }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_survives_its_text_form_and_foreign_ones_are_refused() {
+        let at = DateTime::from_timestamp_micros(1_764_000_000_123_456).expect("valid");
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)).ok(), Some((at, id)));
+        for bad in [
+            "",
+            "!!",
+            "bm90IGEgY3Vyc29y",
+            &URL_SAFE_NO_PAD.encode("n1:x:y"),
+        ] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Black-box tests of the query API over the news and users read models: visibility,
+//! ETags, lists with filters and cursors, and consistency tokens.
+
+use std::collections::HashSet;
+
+use newsroom_tests::{TestApp, TestUser};
+use reqwest::Method;
+use reqwest::StatusCode as S;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+type TestResult = anyhow::Result<()>;
+
+struct Published {
+    id: Uuid,
+    token: String,
+}
+
+/// Drafts and publishes an article; returns its id and the publication's consistency token.
+async fn publish(
+    app: &TestApp,
+    editor: &TestUser,
+    category: &str,
+    tags: &[&str],
+) -> anyhow::Result<Published> {
+    let body = json!({"category": category, "title": format!("A {category} story"), "content": "Text.", "tags": tags});
+    let (status, created) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&body),
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == S::CREATED, "draft: {status} {created}");
+    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+    let response = app
+        .http
+        .post(format!("{}/v1/news/{id}/publish", app.command_url))
+        .bearer_auth(&editor.token)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == S::OK, "publish: {}", response.status());
+    let token = response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned();
+    Ok(Published { id, token })
+}
+
+async fn query(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    consistency: Option<&str>,
+) -> anyhow::Result<(S, Value)> {
+    let mut request = app.http.get(format!("{}{path}", app.query_url));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(consistency) = consistency {
+        request = request.header("x-consistency-token", consistency);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let text = response.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+#[tokio::test]
+async fn a_published_article_is_public_and_a_draft_exists_only_for_its_author_and_admins()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let (author, other, admin) = (app.editor().await?, app.editor().await?, app.admin().await?);
+    let live = publish(&app, &author, "sports", &["football"]).await?;
+    let (status, draft) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&author.token),
+            Some(&json!({"category": "famous", "title": "Secret", "content": "x"})),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::CREATED);
+    let draft_id = draft["id"].as_str().unwrap_or_default().to_owned();
+
+    let (status, body) = query(
+        &app,
+        &format!("/v1/news/{}", live.id),
+        None,
+        Some(&live.token),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (S::OK, json!("published"))
+    );
+    assert_eq!(body["content"], "Text.");
+    assert_eq!(body["author"]["id"], json!(author.id));
+    // Wait until the draft is projected (through the author's own view), then check who sees it.
+    let mut seen = S::NOT_FOUND;
+    for _ in 0..100 {
+        seen = query(
+            &app,
+            &format!("/v1/news/{draft_id}"),
+            Some(&author.token),
+            None,
+        )
+        .await?
+        .0;
+        if seen == S::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, S::OK, "the author sees the draft");
+    assert_eq!(
+        query(
+            &app,
+            &format!("/v1/news/{draft_id}"),
+            Some(&admin.token),
+            None
+        )
+        .await?
+        .0,
+        S::OK
+    );
+    assert_eq!(
+        query(
+            &app,
+            &format!("/v1/news/{draft_id}"),
+            Some(&other.token),
+            None
+        )
+        .await?
+        .0,
+        S::NOT_FOUND
+    );
+    assert_eq!(
+        query(&app, &format!("/v1/news/{draft_id}"), None, None)
+            .await?
+            .0,
+        S::NOT_FOUND
+    );
+    assert_eq!(
+        query(&app, &format!("/v1/news/{}", Uuid::now_v7()), None, None)
+            .await?
+            .0,
+        S::NOT_FOUND
+    );
+    assert_eq!(
+        query(&app, "/v1/news/not-a-uuid", None, None).await?.0,
+        S::NOT_FOUND
+    );
+    assert_eq!(
+        query(
+            &app,
+            &format!("/v1/news/{}", live.id),
+            Some("bad-token"),
+            None
+        )
+        .await?
+        .0,
+        S::UNAUTHORIZED
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_unchanged_article_answers_304_to_its_etag() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let live = publish(&app, &editor, "politics", &[]).await?;
+    query(
+        &app,
+        &format!("/v1/news/{}", live.id),
+        None,
+        Some(&live.token),
+    )
+    .await?;
+    let url = format!("{}/v1/news/{}", app.query_url, live.id);
+
+    let first = app.http.get(&url).send().await?;
+    let etag = first.headers()["etag"].to_str()?.to_owned();
+    assert_eq!(etag, "\"2\"");
+    let again = app
+        .http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await?;
+    assert_eq!(again.status(), S::NOT_MODIFIED);
+    assert_eq!(again.headers()["etag"], etag.as_str());
+    let stale = app
+        .http
+        .get(&url)
+        .header("if-none-match", "\"1\"")
+        .send()
+        .await?;
+    assert_eq!(stale.status(), S::OK);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn lists_show_published_news_newest_first_with_filters_and_cursors() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (alice, bob) = (app.editor().await?, app.editor().await?);
+    let mut published = Vec::new();
+    for i in 0..7 {
+        let (editor, category, tags): (&TestUser, &str, &[&str]) = match i % 3 {
+            0 => (&alice, "sports", &["football"]),
+            1 => (&bob, "politics", &["election"]),
+            _ => (&alice, "famous", &["football", "gala"]),
+        };
+        published.push(publish(&app, editor, category, tags).await?);
+    }
+    let last = &published[published.len() - 1].token;
+    // A draft never shows up in lists.
+    app.command(
+        Method::POST,
+        "/v1/news",
+        Some(&alice.token),
+        Some(&json!({"category": "sports", "title": "Draft", "content": "x"})),
+        None,
+    )
+    .await?;
+
+    // The last publication's token covers its partition; the others are projected too once
+    // the list holds all seven.
+    let mut all = Value::Null;
+    for _ in 0..200 {
+        let (status, page) = query(&app, "/v1/news?limit=100", None, Some(last)).await?;
+        assert_eq!(status, S::OK);
+        all = page;
+        if all["items"].as_array().map_or(0, Vec::len) == published.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let ids: Vec<&str> = all["items"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["id"].as_str()).collect())
+        .unwrap_or_default();
+    let mut expected: Vec<String> = published.iter().map(|p| p.id.to_string()).collect();
+    expected.reverse();
+    assert_eq!(ids, expected, "published only, newest first");
+    assert_eq!(all["next_cursor"], Value::Null);
+    assert!(
+        all["items"][0].get("content").is_none(),
+        "lists leave the content out"
+    );
+
+    let count = |v: &Value| v["items"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        count(&query(&app, "/v1/news?category=sports", None, None).await?.1),
+        3
+    );
+    assert_eq!(
+        count(&query(&app, "/v1/news?tag=FOOTBALL", None, None).await?.1),
+        5
+    );
+    assert_eq!(
+        count(
+            &query(&app, &format!("/v1/news?author_id={}", bob.id), None, None)
+                .await?
+                .1
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &query(
+                &app,
+                "/v1/news?category=famous&tag=gala&unknown=ignored",
+                None,
+                None
+            )
+            .await?
+            .1
+        ),
+        2
+    );
+
+    // Page by 3 while new articles are published: no item is skipped or repeated.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/news?limit=3&cursor={c}"),
+            None => "/v1/news?limit=3".to_owned(),
+        };
+        let (status, page) = query(&app, &path, None, None).await?;
+        assert_eq!(status, S::OK);
+        seen.extend(
+            page["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["id"].as_str().map(str::to_owned)),
+        );
+        publish(&app, &bob, "sports", &[]).await?;
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen, expected,
+        "every article of the first snapshot once, in order"
+    );
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len());
+
+    for bad in [
+        "limit=0",
+        "limit=101",
+        "limit=x",
+        "category=weather",
+        "author_id=nope",
+        "cursor=garbage",
+        "tag=",
+    ] {
+        let (status, body) = query(&app, &format!("/v1/news?{bad}"), None, None).await?;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (S::BAD_REQUEST, json!("malformed_request")),
+            "{bad}"
+        );
+    }
+    app.stop().await
+}
+
+#[tokio::test]
+async fn two_hundred_times_a_command_then_its_token_on_a_query_always_shows_the_write() -> TestResult
+{
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let live = publish(&app, &editor, "sports", &[]).await?;
+    let path = format!("/v1/news/{}", live.id);
+
+    for i in 0..200 {
+        let response = app
+            .http
+            .patch(format!("{}{path}", app.command_url))
+            .bearer_auth(&editor.token)
+            .json(&json!({"title": format!("Title {i}")}))
+            .send()
+            .await?;
+        assert_eq!(response.status(), S::OK);
+        let token = response.headers()["x-consistency-token"]
+            .to_str()?
+            .to_owned();
+        let (status, body) = query(&app, &path, None, Some(&token)).await?;
+        assert_eq!(
+            (status, body["title"].clone()),
+            (S::OK, json!(format!("Title {i}"))),
+            "round {i}"
+        );
+    }
+    app.stop().await
+}
+
+#[tokio::test]
+async fn consistency_tokens_are_checked_and_a_lagging_read_model_is_503() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let ahead = "v1.news~0~999999999";
+
+    let response = app
+        .http
+        .get(format!("{}/v1/news", app.query_url))
+        .header("x-consistency-token", ahead)
+        .header("x-consistency-timeout-ms", "50")
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await?;
+    assert_eq!(body["code"], "projection_lagging");
+
+    for (token, timeout) in [("garbage", "10"), (ahead, "30001"), (ahead, "soon")] {
+        let response = app
+            .http
+            .get(format!("{}/v1/news", app.query_url))
+            .header("x-consistency-token", token)
+            .header("x-consistency-timeout-ms", timeout)
+            .send()
+            .await?;
+        assert_eq!(response.status(), S::BAD_REQUEST, "{token} {timeout}");
+    }
+    app.stop().await
+}
