@@ -17,5 +17,14 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The ownership tests start the newsroom binary as separate processes.
 cargo build --bin newsroom
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
 echo "[test] done in $((SECONDS - started))s"
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i - 1); if ($i == "failed;") f += $(i - 1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
