@@ -83,7 +83,7 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
     if roles.query_api {
         let listener = bind(settings.http.query_addr)?;
         running.query_addr = Some(listener.local_addr()?);
-        let server = newsroom_query::build(settings, listener, pool.clone(), tokens)?;
+        let server = newsroom_query::build(settings, listener, pool.clone(), tokens).await?;
         running
             .servers
             .push((server.handle(), tokio::spawn(server)));
@@ -102,6 +102,14 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         running.workers.push(project(
             newsroom_projector::news::NewsProjection,
             Stream::News,
+            settings,
+            &pool,
+            &registry,
+            &stopped,
+        ));
+        running.workers.push(project(
+            newsroom_projector::reads::ReadsProjection,
+            Stream::Reads,
             settings,
             &pool,
             &registry,

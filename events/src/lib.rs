@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod news;
 pub mod partition;
 pub mod personal;
+pub mod reads;
 pub mod schemas;
 pub mod users;
 pub mod wire;

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::EventMetadata;
 use crate::news::NewsEvent;
+use crate::reads::ReadEvent;
 use crate::users::UserEvent;
 
 /// A domain event type with its schema.
@@ -41,7 +42,10 @@ pub fn decode_as<E: Event>(value: apache_avro::types::Value) -> Result<E, EventD
 
 /// `(full name, .avsc text)` of every event type, in the order they are registered.
 pub fn all() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    UserEvent::SCHEMAS.iter().chain(NewsEvent::SCHEMAS)
+    UserEvent::SCHEMAS
+        .iter()
+        .chain(NewsEvent::SCHEMAS)
+        .chain(ReadEvent::SCHEMAS)
 }
 
 static PARSED: LazyLock<HashMap<&'static str, Schema>> = LazyLock::new(|| {
@@ -104,12 +108,13 @@ mod tests {
         assert_same_shape::<NewsUnpublished>();
         assert_same_shape::<NewsArchived>();
         assert_same_shape::<NewsDeleted>();
+        assert_same_shape::<crate::reads::NewsRead>();
     }
 
     #[test]
     fn every_family_lists_every_schema_once() {
         let names: std::collections::HashSet<_> = all().map(|(n, _)| *n).collect();
-        assert_eq!(names.len(), 12);
-        assert_eq!(all().count(), 12);
+        assert_eq!(names.len(), 13);
+        assert_eq!(all().count(), 13);
     }
 }

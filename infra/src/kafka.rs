@@ -78,6 +78,20 @@ pub fn transactional_producer(settings: &KafkaSettings, transactional_id: &str) 
     config
 }
 
+/// An idempotent, non-transactional producer for facts that may be dropped under
+/// pressure (reads): bounded queue, short delivery timeout.
+pub fn best_effort_producer(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = base(settings);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "zstd")
+        .set("queue.buffering.max.messages", "100000")
+        .set("message.timeout.ms", "10000");
+    config
+}
+
 /// A consumer configuration that sees only committed records and never commits offsets to
 /// Kafka: consumers keep their offsets with their writes.
 pub fn read_committed_consumer(settings: &KafkaSettings, group_id: &str) -> ClientConfig {

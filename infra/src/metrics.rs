@@ -83,6 +83,17 @@ pub static PARTITIONS_OWNED: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Reads handed to the log, by outcome (`sent`, `dropped`).
+pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    registered(
+        IntCounterVec::new(
+            Opts::new("newsroom_reads_total", "Reads recorded by the query API"),
+            &["outcome"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
 /// Records one served request.
 pub fn record_http(route: &str, method: &str, status: u16, elapsed: Duration) {
     HTTP_REQUESTS

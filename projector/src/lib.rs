@@ -7,4 +7,5 @@
 
 pub mod consumer;
 pub mod news;
+pub mod reads;
 pub mod users;

@@ -48,6 +48,7 @@ impl Projection for UsersProjection {
             meta.aggregate_version,
             meta.occurred_at(),
         );
+        let erased = matches!(event, UserEvent::Erased(_));
         // Every write is guarded by version: a redelivered or replayed event changes nothing.
         let query = match event {
             UserEvent::Registered(e) => {
@@ -118,6 +119,14 @@ impl Projection for UsersProjection {
             .execute(&mut **tx)
             .await
             .context("projecting a user event")?;
+        if erased {
+            // Their reads stay counted, anonymously; their history goes.
+            sqlx::query("DELETE FROM reading_history WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await
+                .context("removing an erased user's history")?;
+        }
         Ok(())
     }
 }

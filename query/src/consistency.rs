@@ -23,6 +23,7 @@ fn projection_of(stream: &str) -> Option<&'static str> {
     match stream {
         "users" => Some("users"),
         "news" => Some("news"),
+        "reads" => Some("reads"),
         _ => None,
     }
 }

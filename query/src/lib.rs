@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod consistency;
+pub mod reads;
 pub mod routes;
 
 use std::net::TcpListener;
@@ -23,21 +24,25 @@ pub struct State {
     pub pool: PgPool,
     /// The deployment's topic prefix (consistency tokens name streams without it).
     pub topic_prefix: String,
+    /// Where reads are handed to the log.
+    pub reads: reads::Reads,
 }
 
 /// The OpenAPI document of the query API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Builds the query API on `listener` over the read models in `pool`.
-pub fn build(
+pub async fn build(
     settings: &Settings,
     listener: TcpListener,
     pool: PgPool,
     tokens: Tokens,
 ) -> anyhow::Result<Server> {
+    let registry = newsroom_infra::registry::Registry::connect(&settings.registry).await?;
     let state = web::Data::new(State {
         pool,
         topic_prefix: settings.kafka.topic_prefix.clone(),
+        reads: reads::Reads::start(&settings.kafka, registry)?,
     });
     let tokens = web::Data::new(tokens);
     let ready_state = state.clone();
@@ -60,6 +65,10 @@ pub fn build(
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users/{id}", web::get().to(routes::users::get))
+            .route(
+                "/v1/users/{id}/history",
+                web::get().to(routes::users::history),
+            )
             .route("/v1/news", web::get().to(routes::news::list))
             .route("/v1/news/{id}", web::get().to(routes::news::get))
             .default_service(web::to(http::not_found))

@@ -20,6 +20,33 @@ async fn with_kafka_down_registration_is_503_and_nothing_is_appended() -> anyhow
         app.post_json("/v1/users", &before).await?.status(),
         StatusCode::CREATED
     );
+    // An article to read while Kafka is down.
+    let admin = app.admin().await?;
+    let article = serde_json::json!({"category": "sports", "title": "Read me", "content": "x"});
+    let (status, created) = app
+        .command(
+            reqwest::Method::POST,
+            "/v1/news",
+            Some(&admin.token),
+            Some(&article),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let news = created["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _) = app
+        .command(
+            reqwest::Method::POST,
+            &format!("/v1/news/{news}/publish"),
+            Some(&admin.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let news_path = format!("/v1/news/{news}");
+    app.get_eventually(&news_path, &admin.token, Duration::from_secs(15))
+        .await?;
 
     infra(&["down", "kafka"])?;
     let refused = new_user();
@@ -62,6 +89,22 @@ async fn with_kafka_down_registration_is_503_and_nothing_is_appended() -> anyhow
             StatusCode::SERVICE_UNAVAILABLE,
             "readiness reports Kafka down"
         );
+        // Reading still answers at full speed; the reads it records are dropped (counted).
+        for _ in 0..20 {
+            let started = Instant::now();
+            let read = app
+                .http
+                .get(format!("{}{news_path}", app.query_url))
+                .bearer_auth(&admin.token)
+                .send()
+                .await?;
+            assert_eq!(read.status(), StatusCode::OK);
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "a read waits for nothing: {:?}",
+                started.elapsed()
+            );
+        }
         anyhow::Ok(())
     }
     .await;

@@ -75,8 +75,9 @@ impl NewsRow {
     }
 }
 
-fn unavailable(e: sqlx::Error) -> ApiError {
-    tracing::error!(error = %e, "reading the news read model");
+/// A read-model failure: logged, answered 503 without internals.
+pub fn unavailable(e: sqlx::Error) -> ApiError {
+    tracing::error!(error = %e, "reading the read model");
     ApiError::Unavailable("the read model is unavailable".into())
 }
 
@@ -113,6 +114,10 @@ pub async fn get(
     let row = row
         .filter(|r| r.visible_to(caller.0))
         .ok_or(ApiError::NotFound)?;
+    if let Some(reader) = caller.0.filter(|_| row.status == "published") {
+        let request_id = newsroom_infra::http::RequestId::of(&req);
+        state.reads.record(reader.id, row.id, request_id);
+    }
     let etag = format!("\"{}\"", row.version);
     if not_modified(&req, row.version) {
         return Ok(HttpResponse::NotModified()
@@ -133,19 +138,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-/// A position in the list: after the item published at `at` with id `id`.
-fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("n1:{}:{id}", at.timestamp_micros()))
+/// A position in a list: after the item at time `at` with id `id`; `kind` tells lists
+/// apart, so a cursor of one list is refused by another.
+pub fn encode_cursor(kind: &str, at: DateTime<Utc>, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{kind}:{}:{id}", at.timestamp_micros()))
 }
 
-fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+/// Reads a cursor of list `kind`.
+pub fn decode_cursor(kind: &str, text: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let bad = || ApiError::Malformed("cursor was not issued by this server".into());
     let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let mut parts = text.splitn(3, ':');
-    let (Some("n1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(k), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad());
     };
+    if k != kind {
+        return Err(bad());
+    }
     let at = micros
         .parse::<i64>()
         .ok()
@@ -205,7 +215,10 @@ pub async fn list(
         ),
     };
     let limit = limit(&params)?;
-    let after = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let after = params
+        .get("cursor")
+        .map(|c| decode_cursor("n1", c))
+        .transpose()?;
     let rows: Vec<NewsRow> = sqlx::query_as(concat!(
         select_news!(),
         "WHERE n.status = 'published' \
@@ -233,7 +246,7 @@ pub async fn list(
     let next_cursor = if more {
         items
             .last()
-            .and_then(|n| n.published_at.map(|at| encode_cursor(at, n.id)))
+            .and_then(|n| n.published_at.map(|at| encode_cursor("n1", at, n.id)))
     } else {
         None
     };
@@ -248,14 +261,21 @@ mod tests {
     fn a_cursor_survives_its_text_form_and_foreign_ones_are_refused() {
         let at = DateTime::from_timestamp_micros(1_764_000_000_123_456).expect("valid");
         let id = Uuid::now_v7();
-        assert_eq!(decode_cursor(&encode_cursor(at, id)).ok(), Some((at, id)));
+        assert_eq!(
+            decode_cursor("n1", &encode_cursor("n1", at, id)).ok(),
+            Some((at, id))
+        );
+        assert!(
+            decode_cursor("h1", &encode_cursor("n1", at, id)).is_err(),
+            "another list's cursor"
+        );
         for bad in [
             "",
             "!!",
             "bm90IGEgY3Vyc29y",
             &URL_SAFE_NO_PAD.encode("n1:x:y"),
         ] {
-            assert!(decode_cursor(bad).is_err(), "{bad}");
+            assert!(decode_cursor("n1", bad).is_err(), "{bad}");
         }
     }
 }

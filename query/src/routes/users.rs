@@ -61,3 +61,69 @@ pub async fn get(
         .insert_header((header::ETAG, format!("\"{}\"", user.version)))
         .json(user))
 }
+
+/// One read of a user's history.
+#[derive(serde::Serialize, sqlx::FromRow)]
+pub struct HistoryItem {
+    /// The article.
+    pub news_id: Uuid,
+    /// Its title now.
+    pub title: String,
+    /// When it was read.
+    #[serde(with = "newsroom_infra::views::rfc3339_micros")]
+    pub read_at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip)]
+    event_id: Uuid,
+}
+
+/// `GET /v1/users/{id}/history?limit=&cursor=`: the user's reads, newest first (self, admin).
+#[tracing::instrument(skip_all, fields(user = %id))]
+pub async fn history(
+    req: actix_web::HttpRequest,
+    id: web::Path<Uuid>,
+    caller: Caller,
+    params: web::Query<std::collections::HashMap<String, String>>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::routes::news::{Page, decode_cursor, encode_cursor, limit, unavailable};
+    let actor = caller.required()?;
+    if actor.id != *id && !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
+    crate::consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    let limit = limit(&params)?;
+    let after = params
+        .get("cursor")
+        .map(|c| decode_cursor("h1", c))
+        .transpose()?;
+    let exists: Option<(bool,)> = sqlx::query_as("SELECT erased FROM users WHERE id = $1")
+        .bind(*id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(unavailable)?;
+    if !matches!(exists, Some((false,))) {
+        return Err(ApiError::NotFound);
+    }
+    let rows: Vec<HistoryItem> = sqlx::query_as(
+        "SELECT h.news_id, n.title, h.read_at, h.event_id FROM reading_history h JOIN news n ON n.id = h.news_id \
+         WHERE h.user_id = $1 AND ($2::timestamptz IS NULL OR (h.read_at, h.event_id) < ($2, $3)) \
+         ORDER BY h.read_at DESC, h.event_id DESC LIMIT $4",
+    )
+    .bind(*id)
+    .bind(after.map(|(at, _)| at))
+    .bind(after.map(|(_, event)| event))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<HistoryItem> = rows.into_iter().take(limit as usize).collect();
+    let next_cursor = more
+        .then(|| {
+            items
+                .last()
+                .map(|i| encode_cursor("h1", i.read_at, i.event_id))
+        })
+        .flatten();
+    Ok(HttpResponse::Ok().json(Page { items, next_cursor }))
+}

@@ -390,3 +390,101 @@ async fn consistency_tokens_are_checked_and_a_lagging_read_model_is_503() -> Tes
     }
     app.stop().await
 }
+
+#[tokio::test]
+async fn authenticated_reads_are_counted_and_make_up_the_readers_history() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, reader, other) = (
+        app.editor().await?,
+        app.reader().await?,
+        app.reader().await?,
+    );
+    let mut articles = Vec::new();
+    for _ in 0..3 {
+        articles.push(publish(&app, &editor, "sports", &["football"]).await?);
+    }
+    for article in &articles {
+        let (status, _) = query(
+            &app,
+            &format!("/v1/news/{}", article.id),
+            Some(&reader.token),
+            Some(&article.token),
+        )
+        .await?;
+        assert_eq!(status, S::OK);
+    }
+    // An anonymous read is not recorded.
+    query(&app, &format!("/v1/news/{}", articles[0].id), None, None).await?;
+
+    let history_path = format!("/v1/users/{}/history?limit=2", reader.id);
+    let mut history = Value::Null;
+    for _ in 0..200 {
+        history = query(&app, &history_path, Some(&reader.token), None)
+            .await?
+            .1;
+        if history["next_cursor"].is_string() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let first_page: Vec<&str> = history["items"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["news_id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        first_page,
+        vec![articles[2].id.to_string(), articles[1].id.to_string()],
+        "newest read first"
+    );
+    assert_eq!(history["items"][0]["title"], "A sports story");
+    let cursor = history["next_cursor"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (_, rest) = query(
+        &app,
+        &format!("{history_path}&cursor={cursor}"),
+        Some(&reader.token),
+        None,
+    )
+    .await?;
+    assert_eq!(rest["items"][0]["news_id"], json!(articles[0].id));
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    let mut count = Value::Null;
+    for _ in 0..200 {
+        count = query(&app, &format!("/v1/news/{}", articles[0].id), None, None)
+            .await?
+            .1["read_count"]
+            .clone();
+        if count == json!(1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        count,
+        json!(1),
+        "one authenticated read of the first article"
+    );
+
+    assert_eq!(
+        query(&app, &history_path, Some(&other.token), None)
+            .await?
+            .0,
+        S::FORBIDDEN
+    );
+    assert_eq!(
+        query(&app, &history_path, None, None).await?.0,
+        S::UNAUTHORIZED
+    );
+    let (status, _) = query(
+        &app,
+        &format!("{history_path}&cursor=garbage"),
+        Some(&reader.token),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::BAD_REQUEST);
+    app.stop().await
+}

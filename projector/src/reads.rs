@@ -1,0 +1,45 @@
+//! Reading history and read counts, from the reads stream.
+
+use anyhow::Context as _;
+use newsroom_events::reads::ReadEvent;
+use newsroom_infra::codec::Decoded;
+use sqlx::{Postgres, Transaction};
+
+use crate::consumer::Projection;
+
+/// Projects reads into `reading_history` and `news.read_count`.
+pub struct ReadsProjection;
+
+impl Projection for ReadsProjection {
+    fn name(&self) -> &'static str {
+        "reads"
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: Decoded,
+    ) -> anyhow::Result<()> {
+        let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
+        let meta = &read.metadata;
+        // Erased users' reads stay counted but leave no history.
+        sqlx::query(
+            "INSERT INTO reading_history (event_id, user_id, news_id, read_at) \
+             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM users WHERE id = $2 AND erased) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(meta.event_id)
+        .bind(meta.aggregate_id)
+        .bind(read.news_id)
+        .bind(meta.occurred_at())
+        .execute(&mut **tx)
+        .await
+        .context("recording a read")?;
+        sqlx::query("UPDATE news SET read_count = read_count + 1 WHERE id = $1")
+            .bind(read.news_id)
+            .execute(&mut **tx)
+            .await
+            .context("counting a read")?;
+        Ok(())
+    }
+}
