@@ -165,18 +165,21 @@ pub async fn build(
             )
             .route("/v1/news", web::post().to(routes::news::create))
             .route("/v1/news/{id}", web::patch().to(routes::news::update))
-            .route("/v1/news/{id}", web::delete().to(routes::news::delete))
+            .route(
+                "/v1/news/{id}",
+                web::delete().to(routes::news::transition::<routes::news::Delete>),
+            )
             .route(
                 "/v1/news/{id}/publish",
-                web::post().to(routes::news::publish),
+                web::post().to(routes::news::transition::<routes::news::Publish>),
             )
             .route(
                 "/v1/news/{id}/unpublish",
-                web::post().to(routes::news::unpublish),
+                web::post().to(routes::news::transition::<routes::news::Unpublish>),
             )
             .route(
                 "/v1/news/{id}/archive",
-                web::post().to(routes::news::archive),
+                web::post().to(routes::news::transition::<routes::news::Archive>),
             )
             .default_service(web::to(http::not_found))
     })

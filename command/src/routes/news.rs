@@ -222,103 +222,75 @@ pub async fn update(
     run(&state, &req, &body.raw, id, actor, command, StatusCode::OK).await
 }
 
-/// A lifecycle command without a body.
-async fn lifecycle(
-    req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
-    state: web::Data<State>,
-    build: impl FnOnce(Actor, Option<i64>) -> NewsCommand,
-    status: StatusCode,
-) -> Result<HttpResponse, ApiError> {
-    let actor = editor(caller)?;
-    let id = parse_id(&path)?;
-    let command = build(actor, if_match(&req)?);
-    run(&state, &req, &[], id, actor, command, status).await
+/// A lifecycle command without a body: publish, unpublish, archive, delete.
+pub trait Transition {
+    /// The status of a success.
+    const STATUS: StatusCode;
+    /// The command for `actor` with the `If-Match` version.
+    fn command(actor: Actor, expected_version: Option<i64>) -> NewsCommand;
 }
 
 /// `POST /v1/news/{id}/publish`.
-pub async fn publish(
-    req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
-    let at = chrono::Utc::now();
-    lifecycle(
-        req,
-        path,
-        caller,
-        state,
-        |actor, expected_version| NewsCommand::Publish {
+pub struct Publish;
+/// `POST /v1/news/{id}/unpublish`.
+pub struct Unpublish;
+/// `POST /v1/news/{id}/archive`.
+pub struct Archive;
+/// `DELETE /v1/news/{id}`.
+pub struct Delete;
+
+impl Transition for Publish {
+    const STATUS: StatusCode = StatusCode::OK;
+    fn command(actor: Actor, expected_version: Option<i64>) -> NewsCommand {
+        let at = chrono::Utc::now();
+        NewsCommand::Publish {
             actor,
             expected_version,
             at,
-        },
-        StatusCode::OK,
-    )
-    .await
+        }
+    }
 }
 
-/// `POST /v1/news/{id}/unpublish`.
-pub async fn unpublish(
+impl Transition for Unpublish {
+    const STATUS: StatusCode = StatusCode::OK;
+    fn command(actor: Actor, expected_version: Option<i64>) -> NewsCommand {
+        NewsCommand::Unpublish {
+            actor,
+            expected_version,
+        }
+    }
+}
+
+impl Transition for Archive {
+    const STATUS: StatusCode = StatusCode::OK;
+    fn command(actor: Actor, expected_version: Option<i64>) -> NewsCommand {
+        NewsCommand::Archive {
+            actor,
+            expected_version,
+        }
+    }
+}
+
+impl Transition for Delete {
+    const STATUS: StatusCode = StatusCode::NO_CONTENT;
+    fn command(actor: Actor, expected_version: Option<i64>) -> NewsCommand {
+        NewsCommand::Delete {
+            actor,
+            expected_version,
+        }
+    }
+}
+
+/// The handler of every [`Transition`].
+#[tracing::instrument(skip_all, fields(news = %path))]
+pub async fn transition<T: Transition>(
     req: HttpRequest,
     path: web::Path<String>,
     caller: Caller,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    lifecycle(
-        req,
-        path,
-        caller,
-        state,
-        |actor, expected_version| NewsCommand::Unpublish {
-            actor,
-            expected_version,
-        },
-        StatusCode::OK,
-    )
-    .await
-}
-
-/// `POST /v1/news/{id}/archive`.
-pub async fn archive(
-    req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
-    lifecycle(
-        req,
-        path,
-        caller,
-        state,
-        |actor, expected_version| NewsCommand::Archive {
-            actor,
-            expected_version,
-        },
-        StatusCode::OK,
-    )
-    .await
-}
-
-/// `DELETE /v1/news/{id}`.
-pub async fn delete(
-    req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
-    state: web::Data<State>,
-) -> Result<HttpResponse, ApiError> {
-    lifecycle(
-        req,
-        path,
-        caller,
-        state,
-        |actor, expected_version| NewsCommand::Delete {
-            actor,
-            expected_version,
-        },
-        StatusCode::NO_CONTENT,
-    )
-    .await
+    let actor = editor(caller)?;
+    let id = parse_id(&path)?;
+    let command = T::command(actor, if_match(&req)?);
+    run(&state, &req, &[], id, actor, command, T::STATUS).await
 }
