@@ -35,6 +35,15 @@ impl Projection for ReadsProjection {
         .execute(&mut **tx)
         .await
         .context("recording a read")?;
+        sqlx::query(
+            "INSERT INTO news_reads_hourly (news_id, hour, reads) VALUES ($1, date_trunc('hour', $2::timestamptz), 1) \
+             ON CONFLICT (news_id, hour) DO UPDATE SET reads = news_reads_hourly.reads + 1",
+        )
+        .bind(read.news_id)
+        .bind(meta.occurred_at())
+        .execute(&mut **tx)
+        .await
+        .context("counting a read for trending")?;
         sqlx::query("UPDATE news SET read_count = read_count + 1 WHERE id = $1")
             .bind(read.news_id)
             .execute(&mut **tx)

@@ -70,6 +70,8 @@ pub async fn build(
                 web::get().to(routes::users::history),
             )
             .route("/v1/news", web::get().to(routes::news::list))
+            // Before /v1/news/{id}, which would take "trending" for an id.
+            .route("/v1/news/trending", web::get().to(routes::news::trending))
             .route("/v1/news/{id}", web::get().to(routes::news::get))
             .default_service(web::to(http::not_found))
     })

@@ -18,12 +18,23 @@ use crate::consistency;
 
 /// The news rows with their author's name, in `NewsRow` order (a macro, so that queries
 /// stay static strings).
+macro_rules! news_columns {
+    () => {
+        "n.id, n.category, n.title, n.content, n.tags, n.author_id, \
+         CASE WHEN u.id IS NULL THEN '' WHEN u.erased THEN '[deleted]' ELSE u.name END AS author_name, \
+         n.status, n.version, n.created_at, n.updated_at, n.published_at, n.read_count "
+    };
+}
+
+macro_rules! news_from {
+    () => {
+        "FROM news n LEFT JOIN users u ON u.id = n.author_id "
+    };
+}
+
 macro_rules! select_news {
     () => {
-        "SELECT n.id, n.category, n.title, n.content, n.tags, n.author_id, \
-         CASE WHEN u.id IS NULL THEN '' WHEN u.erased THEN '[deleted]' ELSE u.name END AS author_name, \
-         n.status, n.version, n.created_at, n.updated_at, n.published_at, n.read_count \
-         FROM news n LEFT JOIN users u ON u.id = n.author_id "
+        concat!("SELECT ", news_columns!(), news_from!())
     };
 }
 
@@ -188,15 +199,7 @@ pub async fn list(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
-    let category = match params.get("category") {
-        None => None,
-        Some(c) if ["famous", "politics", "sports"].contains(&c.as_str()) => Some(c.clone()),
-        Some(_) => {
-            return Err(ApiError::Malformed(
-                "category must be famous, politics or sports".into(),
-            ));
-        }
-    };
+    let category = category(&params)?;
     let tag = match params.get("tag") {
         None => None,
         Some(t) => {
@@ -277,5 +280,68 @@ mod tests {
         ] {
             assert!(decode_cursor("n1", bad).is_err(), "{bad}");
         }
+    }
+}
+
+/// One entry of a trending list.
+#[derive(Serialize)]
+pub struct Trending {
+    /// The article (without content).
+    pub news: NewsView,
+    /// Its reads in the last 24 hours.
+    pub reads: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct TrendingRow {
+    #[sqlx(flatten)]
+    news: NewsRow,
+    reads: i64,
+}
+
+/// `GET /v1/news/trending?category=&limit=`: the most-read published articles of the last
+/// 24 hours (by hour buckets), most reads first.
+#[tracing::instrument(skip_all)]
+pub async fn trending(
+    req: HttpRequest,
+    params: web::Query<HashMap<String, String>>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    let category = category(&params)?;
+    let limit = limit(&params)?;
+    let rows: Vec<TrendingRow> = sqlx::query_as(concat!(
+        "WITH recent AS (SELECT news_id, sum(reads)::bigint AS reads FROM news_reads_hourly \
+         WHERE hour > now() - interval '24 hours' GROUP BY news_id) SELECT ",
+        news_columns!(),
+        ", r.reads ",
+        news_from!(),
+        "JOIN recent r ON r.news_id = n.id \
+         WHERE n.status = 'published' AND ($1::text IS NULL OR n.category = $1) \
+         ORDER BY r.reads DESC, n.published_at DESC, n.id DESC LIMIT $2"
+    ))
+    .bind(category)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let items: Vec<Trending> = rows
+        .into_iter()
+        .map(|r| Trending {
+            news: r.news.view(false),
+            reads: r.reads,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
+}
+
+/// `category`: one of the three, if given.
+fn category(params: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    match params.get("category") {
+        None => Ok(None),
+        Some(c) if ["famous", "politics", "sports"].contains(&c.as_str()) => Ok(Some(c.clone())),
+        Some(_) => Err(ApiError::Malformed(
+            "category must be famous, politics or sports".into(),
+        )),
     }
 }

@@ -488,3 +488,88 @@ async fn authenticated_reads_are_counted_and_make_up_the_readers_history() -> Te
     assert_eq!(status, S::BAD_REQUEST);
     app.stop().await
 }
+
+#[tokio::test]
+async fn trending_ranks_published_articles_by_their_reads_of_the_last_day() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, reader) = (app.editor().await?, app.reader().await?);
+    let a = publish(&app, &editor, "sports", &[]).await?;
+    let b = publish(&app, &editor, "sports", &[]).await?;
+    let c = publish(&app, &editor, "politics", &[]).await?;
+    for (article, reads) in [(&a, 3), (&b, 2), (&c, 1)] {
+        for _ in 0..reads {
+            let (status, _) = query(
+                &app,
+                &format!("/v1/news/{}", article.id),
+                Some(&reader.token),
+                Some(&article.token),
+            )
+            .await?;
+            assert_eq!(status, S::OK);
+        }
+    }
+    let ranking = |v: &Value| -> Vec<(String, i64)> {
+        v["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| {
+                        (
+                            i["news"]["id"].as_str().unwrap_or_default().to_owned(),
+                            i["reads"].as_i64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let expected = vec![
+        (a.id.to_string(), 3),
+        (b.id.to_string(), 2),
+        (c.id.to_string(), 1),
+    ];
+    let mut all = Value::Null;
+    for _ in 0..200 {
+        all = query(&app, "/v1/news/trending", None, None).await?.1;
+        if ranking(&all) == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(ranking(&all), expected, "most reads first: {all}");
+    let (_, sports) = query(
+        &app,
+        "/v1/news/trending?category=sports&limit=1",
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(ranking(&sports), vec![(a.id.to_string(), 3)]);
+
+    let unpublished = app
+        .http
+        .post(format!("{}/v1/news/{}/unpublish", app.command_url, a.id))
+        .bearer_auth(&editor.token)
+        .send()
+        .await?;
+    let token = unpublished.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned();
+    let (_, after) = query(&app, "/v1/news/trending", None, Some(&token)).await?;
+    assert_eq!(
+        ranking(&after),
+        expected[1..].to_vec(),
+        "an unpublished article leaves the list"
+    );
+    for bad in ["limit=0", "category=weather"] {
+        assert_eq!(
+            query(&app, &format!("/v1/news/trending?{bad}"), None, None)
+                .await?
+                .0,
+            S::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+    app.stop().await
+}
