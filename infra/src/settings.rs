@@ -31,6 +31,7 @@ pub struct Settings {
 pub struct AuthSettings {
     /// HS256 secret of the access tokens (at least 32 bytes). Required unless `--local`.
     #[arg(
+        global = true,
         long = "jwt-secret",
         env = "NEWSROOM_JWT_SECRET",
         hide_env_values = true
@@ -39,6 +40,7 @@ pub struct AuthSettings {
     /// Secret key of the e-mail claims (keyed hashes of addresses). Must never change once
     /// users exist. Required unless `--local`.
     #[arg(
+        global = true,
         long = "email-pepper",
         env = "NEWSROOM_EMAIL_PEPPER",
         hide_env_values = true
@@ -46,20 +48,27 @@ pub struct AuthSettings {
     pub email_pepper: Option<String>,
     /// Local mode: generate a token secret and use a fixed development pepper when none
     /// is configured (never in production).
-    #[arg(long = "local", env = "NEWSROOM_LOCAL", default_value_t = false)]
+    #[arg(
+        global = true,
+        long = "local",
+        env = "NEWSROOM_LOCAL",
+        default_value_t = false
+    )]
     pub local: bool,
     /// Lifetime of access tokens in seconds.
     #[arg(
+        global = true,
         long = "token-ttl-secs",
         env = "NEWSROOM_TOKEN_TTL_SECS",
         default_value_t = 3600
     )]
     pub token_ttl_secs: u64,
     /// E-mail of the first admin, created at start when no user has it.
-    #[arg(long = "admin-email", env = "NEWSROOM_ADMIN_EMAIL")]
+    #[arg(global = true, long = "admin-email", env = "NEWSROOM_ADMIN_EMAIL")]
     pub admin_email: Option<String>,
     /// Password of the first admin.
     #[arg(
+        global = true,
         long = "admin-password",
         env = "NEWSROOM_ADMIN_PASSWORD",
         hide_env_values = true
@@ -72,6 +81,7 @@ pub struct AuthSettings {
 pub struct KafkaSettings {
     /// Bootstrap servers.
     #[arg(
+        global = true,
         long = "kafka-brokers",
         env = "NEWSROOM_KAFKA_BROKERS",
         default_value = "127.0.0.1:9092"
@@ -79,6 +89,7 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// Prefix of every topic name (`<prefix>.users`, ...), so deployments and tests can share a cluster.
     #[arg(
+        global = true,
         long = "topic-prefix",
         env = "NEWSROOM_TOPIC_PREFIX",
         default_value = "newsroom"
@@ -86,6 +97,7 @@ pub struct KafkaSettings {
     pub topic_prefix: String,
     /// Partitions of the event topics when newsroom creates them.
     #[arg(
+        global = true,
         long = "topic-partitions",
         env = "NEWSROOM_TOPIC_PARTITIONS",
         default_value_t = 6
@@ -93,6 +105,7 @@ pub struct KafkaSettings {
     pub partitions: i32,
     /// Replication factor of the topics newsroom creates.
     #[arg(
+        global = true,
         long = "topic-replication",
         env = "NEWSROOM_TOPIC_REPLICATION",
         default_value_t = 1
@@ -100,6 +113,7 @@ pub struct KafkaSettings {
     pub replication: i32,
     /// How long a write may wait for Kafka before the request fails with 503 (milliseconds).
     #[arg(
+        global = true,
         long = "kafka-timeout-ms",
         env = "NEWSROOM_KAFKA_TIMEOUT_MS",
         default_value_t = 2000
@@ -107,6 +121,7 @@ pub struct KafkaSettings {
     pub timeout_ms: u64,
     /// Events a partition writer applies between two snapshots of its state.
     #[arg(
+        global = true,
         long = "snapshot-every",
         env = "NEWSROOM_SNAPSHOT_EVERY",
         default_value_t = 10_000
@@ -114,6 +129,7 @@ pub struct KafkaSettings {
     pub snapshot_every: u64,
     /// Identity of this command process; part of its Kafka transactional id.
     #[arg(
+        global = true,
         long = "instance-id",
         env = "NEWSROOM_INSTANCE_ID",
         default_value = "0"
@@ -133,6 +149,7 @@ impl KafkaSettings {
 pub struct RegistrySettings {
     /// Base URL of the Confluent-compatible API (Apicurio: `.../apis/ccompat/v7`).
     #[arg(
+        global = true,
         id = "registry_url",
         long = "registry-url",
         env = "NEWSROOM_REGISTRY_URL",
@@ -146,6 +163,7 @@ pub struct RegistrySettings {
 pub struct PostgresSettings {
     /// Connection URL.
     #[arg(
+        global = true,
         id = "database_url",
         long = "database-url",
         env = "NEWSROOM_DATABASE_URL",
@@ -154,6 +172,7 @@ pub struct PostgresSettings {
     pub url: String,
     /// Largest number of connections per process.
     #[arg(
+        global = true,
         long = "database-max-connections",
         env = "NEWSROOM_DATABASE_MAX_CONNECTIONS",
         default_value_t = 16
@@ -166,6 +185,7 @@ pub struct PostgresSettings {
 pub struct HttpSettings {
     /// Address of the command API.
     #[arg(
+        global = true,
         long = "command-addr",
         env = "NEWSROOM_COMMAND_ADDR",
         default_value = "127.0.0.1:8080"
@@ -173,16 +193,22 @@ pub struct HttpSettings {
     pub command_addr: SocketAddr,
     /// Address of the query API.
     #[arg(
+        global = true,
         long = "query-addr",
         env = "NEWSROOM_QUERY_ADDR",
         default_value = "127.0.0.1:8081"
     )]
     pub query_addr: SocketAddr,
     /// Address other command processes reach this one at (default: the bound address).
-    #[arg(long = "command-advertise", env = "NEWSROOM_COMMAND_ADVERTISE")]
+    #[arg(
+        global = true,
+        long = "command-advertise",
+        env = "NEWSROOM_COMMAND_ADVERTISE"
+    )]
     pub command_advertise: Option<String>,
     /// Worker threads per HTTP server (0: one per core).
     #[arg(
+        global = true,
         long = "http-workers",
         env = "NEWSROOM_HTTP_WORKERS",
         default_value_t = 0
@@ -195,6 +221,7 @@ pub struct HttpSettings {
 pub struct HashingSettings {
     /// Memory cost in KiB.
     #[arg(
+        global = true,
         long = "argon2-memory-kib",
         env = "NEWSROOM_ARGON2_MEMORY_KIB",
         default_value_t = 19_456
@@ -202,6 +229,7 @@ pub struct HashingSettings {
     pub memory_kib: u32,
     /// Iterations.
     #[arg(
+        global = true,
         long = "argon2-iterations",
         env = "NEWSROOM_ARGON2_ITERATIONS",
         default_value_t = 2
@@ -209,6 +237,7 @@ pub struct HashingSettings {
     pub iterations: u32,
     /// Lanes.
     #[arg(
+        global = true,
         long = "argon2-parallelism",
         env = "NEWSROOM_ARGON2_PARALLELISM",
         default_value_t = 1
