@@ -94,6 +94,35 @@ pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Events a projection still has to apply, per partition (from librdkafka's statistics).
+pub static PROJECTION_LAG_EVENTS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    registered(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "newsroom_projection_lag_events",
+                "Events of the log a projection has not applied yet",
+            ),
+            &["projection", "partition"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
+/// Milliseconds between an event's append and its application, for the last event a
+/// projection applied on each partition.
+pub static PROJECTION_LAG_MS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    registered(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "newsroom_projection_lag_milliseconds",
+                "Age of the last applied event when it was applied",
+            ),
+            &["projection", "partition"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
 /// Records one served request.
 pub fn record_http(route: &str, method: &str, status: u16, elapsed: Duration) {
     HTTP_REQUESTS

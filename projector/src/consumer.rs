@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use newsroom_infra::codec::{self, Decoded};
 use newsroom_infra::kafka::read_committed_consumer;
-use newsroom_infra::metrics::CONSUMER_EVENTS;
+use newsroom_infra::metrics::{CONSUMER_EVENTS, PROJECTION_LAG_EVENTS, PROJECTION_LAG_MS};
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -28,6 +28,8 @@ pub struct Raw {
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
+    /// When it was appended (milliseconds since the epoch), if the broker said.
+    pub appended_ms: Option<i64>,
     /// The framed Avro payload (`None` for a tombstone).
     pub payload: Option<Vec<u8>>,
 }
@@ -54,8 +56,11 @@ pub async fn run<P: Projection>(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = format!("{}.{}", kafka.topic_prefix, projection.name());
-    let consumer: StreamConsumer = read_committed_consumer(kafka, &group)
-        .create()
+    let consumer: StreamConsumer<LagContext> = read_committed_consumer(kafka, &group)
+        .set("statistics.interval.ms", "1000")
+        .create_with_context(LagContext {
+            projection: projection.name(),
+        })
         .context("creating the projection consumer")?;
     let partitions = partitions_of(&consumer, &topic).await?;
     let stored = stored_offsets(&pool, projection.name(), &topic).await?;
@@ -87,6 +92,7 @@ pub async fn run<P: Projection>(
                 Ok(m) => batch.push(Raw {
                     partition: m.partition(),
                     offset: m.offset(),
+                    appended_ms: m.timestamp().to_millis(),
                     payload: m.payload().map(<[u8]>::to_vec),
                 }),
                 Err(e) => tracing::warn!(error = %e, "consumer error"),
@@ -160,6 +166,18 @@ async fn apply_batch<P: Projection>(
         .context("storing offsets")?;
     }
     tx.commit().await.context("committing the batch")?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+    for raw in batch {
+        if let Some(at) = raw.appended_ms {
+            newest.insert(raw.partition, at);
+        }
+    }
+    for (partition, at) in newest {
+        PROJECTION_LAG_MS
+            .with_label_values(&[projection.name(), &partition.to_string()])
+            .set((now_ms - at).max(0));
+    }
     CONSUMER_EVENTS
         .with_label_values(&[projection.name(), "applied"])
         .inc_by(applied);
@@ -169,7 +187,39 @@ async fn apply_batch<P: Projection>(
     Ok(())
 }
 
-async fn partitions_of(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+/// Publishes librdkafka's per-partition consumer lag as `newsroom_projection_lag_events`.
+pub struct LagContext {
+    projection: &'static str,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for topic in statistics.topics.values() {
+            for (partition, stats) in &topic.partitions {
+                // What the projection has been handed (or, before the first record, where
+                // it fetches from), against the last stable offset of the partition.
+                let position = if stats.app_offset >= 0 {
+                    stats.app_offset
+                } else {
+                    stats.next_offset
+                };
+                if *partition < 0 || position < 0 || stats.ls_offset < 0 {
+                    continue;
+                }
+                PROJECTION_LAG_EVENTS
+                    .with_label_values(&[self.projection, &partition.to_string()])
+                    .set((stats.ls_offset - position).max(0));
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
+async fn partitions_of(
+    consumer: &StreamConsumer<LagContext>,
+    topic: &str,
+) -> anyhow::Result<Vec<i32>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));

@@ -310,3 +310,36 @@ async fn ops_endpoints_answer() -> TestResult {
     }
     app.stop().await
 }
+
+#[tokio::test]
+async fn projection_lag_is_published_per_projection_and_partition() -> TestResult {
+    let app = TestApp::spawn().await?;
+    app.reader().await?;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = app
+            .http
+            .get(format!("{}/metrics", app.query_url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let has = |name: &str| {
+            metrics.lines().any(|l| {
+                l.starts_with(name)
+                    && l.contains("projection=\"users\"")
+                    && l.contains("partition=\"")
+            })
+        };
+        if has("newsroom_projection_lag_events") && has("newsroom_projection_lag_milliseconds") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lag metrics: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await
+}
