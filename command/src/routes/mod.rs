@@ -49,6 +49,42 @@ pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
         })
 }
 
+/// What a command on an existing aggregate starts from: the authenticated caller (401),
+/// the id in the path (404 if it is not a UUID) and the `If-Match` version (400 if
+/// malformed).
+pub struct Target {
+    /// The caller.
+    pub actor: crate::domain::Actor,
+    /// The aggregate.
+    pub id: uuid::Uuid,
+    /// `If-Match`.
+    pub expected_version: Option<i64>,
+}
+
+impl actix_web::FromRequest for Target {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Target, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let target = (|| {
+            let caller = newsroom_infra::auth::Caller::from_request(req, payload).into_inner()?;
+            let actor = caller.required()?;
+            let id = req
+                .match_info()
+                .get("id")
+                .and_then(|raw| uuid::Uuid::parse_str(raw).ok())
+                .ok_or(ApiError::NotFound)?;
+            let expected_version = if_match(req)?;
+            Ok(Target {
+                actor,
+                id,
+                expected_version,
+            })
+        })();
+        std::future::ready(target)
+    }
+}
+
 /// Where a request for `partition` of `A` must go.
 pub enum Placement {
     /// Served here.

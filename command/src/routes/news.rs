@@ -10,7 +10,7 @@ use newsroom_infra::kafka::Stream;
 use newsroom_infra::views::{AuthorView, DELETED_AUTHOR, NewsView};
 use uuid::Uuid;
 
-use super::{Placement, X_CONSISTENCY_TOKEN, if_match, place, token_for};
+use super::{Placement, Target, X_CONSISTENCY_TOKEN, place, token_for};
 use crate::State;
 use crate::aggregate::NewsAggregate;
 use crate::domain::Actor;
@@ -110,8 +110,7 @@ async fn answer(state: &State, status: StatusCode, committed: &Committed<News>) 
     response.json(news_view(state, &committed.state).await)
 }
 
-fn editor(caller: Caller) -> Result<Actor, ApiError> {
-    let actor = caller.required()?;
+fn editor(actor: Actor) -> Result<Actor, ApiError> {
     match actor.role {
         Role::Editor | Role::Admin => Ok(actor),
         Role::Reader => Err(ApiError::Forbidden),
@@ -126,7 +125,7 @@ pub async fn create(
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = editor(caller)?;
+    let actor = editor(caller.required()?)?;
     let mut fields = Fields::of(&body.value)?;
     let category = fields.one_of("category", CATEGORIES, Category::parse);
     let title = fields.trimmed_string("title", 1, 200);
@@ -156,10 +155,6 @@ pub async fn create(
     Ok(answer(&state, StatusCode::CREATED, &committed).await)
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)
-}
-
 /// Runs a command on an existing article here, or forwards it to the article's owner.
 async fn run(
     state: &State,
@@ -182,17 +177,19 @@ async fn run(
 }
 
 /// `PATCH /v1/news/{id}`.
-#[tracing::instrument(skip_all, fields(news = %path))]
+#[tracing::instrument(skip_all, fields(news = %target.id))]
 pub async fn update(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = editor(caller)?;
-    let id = parse_id(&path)?;
-    let expected_version = if_match(&req)?;
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
+    let actor = editor(actor)?;
     let mut fields = Fields::of(&body.value)?;
     let edit = Edit {
         category: fields.optional_one_of("category", CATEGORIES, Category::parse),
@@ -282,15 +279,17 @@ impl Transition for Delete {
 }
 
 /// The handler of every [`Transition`].
-#[tracing::instrument(skip_all, fields(news = %path))]
+#[tracing::instrument(skip_all, fields(news = %target.id))]
 pub async fn transition<T: Transition>(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = editor(caller)?;
-    let id = parse_id(&path)?;
-    let command = T::command(actor, if_match(&req)?);
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
+    let command = T::command(editor(actor)?, expected_version);
     run(&state, &req, &[], id, actor, command, T::STATUS).await
 }

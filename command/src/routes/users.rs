@@ -4,13 +4,12 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use newsroom_events::Category;
 use newsroom_events::users::Role;
-use newsroom_infra::auth::Caller;
 use newsroom_infra::http::{ApiError, FieldError, JsonBody, RequestId};
 use newsroom_infra::kafka::Stream;
 use newsroom_infra::views::UserView;
 use uuid::Uuid;
 
-use super::{Placement, X_CONSISTENCY_TOKEN, if_match, place, token_for};
+use super::{Placement, Target, X_CONSISTENCY_TOKEN, place, token_for};
 use crate::State;
 use crate::aggregate::UserAggregate;
 use crate::claims::Claimed;
@@ -55,10 +54,6 @@ fn answer(status: actix_web::http::StatusCode, committed: &Committed<User>) -> H
         ));
     }
     response.json(user_view(&committed.state))
-}
-
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound)
 }
 
 /// Registers a user with `role`, claiming the e-mail first; shared by `POST /v1/users` and
@@ -180,17 +175,18 @@ async fn run(
 }
 
 /// `PATCH /v1/users/{id}`: name, e-mail, followed categories, e-mail notifications.
-#[tracing::instrument(skip_all, fields(user = %path))]
+#[tracing::instrument(skip_all, fields(user = %target.id))]
 pub async fn update(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = caller.required()?;
-    let id = parse_id(&path)?;
-    let expected_version = if_match(&req)?;
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
     let mut fields = Fields::of(&body.value)?;
     let name = fields.optional_trimmed_string("name", 1, 100);
     let email = fields.optional_email("email");
@@ -280,17 +276,18 @@ pub async fn update(
 }
 
 /// `PUT /v1/users/{id}/password`: self only, with the current password.
-#[tracing::instrument(skip_all, fields(user = %path))]
+#[tracing::instrument(skip_all, fields(user = %target.id))]
 pub async fn change_password(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = caller.required()?;
-    let id = parse_id(&path)?;
-    let expected_version = if_match(&req)?;
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
     let mut fields = Fields::of(&body.value)?;
     let current_password = fields.exact_string("current_password", 1, 128);
     let new_password = fields.exact_string("new_password", 8, 128);
@@ -333,17 +330,18 @@ pub async fn change_password(
 }
 
 /// `PUT /v1/users/{id}/role`: admins only.
-#[tracing::instrument(skip_all, fields(user = %path))]
+#[tracing::instrument(skip_all, fields(user = %target.id))]
 pub async fn change_role(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = caller.required()?;
-    let id = parse_id(&path)?;
-    let expected_version = if_match(&req)?;
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
     let mut fields = Fields::of(&body.value)?;
     let role = fields.one_of("role", "reader, editor, admin", Role::parse);
     fields.finish()?;
@@ -365,16 +363,17 @@ pub async fn change_role(
 
 /// `DELETE /v1/users/{id}`: erasure (self or admin). The user's key is destroyed, so the
 /// personal fields of all their events become unreadable.
-#[tracing::instrument(skip_all, fields(user = %path))]
+#[tracing::instrument(skip_all, fields(user = %target.id))]
 pub async fn erase(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = caller.required()?;
-    let id = parse_id(&path)?;
-    let expected_version = if_match(&req)?;
+    let Target {
+        actor,
+        id,
+        expected_version,
+    } = target;
     let command = UserCommand::Erase {
         actor,
         expected_version,
@@ -390,15 +389,13 @@ pub async fn erase(
 }
 
 /// `POST /v1/users/{id}/notifications/read`: self only.
-#[tracing::instrument(skip_all, fields(user = %path))]
+#[tracing::instrument(skip_all, fields(user = %target.id))]
 pub async fn notifications_read(
     req: HttpRequest,
-    path: web::Path<String>,
-    caller: Caller,
+    target: Target,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let actor = caller.required()?;
-    let id = parse_id(&path)?;
+    let Target { actor, id, .. } = target;
     let command = UserCommand::MarkNotificationsRead {
         actor,
         at: chrono::Utc::now(),
