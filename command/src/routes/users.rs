@@ -1,6 +1,6 @@
 //! `/v1/users` commands.
 
-use actix_web::http::header;
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use newsroom_events::Category;
 use newsroom_events::users::Role;
@@ -36,7 +36,7 @@ pub fn user_view(user: &User) -> UserView {
     }
 }
 
-fn answer(status: actix_web::http::StatusCode, committed: &Committed<User>) -> HttpResponse {
+fn answer(status: StatusCode, committed: &Committed<User>) -> HttpResponse {
     let mut response = HttpResponse::build(status);
     response
         .insert_header((header::ETAG, format!("\"{}\"", committed.state.version)))
@@ -44,10 +44,10 @@ fn answer(status: actix_web::http::StatusCode, committed: &Committed<User>) -> H
             X_CONSISTENCY_TOKEN,
             token_for(Stream::Users, committed.position),
         ));
-    if status == actix_web::http::StatusCode::NO_CONTENT {
+    if status == StatusCode::NO_CONTENT {
         return response.finish();
     }
-    if status == actix_web::http::StatusCode::CREATED {
+    if status == StatusCode::CREATED {
         response.insert_header((
             header::LOCATION,
             format!("/v1/users/{}", committed.state.id),
@@ -146,32 +146,40 @@ pub async fn register(
     };
     let meta = RequestMeta::new(RequestId::of(&req), None);
     let committed = register_user(&state, name, email, password, Role::Reader, meta).await?;
-    Ok(answer(actix_web::http::StatusCode::CREATED, &committed))
+    Ok(answer(StatusCode::CREATED, &committed))
 }
 
-/// Runs a command on an existing user here, or forwards the request to the user's owner.
+/// Runs a command on an existing user here and answers with `status`, or forwards the
+/// request to the user's owner and relays its answer.
 async fn run(
     state: &State,
     req: &HttpRequest,
     body: &[u8],
-    id: Uuid,
-    actor: Actor,
+    target: (Uuid, Actor),
     command: UserCommand,
-) -> Result<Result<Committed<User>, HttpResponse>, ApiError> {
+    status: StatusCode,
+) -> Result<HttpResponse, ApiError> {
+    let (id, actor) = target;
     let partition = state.owners.partition_of(id);
     if let Placement::Forwarded(response) =
         place::<UserAggregate>(state, req, body, partition).await?
     {
-        return Ok(Err(response));
+        return Ok(response);
     }
+    let committed = submit_here(state, req, id, actor, command).await?;
+    Ok(answer(status, &committed))
+}
+
+/// Submits a command to the local writer of user `id` (placement already checked).
+async fn submit_here(
+    state: &State,
+    req: &HttpRequest,
+    id: Uuid,
+    actor: Actor,
+    command: UserCommand,
+) -> Result<Committed<User>, ApiError> {
     let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));
-    Ok(Ok(owner::submit::<UserAggregate>(
-        &state.owners,
-        id,
-        command,
-        meta,
-    )
-    .await?))
+    Ok(owner::submit::<UserAggregate>(&state.owners, id, command, meta).await?)
 }
 
 /// `PATCH /v1/users/{id}`: name, e-mail, followed categories, e-mail notifications.
@@ -272,7 +280,7 @@ pub async fn update(
             Err(_) => {}
         }
     }
-    Ok(answer(actix_web::http::StatusCode::OK, &outcome?))
+    Ok(answer(StatusCode::OK, &outcome?))
 }
 
 /// `PUT /v1/users/{id}/password`: self only, with the current password.
@@ -323,10 +331,8 @@ pub async fn change_password(
         verified_hash: user.password_hash.clone(),
         new_hash: state.hasher.hash(new_password).await?,
     };
-    match run(&state, &req, &body.raw, id, actor, command).await? {
-        Ok(committed) => Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed)),
-        Err(forwarded) => Ok(forwarded),
-    }
+    let committed = submit_here(&state, &req, id, actor, command).await?;
+    Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
 
 /// `PUT /v1/users/{id}/role`: admins only.
@@ -355,10 +361,15 @@ pub async fn change_role(
         expected_version,
         role,
     };
-    match run(&state, &req, &body.raw, id, actor, command).await? {
-        Ok(committed) => Ok(answer(actix_web::http::StatusCode::OK, &committed)),
-        Err(forwarded) => Ok(forwarded),
-    }
+    run(
+        &state,
+        &req,
+        &body.raw,
+        (id, actor),
+        command,
+        StatusCode::OK,
+    )
+    .await
 }
 
 /// `DELETE /v1/users/{id}`: erasure (self or admin). The user's key is destroyed, so the
@@ -378,14 +389,16 @@ pub async fn erase(
         actor,
         expected_version,
     };
-    match run(&state, &req, &[], id, actor, command).await? {
-        Ok(committed) => {
-            state.shared.keys.destroy(id).await?;
-            state.shared.claims.release_all(id).await?;
-            Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed))
-        }
-        Err(forwarded) => Ok(forwarded),
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) =
+        place::<UserAggregate>(&state, &req, &[], partition).await?
+    {
+        return Ok(response);
     }
+    let committed = submit_here(&state, &req, id, actor, command).await?;
+    state.shared.keys.destroy(id).await?;
+    state.shared.claims.release_all(id).await?;
+    Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
 
 /// `POST /v1/users/{id}/notifications/read`: self only.
@@ -400,8 +413,13 @@ pub async fn notifications_read(
         actor,
         at: chrono::Utc::now(),
     };
-    match run(&state, &req, &[], id, actor, command).await? {
-        Ok(committed) => Ok(answer(actix_web::http::StatusCode::NO_CONTENT, &committed)),
-        Err(forwarded) => Ok(forwarded),
-    }
+    run(
+        &state,
+        &req,
+        &[],
+        (id, actor),
+        command,
+        StatusCode::NO_CONTENT,
+    )
+    .await
 }
