@@ -13,6 +13,9 @@ use newsroom_infra::Settings;
 use newsroom_infra::auth::Tokens;
 use newsroom_infra::kafka::{Stream, ensure_topics};
 use newsroom_infra::registry::Registry;
+use newsroom_projector as projector;
+use projector::consumer::{Context, Mode, Offsets, Store};
+use projector::postgres::Tables;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -90,63 +93,69 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         tracing::info!(addr = ?running.query_addr, "query API listening");
     }
     if roles.projector {
-        let registry = Registry::connect(&settings.registry).await?;
-        running.workers.push(project(
-            newsroom_projector::users::UsersProjection,
-            Stream::Users,
-            settings,
-            &pool,
-            &registry,
+        let context = Context {
+            kafka: settings.kafka.clone(),
+            pool: pool.clone(),
+            registry: Registry::connect(&settings.registry).await?,
+        };
+        let topic = |stream: Stream| stream.topic(&settings.kafka);
+        running.workers.push(consume(
+            Tables::new(
+                projector::users::UsersProjection {
+                    topic: topic(Stream::Users),
+                },
+                pool.clone(),
+            ),
+            &context,
             &stopped,
         ));
-        running.workers.push(project(
-            newsroom_projector::news::NewsProjection,
-            Stream::News,
-            settings,
-            &pool,
-            &registry,
+        running.workers.push(consume(
+            Tables::new(
+                projector::news::NewsProjection {
+                    topic: topic(Stream::News),
+                },
+                pool.clone(),
+            ),
+            &context,
             &stopped,
         ));
-        running.workers.push(project(
-            newsroom_projector::reads::ReadsProjection,
-            Stream::Reads,
-            settings,
-            &pool,
-            &registry,
+        running.workers.push(consume(
+            Tables::new(
+                projector::reads::ReadsProjection {
+                    topic: topic(Stream::Reads),
+                },
+                pool.clone(),
+            ),
+            &context,
+            &stopped,
+        ));
+        running.workers.push(consume(
+            projector::cache::Cache::new(
+                newsroom_infra::redis::connect(&settings.redis)?,
+                pool.clone(),
+                newsroom_infra::redis::root(&settings.kafka),
+                Stream::ALL.iter().map(|s| topic(*s)).collect(),
+            ),
+            &context,
             &stopped,
         ));
     }
     Ok(running)
 }
 
-/// Runs `projection` over `stream` until the stop signal.
-fn project<P: newsroom_projector::consumer::Projection + 'static>(
-    projection: P,
-    stream: Stream,
-    settings: &Settings,
-    pool: &sqlx::PgPool,
-    registry: &Registry,
+/// Runs a live consumer over `store` until the stop signal.
+fn consume<S: Store + 'static>(
+    store: S,
+    context: &Context,
     stopped: &watch::Receiver<bool>,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let (kafka, pool, registry, mut stopped) = (
-        settings.kafka.clone(),
-        pool.clone(),
-        registry.clone(),
-        stopped.clone(),
-    );
+    let (context, mut stopped) = (context.clone(), stopped.clone());
     tokio::spawn(async move {
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        newsroom_projector::consumer::run(
-            projection,
-            stream.topic(&kafka),
-            &kafka,
-            pool,
-            registry,
-            stop,
-        )
-        .await
+        let (progress, _) = watch::channel(Offsets::new());
+        projector::consumer::run(store, Mode::Live, context, progress, stop).await
     })
 }
 

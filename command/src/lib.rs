@@ -123,6 +123,7 @@ pub async fn build(
     let ops = Ops {
         service: "command-api",
         openapi: OPENAPI,
+        optional: &[],
         readiness: Arc::new(move || {
             let state = ready_state.clone();
             Box::pin(async move {

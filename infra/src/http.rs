@@ -385,6 +385,9 @@ pub struct Ops {
     pub openapi: &'static str,
     /// Its readiness probe.
     pub readiness: ReadinessCheck,
+    /// Checks whose failure degrades the service without making it unready (it has a
+    /// fallback for them).
+    pub optional: &'static [&'static str],
 }
 
 /// Mounts `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
@@ -402,15 +405,23 @@ async fn healthz(ops: web::Data<Ops>) -> HttpResponse {
 
 async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
     let checks = (ops.readiness)().await;
-    let failing: Vec<&str> = checks
+    let down: Vec<&str> = checks
         .iter()
         .filter(|(_, ok)| !ok)
         .map(|(n, _)| *n)
         .collect();
+    let (degraded, failing): (Vec<&str>, Vec<&str>) =
+        down.into_iter().partition(|n| ops.optional.contains(n));
+    let status = match (failing.is_empty(), degraded.is_empty()) {
+        (false, _) => "not_ready",
+        (true, false) => "degraded",
+        (true, true) => "ready",
+    };
     let body = serde_json::json!({
-        "status": if failing.is_empty() { "ready" } else { "not_ready" },
+        "status": status,
         "checks": checks.iter().map(|(n, ok)| (n.to_string(), if *ok { "up" } else { "down" })).collect::<std::collections::BTreeMap<_, _>>(),
         "failing": failing,
+        "degraded": degraded,
     });
     if failing.is_empty() {
         HttpResponse::Ok().json(body)

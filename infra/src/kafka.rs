@@ -114,6 +114,14 @@ pub fn ownership_topic(settings: &KafkaSettings) -> String {
     format!("{}.command-owners", settings.topic_prefix)
 }
 
+/// The consumers of the log, each with a dead-letter topic of its own.
+pub const CONSUMERS: [&str; 4] = ["users", "news", "reads", "cache"];
+
+/// The dead-letter topic of `consumer`: events it could not apply, with the reason.
+pub fn dead_letter_topic(settings: &KafkaSettings, consumer: &str) -> String {
+    format!("{}.{consumer}.dead-letters", settings.topic_prefix)
+}
+
 /// Creates the event topics (and the ownership topic) that do not exist yet; events are
 /// kept forever.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
@@ -123,6 +131,7 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
         .context("creating the Kafka admin client")?;
     let mut names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
     names.push(ownership_topic(settings));
+    names.extend(CONSUMERS.iter().map(|c| dead_letter_topic(settings, c)));
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {

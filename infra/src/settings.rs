@@ -15,6 +15,9 @@ pub struct Settings {
     /// PostgreSQL.
     #[command(flatten)]
     pub postgres: PostgresSettings,
+    /// Redis.
+    #[command(flatten)]
+    pub redis: RedisSettings,
     /// HTTP listeners.
     #[command(flatten)]
     pub http: HttpSettings,
@@ -178,6 +181,20 @@ pub struct PostgresSettings {
         default_value_t = 16
     )]
     pub max_connections: u32,
+}
+
+/// The Redis read-model store (article cache, trending, counters).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RedisSettings {
+    /// Connection URL.
+    #[arg(
+        global = true,
+        id = "redis_url",
+        long = "redis-url",
+        env = "NEWSROOM_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub url: String,
 }
 
 /// The HTTP listeners of the two APIs.

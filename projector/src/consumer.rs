@@ -1,202 +1,510 @@
-//! The batch loop every projection shares: assign partitions from stored offsets, read
-//! batches, apply them in one transaction together with the new offsets.
+//! The loop every consumer of the log shares. It assigns itself every partition of its
+//! topics from the offsets its store holds (not Kafka's), reads batches, and hands each
+//! batch to the store, which applies the events and moves the offsets in one atomic write
+//! (compare-and-set on the offsets it started from, so that two instances cannot both
+//! apply a batch). An event that cannot be decoded or applied after bounded retries is
+//! dead-lettered and later events of its aggregate are parked behind it; everything else
+//! keeps flowing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
+use newsroom_events::wire;
 use newsroom_infra::codec::{self, Decoded};
-use newsroom_infra::kafka::read_committed_consumer;
+use newsroom_infra::kafka::{best_effort_producer, dead_letter_topic, read_committed_consumer};
 use newsroom_infra::metrics::{CONSUMER_EVENTS, PROJECTION_LAG_EVENTS, PROJECTION_LAG_MS};
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
+use tokio::sync::watch;
 
-/// Most events applied in one transaction.
+use crate::dead_letters::{Aggregate, Parking};
+
+/// Most events applied in one batch.
 const MAX_BATCH: usize = 1000;
-/// Pause before a batch whose transaction failed is tried again.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Times an event that fails to apply is tried before it is dead-lettered.
+const ATTEMPTS: u32 = 3;
+/// Pause after a failure of the store itself (retried without end: an outage is not the
+/// event's fault).
+const OUTAGE_PAUSE: Duration = Duration::from_millis(500);
+/// How often parked aggregates are checked for requests when no events arrive.
+const IDLE_TICK: Duration = Duration::from_millis(500);
 
-/// One event as read from the log, before decoding.
-pub struct Raw {
-    /// Partition it came from.
+/// A topic and partition.
+pub type Position = (String, i32);
+/// The next offset to apply, per position.
+pub type Offsets = BTreeMap<Position, i64>;
+
+/// One record as read from the log.
+pub struct Record {
+    /// Topic it came from.
+    pub topic: Arc<str>,
+    /// Partition.
     pub partition: i32,
-    /// Its offset.
+    /// Offset.
     pub offset: i64,
     /// When it was appended (milliseconds since the epoch), if the broker said.
     pub appended_ms: Option<i64>,
+    /// Key (the aggregate id).
+    pub key: Option<Vec<u8>>,
     /// The framed Avro payload (`None` for a tombstone).
     pub payload: Option<Vec<u8>>,
 }
 
-/// A read model fed from one topic.
-pub trait Projection: Send + Sync {
-    /// Name under which offsets are kept.
-    fn name(&self) -> &'static str;
-    /// Applies one decoded event inside the batch's transaction.
-    fn apply<'a>(
-        &'a self,
-        tx: &'a mut Transaction<'static, Postgres>,
-        event: Decoded,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+impl Record {
+    /// The aggregate the record belongs to (its key as text).
+    pub fn aggregate(&self) -> String {
+        self.key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn parked_as(&self) -> Aggregate {
+        (self.topic.to_string(), self.aggregate())
+    }
 }
 
-/// Runs `projection` over `topic` until `shutdown` resolves.
-pub async fn run<P: Projection>(
-    projection: P,
-    topic: String,
-    kafka: &KafkaSettings,
-    pool: PgPool,
-    registry: Registry,
+/// Which version of its read model a consumer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The version the query side serves (it follows a switch made by a replay).
+    Live,
+    /// The version a replay is building.
+    Replay(i32),
+}
+
+/// What a store did with a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Applied, offsets moved.
+    Done,
+    /// Nothing written: a replay is about to switch versions; try again shortly.
+    Paused,
+    /// Nothing written: the version or the stored offsets are not what this consumer
+    /// started from (a switch, or another instance); reopen.
+    Reopen,
+}
+
+/// Why a store wrote nothing.
+#[derive(Debug)]
+pub enum Failure {
+    /// The store failed (connection, timeout): retried without end.
+    Outage(anyhow::Error),
+    /// Event `index` of the batch cannot be applied.
+    Event {
+        /// Its index in the batch handed to the store.
+        index: usize,
+        /// Why.
+        error: anyhow::Error,
+    },
+}
+
+/// Where a consumer's read model and offsets live.
+pub trait Store: Send + Sync {
+    /// The consumer's name (offsets, dead letters, metrics).
+    fn name(&self) -> &'static str;
+    /// The topics it consumes.
+    fn topics(&self) -> Vec<String>;
+    /// The version to write in `mode`, and its stored offsets.
+    fn open(&self, mode: Mode) -> impl Future<Output = anyhow::Result<(i32, Offsets)>> + Send;
+    /// Applies `events` to `version` and moves the offsets from `from` to `to`, all or
+    /// nothing. Empty offset maps apply parked events without touching offsets.
+    fn commit(
+        &self,
+        mode: Mode,
+        version: i32,
+        events: Vec<Decoded>,
+        from: &Offsets,
+        to: &Offsets,
+    ) -> impl Future<Output = Result<Committed, Failure>> + Send;
+}
+
+/// What every consumer needs besides its store.
+#[derive(Clone)]
+pub struct Context {
+    /// Kafka.
+    pub kafka: KafkaSettings,
+    /// The database holding dead letters.
+    pub pool: PgPool,
+    /// Schemas.
+    pub registry: Registry,
+}
+
+/// Runs `store`'s consumer in `mode` until `shutdown` resolves, publishing the offsets it
+/// has committed on `progress`.
+pub async fn run<S: Store>(
+    store: S,
+    mode: Mode,
+    context: Context,
+    progress: watch::Sender<Offsets>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let group = format!("{}.{}", kafka.topic_prefix, projection.name());
-    let consumer: StreamConsumer<LagContext> = read_committed_consumer(kafka, &group)
-        .set("statistics.interval.ms", "1000")
-        .create_with_context(LagContext {
-            projection: projection.name(),
-        })
-        .context("creating the projection consumer")?;
-    let partitions = partitions_of(&consumer, &topic).await?;
-    let stored = stored_offsets(&pool, projection.name(), &topic).await?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in partitions {
-        let offset = stored
-            .get(&partition)
-            .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-        assignment
-            .add_partition_offset(&topic, partition, offset)
-            .context("building the assignment")?;
-    }
-    consumer
-        .assign(&assignment)
-        .context("assigning partitions")?;
-    tracing::info!(projection = projection.name(), %topic, "projection started");
-
-    let mut batches = consumer.stream().ready_chunks(MAX_BATCH);
+    let producer: FutureProducer = best_effort_producer(&context.kafka)
+        .create()
+        .context("creating the dead-letter producer")?;
+    let label = match mode {
+        Mode::Live => store.name().to_owned(),
+        Mode::Replay(v) => format!("{}-replay-v{v}", store.name()),
+    };
     tokio::pin!(shutdown);
     loop {
-        let chunk = tokio::select! {
-            () = &mut shutdown => break,
-            chunk = batches.next() => chunk,
+        let session = Session {
+            store: &store,
+            mode,
+            context: &context,
+            producer: &producer,
+            progress: &progress,
+            label: &label,
         };
-        let Some(chunk) = chunk else { break };
-        let mut batch = Vec::with_capacity(chunk.len());
-        for message in chunk {
-            match message {
-                Ok(m) => batch.push(Raw {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    appended_ms: m.timestamp().to_millis(),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                }),
-                Err(e) => tracing::warn!(error = %e, "consumer error"),
+        match session.run(&mut shutdown).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            // A live consumer outlasts every outage; a replay reports it.
+            Err(e) if mode == Mode::Live => {
+                tracing::warn!(consumer = %label, error = format!("{e:#}"), "consumer failed; starting over");
+                tokio::time::sleep(OUTAGE_PAUSE).await;
             }
-        }
-        while let Err(e) = apply_batch(&projection, &topic, &pool, &registry, &batch).await {
-            tracing::warn!(
-                projection = projection.name(),
-                error = format!("{e:#}"),
-                "batch failed; retrying"
-            );
-            tokio::time::sleep(RETRY_PAUSE).await;
+            Err(e) => return Err(e),
         }
     }
-    tracing::info!(projection = projection.name(), "projection stopped");
+    tracing::info!(consumer = %label, "consumer stopped");
     Ok(())
 }
 
-async fn apply_batch<P: Projection>(
-    projection: &P,
-    topic: &str,
-    pool: &PgPool,
-    registry: &Registry,
-    batch: &[Raw],
-) -> anyhow::Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let mut tx = pool
-        .begin()
-        .await
-        .context("beginning the batch transaction")?;
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    let (mut applied, mut skipped) = (0u64, 0u64);
-    for raw in batch {
-        next.insert(raw.partition, raw.offset + 1);
-        let decoded = match &raw.payload {
-            Some(payload) => codec::decode(registry, payload).await,
-            None => Err(anyhow::anyhow!("record without a payload")),
+struct Session<'a, S> {
+    store: &'a S,
+    mode: Mode,
+    context: &'a Context,
+    producer: &'a FutureProducer,
+    progress: &'a watch::Sender<Offsets>,
+    label: &'a str,
+}
+
+impl<S: Store> Session<'_, S> {
+    /// Opens the store and consumes until shutdown (`true`) or until it must reopen.
+    async fn run(
+        &self,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> anyhow::Result<bool> {
+        let (version, offsets) = self.store.open(self.mode).await?;
+        let parking = Parking::new(
+            self.context.pool.clone(),
+            self.store.name(),
+            version,
+            self.producer.clone(),
+            dead_letter_topic(&self.context.kafka, self.store.name()),
+        );
+        let mut worker = Worker {
+            store: self.store,
+            mode: self.mode,
+            version,
+            registry: &self.context.registry,
+            parked: parking.load().await?,
+            parking,
+            offsets,
+            label: self.label.to_owned(),
         };
-        match decoded {
-            Ok(event) => {
-                projection.apply(&mut tx, event).await?;
-                applied += 1;
+        let consumer = worker.assign(&self.context.kafka).await?;
+        self.progress.send_replace(worker.offsets.clone());
+        tracing::info!(consumer = %self.label, version, "consumer started");
+        let mut batches = consumer.stream().ready_chunks(MAX_BATCH);
+        let mut tick = tokio::time::interval(IDLE_TICK);
+        loop {
+            let chunk = tokio::select! {
+                () = shutdown.as_mut() => return Ok(true),
+                _ = tick.tick() => None,
+                chunk = batches.next() => chunk,
+            };
+            if !worker.requests().await? {
+                return Ok(false);
             }
-            Err(e) => {
-                // Undecodable records are logged and passed over so the projection keeps
-                // flowing (dead-letter topics replace this, see the read-side issue).
-                tracing::warn!(
-                    projection = projection.name(),
-                    partition = raw.partition,
-                    offset = raw.offset,
-                    error = format!("{e:#}"),
-                    "skipping an event that cannot be decoded"
-                );
-                skipped += 1;
+            let Some(chunk) = chunk else { continue };
+            let mut records = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                match message {
+                    Ok(m) => records.push(Record {
+                        topic: Arc::from(m.topic()),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        appended_ms: m.timestamp().to_millis(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    }),
+                    Err(e) => tracing::warn!(consumer = %self.label, error = %e, "consumer error"),
+                }
+            }
+            if !worker.batch(records).await? {
+                return Ok(false);
+            }
+            self.progress.send_replace(worker.offsets.clone());
+        }
+    }
+}
+
+/// What happens to a record of a batch.
+#[derive(Clone)]
+enum Fate {
+    Apply,
+    /// Parked: with a reason when it is the event that failed.
+    Park(Option<String>),
+}
+
+struct Worker<'a, S> {
+    store: &'a S,
+    mode: Mode,
+    version: i32,
+    registry: &'a Registry,
+    parking: Parking,
+    parked: HashSet<Aggregate>,
+    offsets: Offsets,
+    label: String,
+}
+
+enum Decoding {
+    Permanent(anyhow::Error),
+    Outage(anyhow::Error),
+}
+
+impl<S: Store> Worker<'_, S> {
+    async fn assign(&self, kafka: &KafkaSettings) -> anyhow::Result<StreamConsumer<LagContext>> {
+        let group = format!("{}.{}", kafka.topic_prefix, self.label);
+        let consumer: StreamConsumer<LagContext> = read_committed_consumer(kafka, &group)
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(LagContext {
+                consumer: self.label.clone(),
+            })
+            .context("creating the consumer")?;
+        let mut assignment = TopicPartitionList::new();
+        for topic in self.store.topics() {
+            for partition in partitions_of(&consumer, &topic).await? {
+                let offset = self
+                    .offsets
+                    .get(&(topic.clone(), partition))
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                assignment
+                    .add_partition_offset(&topic, partition, offset)
+                    .context("building the assignment")?;
+            }
+        }
+        consumer
+            .assign(&assignment)
+            .context("assigning partitions")?;
+        Ok(consumer)
+    }
+
+    async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, Decoding> {
+        let Some(bytes) = payload else {
+            return Err(Decoding::Permanent(anyhow::anyhow!(
+                "a record without a payload"
+            )));
+        };
+        match codec::decode(self.registry, bytes).await {
+            Ok(decoded) => Ok(decoded),
+            // Garbage, or a schema id the registry (which answers) does not know.
+            Err(e) if wire::unframe(bytes).is_err() || self.registry.ping().await => {
+                Err(Decoding::Permanent(e))
+            }
+            Err(e) => Err(Decoding::Outage(e)),
+        }
+    }
+
+    /// Applies one batch; `false` when the consumer must reopen.
+    async fn batch(&mut self, records: Vec<Record>) -> anyhow::Result<bool> {
+        // After a reopen, records fetched before it may still arrive: skip what is applied.
+        let records: Vec<Record> = records
+            .into_iter()
+            .filter(|r| {
+                self.offsets
+                    .get(&(r.topic.to_string(), r.partition))
+                    .is_none_or(|next| r.offset >= *next)
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let mut to = self.offsets.clone();
+        for r in &records {
+            to.insert((r.topic.to_string(), r.partition), r.offset + 1);
+        }
+        let mut fates = vec![Fate::Apply; records.len()];
+        let mut failures = 0u32;
+        loop {
+            // Decide each record's fate in order: parked aggregates stay parked.
+            let mut blocked = self.parked.clone();
+            let mut events = Vec::new();
+            let mut applied = Vec::new();
+            let mut outage = None;
+            for (i, r) in records.iter().enumerate() {
+                let aggregate = r.parked_as();
+                if matches!(fates[i], Fate::Park(_)) || blocked.contains(&aggregate) {
+                    if matches!(fates[i], Fate::Apply) {
+                        fates[i] = Fate::Park(None);
+                    }
+                    blocked.insert(aggregate);
+                    continue;
+                }
+                match self.decode(r.payload.as_deref()).await {
+                    Ok(event) => {
+                        events.push(event);
+                        applied.push(i);
+                    }
+                    Err(Decoding::Permanent(e)) => {
+                        fates[i] = Fate::Park(Some(format!("cannot decode: {e:#}")));
+                        blocked.insert(aggregate);
+                    }
+                    Err(Decoding::Outage(e)) => {
+                        outage = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = outage {
+                tracing::warn!(consumer = %self.label, error = format!("{e:#}"), "the registry does not answer; retrying");
+                tokio::time::sleep(OUTAGE_PAUSE).await;
+                continue;
+            }
+            // Parked events are stored before the offsets move past them.
+            for (i, fate) in fates.iter().enumerate() {
+                if let Fate::Park(reason) = fate {
+                    self.parking.park(&records[i], reason.as_deref()).await?;
+                }
+            }
+            let count = events.len() as u64;
+            match self
+                .store
+                .commit(self.mode, self.version, events, &self.offsets, &to)
+                .await
+            {
+                Ok(Committed::Done) => {
+                    self.offsets = to;
+                    self.parked = blocked;
+                    let parked = fates.iter().filter(|f| matches!(f, Fate::Park(_))).count();
+                    self.observe(&records, count, parked as u64);
+                    return Ok(true);
+                }
+                Ok(Committed::Paused) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Committed::Reopen) => {
+                    tracing::info!(consumer = %self.label, "version or offsets moved; reopening");
+                    return Ok(false);
+                }
+                Err(Failure::Outage(e)) => {
+                    tracing::warn!(consumer = %self.label, error = format!("{e:#}"), "the store failed; retrying");
+                    tokio::time::sleep(OUTAGE_PAUSE).await;
+                }
+                Err(Failure::Event { index, error }) => {
+                    failures += 1;
+                    let Some(&i) = applied.get(index) else {
+                        anyhow::bail!("the store blamed event {index} of {}", applied.len());
+                    };
+                    if failures < ATTEMPTS {
+                        tracing::warn!(consumer = %self.label, offset = records[i].offset, error = format!("{error:#}"), "an event failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+                    } else {
+                        fates[i] = Fate::Park(Some(format!("cannot apply: {error:#}")));
+                        failures = 0;
+                    }
+                }
             }
         }
     }
-    for (partition, offset) in &next {
-        sqlx::query(
-            "INSERT INTO projection_offsets (projection, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-        )
-        .bind(projection.name())
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .execute(&mut *tx)
-        .await
-        .context("storing offsets")?;
-    }
-    tx.commit().await.context("committing the batch")?;
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
-    for raw in batch {
-        if let Some(at) = raw.appended_ms {
-            newest.insert(raw.partition, at);
+
+    /// Carries out pending `retry`/`skip` requests; `false` when the consumer must reopen.
+    async fn requests(&mut self) -> anyhow::Result<bool> {
+        if self.parked.is_empty() {
+            return Ok(true);
         }
+        let none = Offsets::new();
+        for (topic, aggregate, action) in self.parking.requests().await? {
+            let mut events = self.parking.events(&topic, &aggregate).await?.into_iter();
+            if action == "skip"
+                && let Some(head) = events.next()
+            {
+                self.parking.remove(&head).await?;
+                tracing::warn!(consumer = %self.label, %topic, %aggregate, offset = head.offset, "skipped a dead-lettered event");
+            }
+            let mut cleared = true;
+            for event in events {
+                let decoded = match self.decode(event.payload.as_deref()).await {
+                    Ok(d) => d,
+                    Err(Decoding::Outage(e)) => return Err(e),
+                    Err(Decoding::Permanent(e)) => {
+                        self.parking
+                            .failed_again(&event, &format!("cannot decode: {e:#}"))
+                            .await?;
+                        cleared = false;
+                        break;
+                    }
+                };
+                match self
+                    .store
+                    .commit(self.mode, self.version, vec![decoded], &none, &none)
+                    .await
+                {
+                    Ok(Committed::Done) => self.parking.remove(&event).await?,
+                    Ok(Committed::Paused) => return Ok(true),
+                    Ok(Committed::Reopen) => return Ok(false),
+                    Err(Failure::Outage(e)) => return Err(e),
+                    Err(Failure::Event { error, .. }) => {
+                        self.parking
+                            .failed_again(&event, &format!("cannot apply: {error:#}"))
+                            .await?;
+                        cleared = false;
+                        break;
+                    }
+                }
+            }
+            self.parking.done(&topic, &aggregate).await?;
+            if cleared {
+                self.parked.remove(&(topic.clone(), aggregate.clone()));
+                tracing::info!(consumer = %self.label, %topic, %aggregate, "a parked aggregate resumed");
+            } else {
+                tracing::warn!(consumer = %self.label, %topic, %aggregate, "a parked aggregate failed again");
+            }
+        }
+        Ok(true)
     }
-    for (partition, at) in newest {
-        PROJECTION_LAG_MS
-            .with_label_values(&[projection.name(), &partition.to_string()])
-            .set((now_ms - at).max(0));
+
+    fn observe(&self, records: &[Record], applied: u64, parked: u64) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in records {
+            if let Some(at) = r.appended_ms {
+                newest.insert(r.partition, at);
+            }
+        }
+        for (partition, at) in newest {
+            PROJECTION_LAG_MS
+                .with_label_values(&[&self.label, &partition.to_string()])
+                .set((now_ms - at).max(0));
+        }
+        CONSUMER_EVENTS
+            .with_label_values(&[&self.label, "applied"])
+            .inc_by(applied);
+        CONSUMER_EVENTS
+            .with_label_values(&[&self.label, "parked"])
+            .inc_by(parked);
     }
-    CONSUMER_EVENTS
-        .with_label_values(&[projection.name(), "applied"])
-        .inc_by(applied);
-    CONSUMER_EVENTS
-        .with_label_values(&[projection.name(), "skipped"])
-        .inc_by(skipped);
-    Ok(())
 }
 
 /// Publishes librdkafka's per-partition consumer lag as `newsroom_projection_lag_events`.
 pub struct LagContext {
-    projection: &'static str,
+    consumer: String,
 }
 
 impl rdkafka::ClientContext for LagContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         for topic in statistics.topics.values() {
             for (partition, stats) in &topic.partitions {
-                // What the projection has been handed (or, before the first record, where
+                // What the consumer has been handed (or, before the first record, where
                 // it fetches from), against the last stable offset of the partition.
                 let position = if stats.app_offset >= 0 {
                     stats.app_offset
@@ -207,7 +515,7 @@ impl rdkafka::ClientContext for LagContext {
                     continue;
                 }
                 PROJECTION_LAG_EVENTS
-                    .with_label_values(&[self.projection, &partition.to_string()])
+                    .with_label_values(&[&self.consumer, &partition.to_string()])
                     .set((stats.ls_offset - position).max(0));
             }
         }
@@ -216,8 +524,9 @@ impl rdkafka::ClientContext for LagContext {
 
 impl rdkafka::consumer::ConsumerContext for LagContext {}
 
-async fn partitions_of(
-    consumer: &StreamConsumer<LagContext>,
+/// The partitions of `topic` (waits up to 30 s for it to exist).
+pub async fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<C>,
     topic: &str,
 ) -> anyhow::Result<Vec<i32>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -239,19 +548,4 @@ async fn partitions_of(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-async fn stored_offsets(
-    pool: &PgPool,
-    projection: &str,
-    topic: &str,
-) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let rows: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT partition, next_offset FROM projection_offsets WHERE projection = $1 AND topic = $2")
-            .bind(projection)
-            .bind(topic)
-            .fetch_all(pool)
-            .await
-            .context("reading stored offsets")?;
-    Ok(rows.into_iter().collect())
 }

@@ -5,7 +5,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod consumer;
+pub mod dead_letters;
 pub mod news;
+pub mod postgres;
 pub mod reads;
 pub mod users;

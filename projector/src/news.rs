@@ -6,14 +6,21 @@ use newsroom_events::news::NewsEvent;
 use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
 
-use crate::consumer::Projection;
+use crate::postgres::Projection;
 
 /// Projects News events into the `news` table.
-pub struct NewsProjection;
+pub struct NewsProjection {
+    /// The topic it reads.
+    pub topic: String,
+}
 
 impl Projection for NewsProjection {
     fn name(&self) -> &'static str {
         "news"
+    }
+
+    fn topic(&self) -> String {
+        self.topic.clone()
     }
 
     async fn apply(

@@ -5,14 +5,21 @@ use newsroom_events::reads::ReadEvent;
 use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
 
-use crate::consumer::Projection;
+use crate::postgres::Projection;
 
-/// Projects reads into `reading_history` and `news.read_count`.
-pub struct ReadsProjection;
+/// Projects reads into `reading_history`, `news_reads_hourly` and `news_read_counts`.
+pub struct ReadsProjection {
+    /// The topic it reads.
+    pub topic: String,
+}
 
 impl Projection for ReadsProjection {
     fn name(&self) -> &'static str {
         "reads"
+    }
+
+    fn topic(&self) -> String {
+        self.topic.clone()
     }
 
     async fn apply(
@@ -44,11 +51,14 @@ impl Projection for ReadsProjection {
         .execute(&mut **tx)
         .await
         .context("counting a read for trending")?;
-        sqlx::query("UPDATE news SET read_count = read_count + 1 WHERE id = $1")
-            .bind(read.news_id)
-            .execute(&mut **tx)
-            .await
-            .context("counting a read")?;
+        sqlx::query(
+            "INSERT INTO news_read_counts (news_id, reads) VALUES ($1, 1) \
+             ON CONFLICT (news_id) DO UPDATE SET reads = news_read_counts.reads + 1",
+        )
+        .bind(read.news_id)
+        .execute(&mut **tx)
+        .await
+        .context("counting a read")?;
         Ok(())
     }
 }

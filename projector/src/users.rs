@@ -9,20 +9,24 @@ use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::consumer::Projection;
+use crate::postgres::Projection;
 
 /// Projects User events into the `users` table.
-pub struct UsersProjection;
+pub struct UsersProjection {
+    /// The topic it reads.
+    pub topic: String,
+}
 
-async fn open(
-    tx: &mut Transaction<'static, Postgres>,
+/// Decrypts a user's personal data with their key (empty once the key is destroyed).
+pub(crate) async fn open<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     user: Uuid,
     blob: &[u8],
 ) -> anyhow::Result<Personal> {
     let key: Option<(Vec<u8>,)> =
         sqlx::query_as("SELECT key FROM cmd_user_keys WHERE user_id = $1")
             .bind(user)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(db)
             .await
             .context("reading a user key")?;
     Ok(key
@@ -34,6 +38,10 @@ async fn open(
 impl Projection for UsersProjection {
     fn name(&self) -> &'static str {
         "users"
+    }
+
+    fn topic(&self) -> String {
+        self.topic.clone()
     }
 
     async fn apply(
@@ -52,7 +60,7 @@ impl Projection for UsersProjection {
         // Every write is guarded by version: a redelivered or replayed event changes nothing.
         let query = match event {
             UserEvent::Registered(e) => {
-                let p = open(tx, id, &e.personal).await?;
+                let p = open(&mut **tx, id, &e.personal).await?;
                 sqlx::query(
                     "INSERT INTO users (id, name, email, role, version, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (id) DO NOTHING",
@@ -66,7 +74,7 @@ impl Projection for UsersProjection {
             }
             UserEvent::Updated(e) => {
                 let p = match &e.personal {
-                    Some(blob) => open(tx, id, blob).await?,
+                    Some(blob) => open(&mut **tx, id, blob).await?,
                     None => Personal::default(),
                 };
                 let categories: Option<Vec<String>> = e

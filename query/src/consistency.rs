@@ -38,10 +38,32 @@ fn header<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiEr
         .transpose()
 }
 
-/// Waits until the read models include the request's token, if it has one.
-pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Result<(), ApiError> {
+/// What a request's token asks for: positions of the log the read models must include,
+/// and until when to wait for them.
+pub struct Wanted {
+    /// (projection, topic, partition, offset of the write).
+    pub positions: Vec<(&'static str, String, i32, i64)>,
+    /// When to give up.
+    pub deadline: tokio::time::Instant,
+}
+
+impl Wanted {
+    /// The positions as Redis offset fields (`topic:partition`) and the least next offset
+    /// that includes each.
+    pub fn redis_args(&self) -> Vec<String> {
+        self.positions
+            .iter()
+            .flat_map(|(_, topic, partition, offset)| {
+                [format!("{topic}:{partition}"), (offset + 1).to_string()]
+            })
+            .collect()
+    }
+}
+
+/// The request's token, if it has one.
+pub fn wanted(req: &HttpRequest, topic_prefix: &str) -> Result<Option<Wanted>, ApiError> {
     let Some(text) = header(req, TOKEN)? else {
-        return Ok(());
+        return Ok(None);
     };
     let token = ConsistencyToken::parse(text.trim()).map_err(|_| {
         ApiError::Malformed("X-Consistency-Token is not a token this server issued".into())
@@ -59,25 +81,47 @@ pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Resul
                 ))
             })?,
     };
-    let mut pending = Vec::new();
+    let mut positions = Vec::new();
     for (stream, position) in token.positions() {
         let projection = projection_of(stream).ok_or_else(|| {
             ApiError::Malformed(format!(
                 "X-Consistency-Token names an unknown stream {stream}"
             ))
         })?;
-        pending.push((projection, format!("{topic_prefix}.{stream}"), position));
+        positions.push((
+            projection,
+            format!("{topic_prefix}.{stream}"),
+            position.partition,
+            position.offset,
+        ));
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    Ok(Some(Wanted {
+        positions,
+        deadline: tokio::time::Instant::now() + Duration::from_millis(timeout_ms),
+    }))
+}
+
+/// Waits until the read models include the request's token, if it has one.
+pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Result<(), ApiError> {
+    wait_postgres(pool, wanted(req, topic_prefix)?.as_ref()).await
+}
+
+/// Waits until the active versions of the PostgreSQL read models include `wanted`.
+pub async fn wait_postgres(pool: &PgPool, wanted: Option<&Wanted>) -> Result<(), ApiError> {
+    let Some(wanted) = wanted else {
+        return Ok(());
+    };
     loop {
         let mut behind = false;
-        for (projection, topic, position) in &pending {
+        for (projection, topic, partition, offset) in &wanted.positions {
             let row: Option<(i64,)> = sqlx::query_as(
-                "SELECT next_offset FROM projection_offsets WHERE projection = $1 AND topic = $2 AND partition = $3",
+                "SELECT o.next_offset FROM projection_offsets o \
+                 JOIN projection_versions v ON v.projection = o.projection AND v.active = o.version \
+                 WHERE o.projection = $1 AND o.topic = $2 AND o.partition = $3",
             )
             .bind(projection)
             .bind(topic)
-            .bind(position.partition)
+            .bind(partition)
             .fetch_optional(pool)
             .await
             .context("reading projection offsets")
@@ -85,7 +129,7 @@ pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Resul
                 tracing::error!(error = format!("{e:#}"), "consistency check");
                 ApiError::Unavailable("the read models are unavailable".into())
             })?;
-            if row.is_none_or(|(next,)| next <= position.offset) {
+            if row.is_none_or(|(next,)| next <= *offset) {
                 behind = true;
                 break;
             }
@@ -93,7 +137,7 @@ pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Resul
         if !behind {
             return Ok(());
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= wanted.deadline {
             return Err(ApiError::ProjectionLagging);
         }
         tokio::time::sleep(POLL).await;

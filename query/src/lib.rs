@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod consistency;
 pub mod reads;
 pub mod routes;
@@ -26,6 +27,8 @@ pub struct State {
     pub topic_prefix: String,
     /// Where reads are handed to the log.
     pub reads: reads::Reads,
+    /// The Redis read models.
+    pub cache: cache::Cache,
 }
 
 /// The OpenAPI document of the query API.
@@ -43,17 +46,23 @@ pub async fn build(
         pool,
         topic_prefix: settings.kafka.topic_prefix.clone(),
         reads: reads::Reads::start(&settings.kafka, registry)?,
+        cache: cache::Cache::new(
+            newsroom_infra::redis::connect(&settings.redis)?,
+            newsroom_infra::redis::root(&settings.kafka),
+        ),
     });
     let tokens = web::Data::new(tokens);
     let ready_state = state.clone();
     let ops = Ops {
         service: "query-api",
         openapi: OPENAPI,
+        // Without Redis the query API answers from PostgreSQL: degraded, still ready.
+        optional: &["redis"],
         readiness: Arc::new(move || {
             let state = ready_state.clone();
             Box::pin(async move {
                 let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
-                vec![("postgres", postgres)]
+                vec![("postgres", postgres), ("redis", state.cache.is_up())]
             })
         }),
     };

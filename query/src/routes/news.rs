@@ -22,13 +22,14 @@ macro_rules! news_columns {
     () => {
         "n.id, n.category, n.title, n.content, n.tags, n.author_id, \
          CASE WHEN u.id IS NULL THEN '' WHEN u.erased THEN '[deleted]' ELSE u.name END AS author_name, \
-         n.status, n.version, n.created_at, n.updated_at, n.published_at, n.read_count "
+         n.status, n.version, n.created_at, n.updated_at, n.published_at, coalesce(c.reads, 0) AS read_count "
     };
 }
 
 macro_rules! news_from {
     () => {
-        "FROM news n LEFT JOIN users u ON u.id = n.author_id "
+        "FROM news n LEFT JOIN users u ON u.id = n.author_id \
+         LEFT JOIN news_read_counts c ON c.news_id = n.id "
     };
 }
 
@@ -38,21 +39,23 @@ macro_rules! select_news {
     };
 }
 
+/// An article row as both stores give it.
 #[derive(sqlx::FromRow)]
-struct NewsRow {
-    id: Uuid,
-    category: String,
-    title: String,
-    content: String,
-    tags: Vec<String>,
-    author_id: Uuid,
-    author_name: String,
-    status: String,
-    version: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    published_at: Option<DateTime<Utc>>,
-    read_count: i64,
+#[allow(missing_docs)]
+pub struct NewsRow {
+    pub id: Uuid,
+    pub category: String,
+    pub title: String,
+    pub content: String,
+    pub tags: Vec<String>,
+    pub author_id: Uuid,
+    pub author_name: String,
+    pub status: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub read_count: i64,
 }
 
 impl NewsRow {
@@ -116,12 +119,18 @@ pub async fn get(
     caller: Caller,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
-    let row: Option<NewsRow> = sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
-        .bind(*id)
-        .fetch_optional(&state.pool)
-        .await
-        .map_err(unavailable)?;
+    let wanted = consistency::wanted(&req, &state.topic_prefix)?;
+    let row = match state.cache.article(*id, wanted.as_ref()).await {
+        Some(row) => Some(row),
+        None => {
+            consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
+            sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
+                .bind(*id)
+                .fetch_optional(&state.pool)
+                .await
+                .map_err(unavailable)?
+        }
+    };
     let row = row
         .filter(|r| r.visible_to(caller.0))
         .ok_or(ApiError::NotFound)?;
@@ -307,9 +316,24 @@ pub async fn trending(
     params: web::Query<HashMap<String, String>>,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    let wanted = consistency::wanted(&req, &state.topic_prefix)?;
     let category = category(&params)?;
     let limit = limit(&params)?;
+    if let Some(list) = state
+        .cache
+        .trending(category.as_deref(), limit, wanted.as_ref())
+        .await
+    {
+        let items: Vec<Trending> = list
+            .into_iter()
+            .map(|(row, reads)| Trending {
+                news: row.view(false),
+                reads,
+            })
+            .collect();
+        return Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })));
+    }
+    consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
     let rows: Vec<TrendingRow> = sqlx::query_as(concat!(
         "WITH recent AS (SELECT news_id, sum(reads)::bigint AS reads FROM news_reads_hourly \
          WHERE hour > now() - interval '24 hours' GROUP BY news_id) SELECT ",

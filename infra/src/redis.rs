@@ -1,0 +1,78 @@
+//! Redis connections. Redis holds read models that can always be rebuilt from the log, so
+//! a client never waits long for it: short timeouts, and callers fall back or retry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use anyhow::Context as _;
+
+use crate::settings::{KafkaSettings, RedisSettings};
+
+/// A connection that reconnects by itself; made without contacting Redis, so that a role
+/// starts while Redis is down.
+pub fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManager> {
+    let client = ::redis::Client::open(settings.url.as_str()).context("parsing the Redis URL")?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(1000)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
+/// The root of every key of the deployment's Redis read models: `<prefix>:cache`.
+pub fn root(kafka: &KafkaSettings) -> String {
+    format!("{}:cache", kafka.topic_prefix)
+}
+
+/// Whether Redis answered lately. Readers skip Redis while it is marked down, and a
+/// watcher marks it up again once it answers a PING.
+#[derive(Clone)]
+pub struct Health {
+    up: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Starts the watcher over `connection` (checks every `every`).
+    pub fn watch(mut connection: ConnectionManager, every: Duration) -> Self {
+        let health = Health {
+            up: Arc::new(AtomicBool::new(true)),
+        };
+        let flag = health.up.clone();
+        tokio::spawn(async move {
+            loop {
+                let answered = ::redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok();
+                if answered != flag.swap(answered, Ordering::Relaxed) {
+                    if answered {
+                        tracing::info!("Redis answers again; serving from it");
+                    } else {
+                        tracing::warn!("Redis does not answer; serving from PostgreSQL");
+                    }
+                }
+                // Stop once every handle but this task's is gone.
+                if Arc::strong_count(&flag) == 1 {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        health
+    }
+
+    /// Whether Redis is believed up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Marks Redis down after a failed call (the watcher marks it up again).
+    pub fn failed(&self, error: &::redis::RedisError) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %error, "Redis failed; serving from PostgreSQL");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! PostgreSQL read models. Each projection's tables live in the schema
+//! `<projection>_v<version>`; the query side reads the active version through views in
+//! `public` (ADR 8). A batch is one transaction: the projection's rows, then the offsets,
+//! moved only if they still hold what this consumer started from.
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use newsroom_infra::codec::Decoded;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::consumer::{Committed, Failure, Mode, Offsets, Store};
+
+/// A read model in PostgreSQL fed from one topic.
+pub trait Projection: Send + Sync {
+    /// Name under which its versions, offsets and dead letters are kept.
+    fn name(&self) -> &'static str;
+    /// The topic it consumes (full name).
+    fn topic(&self) -> String;
+    /// Applies one decoded event inside the batch's transaction (whose `search_path`
+    /// starts with the version's schema).
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Postgres>,
+        event: Decoded,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+}
+
+/// The schema holding `version` of `projection`'s tables.
+pub fn schema(projection: &str, version: i32) -> String {
+    format!("{projection}_v{version}")
+}
+
+/// A projection writing to PostgreSQL.
+pub struct Tables<P> {
+    projection: P,
+    pool: PgPool,
+}
+
+impl<P: Projection> Tables<P> {
+    /// `projection` over `pool`.
+    pub fn new(projection: P, pool: PgPool) -> Self {
+        Tables { projection, pool }
+    }
+}
+
+/// Classifies an error of an event's statements: the database refusing the statement is
+/// the event's fault; losing the connection is an outage.
+fn blame(index: usize, error: anyhow::Error) -> Failure {
+    match error.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(_)) | None => Failure::Event { index, error },
+        Some(_) => Failure::Outage(error),
+    }
+}
+
+fn outage(error: sqlx::Error) -> Failure {
+    Failure::Outage(error.into())
+}
+
+/// The state of a projection's versions.
+#[derive(sqlx::FromRow)]
+struct Versions {
+    active: i32,
+    building: Option<i32>,
+    switching: bool,
+}
+
+macro_rules! versions {
+    () => {
+        "SELECT active, building, coalesce(switching_until > now(), false) AS switching \
+         FROM projection_versions WHERE projection = $1"
+    };
+}
+
+impl<P: Projection> Store for Tables<P> {
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.projection.topic()]
+    }
+
+    async fn open(&self, mode: Mode) -> anyhow::Result<(i32, Offsets)> {
+        let versions: Versions = sqlx::query_as(versions!())
+            .bind(self.name())
+            .fetch_one(&self.pool)
+            .await
+            .with_context(|| format!("reading the versions of {}", self.name()))?;
+        let version = match mode {
+            Mode::Live => versions.active,
+            Mode::Replay(v) => {
+                anyhow::ensure!(
+                    versions.building == Some(v),
+                    "version {v} of {} is no longer being built",
+                    self.name()
+                );
+                v
+            }
+        };
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = $1 AND version = $2",
+        )
+        .bind(self.name())
+        .bind(version)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading stored offsets")?;
+        Ok((
+            version,
+            rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+        ))
+    }
+
+    async fn commit(
+        &self,
+        mode: Mode,
+        version: i32,
+        events: Vec<Decoded>,
+        from: &Offsets,
+        to: &Offsets,
+    ) -> Result<Committed, Failure> {
+        let name = self.name();
+        let mut tx = self.pool.begin().await.map_err(outage)?;
+        // A replay's switch updates this row; sharing it keeps batches out of the switch.
+        let versions: Versions = sqlx::query_as(concat!(versions!(), " FOR SHARE"))
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(outage)?;
+        match mode {
+            Mode::Live if versions.active != version => return Ok(Committed::Reopen),
+            Mode::Live if versions.switching => return Ok(Committed::Paused),
+            Mode::Replay(v) if versions.building != Some(v) => return Ok(Committed::Reopen),
+            _ => {}
+        }
+        // The schema name is built from the projection's static name and a number.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL search_path TO {}, public",
+            schema(name, version)
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(outage)?;
+        for (index, event) in events.into_iter().enumerate() {
+            if let Err(e) = self.projection.apply(&mut tx, event).await {
+                return Err(blame(index, e));
+            }
+        }
+        for ((topic, partition), next) in to {
+            let moved = match from.get(&(topic.clone(), *partition)) {
+                Some(previous) if previous == next => continue,
+                Some(previous) => sqlx::query(
+                    "UPDATE projection_offsets SET next_offset = $5, updated_at = now() \
+                     WHERE projection = $1 AND version = $2 AND topic = $3 AND partition = $4 AND next_offset = $6",
+                )
+                .bind(name)
+                .bind(version)
+                .bind(topic)
+                .bind(partition)
+                .bind(next)
+                .bind(previous),
+                None => sqlx::query(
+                    "INSERT INTO projection_offsets (projection, version, topic, partition, next_offset) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                )
+                .bind(name)
+                .bind(version)
+                .bind(topic)
+                .bind(partition)
+                .bind(next),
+            }
+            .execute(&mut *tx)
+            .await
+            .map_err(outage)?
+            .rows_affected();
+            if moved == 0 {
+                tracing::warn!(
+                    projection = name,
+                    %topic,
+                    partition,
+                    "stored offsets moved under this consumer (another instance?)"
+                );
+                return Ok(Committed::Reopen);
+            }
+        }
+        tx.commit().await.map_err(outage)?;
+        Ok(Committed::Done)
+    }
+}
