@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod dead_letters;
+
 use std::net::{SocketAddr, TcpListener};
 
 use actix_web::dev::ServerHandle;
@@ -14,7 +16,7 @@ use newsroom_infra::auth::Tokens;
 use newsroom_infra::kafka::{Stream, ensure_topics};
 use newsroom_infra::registry::Registry;
 use newsroom_projector as projector;
-use projector::consumer::{Context, Mode, Offsets, Store};
+use projector::consumer::{Context, Mode, Progress, Store};
 use projector::postgres::Tables;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,49 +100,66 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
             pool: pool.clone(),
             registry: Registry::connect(&settings.registry).await?,
         };
-        let topic = |stream: Stream| stream.topic(&settings.kafka);
-        running.workers.push(consume(
-            Tables::new(
-                projector::users::UsersProjection {
-                    topic: topic(Stream::Users),
-                },
-                pool.clone(),
-            ),
-            &context,
-            &stopped,
-        ));
-        running.workers.push(consume(
-            Tables::new(
-                projector::news::NewsProjection {
-                    topic: topic(Stream::News),
-                },
-                pool.clone(),
-            ),
-            &context,
-            &stopped,
-        ));
-        running.workers.push(consume(
-            Tables::new(
-                projector::reads::ReadsProjection {
-                    topic: topic(Stream::Reads),
-                },
-                pool.clone(),
-            ),
-            &context,
-            &stopped,
-        ));
-        running.workers.push(consume(
-            projector::cache::Cache::new(
-                newsroom_infra::redis::connect(&settings.redis)?,
-                pool.clone(),
-                newsroom_infra::redis::root(&settings.kafka),
-                Stream::ALL.iter().map(|s| topic(*s)).collect(),
-            ),
-            &context,
-            &stopped,
-        ));
+        let stores = Stores {
+            settings,
+            pool: &pool,
+        };
+        running
+            .workers
+            .push(consume(stores.users(), &context, &stopped));
+        running
+            .workers
+            .push(consume(stores.news(), &context, &stopped));
+        running
+            .workers
+            .push(consume(stores.reads(), &context, &stopped));
+        running
+            .workers
+            .push(consume(stores.cache()?, &context, &stopped));
     }
     Ok(running)
+}
+
+/// The read models of a deployment, each over its store.
+struct Stores<'a> {
+    settings: &'a Settings,
+    pool: &'a sqlx::PgPool,
+}
+
+impl Stores<'_> {
+    fn topic(&self, stream: Stream) -> String {
+        stream.topic(&self.settings.kafka)
+    }
+
+    fn users(&self) -> Tables<projector::users::UsersProjection> {
+        let topic = self.topic(Stream::Users);
+        Tables::new(
+            projector::users::UsersProjection { topic },
+            self.pool.clone(),
+        )
+    }
+
+    fn news(&self) -> Tables<projector::news::NewsProjection> {
+        let topic = self.topic(Stream::News);
+        Tables::new(projector::news::NewsProjection { topic }, self.pool.clone())
+    }
+
+    fn reads(&self) -> Tables<projector::reads::ReadsProjection> {
+        let topic = self.topic(Stream::Reads);
+        Tables::new(
+            projector::reads::ReadsProjection { topic },
+            self.pool.clone(),
+        )
+    }
+
+    fn cache(&self) -> anyhow::Result<projector::cache::Cache> {
+        Ok(projector::cache::Cache::new(
+            newsroom_infra::redis::connect(&self.settings.redis)?,
+            self.pool.clone(),
+            newsroom_infra::redis::root(&self.settings.kafka),
+            Stream::ALL.iter().map(|s| self.topic(*s)).collect(),
+        ))
+    }
 }
 
 /// Runs a live consumer over `store` until the stop signal.
@@ -154,9 +173,45 @@ fn consume<S: Store + 'static>(
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        let (progress, _) = watch::channel(Offsets::new());
+        let (progress, _) = watch::channel(Progress::default());
         projector::consumer::run(store, Mode::Live, context, progress, stop).await
     })
+}
+
+/// The read models `newsroom replay` rebuilds.
+pub const PROJECTIONS: [&str; 4] = ["users", "news", "reads", "cache"];
+
+/// Rebuilds read model `name` into a new version and switches the query side to it
+/// (`quiet` leaves out the progress lines).
+pub async fn replay(
+    settings: &Settings,
+    name: &str,
+    quiet: bool,
+) -> anyhow::Result<projector::replay::Report> {
+    ensure_topics(&settings.kafka).await?;
+    let pool = newsroom_infra::db::connect(&settings.postgres).await?;
+    newsroom_infra::db::migrate(&pool).await?;
+    newsroom_infra::db::check_deployment(&pool, &settings.kafka.topic_prefix).await?;
+    let context = Context {
+        kafka: settings.kafka.clone(),
+        pool: pool.clone(),
+        registry: Registry::connect(&settings.registry).await?,
+    };
+    let stores = Stores {
+        settings,
+        pool: &pool,
+    };
+    use projector::replay::replay;
+    match name {
+        "users" => replay(stores.users(), context, &pool, quiet).await,
+        "news" => replay(stores.news(), context, &pool, quiet).await,
+        "reads" => replay(stores.reads(), context, &pool, quiet).await,
+        "cache" => replay(stores.cache()?, context, &pool, quiet).await,
+        other => anyhow::bail!(
+            "no read model named {other}; choose one of {}",
+            PROJECTIONS.join(", ")
+        ),
+    }
 }
 
 impl Running {

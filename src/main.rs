@@ -29,6 +29,47 @@ enum Role {
     Project,
     /// Create the topics and apply the read-model migrations, then exit.
     Setup,
+    /// Rebuild a read model from the start of the log into a new version while the
+    /// current one keeps serving, then switch the query side to it and drop the old one.
+    Replay {
+        /// The read model: users, news, reads or cache (Redis).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(newsroom::PROJECTIONS))]
+        projection: String,
+        /// Print no progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Events a consumer could not apply, and the ones parked behind them.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List parked aggregates: the event that failed, why, and how many wait behind it.
+    List {
+        /// Only this consumer's.
+        #[arg(long)]
+        consumer: Option<String>,
+    },
+    /// Apply an aggregate's parked events again, in order (after fixing the cause).
+    Retry {
+        /// The consumer (users, news, reads, cache).
+        consumer: String,
+        /// The aggregate (its id); every parked aggregate of the consumer if left out.
+        #[arg(long)]
+        aggregate: Option<String>,
+    },
+    /// Drop an aggregate's failed event for good, then apply the ones behind it.
+    Skip {
+        /// The consumer (users, news, reads, cache).
+        consumer: String,
+        /// The aggregate (its id).
+        #[arg(long)]
+        aggregate: String,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +93,13 @@ async fn main() -> anyhow::Result<()> {
             query_api: false,
             projector: true,
         },
+        Role::Replay { projection, quiet } => {
+            newsroom::replay(&cli.settings, &projection, quiet).await?;
+            return Ok(());
+        }
+        Role::DeadLetters { action } => {
+            return newsroom::dead_letters::run(&cli.settings, action.into()).await;
+        }
         Role::Setup => {
             newsroom_infra::kafka::ensure_topics(&cli.settings.kafka).await?;
             let pool = newsroom_infra::db::connect(&cli.settings.postgres).await?;
@@ -65,6 +113,31 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .until_signal()
         .await
+}
+
+impl From<DeadLetterAction> for newsroom::dead_letters::Action {
+    fn from(action: DeadLetterAction) -> Self {
+        use newsroom::dead_letters::Action;
+        match action {
+            DeadLetterAction::List { consumer } => Action::List { consumer },
+            DeadLetterAction::Retry {
+                consumer,
+                aggregate,
+            } => Action::Request {
+                consumer,
+                aggregate,
+                skip: false,
+            },
+            DeadLetterAction::Skip {
+                consumer,
+                aggregate,
+            } => Action::Request {
+                consumer,
+                aggregate: Some(aggregate),
+                skip: true,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

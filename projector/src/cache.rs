@@ -26,7 +26,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
-use crate::consumer::{Committed, Failure, Mode, Offsets, Store};
+use crate::consumer::{Batch, Committed, Failure, Mode, Offsets, Store};
 
 /// The consumer's name.
 pub const NAME: &str = "cache";
@@ -83,6 +83,16 @@ fn hash_write(
 }
 
 impl Cache {
+    /// A connection to Redis.
+    pub fn redis(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
+    /// The root of the keys.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
     /// The script arguments for one event.
     async fn writes(&self, event: Decoded, out: &mut Vec<String>) -> Result<(), anyhow::Error> {
         if event.name.starts_with("newsroom.news.") {
@@ -214,20 +224,14 @@ impl Store for Cache {
     async fn open(&self, mode: Mode) -> anyhow::Result<(i32, Offsets)> {
         let mut redis = self.redis.clone();
         let version: i32 = match mode {
-            Mode::Live => {
-                let (): () = redis::cmd("SET")
-                    .arg(format!("{}:active", self.root))
-                    .arg(1)
-                    .arg("NX")
-                    .query_async(&mut redis)
-                    .await
-                    .context("reading the active cache version")?;
-                redis::cmd("GET")
-                    .arg(format!("{}:active", self.root))
-                    .query_async(&mut redis)
-                    .await
-                    .context("reading the active cache version")?
-            }
+            // Until a first consumer has caught up, no version is active (the query side
+            // answers from PostgreSQL meanwhile); version 1 is the one it builds.
+            Mode::Live => redis::cmd("GET")
+                .arg(format!("{}:active", self.root))
+                .query_async::<Option<i32>>(&mut redis)
+                .await
+                .context("reading the active cache version")?
+                .unwrap_or(1),
             Mode::Replay(v) => {
                 let building: Option<i32> = redis::cmd("GET")
                     .arg(format!("{}:building", self.root))
@@ -261,10 +265,14 @@ impl Store for Cache {
         &self,
         mode: Mode,
         version: i32,
-        events: Vec<Decoded>,
-        from: &Offsets,
-        to: &Offsets,
+        batch: Batch<'_>,
     ) -> Result<Committed, Failure> {
+        let Batch {
+            events,
+            from,
+            to,
+            caught_up,
+        } = batch;
         let mut writes = Vec::new();
         for (index, event) in events.into_iter().enumerate() {
             if let Err(error) = self.writes(event, &mut writes).await {
@@ -282,6 +290,7 @@ impl Store for Cache {
                 Mode::Live => "live",
                 Mode::Replay(_) => "replay",
             })
+            .arg(if caught_up { "1" } else { "0" })
             .arg(to.len());
         for ((topic, partition), next) in to {
             let previous = from.get(&(topic.clone(), *partition));

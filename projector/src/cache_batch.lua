@@ -1,22 +1,28 @@
 -- One batch of the Redis read models (see cache.rs for the key layout).
--- ARGV: root, version, mode ('live' | 'replay'), n, then n triples
+-- ARGV: root, version, mode ('live' | 'replay'), caught up ('1' | '0'), n, then n triples
 -- (offset field, offset this consumer started from or '', next offset), then writes:
 --   H kind id version create nfields (field value)*   hash write guarded by version
 --   R news_id hour                                     a read: counter and trending bucket
-local root, version, mode = ARGV[1], ARGV[2], ARGV[3]
+local root, version, mode, caught_up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local activate = false
 if mode == 'live' then
-  if (redis.call('GET', root .. ':active') or '1') ~= version then return 'reopen' end
+  local active = redis.call('GET', root .. ':active')
+  if active and active ~= version then return 'reopen' end
   if redis.call('EXISTS', root .. ':switching') == 1 then return 'paused' end
+  -- A version built from scratch (first start, or Redis lost its data) is served once
+  -- its consumer has caught up with the log (set below, once the offsets are checked).
+  activate = not active and caught_up == '1'
 elseif redis.call('GET', root .. ':building') ~= version then
   return 'reopen'
 end
 local prefix = root .. ':v' .. version .. ':'
 local offsets = prefix .. 'offsets'
-local n = tonumber(ARGV[4])
-local first = 5
+local n = tonumber(ARGV[5])
+local first = 6
 for i = first, first + 3 * (n - 1), 3 do
   if (redis.call('HGET', offsets, ARGV[i]) or '') ~= ARGV[i + 1] then return 'reopen' end
 end
+if activate then redis.call('SET', root .. ':active', version) end
 local now = tonumber(redis.call('TIME')[1])
 local i = first + 3 * n
 while i <= #ARGV do

@@ -43,6 +43,15 @@ pub type Position = (String, i32);
 /// The next offset to apply, per position.
 pub type Offsets = BTreeMap<Position, i64>;
 
+/// How far a consumer has come.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Offsets committed.
+    pub offsets: Offsets,
+    /// Events applied (or parked) since it started.
+    pub events: u64,
+}
+
 /// One record as read from the log.
 pub struct Record {
     /// Topic it came from.
@@ -60,12 +69,19 @@ pub struct Record {
 }
 
 impl Record {
-    /// The aggregate the record belongs to (its key as text).
+    /// The aggregate the record belongs to: its key (a UUID's 16 bytes in newsroom's
+    /// topics) as text.
     pub fn aggregate(&self) -> String {
-        self.key
-            .as_deref()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_default()
+        match self.key.as_deref() {
+            None => String::new(),
+            Some(key) => match uuid::Uuid::from_slice(key) {
+                Ok(id) => id.to_string(),
+                Err(_) => match std::str::from_utf8(key) {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => key.iter().map(|b| format!("{b:02x}")).collect(),
+                },
+            },
+        }
     }
 
     fn parked_as(&self) -> Aggregate {
@@ -116,16 +132,26 @@ pub trait Store: Send + Sync {
     fn topics(&self) -> Vec<String>;
     /// The version to write in `mode`, and its stored offsets.
     fn open(&self, mode: Mode) -> impl Future<Output = anyhow::Result<(i32, Offsets)>> + Send;
-    /// Applies `events` to `version` and moves the offsets from `from` to `to`, all or
-    /// nothing. Empty offset maps apply parked events without touching offsets.
+    /// Applies the batch's events to `version` and moves the offsets from `from` to `to`,
+    /// all or nothing. Empty offset maps apply parked events without touching offsets.
     fn commit(
         &self,
         mode: Mode,
         version: i32,
-        events: Vec<Decoded>,
-        from: &Offsets,
-        to: &Offsets,
+        batch: Batch<'_>,
     ) -> impl Future<Output = Result<Committed, Failure>> + Send;
+}
+
+/// What a consumer hands its store.
+pub struct Batch<'a> {
+    /// The events, in log order.
+    pub events: Vec<Decoded>,
+    /// The offsets the consumer started from.
+    pub from: &'a Offsets,
+    /// The offsets after the batch.
+    pub to: &'a Offsets,
+    /// Whether the consumer has (about) reached the end of the log with this batch.
+    pub caught_up: bool,
 }
 
 /// What every consumer needs besides its store.
@@ -145,7 +171,7 @@ pub async fn run<S: Store>(
     store: S,
     mode: Mode,
     context: Context,
-    progress: watch::Sender<Offsets>,
+    progress: watch::Sender<Progress>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let producer: FutureProducer = best_effort_producer(&context.kafka)
@@ -185,7 +211,7 @@ struct Session<'a, S> {
     mode: Mode,
     context: &'a Context,
     producer: &'a FutureProducer,
-    progress: &'a watch::Sender<Offsets>,
+    progress: &'a watch::Sender<Progress>,
     label: &'a str,
 }
 
@@ -214,7 +240,8 @@ impl<S: Store> Session<'_, S> {
             label: self.label.to_owned(),
         };
         let consumer = worker.assign(&self.context.kafka).await?;
-        self.progress.send_replace(worker.offsets.clone());
+        self.progress
+            .send_modify(|p| p.offsets.clone_from(&worker.offsets));
         tracing::info!(consumer = %self.label, version, "consumer started");
         let mut batches = consumer.stream().ready_chunks(MAX_BATCH);
         let mut tick = tokio::time::interval(IDLE_TICK);
@@ -227,7 +254,13 @@ impl<S: Store> Session<'_, S> {
             if !worker.requests().await? {
                 return Ok(false);
             }
-            let Some(chunk) = chunk else { continue };
+            let Some(chunk) = chunk else {
+                // Idle: let the store check that it still holds what this consumer thinks.
+                if !worker.heartbeat().await {
+                    return Ok(false);
+                }
+                continue;
+            };
             let mut records = Vec::with_capacity(chunk.len());
             for message in chunk {
                 match message {
@@ -242,10 +275,14 @@ impl<S: Store> Session<'_, S> {
                     Err(e) => tracing::warn!(consumer = %self.label, error = %e, "consumer error"),
                 }
             }
+            let count = records.len() as u64;
             if !worker.batch(records).await? {
                 return Ok(false);
             }
-            self.progress.send_replace(worker.offsets.clone());
+            self.progress.send_modify(|p| {
+                p.offsets.clone_from(&worker.offsets);
+                p.events += count;
+            });
         }
     }
 }
@@ -379,11 +416,13 @@ impl<S: Store> Worker<'_, S> {
                 }
             }
             let count = events.len() as u64;
-            match self
-                .store
-                .commit(self.mode, self.version, events, &self.offsets, &to)
-                .await
-            {
+            let batch = Batch {
+                events,
+                from: &self.offsets,
+                to: &to,
+                caught_up: records.len() < MAX_BATCH,
+            };
+            match self.store.commit(self.mode, self.version, batch).await {
                 Ok(Committed::Done) => {
                     self.offsets = to;
                     self.parked = blocked;
@@ -417,6 +456,20 @@ impl<S: Store> Worker<'_, S> {
         }
     }
 
+    /// An empty batch at the current offsets; `false` when the consumer must reopen.
+    async fn heartbeat(&self) -> bool {
+        let batch = Batch {
+            events: Vec::new(),
+            from: &self.offsets,
+            to: &self.offsets,
+            caught_up: true,
+        };
+        !matches!(
+            self.store.commit(self.mode, self.version, batch).await,
+            Ok(Committed::Reopen)
+        )
+    }
+
     /// Carries out pending `retry`/`skip` requests; `false` when the consumer must reopen.
     async fn requests(&mut self) -> anyhow::Result<bool> {
         if self.parked.is_empty() {
@@ -444,11 +497,13 @@ impl<S: Store> Worker<'_, S> {
                         break;
                     }
                 };
-                match self
-                    .store
-                    .commit(self.mode, self.version, vec![decoded], &none, &none)
-                    .await
-                {
+                let batch = Batch {
+                    events: vec![decoded],
+                    from: &none,
+                    to: &none,
+                    caught_up: false,
+                };
+                match self.store.commit(self.mode, self.version, batch).await {
                     Ok(Committed::Done) => self.parking.remove(&event).await?,
                     Ok(Committed::Paused) => return Ok(true),
                     Ok(Committed::Reopen) => return Ok(false),

@@ -11,4 +11,5 @@ pub mod dead_letters;
 pub mod news;
 pub mod postgres;
 pub mod reads;
+pub mod replay;
 pub mod users;

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use newsroom_infra::codec::Decoded;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::consumer::{Committed, Failure, Mode, Offsets, Store};
+use crate::consumer::{Batch, Committed, Failure, Mode, Offsets, Store};
 
 /// A read model in PostgreSQL fed from one topic.
 pub trait Projection: Send + Sync {
@@ -41,6 +41,11 @@ impl<P: Projection> Tables<P> {
     /// `projection` over `pool`.
     pub fn new(projection: P, pool: PgPool) -> Self {
         Tables { projection, pool }
+    }
+
+    /// The database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 }
 
@@ -116,10 +121,14 @@ impl<P: Projection> Store for Tables<P> {
         &self,
         mode: Mode,
         version: i32,
-        events: Vec<Decoded>,
-        from: &Offsets,
-        to: &Offsets,
+        batch: Batch<'_>,
     ) -> Result<Committed, Failure> {
+        let Batch {
+            events, from, to, ..
+        } = batch;
+        if events.is_empty() && from == to {
+            return Ok(Committed::Done);
+        }
         let name = self.name();
         let mut tx = self.pool.begin().await.map_err(outage)?;
         // A replay's switch updates this row; sharing it keeps batches out of the switch.

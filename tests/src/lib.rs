@@ -10,7 +10,7 @@ use newsroom::{Roles, Running};
 use newsroom_infra::Settings;
 use newsroom_infra::kafka::{Stream, read_committed_consumer};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::Connection as _;
@@ -55,6 +55,8 @@ pub struct RawRecord {
     pub key: Vec<u8>,
     /// Record value.
     pub payload: Vec<u8>,
+    /// Record headers (name, value as text).
+    pub headers: Vec<(String, String)>,
 }
 
 impl TestApp {
@@ -323,7 +325,13 @@ impl TestApp {
     /// Every committed record of `stream`, read from the beginning until the end offsets
     /// as they are now.
     pub fn committed_records(&self, stream: Stream) -> anyhow::Result<Vec<RawRecord>> {
-        let topic = stream.topic(&self.settings.kafka);
+        self.records_of(&stream.topic(&self.settings.kafka))
+    }
+
+    /// Every committed record of `topic`, read from the beginning until the end offsets
+    /// as they are now.
+    pub fn records_of(&self, topic: &str) -> anyhow::Result<Vec<RawRecord>> {
+        let topic = topic.to_owned();
         let group = format!("test-reader-{}", Uuid::now_v7());
         let consumer: BaseConsumer =
             read_committed_consumer(&self.settings.kafka, &group).create()?;
@@ -338,7 +346,7 @@ impl TestApp {
         }
         consumer.assign(&assignment)?;
         let mut position: std::collections::HashMap<i32, i64> =
-            ends.iter().map(|(p, _)| (*p, 0)).collect();
+            ends.iter().map(|(p, _)| (*p, -1)).collect();
         let mut records = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         // With read_committed, transaction markers and aborted records are skipped, so
@@ -358,9 +366,24 @@ impl TestApp {
                     let message = message?;
                     idle_polls = 0;
                     position.insert(message.partition(), message.offset());
+                    let headers = message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    let value = h.value.unwrap_or_default();
+                                    (
+                                        h.key.to_owned(),
+                                        String::from_utf8_lossy(value).into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     records.push(RawRecord {
                         key: message.key().unwrap_or_default().to_vec(),
                         payload: message.payload().unwrap_or_default().to_vec(),
+                        headers,
                     });
                 }
                 None => {
@@ -387,6 +410,158 @@ impl TestApp {
         .execute(&mut admin)
         .await?;
         Ok(())
+    }
+}
+
+impl TestApp {
+    /// A `newsroom` command (the binary beside the test binaries) with this app's
+    /// settings in its environment; `instance` names it in Kafka and in logs.
+    pub fn newsroom(&self, instance: &str) -> anyhow::Result<std::process::Command> {
+        let binary = std::env::current_exe()?
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(|dir| dir.join("newsroom"))
+            .ok_or_else(|| anyhow::anyhow!("no target folder"))?;
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: run `cargo build --bin newsroom` first",
+            binary.display()
+        );
+        let s = &self.settings;
+        let mut command = std::process::Command::new(binary);
+        command
+            .env("NEWSROOM_TOPIC_PREFIX", &s.kafka.topic_prefix)
+            .env("NEWSROOM_TOPIC_PARTITIONS", s.kafka.partitions.to_string())
+            .env("NEWSROOM_INSTANCE_ID", instance)
+            .env("NEWSROOM_DATABASE_URL", &s.postgres.url)
+            .env("NEWSROOM_DATABASE_MAX_CONNECTIONS", "8")
+            .env("NEWSROOM_REDIS_URL", &s.redis.url)
+            .env("NEWSROOM_HTTP_WORKERS", "1")
+            .env(
+                "NEWSROOM_JWT_SECRET",
+                s.auth.jwt_secret.clone().unwrap_or_default(),
+            )
+            .env(
+                "NEWSROOM_EMAIL_PEPPER",
+                s.auth.email_pepper.clone().unwrap_or_default(),
+            )
+            .env(
+                "NEWSROOM_ADMIN_EMAIL",
+                s.auth.admin_email.clone().unwrap_or_default(),
+            )
+            .env("NEWSROOM_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("NEWSROOM_ARGON2_MEMORY_KIB", "1024")
+            .env("NEWSROOM_ARGON2_ITERATIONS", "1");
+        Ok(command)
+    }
+
+    /// Runs `newsroom <args>` to completion; its stdout, or its stderr as the error.
+    pub async fn newsroom_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = self.newsroom("cli")?;
+        command.args(args);
+        let output = tokio::task::spawn_blocking(move || command.output()).await??;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        );
+        anyhow::ensure!(
+            output.status.success(),
+            "newsroom {args:?} failed: {}\n{stdout}\n{stderr}",
+            output.status
+        );
+        Ok(stdout)
+    }
+
+    /// A connection pool on the app's database.
+    pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::PgPool::connect(&self.settings.postgres.url).await?)
+    }
+
+    /// Every row of every read model the query side serves (PostgreSQL views of the
+    /// active versions) and every key of the active Redis version with its value, as
+    /// comparable text; keys are named without their version.
+    pub async fn read_models(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let pool = self.pool().await?;
+        let mut models = std::collections::BTreeMap::new();
+        for view in [
+            "users",
+            "news",
+            "reading_history",
+            "news_reads_hourly",
+            "news_read_counts",
+        ] {
+            let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT to_jsonb(t)::text FROM {view} t ORDER BY 1"
+            )))
+            .fetch_all(&pool)
+            .await?;
+            models.insert(
+                format!("pg:{view}"),
+                rows.into_iter().map(|(r,)| r).collect(),
+            );
+        }
+        pool.close().await;
+        let mut redis = redis::Client::open(self.settings.redis.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let root = newsroom_infra::redis::root(&self.settings.kafka);
+        let active: Option<String> = redis::cmd("GET")
+            .arg(format!("{root}:active"))
+            .query_async(&mut redis)
+            .await?;
+        let prefix = format!("{root}:v{}:", active.unwrap_or_default());
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut redis)
+            .await?;
+        for key in keys {
+            let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
+            let value: Vec<String> = match kind.as_str() {
+                "hash" => {
+                    let map: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async(&mut redis)
+                        .await?;
+                    map.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+                }
+                "zset" => {
+                    redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query_async(&mut redis)
+                        .await?
+                }
+                _ => vec![redis::cmd("GET").arg(&key).query_async(&mut redis).await?],
+            };
+            models.insert(format!("redis:{}", &key[prefix.len()..]), value);
+        }
+        Ok(models)
+    }
+
+    /// Waits until the read models stop changing (two snapshots a second apart agree),
+    /// and returns them.
+    pub async fn settled_read_models(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = self.read_models().await?;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.read_models().await?;
+            if now == last {
+                return Ok(now);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the read models kept changing for {timeout:?}"
+            );
+            last = now;
+        }
     }
 }
 

@@ -25,47 +25,16 @@ struct Process {
 
 impl Process {
     fn start(app: &TestApp, name: &str) -> anyhow::Result<Process> {
-        let binary = std::env::current_exe()?
-            .parent()
-            .and_then(|deps| deps.parent())
-            .map(|dir| dir.join("newsroom"))
-            .ok_or_else(|| anyhow::anyhow!("no target folder"))?;
-        anyhow::ensure!(
-            binary.exists(),
-            "{} is missing: run `cargo build --bin newsroom` first",
-            binary.display()
-        );
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let s = &app.settings;
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("newsroom-{name}-{port}.log")),
         )?;
-        let child = Command::new(binary)
+        let child = app
+            .newsroom(name)?
             .arg("command-api")
-            .env("NEWSROOM_TOPIC_PREFIX", &s.kafka.topic_prefix)
-            .env("NEWSROOM_TOPIC_PARTITIONS", s.kafka.partitions.to_string())
-            .env("NEWSROOM_INSTANCE_ID", name)
-            .env("NEWSROOM_DATABASE_URL", &s.postgres.url)
-            .env("NEWSROOM_DATABASE_MAX_CONNECTIONS", "8")
             .env("NEWSROOM_COMMAND_ADDR", format!("127.0.0.1:{port}"))
-            .env("NEWSROOM_HTTP_WORKERS", "1")
-            .env(
-                "NEWSROOM_JWT_SECRET",
-                s.auth.jwt_secret.clone().unwrap_or_default(),
-            )
-            .env(
-                "NEWSROOM_EMAIL_PEPPER",
-                s.auth.email_pepper.clone().unwrap_or_default(),
-            )
-            .env(
-                "NEWSROOM_ADMIN_EMAIL",
-                s.auth.admin_email.clone().unwrap_or_default(),
-            )
-            .env("NEWSROOM_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("NEWSROOM_ARGON2_MEMORY_KIB", "1024")
-            .env("NEWSROOM_ARGON2_ITERATIONS", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -3,5 +3,6 @@
 
 mod commands;
 mod queries;
+mod read_side;
 mod registry;
 mod users;

@@ -11,13 +11,13 @@ use uuid::Uuid;
 
 type TestResult = anyhow::Result<()>;
 
-struct Published {
-    id: Uuid,
-    token: String,
+pub(crate) struct Published {
+    pub(crate) id: Uuid,
+    pub(crate) token: String,
 }
 
 /// Drafts and publishes an article; returns its id and the publication's consistency token.
-async fn publish(
+pub(crate) async fn publish(
     app: &TestApp,
     editor: &TestUser,
     category: &str,
@@ -48,7 +48,7 @@ async fn publish(
     Ok(Published { id, token })
 }
 
-async fn query(
+pub(crate) async fn query(
     app: &TestApp,
     path: &str,
     token: Option<&str>,

@@ -1,0 +1,528 @@
+//! `newsroom replay <projection>`: rebuilds a read model from offset 0 into a new version
+//! beside the live one, which keeps serving; once the new version has caught up with the
+//! live consumer, holds the live consumer for a moment, lets the new version reach exactly
+//! the live offsets, switches the query side over in one atomic step, and drops the old
+//! version (ADR 8).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use newsroom_infra::kafka::read_committed_consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::consumer::{self, Context, Mode, Offsets, Progress, Store};
+use crate::postgres::{Projection, Tables, schema};
+
+/// How long a switch may hold the live consumer.
+const HOLD: Duration = Duration::from_secs(30);
+
+/// A store whose read model can be rebuilt into a new version.
+pub trait Versioned: Store + Sized + 'static {
+    /// Drops what an interrupted replay left, then creates the next version (empty) and
+    /// marks it as being built; returns (active version, new version).
+    fn prepare(&self) -> impl Future<Output = anyhow::Result<(i32, i32)>> + Send;
+    /// Holds the live consumer's writes (for at most [`HOLD`]).
+    fn hold_live(&self, new: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Lets the live consumer write again.
+    fn release_live(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Makes `new` the active version, atomically, if the hold still stands.
+    fn switch(&self, old: i32, new: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Removes a version's data, offsets and dead letters.
+    fn drop_version(&self, version: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// What a replay did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The version replaced.
+    pub old: i32,
+    /// The version built.
+    pub new: i32,
+    /// Events applied to the new version.
+    pub events: u64,
+    /// Time from start to switch.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Events per second.
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn covers(progress: &Offsets, live: &Offsets) -> bool {
+    live.iter()
+        .all(|(position, next)| progress.get(position).is_some_and(|p| p >= next))
+}
+
+/// The last offsets of `topics` (what a full replay reads up to, about).
+fn log_end(context: &Context, topics: &[String]) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer =
+        read_committed_consumer(&context.kafka, "newsroom-replay-watermarks")
+            .create()
+            .context("creating a metadata consumer")?;
+    let mut total = 0;
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .context("reading topic metadata")?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .context("reading watermarks")?;
+                total += high - low;
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn show(name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64().max(1e-3);
+    let rate = progress.events as f64 / elapsed;
+    let done: i64 = progress.offsets.values().sum();
+    let left = (total - done).max(0);
+    let eta = if rate > 0.0 {
+        format!("{:.0} s", left as f64 / rate)
+    } else {
+        "unknown".to_owned()
+    };
+    let percent = if total > 0 {
+        (done as f64 * 100.0 / total as f64).min(100.0)
+    } else {
+        100.0
+    };
+    eprintln!(
+        "replay {name} v{new}: {} events, {percent:.0}% of the log, {rate:.0} events/s, ETA {eta}",
+        progress.events
+    );
+}
+
+/// Replays `store`'s read model into a new version and switches to it. `pool` holds the
+/// lock that keeps two replays of one read model apart.
+pub async fn replay<S: Versioned>(
+    store: S,
+    context: Context,
+    pool: &PgPool,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let name = store.name();
+    let mut lock = pool.acquire().await.context("connecting to PostgreSQL")?;
+    let (locked,): (bool,) =
+        sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('newsroom replay ' || $1))")
+            .bind(name)
+            .fetch_one(&mut *lock)
+            .await
+            .context("taking the replay lock")?;
+    anyhow::ensure!(locked, "another replay of {name} is running");
+    let (old, new) = store.prepare().await?;
+    tracing::info!(projection = name, old, new, "replay started");
+    let total = log_end(&context, &store.topics())?;
+    let started = Instant::now();
+    let store = std::sync::Arc::new(store);
+    let (progress_tx, mut progress) = watch::channel(Progress::default());
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let worker = {
+        let (store, context) = (store.clone(), context.clone());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            consumer::run(Shared(store), Mode::Replay(new), context, progress_tx, stop).await
+        })
+    };
+    let mut last_shown = Instant::now();
+    let outcome: anyhow::Result<()> = async {
+        loop {
+            // Catch up with the live consumer first, while it keeps serving.
+            loop {
+                if worker.is_finished() {
+                    anyhow::bail!("the replay consumer stopped");
+                }
+                let (_, live) = store.open(Mode::Live).await?;
+                if covers(&progress.borrow().offsets, &live) {
+                    break;
+                }
+                if !quiet && last_shown.elapsed() >= Duration::from_secs(1) {
+                    show(name, new, &progress.borrow(), total, started);
+                    last_shown = Instant::now();
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), progress.changed()).await;
+            }
+            // Hold the live consumer, reach exactly its offsets, switch.
+            store.hold_live(new).await?;
+            let held = Instant::now();
+            let (_, live) = store.open(Mode::Live).await?;
+            while !covers(&progress.borrow().offsets, &live) && held.elapsed() < HOLD / 2 {
+                let _ = tokio::time::timeout(Duration::from_millis(50), progress.changed()).await;
+            }
+            if covers(&progress.borrow().offsets, &live) {
+                return Ok(());
+            }
+            store.release_live().await?;
+        }
+    }
+    .await;
+    let _ = stop_tx.send(true);
+    let stopped = worker.await.context("joining the replay consumer")?;
+    let finished = outcome.and(stopped);
+    let finished = match finished {
+        Ok(()) => store.switch(old, new).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = finished {
+        let _ = store.release_live().await;
+        let _ = store.drop_version(new).await;
+        return Err(e.context(format!(
+            "replay of {name} failed; version {old} still serves"
+        )));
+    }
+    let report = Report {
+        old,
+        new,
+        events: progress.borrow().events,
+        elapsed: started.elapsed(),
+    };
+    store.drop_version(old).await?;
+    if !quiet {
+        show(name, new, &progress.borrow(), total, started);
+        eprintln!(
+            "replay {name}: version {new} serves now ({} events in {:.1} s, {:.0} events/s); version {old} dropped",
+            report.events,
+            report.elapsed.as_secs_f64(),
+            report.rate()
+        );
+    }
+    tracing::info!(
+        projection = name,
+        old,
+        new,
+        events = report.events,
+        "replay switched"
+    );
+    Ok(report)
+}
+
+/// A store shared between the replay's consumer and its driver.
+struct Shared<S>(std::sync::Arc<S>);
+
+impl<S: Store> Store for Shared<S> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn topics(&self) -> Vec<String> {
+        self.0.topics()
+    }
+    fn open(&self, mode: Mode) -> impl Future<Output = anyhow::Result<(i32, Offsets)>> + Send {
+        self.0.open(mode)
+    }
+    fn commit(
+        &self,
+        mode: Mode,
+        version: i32,
+        batch: consumer::Batch<'_>,
+    ) -> impl Future<Output = Result<consumer::Committed, consumer::Failure>> + Send {
+        self.0.commit(mode, version, batch)
+    }
+}
+
+/// The base tables of a schema.
+async fn tables_of(pool: &PgPool, schema: &str) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await
+    .context("listing a version's tables")?;
+    Ok(rows.into_iter().map(|(t,)| t).collect())
+}
+
+/// Identifiers built here come from information_schema and static names; quoting keeps
+/// them identifiers whatever they hold.
+fn quoted(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+async fn execute(pool: impl sqlx::PgExecutor<'_>, statement: String) -> anyhow::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+        .execute(pool)
+        .await
+        .with_context(|| format!("running {statement}"))?;
+    Ok(())
+}
+
+impl<P: Projection + 'static> Versioned for Tables<P> {
+    async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
+        let pool = self.pool();
+        let (active, building): (i32, Option<i32>) = sqlx::query_as(
+            "SELECT active, building FROM projection_versions WHERE projection = $1",
+        )
+        .bind(self.name())
+        .fetch_one(pool)
+        .await
+        .context("reading the projection's versions")?;
+        if let Some(left) = building {
+            tracing::warn!(
+                projection = self.name(),
+                version = left,
+                "dropping what an interrupted replay left"
+            );
+            self.drop_version(left).await?;
+        }
+        let new = active + 1;
+        self.drop_version(new).await?;
+        let (old_schema, new_schema) = (schema(self.name(), active), schema(self.name(), new));
+        let mut tx = pool.begin().await?;
+        execute(&mut *tx, format!("CREATE SCHEMA {}", quoted(&new_schema))).await?;
+        for table in tables_of(pool, &old_schema).await? {
+            execute(
+                &mut *tx,
+                format!(
+                    "CREATE TABLE {}.{} (LIKE {}.{} INCLUDING ALL)",
+                    quoted(&new_schema),
+                    quoted(&table),
+                    quoted(&old_schema),
+                    quoted(&table)
+                ),
+            )
+            .await?;
+        }
+        sqlx::query("UPDATE projection_versions SET building = $2, switching_until = NULL WHERE projection = $1")
+            .bind(self.name())
+            .bind(new)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.context("creating the new version")?;
+        Ok((active, new))
+    }
+
+    async fn hold_live(&self, new: i32) -> anyhow::Result<()> {
+        // Waits for the live batch in flight (it shares this row), then holds the next ones.
+        let held = sqlx::query(
+            "UPDATE projection_versions SET switching_until = now() + make_interval(secs => $3) \
+             WHERE projection = $1 AND building = $2",
+        )
+        .bind(self.name())
+        .bind(new)
+        .bind(HOLD.as_secs_f64())
+        .execute(self.pool())
+        .await
+        .context("holding the live consumer")?
+        .rows_affected();
+        anyhow::ensure!(
+            held == 1,
+            "version {new} of {} is no longer being built",
+            self.name()
+        );
+        Ok(())
+    }
+
+    async fn release_live(&self) -> anyhow::Result<()> {
+        sqlx::query("UPDATE projection_versions SET switching_until = NULL WHERE projection = $1")
+            .bind(self.name())
+            .execute(self.pool())
+            .await
+            .context("releasing the live consumer")?;
+        Ok(())
+    }
+
+    async fn switch(&self, old: i32, new: i32) -> anyhow::Result<()> {
+        let pool = self.pool();
+        let mut tx = pool.begin().await?;
+        let (active, building, held): (i32, Option<i32>, bool) = sqlx::query_as(
+            "SELECT active, building, coalesce(switching_until > now(), false) FROM projection_versions \
+             WHERE projection = $1 FOR UPDATE",
+        )
+        .bind(self.name())
+        .fetch_one(&mut *tx)
+        .await?;
+        anyhow::ensure!(
+            active == old && building == Some(new) && held,
+            "the switch of {} lost its hold on the live consumer",
+            self.name()
+        );
+        let new_schema = schema(self.name(), new);
+        for table in tables_of(pool, &new_schema).await? {
+            execute(
+                &mut *tx,
+                format!(
+                    "CREATE OR REPLACE VIEW public.{} AS SELECT * FROM {}.{}",
+                    quoted(&table),
+                    quoted(&new_schema),
+                    quoted(&table)
+                ),
+            )
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE projection_versions SET active = $2, building = NULL, switching_until = NULL WHERE projection = $1",
+        )
+        .bind(self.name())
+        .bind(new)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await.context("switching versions")?;
+        Ok(())
+    }
+
+    async fn drop_version(&self, version: i32) -> anyhow::Result<()> {
+        let pool = self.pool();
+        let (active,): (i32,) =
+            sqlx::query_as("SELECT active FROM projection_versions WHERE projection = $1")
+                .bind(self.name())
+                .fetch_one(pool)
+                .await?;
+        anyhow::ensure!(
+            version != active,
+            "refusing to drop the active version of {}",
+            self.name()
+        );
+        let mut tx = pool.begin().await?;
+        execute(
+            &mut *tx,
+            format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quoted(&schema(self.name(), version))
+            ),
+        )
+        .await?;
+        sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND version = $2")
+            .bind(self.name())
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM dead_letters WHERE consumer = $1 AND version = $2")
+            .bind(self.name())
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE projection_versions SET building = NULL WHERE projection = $1 AND building = $2")
+            .bind(self.name())
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.context("dropping a version")?;
+        Ok(())
+    }
+}
+
+impl Versioned for crate::cache::Cache {
+    async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
+        let (active, _) = self.open(Mode::Live).await?;
+        let mut redis = self.redis();
+        let building: Option<i32> = redis::cmd("GET")
+            .arg(format!("{}:building", self.root()))
+            .query_async(&mut redis)
+            .await?;
+        if let Some(left) = building {
+            tracing::warn!(
+                version = left,
+                "dropping what an interrupted cache replay left"
+            );
+            self.drop_version(left).await?;
+        }
+        let new = active + 1;
+        self.drop_version(new).await?;
+        let (): () = redis::cmd("SET")
+            .arg(format!("{}:building", self.root()))
+            .arg(new)
+            .query_async(&mut redis)
+            .await?;
+        Ok((active, new))
+    }
+
+    async fn hold_live(&self, new: i32) -> anyhow::Result<()> {
+        let mut redis = self.redis();
+        let building: Option<i32> = redis::cmd("GET")
+            .arg(format!("{}:building", self.root()))
+            .query_async(&mut redis)
+            .await?;
+        anyhow::ensure!(
+            building == Some(new),
+            "cache version {new} is no longer being built"
+        );
+        let (): () = redis::cmd("SET")
+            .arg(format!("{}:switching", self.root()))
+            .arg(new)
+            .arg("PX")
+            .arg(HOLD.as_millis() as u64)
+            .query_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_live(&self) -> anyhow::Result<()> {
+        let (): () = redis::cmd("DEL")
+            .arg(format!("{}:switching", self.root()))
+            .query_async(&mut self.redis())
+            .await?;
+        Ok(())
+    }
+
+    async fn switch(&self, old: i32, new: i32) -> anyhow::Result<()> {
+        let script = redis::Script::new(
+            "local root = ARGV[1] \
+             if (redis.call('GET', root .. ':active') or '1') ~= ARGV[2] or redis.call('GET', root .. ':building') ~= ARGV[3] \
+                or redis.call('EXISTS', root .. ':switching') == 0 then return 0 end \
+             redis.call('SET', root .. ':active', ARGV[3]) \
+             redis.call('DEL', root .. ':building', root .. ':switching') \
+             return 1",
+        );
+        let switched: i64 = script
+            .arg(self.root())
+            .arg(old)
+            .arg(new)
+            .invoke_async(&mut self.redis())
+            .await?;
+        anyhow::ensure!(
+            switched == 1,
+            "the cache switch lost its hold on the live consumer"
+        );
+        Ok(())
+    }
+
+    async fn drop_version(&self, version: i32) -> anyhow::Result<()> {
+        let mut redis = self.redis();
+        let (active, _) = self.open(Mode::Live).await?;
+        anyhow::ensure!(
+            version != active,
+            "refusing to drop the active cache version"
+        );
+        let pattern = format!("{}:v{version}:*", self.root());
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            if !keys.is_empty() {
+                let (): () = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut redis)
+                    .await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let _: i64 = redis::Script::new(
+            "if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end return 0",
+        )
+        .arg(format!("{}:building", self.root()))
+        .arg(version)
+        .invoke_async(&mut redis)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! Black-box tests of the read side's machinery: dead letters and parking, replay into a
+//! new version while the query API serves, and the Redis and PostgreSQL paths agreeing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use newsroom_infra::kafka::{Stream, best_effort_producer, dead_letter_topic};
+use newsroom_tests::TestApp;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use reqwest::Method;
+use reqwest::StatusCode as S;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::queries::{publish, query};
+
+type TestResult = anyhow::Result<()>;
+
+/// The ids of the published list (first page of 100).
+async fn listed(app: &TestApp, consistency: Option<&str>) -> anyhow::Result<HashSet<String>> {
+    let (status, page) = query(app, "/v1/news?limit=100", None, consistency).await?;
+    anyhow::ensure!(status == S::OK, "list: {status} {page}");
+    Ok(page["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[tokio::test]
+async fn a_garbage_record_and_an_event_that_fails_to_apply_are_dead_lettered_and_the_parked_aggregate_resumes_in_order_after_retry()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let pool = app.pool().await?;
+    // The operator's mistake this test makes: the news read model refuses a title.
+    sqlx::query("ALTER TABLE news_v1.news ADD CONSTRAINT no_poison CHECK (title <> 'poison')")
+        .execute(&pool)
+        .await?;
+
+    // Garbage on the news topic, under an aggregate key of its own.
+    let garbage_key = Uuid::now_v7().to_string();
+    let producer: FutureProducer = best_effort_producer(&app.settings.kafka).create()?;
+    producer
+        .send(
+            FutureRecord::to(&Stream::News.topic(&app.settings.kafka))
+                .key(&garbage_key)
+                .payload(&b"\x00not avro at all"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+
+    // An article whose creation the read model refuses, then edited and published.
+    let body = json!({"category": "politics", "title": "poison", "content": "Text.", "tags": []});
+    let (status, created) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&body),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::CREATED, "{created}");
+    let poisoned = created["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _) = app
+        .command(
+            Method::PATCH,
+            &format!("/v1/news/{poisoned}"),
+            Some(&editor.token),
+            Some(&json!({"title": "An honest title"})),
+            Some(1),
+        )
+        .await?;
+    assert_eq!(status, S::OK);
+    let (status, _) = app
+        .command(
+            Method::POST,
+            &format!("/v1/news/{poisoned}/publish"),
+            Some(&editor.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK);
+
+    // Other aggregates keep flowing, the parked one stays out.
+    let healthy = publish(&app, &editor, "sports", &[]).await?;
+    let ids = listed(&app, Some(&healthy.token)).await?;
+    assert!(
+        ids.contains(&healthy.id.to_string()),
+        "a healthy article is projected"
+    );
+    assert!(!ids.contains(&poisoned), "the parked article is not");
+
+    let listing = app
+        .newsroom_cli(&["dead-letters", "list", "--consumer", "news"])
+        .await?;
+    let poisoned_line = listing
+        .lines()
+        .find(|l| l.contains(&poisoned))
+        .unwrap_or_else(|| panic!("the failed article is listed:\n{listing}"));
+    assert!(poisoned_line.contains("no_poison"), "{poisoned_line}");
+    let parked: Vec<&str> = poisoned_line.split_whitespace().collect();
+    assert_eq!(
+        parked[6], "3",
+        "drafted, edited and published are parked: {poisoned_line}"
+    );
+    let garbage_line = listing
+        .lines()
+        .find(|l| l.contains(&garbage_key))
+        .unwrap_or_else(|| panic!("the garbage is listed:\n{listing}"));
+    assert!(garbage_line.contains("cannot decode"), "{garbage_line}");
+
+    // Each failure is also on the consumer's dead-letter topic, with its reason.
+    let dead = app.records_of(&dead_letter_topic(&app.settings.kafka, "news"))?;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .flat_map(|r| r.headers.iter())
+        .filter(|(k, _)| k == "newsroom.reason")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(dead.len(), 2, "one record per failure: {reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("no_poison")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("cannot decode")),
+        "{reasons:?}"
+    );
+
+    // While the cause stands, a retry parks it again.
+    let out = app
+        .newsroom_cli(&["dead-letters", "retry", "news", "--aggregate", &poisoned])
+        .await?;
+    assert!(
+        out.contains(&poisoned),
+        "still parked after a failed retry:\n{out}"
+    );
+
+    // The operator fixes the cause and retries: the aggregate resumes, in order.
+    sqlx::query("ALTER TABLE news_v1.news DROP CONSTRAINT no_poison")
+        .execute(&pool)
+        .await?;
+    let out = app
+        .newsroom_cli(&["dead-letters", "retry", "news", "--aggregate", &poisoned])
+        .await?;
+    assert!(!out.contains(&poisoned), "resumed:\n{out}");
+    let (status, article) = query(&app, &format!("/v1/news/{poisoned}"), None, None).await?;
+    assert_eq!(status, S::OK);
+    assert_eq!(article["title"], "An honest title");
+    assert_eq!(article["version"], 3);
+    let ids = listed(&app, None).await?;
+    assert!(ids.contains(&poisoned), "listed once resumed");
+    let (version, status): (i64, String) =
+        sqlx::query_as("SELECT version, status FROM news WHERE id = $1::uuid")
+            .bind(&poisoned)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((version, status.as_str()), (3, "published"));
+
+    // Garbage cannot be fixed: skipping it clears it.
+    let out = app
+        .newsroom_cli(&["dead-letters", "skip", "news", "--aggregate", &garbage_key])
+        .await?;
+    assert!(!out.contains(&garbage_key), "skipped:\n{out}");
+
+    // Events of the resumed aggregate after the retry are applied as usual.
+    let (status, _) = app
+        .command(
+            Method::POST,
+            &format!("/v1/news/{poisoned}/archive"),
+            Some(&editor.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status,): (String,) = sqlx::query_as("SELECT status FROM news WHERE id = $1::uuid")
+            .bind(&poisoned)
+            .fetch_one(&pool)
+            .await?;
+        if status == "archived" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "archive never projected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no_missing_article()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, reader) = (app.editor().await?, app.reader().await?);
+    let mut ids = Vec::new();
+    let mut last = String::new();
+    for i in 0..12 {
+        let category = ["famous", "politics", "sports"][i % 3];
+        let published = publish(&app, &editor, category, &["replayed"]).await?;
+        ids.push(published.id.to_string());
+        last = published.token;
+    }
+    // Reads, for history, counts and trending.
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..(i % 4) {
+            let response = app
+                .http
+                .get(format!("{}/v1/news/{id}", app.query_url))
+                .bearer_auth(&reader.token)
+                .header("x-consistency-token", &last)
+                .send()
+                .await?;
+            assert_eq!(response.status(), S::OK);
+        }
+    }
+    let before = app.settled_read_models(Duration::from_secs(30)).await?;
+    assert!(
+        before.keys().any(|k| k.starts_with("redis:trending:")),
+        "the snapshot covers Redis: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
+
+    // Anonymous readers (no reads recorded) poll every query while the replays run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let polls = Arc::new(AtomicU64::new(0));
+    let poller = {
+        let (stop, polls) = (stop.clone(), polls.clone());
+        let (http, base, ids) = (app.http.clone(), app.query_url.clone(), ids.clone());
+        let expected: HashSet<String> = ids.iter().cloned().collect();
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                i += 1;
+                for path in [
+                    format!("/v1/news/{id}"),
+                    "/v1/news?limit=100&tag=replayed".to_owned(),
+                    "/v1/news/trending?limit=100".to_owned(),
+                ] {
+                    match http.get(format!("{base}{path}")).send().await {
+                        Ok(r) if r.status() == S::OK => {
+                            let body: Value = r.json().await.unwrap_or(Value::Null);
+                            if path.contains("tag=replayed") {
+                                let seen: HashSet<String> = body["items"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                                    .collect();
+                                if seen != expected {
+                                    failures.push(format!(
+                                        "{path}: {} of {} listed",
+                                        seen.len(),
+                                        expected.len()
+                                    ));
+                                }
+                            }
+                        }
+                        Ok(r) => failures.push(format!("{path}: {}", r.status())),
+                        Err(e) => failures.push(format!("{path}: {e}")),
+                    }
+                    polls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            failures
+        })
+    };
+    for projection in ["users", "news", "reads", "cache"] {
+        app.newsroom_cli(&["replay", projection, "--quiet"]).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = poller.await?;
+    assert!(
+        failures.is_empty(),
+        "readers saw {} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(polls.load(Ordering::Relaxed) > 10, "the readers polled");
+
+    let pool = app.pool().await?;
+    let versions: Vec<(String, i32, Option<i32>)> =
+        sqlx::query_as("SELECT projection, active, building FROM projection_versions ORDER BY 1")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        versions,
+        vec![
+            ("news".to_owned(), 2, None),
+            ("reads".to_owned(), 2, None),
+            ("users".to_owned(), 2, None)
+        ]
+    );
+    let (old_schemas,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE '%\\_v1'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(old_schemas, 0, "the old versions are dropped");
+    pool.close().await;
+
+    let after = app.read_models().await?;
+    assert_eq!(before.len(), after.len(), "the same tables and keys");
+    for (key, rows) in &before {
+        assert_eq!(Some(rows), after.get(key), "{key} differs after the replay");
+    }
+    // The replayed models keep serving and keep being fed.
+    let fresh = publish(&app, &editor, "sports", &["replayed"]).await?;
+    assert!(
+        listed(&app, Some(&fresh.token))
+            .await?
+            .contains(&fresh.id.to_string())
+    );
+    let (status, _) = query(
+        &app,
+        &format!("/v1/news/{}", fresh.id),
+        None,
+        Some(&fresh.token),
+    )
+    .await?;
+    assert_eq!(status, S::OK);
+    app.stop().await
+}
