@@ -83,6 +83,20 @@ pub static PARTITIONS_OWNED: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Query answers by endpoint and by the store that gave them (`redis`, `postgres`).
+pub static QUERY_ANSWERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    registered(
+        IntCounterVec::new(
+            Opts::new(
+                "newsroom_query_answers_total",
+                "Query answers by endpoint and store",
+            ),
+            &["endpoint", "store"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
 /// Reads handed to the log, by outcome (`sent`, `dropped`).
 pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(

@@ -95,6 +95,12 @@ pub fn unavailable(e: sqlx::Error) -> ApiError {
     ApiError::Unavailable("the read model is unavailable".into())
 }
 
+fn answered(endpoint: &str, store: &str) {
+    newsroom_infra::metrics::QUERY_ANSWERS
+        .with_label_values(&[endpoint, store])
+        .inc();
+}
+
 /// Whether `If-None-Match` names `version`.
 fn not_modified(req: &HttpRequest, version: i64) -> bool {
     let Some(value) = req
@@ -121,8 +127,12 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     let wanted = consistency::wanted(&req, &state.topic_prefix)?;
     let row = match state.cache.article(*id, wanted.as_ref()).await {
-        Some(row) => Some(row),
+        Some(row) => {
+            answered("article", "redis");
+            Some(row)
+        }
         None => {
+            answered("article", "postgres");
             consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
             sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
                 .bind(*id)
@@ -324,6 +334,7 @@ pub async fn trending(
         .trending(category.as_deref(), limit, wanted.as_ref())
         .await
     {
+        answered("trending", "redis");
         let items: Vec<Trending> = list
             .into_iter()
             .map(|(row, reads)| Trending {
@@ -333,6 +344,7 @@ pub async fn trending(
             .collect();
         return Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })));
     }
+    answered("trending", "postgres");
     consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
     let rows: Vec<TrendingRow> = sqlx::query_as(concat!(
         "WITH recent AS (SELECT news_id, sum(reads)::bigint AS reads FROM news_reads_hourly \

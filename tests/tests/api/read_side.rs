@@ -336,3 +336,170 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
     assert_eq!(status, S::OK);
     app.stop().await
 }
+
+/// A `newsroom project` child process, killed when dropped.
+struct Projector(std::process::Child);
+
+impl Projector {
+    fn start(app: &TestApp, run: usize) -> anyhow::Result<Projector> {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!(
+            "newsroom-projector-{}-{run}.log",
+            app.settings.kafka.topic_prefix
+        )))?;
+        let child = app
+            .newsroom(&format!("projector-{run}"))?
+            .arg("project")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Projector(child))
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    fn kill(mut self) -> anyhow::Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Projector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A number from 0 to `bound` (exclusive), different on each call.
+fn random_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Uuid::now_v7().as_u128());
+    hasher.finish() % bound
+}
+
+#[tokio::test]
+async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal_to_a_fresh_replay()
+-> TestResult {
+    let app = TestApp::spawn_with(newsroom::Roles {
+        command_api: true,
+        query_api: true,
+        projector: false,
+    })
+    .await?;
+    let (editor, reader) = (app.editor().await?, app.reader().await?);
+    let mut projector = Projector::start(&app, 0)?;
+
+    // Load: an editor drafts, edits and publishes; a reader reads what was published.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let (http, command, query) = (
+            app.http.clone(),
+            app.command_url.clone(),
+            app.query_url.clone(),
+        );
+        let (editor, reader) = (editor.token.clone(), reader.token.clone());
+        tokio::spawn(async move {
+            let mut drafted = 0u64;
+            let mut published: Vec<String> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"category": "sports", "title": format!("Match {drafted}"), "content": "Text.", "tags": ["live"]});
+                let created: Value = http
+                    .post(format!("{command}/v1/news"))
+                    .bearer_auth(&editor)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let id = created["id"].as_str().unwrap_or_default().to_owned();
+                drafted += 1;
+                let edited = http
+                    .patch(format!("{command}/v1/news/{id}"))
+                    .bearer_auth(&editor)
+                    .json(&json!({"title": format!("Match {drafted}, updated")}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(edited.status() == S::OK, "edit: {}", edited.status());
+                let publication = http
+                    .post(format!("{command}/v1/news/{id}/publish"))
+                    .bearer_auth(&editor)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    publication.status() == S::OK,
+                    "publish: {}",
+                    publication.status()
+                );
+                published.push(id);
+                for _ in 0..3 {
+                    let id = &published[random_below(published.len() as u64) as usize];
+                    // 404 while the projector is down is fine; a read is recorded on 200.
+                    http.get(format!("{query}/v1/news/{id}"))
+                        .bearer_auth(&reader)
+                        .send()
+                        .await?;
+                }
+            }
+            Ok(drafted)
+        })
+    };
+    for run in 1..=10 {
+        tokio::time::sleep(Duration::from_millis(300 + random_below(700))).await;
+        projector.kill()?;
+        projector = Projector::start(&app, run)?;
+    }
+    // Some more load with the last projector up, so that readers find articles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let drafted = load.await??;
+    assert!(
+        drafted > 10,
+        "events flowed while the projector was killed ({drafted} drafts)"
+    );
+
+    let before = app.settled_read_models(Duration::from_secs(60)).await?;
+    // Exactly once: every read counted once, in PostgreSQL and in Redis.
+    let reads = app.committed_records(Stream::Reads)?.len();
+    assert!(reads > 0, "reads were recorded");
+    let pool = app.pool().await?;
+    let (counted, history, news): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT coalesce(sum(reads), 0)::bigint FROM news_read_counts), \
+         (SELECT count(*) FROM reading_history), (SELECT count(*) FROM news)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    eprintln!("{drafted} articles, {reads} reads, projector killed 10 times");
+    assert_eq!(counted as usize, reads, "read counts in PostgreSQL");
+    assert_eq!(history as usize, reads, "reading history");
+    assert_eq!(news as u64, drafted, "articles");
+    let redis_counted: usize = before
+        .iter()
+        .filter(|(k, _)| k.starts_with("redis:reads:"))
+        .map(|(_, v)| v[0].parse::<usize>().unwrap_or(0))
+        .sum();
+    assert_eq!(redis_counted, reads, "read counts in Redis");
+
+    // And the same models as a replay from scratch builds, row for row and key for key
+    // (the last projector keeps running as the live consumer during the replays).
+    for projection in ["users", "news", "reads", "cache"] {
+        app.newsroom_cli(&["replay", projection, "--quiet"]).await?;
+    }
+    let after = app.read_models().await?;
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the same tables and keys"
+    );
+    for (key, rows) in &before {
+        assert_eq!(
+            Some(rows),
+            after.get(key),
+            "{key} differs from a fresh replay"
+        );
+    }
+    drop(projector);
+    app.stop().await
+}

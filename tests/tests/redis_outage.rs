@@ -1,0 +1,216 @@
+//! Redis stopped: the query API answers the same from PostgreSQL, readiness says it is
+//! degraded, and Redis serves again once it is back; a Redis that lost its data is rebuilt
+//! from the log. Its own test binary, because it stops the shared Redis (cargo runs test
+//! binaries one after another, so no other test sees the outage).
+
+use std::time::Duration;
+
+use newsroom_tests::{TestApp, TestUser, infra};
+use reqwest::{Method, StatusCode as S};
+use serde_json::{Value, json};
+
+async fn get(app: &TestApp, path: &str, consistency: Option<&str>) -> anyhow::Result<(S, Value)> {
+    let mut request = app.http.get(format!("{}{path}", app.query_url));
+    if let Some(token) = consistency {
+        request = request.header("x-consistency-token", token);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// Drafts and publishes; the id and the publication's consistency token.
+async fn publish(
+    app: &TestApp,
+    editor: &TestUser,
+    category: &str,
+) -> anyhow::Result<(String, String)> {
+    let body = json!({"category": category, "title": format!("About {category}"), "content": "Text.", "tags": ["t"]});
+    let (status, created) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&body),
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == S::CREATED, "draft: {status}");
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    let response = app
+        .http
+        .post(format!("{}/v1/news/{id}/publish", app.command_url))
+        .bearer_auth(&editor.token)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == S::OK, "publish: {}", response.status());
+    let token = response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned();
+    Ok((id, token))
+}
+
+/// How many answers of `endpoint` came from `store`, from the query API's metrics.
+async fn answers(app: &TestApp, endpoint: &str, store: &str) -> anyhow::Result<u64> {
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.query_url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let needle =
+        format!("newsroom_query_answers_total{{endpoint=\"{endpoint}\",store=\"{store}\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+async fn readiness(app: &TestApp) -> anyhow::Result<(S, String)> {
+    let response = app
+        .http
+        .get(format!("{}/readyz", app.query_url))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    Ok((
+        status,
+        body["status"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+async fn until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_again_once_back()
+-> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let (editor, reader) = (app.editor().await?, app.reader().await?);
+    let (a, _) = publish(&app, &editor, "politics").await?;
+    let (b, _) = publish(&app, &editor, "sports").await?;
+    let (c, token) = publish(&app, &editor, "sports").await?;
+    for (id, times) in [(&a, 3), (&b, 2), (&c, 1)] {
+        for _ in 0..times {
+            let response = app
+                .http
+                .get(format!("{}/v1/news/{id}", app.query_url))
+                .bearer_auth(&reader.token)
+                .header("x-consistency-token", &token)
+                .send()
+                .await?;
+            assert_eq!(response.status(), S::OK);
+        }
+    }
+    // Wait until Redis holds every read, then keep what it answers.
+    until("the reads in the trending list", || async {
+        let (_, list) = get(&app, "/v1/news/trending", None).await?;
+        let reads: Vec<i64> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["reads"].as_i64())
+            .collect();
+        Ok(reads == [3, 2, 1])
+    })
+    .await?;
+    let paths = [
+        format!("/v1/news/{a}"),
+        format!("/v1/news/{b}"),
+        "/v1/news/trending".to_owned(),
+        "/v1/news/trending?category=sports".to_owned(),
+    ];
+    let redis_before = answers(&app, "article", "redis").await?;
+    let mut from_redis = Vec::new();
+    for path in &paths {
+        let (status, body) = get(&app, path, None).await?;
+        assert_eq!(status, S::OK, "{path}");
+        from_redis.push(body);
+    }
+    assert!(
+        answers(&app, "article", "redis").await? >= redis_before + 2,
+        "Redis served the articles"
+    );
+    assert_eq!(from_redis[0]["read_count"], 3);
+    assert_eq!(readiness(&app).await?, (S::OK, "ready".to_owned()));
+
+    infra(&["down", "redis"])?;
+    let result = async {
+        until("readiness to report Redis", || async {
+            Ok(readiness(&app).await? == (S::OK, "degraded".to_owned()))
+        })
+        .await?;
+        let postgres_before = answers(&app, "article", "postgres").await?;
+        for (path, expected) in paths.iter().zip(&from_redis) {
+            let (status, body) = get(&app, path, None).await?;
+            assert_eq!(status, S::OK, "{path} without Redis");
+            assert_eq!(&body, expected, "{path} from PostgreSQL equals Redis");
+        }
+        assert!(answers(&app, "article", "postgres").await? >= postgres_before + 2);
+        // Writes and read-your-writes go on.
+        let (d, token) = publish(&app, &editor, "famous").await?;
+        let (status, body) = get(&app, &format!("/v1/news/{d}"), Some(&token)).await?;
+        assert_eq!(status, S::OK);
+        assert_eq!(body["status"], "published");
+        anyhow::Ok(d)
+    }
+    .await;
+    infra(&["up", "redis"])?;
+    let d = result?;
+
+    until("readiness without Redis", || async {
+        Ok(readiness(&app).await? == (S::OK, "ready".to_owned()))
+    })
+    .await?;
+    // Redis catches up with what happened while it was down, and serves again.
+    until(
+        "Redis to serve the article published while it was down",
+        || async {
+            let before = answers(&app, "article", "redis").await?;
+            let (status, _) = get(&app, &format!("/v1/news/{d}"), None).await?;
+            Ok(status == S::OK && answers(&app, "article", "redis").await? > before)
+        },
+    )
+    .await?;
+
+    // A Redis that lost its data is rebuilt from the log; PostgreSQL answers meanwhile.
+    let mut redis = redis::Client::open(app.settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let root = newsroom_infra::redis::root(&app.settings.kafka);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{root}:*"))
+        .query_async(&mut redis)
+        .await?;
+    assert!(!keys.is_empty());
+    let (): () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    let (status, body) = get(&app, &paths[0], None).await?;
+    assert_eq!(
+        (status, &body),
+        (S::OK, &from_redis[0]),
+        "answered while Redis is empty"
+    );
+    until("Redis to be rebuilt", || async {
+        let before = answers(&app, "trending", "redis").await?;
+        let (_, list) = get(&app, &paths[2], None).await?;
+        Ok(list == from_redis[2] && answers(&app, "trending", "redis").await? > before)
+    })
+    .await?;
+    app.stop().await
+}
