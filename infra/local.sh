@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local infrastructure for newsroom without Docker: Apache Kafka (KRaft, single node),
-# Apicurio Registry (Confluent-compatible API), PostgreSQL and Redis, all on loopback,
+# Apicurio Registry (Confluent-compatible API), PostgreSQL, Redis and an SMTP server that
+# keeps what it receives (infra/smtp_capture.py), all on loopback,
 # with their data under .local/ in the project. Idempotent: `up` installs what is
 # missing, starts what is not running and waits until each one answers.
 set -euo pipefail
@@ -14,6 +15,7 @@ REGISTRY_PORT="${NEWSROOM_REGISTRY_PORT:-8085}"
 REGISTRY_MANAGEMENT_PORT="${NEWSROOM_REGISTRY_MANAGEMENT_PORT:-9085}"
 PG_PORT="${NEWSROOM_PG_PORT:-5432}"
 REDIS_PORT="${NEWSROOM_REDIS_PORT:-6379}"
+SMTP_PORT="${NEWSROOM_SMTP_PORT:-2525}"
 APICURIO_VERSION="${NEWSROOM_APICURIO_VERSION:-3.3.3}"
 PG_VERSION="${NEWSROOM_PG_VERSION:-15}"
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
@@ -32,12 +34,13 @@ Commands:
   reset             stop everything and delete $STATE (all data, downloaded jars)
   -h, --help        show this help
 
-Services: postgres, redis, kafka, registry (default: all, started in that order).
+Services: postgres, redis, kafka, registry, smtp (default: all, started in that order).
+The SMTP server keeps every message it receives in $STATE/smtp/mail/.
 
 Environment (defaults in brackets):
   NEWSROOM_KAFKA_PORT [9092]  NEWSROOM_KAFKA_CONTROLLER_PORT [9093]
   NEWSROOM_REGISTRY_PORT [8085]  NEWSROOM_REGISTRY_MANAGEMENT_PORT [9085]
-  NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]
+  NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]  NEWSROOM_SMTP_PORT [2525]
   NEWSROOM_STATE_DIR [$ROOT/.local]  NEWSROOM_JAVA21_HOME [first JDK >= 21 found]
 EOF
 }
@@ -100,7 +103,8 @@ java21_home() {
 
 install_deps() {
   apt_install ca-certificates curl maven openjdk-17-jre-headless \
-    "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev build-essential kcat
+    "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev build-essential kcat \
+    python3 python3-aiosmtpd
   if ! java21_home >/dev/null; then
     # Apicurio Registry 3.x needs Java 21+. Debian 12 ships 17 only; try newer packages.
     apt_install openjdk-21-jre-headless 2>/dev/null || apt_install openjdk-25-jre-headless 2>/dev/null ||
@@ -324,13 +328,33 @@ start_registry() {
 
 stop_registry() { stop_pidfile "$STATE/registry/registry.pid" registry 30; }
 
+# --- SMTP (capturing) -----------------------------------------------------------
+
+smtp_ready() { port_open "$SMTP_PORT"; }
+
+start_smtp() {
+  if pid_alive "$STATE/smtp/smtp.pid" && smtp_ready; then
+    log "smtp already answers on $HOST:$SMTP_PORT"
+    return 0
+  fi
+  mkdir -p "$STATE/smtp/mail"
+  # Debian's interpreter: python3-aiosmtpd is installed for it (a pyenv or venv python3
+  # earlier on PATH would not see it).
+  nohup /usr/bin/python3 "$ROOT/infra/smtp_capture.py" --host "$HOST" --port "$SMTP_PORT" \
+    --dir "$STATE/smtp/mail" >"$STATE/smtp/smtp.log" 2>&1 &
+  echo $! >"$STATE/smtp/smtp.pid"
+  wait_for smtp 30 smtp_ready
+}
+
+stop_smtp() { stop_pidfile "$STATE/smtp/smtp.pid" smtp 10; }
+
 # --- commands -----------------------------------------------------------------
 
-SERVICES=(postgres redis kafka registry)
+SERVICES=(postgres redis kafka registry smtp)
 
 check_service() {
   case $1 in
-    postgres | redis | kafka | registry) ;;
+    postgres | redis | kafka | registry | smtp) ;;
     *) die "unknown service '$1' (one of: ${SERVICES[*]})" ;;
   esac
 }
@@ -373,6 +397,7 @@ cmd_status() {
     row registry "http://$HOST:$REGISTRY_PORT/apis/ccompat/v7" down
     ok=1
   fi
+  if smtp_ready; then row smtp "$HOST:$SMTP_PORT" up; else row smtp "$HOST:$SMTP_PORT" down; ok=1; fi
   return $ok
 }
 

@@ -18,6 +18,7 @@ use newsroom_infra::registry::Registry;
 use newsroom_projector as projector;
 use projector::consumer::{Context, Mode, Progress, Store};
 use projector::postgres::Tables;
+use projector::redis_store::RedisStore;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -28,8 +29,12 @@ pub struct Roles {
     pub command_api: bool,
     /// The query API.
     pub query_api: bool,
-    /// The projector (read-model consumers).
+    /// The projector (read-model consumers: users, news, reads, cache).
     pub projector: bool,
+    /// The recommender (affinities and published articles in Redis).
+    pub recommender: bool,
+    /// The notifier (inbox) and its mailer.
+    pub notifier: bool,
 }
 
 impl Roles {
@@ -38,6 +43,17 @@ impl Roles {
         command_api: true,
         query_api: true,
         projector: true,
+        recommender: true,
+        notifier: true,
+    };
+
+    /// No role (a base to name some with `..Roles::NONE`).
+    pub const NONE: Roles = Roles {
+        command_api: false,
+        query_api: false,
+        projector: false,
+        recommender: false,
+        notifier: false,
     };
 }
 
@@ -95,11 +111,7 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         tracing::info!(addr = ?running.query_addr, "query API listening");
     }
     if roles.projector {
-        let context = Context {
-            kafka: settings.kafka.clone(),
-            pool: pool.clone(),
-            registry: Registry::connect(&settings.registry).await?,
-        };
+        let context = consumer_context(settings, &pool).await?;
         let stores = Stores {
             settings,
             pool: &pool,
@@ -116,6 +128,29 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         running
             .workers
             .push(consume(stores.cache()?, &context, &stopped));
+    }
+    let stores = Stores {
+        settings,
+        pool: &pool,
+    };
+    if roles.recommender {
+        let context = consumer_context(settings, &pool).await?;
+        running
+            .workers
+            .push(consume(stores.recommend()?, &context, &stopped));
+    }
+    if roles.notifier {
+        let context = consumer_context(settings, &pool).await?;
+        running
+            .workers
+            .push(consume(stores.notify(), &context, &stopped));
+        let (pool, mail, mut stopped) = (pool.clone(), settings.notify.clone(), stopped.clone());
+        running.workers.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            projector::mailer::run(pool, mail, stop).await
+        }));
     }
     Ok(running)
 }
@@ -152,14 +187,40 @@ impl Stores<'_> {
         )
     }
 
-    fn cache(&self) -> anyhow::Result<projector::cache::Cache> {
-        Ok(projector::cache::Cache::new(
-            newsroom_infra::redis::connect(&self.settings.redis)?,
-            self.pool.clone(),
-            newsroom_infra::redis::root(&self.settings.kafka),
-            Stream::ALL.iter().map(|s| self.topic(*s)).collect(),
-        ))
+    fn cache(&self) -> anyhow::Result<RedisStore<projector::cache::Cache>> {
+        let model = projector::cache::Cache {
+            pool: self.pool.clone(),
+            topics: Stream::ALL.iter().map(|s| self.topic(*s)).collect(),
+        };
+        self.redis(model)
     }
+
+    fn recommend(&self) -> anyhow::Result<RedisStore<projector::recommend::Recommender>> {
+        let model = projector::recommend::Recommender {
+            half_life: self.settings.recommend.half_life(),
+            topics: vec![self.topic(Stream::News), self.topic(Stream::Reads)],
+        };
+        self.redis(model)
+    }
+
+    fn notify(&self) -> Tables<projector::notify::Notifier> {
+        let topics = vec![self.topic(Stream::Users), self.topic(Stream::News)];
+        Tables::new(projector::notify::Notifier { topics }, self.pool.clone())
+    }
+
+    fn redis<M: projector::redis_store::Model>(&self, model: M) -> anyhow::Result<RedisStore<M>> {
+        let root = newsroom_infra::redis::root(&self.settings.kafka, model.name());
+        let redis = newsroom_infra::redis::connect(&self.settings.redis)?;
+        Ok(RedisStore::new(model, redis, root))
+    }
+}
+
+async fn consumer_context(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Context> {
+    Ok(Context {
+        kafka: settings.kafka.clone(),
+        pool: pool.clone(),
+        registry: Registry::connect(&settings.registry).await?,
+    })
 }
 
 /// Runs a live consumer over `store` until the stop signal.
@@ -179,7 +240,7 @@ fn consume<S: Store + 'static>(
 }
 
 /// The read models `newsroom replay` rebuilds.
-pub const PROJECTIONS: [&str; 4] = ["users", "news", "reads", "cache"];
+pub const PROJECTIONS: [&str; 6] = ["users", "news", "reads", "cache", "recommend", "notify"];
 
 /// Rebuilds read model `name` into a new version and switches the query side to it
 /// (`quiet` leaves out the progress lines).
@@ -192,11 +253,7 @@ pub async fn replay(
     let pool = newsroom_infra::db::connect(&settings.postgres).await?;
     newsroom_infra::db::migrate(&pool).await?;
     newsroom_infra::db::check_deployment(&pool, &settings.kafka.topic_prefix).await?;
-    let context = Context {
-        kafka: settings.kafka.clone(),
-        pool: pool.clone(),
-        registry: Registry::connect(&settings.registry).await?,
-    };
+    let context = consumer_context(settings, &pool).await?;
     let stores = Stores {
         settings,
         pool: &pool,
@@ -207,6 +264,8 @@ pub async fn replay(
         "news" => replay(stores.news(), context, &pool, quiet).await,
         "reads" => replay(stores.reads(), context, &pool, quiet).await,
         "cache" => replay(stores.cache()?, context, &pool, quiet).await,
+        "recommend" => replay(stores.recommend()?, context, &pool, quiet).await,
+        "notify" => replay(stores.notify(), context, &pool, quiet).await,
         other => anyhow::bail!(
             "no read model named {other}; choose one of {}",
             PROJECTIONS.join(", ")

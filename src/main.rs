@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// Every role in one process: command API, query API and projector.
+    /// Every role in one process: command API, query API, projector, recommender and
+    /// notifier.
     Run,
     /// The command API alone (validates commands, appends events to Kafka).
     CommandApi,
@@ -27,12 +28,16 @@ enum Role {
     QueryApi,
     /// The projector alone (builds the read models from the log).
     Project,
+    /// The recommender alone (users' affinities and the published articles, in Redis).
+    Recommend,
+    /// The notifier alone (inbox entries, and e-mails over SMTP).
+    Notify,
     /// Create the topics and apply the read-model migrations, then exit.
     Setup,
     /// Rebuild a read model from the start of the log into a new version while the
     /// current one keeps serving, then switch the query side to it and drop the old one.
     Replay {
-        /// The read model: users, news, reads or cache (Redis).
+        /// The read model: users, news, reads, cache (Redis), recommend (Redis) or notify.
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(newsroom::PROJECTIONS))]
         projection: String,
         /// Print no progress lines.
@@ -56,7 +61,7 @@ enum DeadLetterAction {
     },
     /// Apply an aggregate's parked events again, in order (after fixing the cause).
     Retry {
-        /// The consumer (users, news, reads, cache).
+        /// The consumer (users, news, reads, cache, recommend, notify).
         consumer: String,
         /// The aggregate (its id); every parked aggregate of the consumer if left out.
         #[arg(long)]
@@ -64,7 +69,7 @@ enum DeadLetterAction {
     },
     /// Drop an aggregate's failed event for good, then apply the ones behind it.
     Skip {
-        /// The consumer (users, news, reads, cache).
+        /// The consumer (users, news, reads, cache, recommend, notify).
         consumer: String,
         /// The aggregate (its id).
         #[arg(long)]
@@ -80,18 +85,23 @@ async fn main() -> anyhow::Result<()> {
         Role::Run => Roles::ALL,
         Role::CommandApi => Roles {
             command_api: true,
-            query_api: false,
-            projector: false,
+            ..Roles::NONE
         },
         Role::QueryApi => Roles {
-            command_api: false,
             query_api: true,
-            projector: false,
+            ..Roles::NONE
         },
         Role::Project => Roles {
-            command_api: false,
-            query_api: false,
             projector: true,
+            ..Roles::NONE
+        },
+        Role::Recommend => Roles {
+            recommender: true,
+            ..Roles::NONE
+        },
+        Role::Notify => Roles {
+            notifier: true,
+            ..Roles::NONE
         },
         Role::Replay { projection, quiet } => {
             newsroom::replay(&cli.settings, &projection, quiet).await?;

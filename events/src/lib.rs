@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod affinity;
 mod category;
 pub mod consistency;
+mod history;
 mod macros;
 pub mod metadata;
 pub mod news;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::EventMetadata;
+use crate::category::Category;
 use crate::macros::event_family;
 
 /// A user read a published article. `metadata.aggregate_id` is the reader and
@@ -17,11 +18,18 @@ pub struct NewsRead {
     /// The article.
     #[avro(with = crate::metadata::uuid_schema)]
     pub news_id: Uuid,
+    /// The article's category when it was read (since schema version 2), so that
+    /// consumers of reads need no other stream to know what was read.
+    #[avro(default = "null")]
+    pub category: Option<Category>,
+    /// The article's tags when it was read (since schema version 2).
+    #[avro(default = "null")]
+    pub tags: Option<Vec<String>>,
 }
 
 event_family!(
     /// Every event of the reads stream.
     ReadEvent, "reads", "newsroom.reads" {
-        Read(NewsRead, 1),
+        Read(NewsRead, 2),
     }
 );

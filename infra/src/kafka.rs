@@ -115,7 +115,7 @@ pub fn ownership_topic(settings: &KafkaSettings) -> String {
 }
 
 /// The consumers of the log, each with a dead-letter topic of its own.
-pub const CONSUMERS: [&str; 4] = ["users", "news", "reads", "cache"];
+pub const CONSUMERS: [&str; 6] = ["users", "news", "reads", "cache", "recommend", "notify"];
 
 /// The dead-letter topic of `consumer`: events it could not apply, with the reason.
 pub fn dead_letter_topic(settings: &KafkaSettings, consumer: &str) -> String {

@@ -97,6 +97,17 @@ pub static QUERY_ANSWERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Notification e-mails by outcome (`sent`, `failed`, `skipped`).
+pub static EMAILS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    registered(
+        IntCounterVec::new(
+            Opts::new("newsroom_emails_total", "Notification e-mails by outcome"),
+            &["outcome"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+});
+
 /// Reads handed to the log, by outcome (`sent`, `dropped`).
 pub static READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(

@@ -22,9 +22,9 @@ pub fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManager> {
     Ok(ConnectionManager::new_lazy_with_config(client, config)?)
 }
 
-/// The root of every key of the deployment's Redis read models: `<prefix>:cache`.
-pub fn root(kafka: &KafkaSettings) -> String {
-    format!("{}:cache", kafka.topic_prefix)
+/// The root of every key of one of the deployment's Redis read models: `<prefix>:<model>`.
+pub fn root(kafka: &KafkaSettings, model: &str) -> String {
+    format!("{}:{model}", kafka.topic_prefix)
 }
 
 /// Whether Redis answered lately. Readers skip Redis while it is marked down, and a

@@ -18,6 +18,12 @@ pub struct Settings {
     /// Redis.
     #[command(flatten)]
     pub redis: RedisSettings,
+    /// Recommendations.
+    #[command(flatten)]
+    pub recommend: RecommendSettings,
+    /// Notifications and e-mail.
+    #[command(flatten)]
+    pub notify: NotifySettings,
     /// HTTP listeners.
     #[command(flatten)]
     pub http: HttpSettings,
@@ -195,6 +201,88 @@ pub struct RedisSettings {
         default_value = "redis://127.0.0.1:6379/"
     )]
     pub url: String,
+}
+
+/// The recommender.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RecommendSettings {
+    /// Hours until a read counts half as much in a user's affinities (changing it takes
+    /// `newsroom replay recommend`).
+    #[arg(
+        global = true,
+        long = "recommend-half-life-hours",
+        env = "NEWSROOM_RECOMMEND_HALF_LIFE_HOURS",
+        default_value_t = 168.0
+    )]
+    pub half_life_hours: f64,
+    /// How many of the newest published articles are ranked for a user.
+    #[arg(
+        global = true,
+        long = "recommend-candidates",
+        env = "NEWSROOM_RECOMMEND_CANDIDATES",
+        default_value_t = 1000
+    )]
+    pub candidates: u32,
+}
+
+impl RecommendSettings {
+    /// The half-life as a duration (at least a second).
+    pub fn half_life(&self) -> Duration {
+        Duration::from_secs_f64((self.half_life_hours * 3600.0).max(1.0))
+    }
+}
+
+/// The notifier's e-mail delivery.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NotifySettings {
+    /// SMTP server, `smtp://host:port` (plain; use a local relay for TLS).
+    #[arg(
+        global = true,
+        long = "smtp-url",
+        env = "NEWSROOM_SMTP_URL",
+        default_value = "smtp://127.0.0.1:2525"
+    )]
+    pub smtp_url: String,
+    /// Sender of notification e-mails.
+    #[arg(
+        global = true,
+        long = "mail-from",
+        env = "NEWSROOM_MAIL_FROM",
+        default_value = "newsroom <no-reply@newsroom.local>"
+    )]
+    pub from: String,
+    /// First pause before an e-mail that failed is tried again (doubles each time).
+    #[arg(
+        global = true,
+        long = "mail-retry-ms",
+        env = "NEWSROOM_MAIL_RETRY_MS",
+        default_value_t = 1000
+    )]
+    pub retry_ms: u64,
+    /// Longest pause between tries of one e-mail.
+    #[arg(
+        global = true,
+        long = "mail-retry-max-ms",
+        env = "NEWSROOM_MAIL_RETRY_MAX_MS",
+        default_value_t = 300_000
+    )]
+    pub retry_max_ms: u64,
+    /// Failures in a row after which the circuit opens (no tries for a cool-down).
+    #[arg(
+        global = true,
+        long = "mail-breaker-failures",
+        env = "NEWSROOM_MAIL_BREAKER_FAILURES",
+        default_value_t = 5
+    )]
+    pub breaker_failures: u32,
+    /// How long an open circuit waits before one trial e-mail.
+    #[arg(
+        global = true,
+        long = "mail-breaker-cooldown-ms",
+        env = "NEWSROOM_MAIL_BREAKER_COOLDOWN_MS",
+        default_value_t = 30_000
+    )]
+    pub breaker_cooldown_ms: u64,
 }
 
 /// The HTTP listeners of the two APIs.

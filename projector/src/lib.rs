@@ -8,8 +8,12 @@
 pub mod cache;
 pub mod consumer;
 pub mod dead_letters;
+pub mod mailer;
 pub mod news;
+pub mod notify;
 pub mod postgres;
 pub mod reads;
+pub mod recommend;
+pub mod redis_store;
 pub mod replay;
 pub mod users;

@@ -19,14 +19,15 @@ impl Projection for NewsProjection {
         "news"
     }
 
-    fn topic(&self) -> String {
-        self.topic.clone()
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
     }
 
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         event: Decoded,
+        _live: bool,
     ) -> anyhow::Result<()> {
         let event = NewsEvent::from_avro(&event.name, event.value)?;
         let meta = event.metadata().clone();

@@ -15,14 +15,16 @@ use crate::consumer::{Batch, Committed, Failure, Mode, Offsets, Store};
 pub trait Projection: Send + Sync {
     /// Name under which its versions, offsets and dead letters are kept.
     fn name(&self) -> &'static str;
-    /// The topic it consumes (full name).
-    fn topic(&self) -> String;
+    /// The topics it consumes (full names).
+    fn topics(&self) -> Vec<String>;
     /// Applies one decoded event inside the batch's transaction (whose `search_path`
-    /// starts with the version's schema).
+    /// starts with the version's schema). `live` is false while a replay builds a new
+    /// version: side effects (e-mail) must not be scheduled then.
     fn apply<'a>(
         &'a self,
         tx: &'a mut Transaction<'static, Postgres>,
         event: Decoded,
+        live: bool,
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
 }
 
@@ -83,7 +85,7 @@ impl<P: Projection> Store for Tables<P> {
     }
 
     fn topics(&self) -> Vec<String> {
-        vec![self.projection.topic()]
+        self.projection.topics()
     }
 
     async fn open(&self, mode: Mode) -> anyhow::Result<(i32, Offsets)> {
@@ -152,7 +154,11 @@ impl<P: Projection> Store for Tables<P> {
         .await
         .map_err(outage)?;
         for (index, event) in events.into_iter().enumerate() {
-            if let Err(e) = self.projection.apply(&mut tx, event).await {
+            if let Err(e) = self
+                .projection
+                .apply(&mut tx, event, mode == Mode::Live)
+                .await
+            {
                 return Err(blame(index, e));
             }
         }

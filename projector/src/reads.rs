@@ -18,14 +18,15 @@ impl Projection for ReadsProjection {
         "reads"
     }
 
-    fn topic(&self) -> String {
-        self.topic.clone()
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
     }
 
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         event: Decoded,
+        _live: bool,
     ) -> anyhow::Result<()> {
         let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
         let meta = &read.metadata;

@@ -17,7 +17,7 @@ use crate::consumer::{self, Context, Mode, Offsets, Progress, Store};
 use crate::postgres::{Projection, Tables, schema};
 
 /// How long a switch may hold the live consumer.
-const HOLD: Duration = Duration::from_secs(30);
+pub const HOLD: Duration = Duration::from_secs(30);
 
 /// A store whose read model can be rebuilt into a new version.
 pub trait Versioned: Store + Sized + 'static {
@@ -408,121 +408,6 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
             .execute(&mut *tx)
             .await?;
         tx.commit().await.context("dropping a version")?;
-        Ok(())
-    }
-}
-
-impl Versioned for crate::cache::Cache {
-    async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
-        let (active, _) = self.open(Mode::Live).await?;
-        let mut redis = self.redis();
-        let building: Option<i32> = redis::cmd("GET")
-            .arg(format!("{}:building", self.root()))
-            .query_async(&mut redis)
-            .await?;
-        if let Some(left) = building {
-            tracing::warn!(
-                version = left,
-                "dropping what an interrupted cache replay left"
-            );
-            self.drop_version(left).await?;
-        }
-        let new = active + 1;
-        self.drop_version(new).await?;
-        let (): () = redis::cmd("SET")
-            .arg(format!("{}:building", self.root()))
-            .arg(new)
-            .query_async(&mut redis)
-            .await?;
-        Ok((active, new))
-    }
-
-    async fn hold_live(&self, new: i32) -> anyhow::Result<()> {
-        let mut redis = self.redis();
-        let building: Option<i32> = redis::cmd("GET")
-            .arg(format!("{}:building", self.root()))
-            .query_async(&mut redis)
-            .await?;
-        anyhow::ensure!(
-            building == Some(new),
-            "cache version {new} is no longer being built"
-        );
-        let (): () = redis::cmd("SET")
-            .arg(format!("{}:switching", self.root()))
-            .arg(new)
-            .arg("PX")
-            .arg(HOLD.as_millis() as u64)
-            .query_async(&mut redis)
-            .await?;
-        Ok(())
-    }
-
-    async fn release_live(&self) -> anyhow::Result<()> {
-        let (): () = redis::cmd("DEL")
-            .arg(format!("{}:switching", self.root()))
-            .query_async(&mut self.redis())
-            .await?;
-        Ok(())
-    }
-
-    async fn switch(&self, old: i32, new: i32) -> anyhow::Result<()> {
-        let script = redis::Script::new(
-            "local root = ARGV[1] \
-             if (redis.call('GET', root .. ':active') or '1') ~= ARGV[2] or redis.call('GET', root .. ':building') ~= ARGV[3] \
-                or redis.call('EXISTS', root .. ':switching') == 0 then return 0 end \
-             redis.call('SET', root .. ':active', ARGV[3]) \
-             redis.call('DEL', root .. ':building', root .. ':switching') \
-             return 1",
-        );
-        let switched: i64 = script
-            .arg(self.root())
-            .arg(old)
-            .arg(new)
-            .invoke_async(&mut self.redis())
-            .await?;
-        anyhow::ensure!(
-            switched == 1,
-            "the cache switch lost its hold on the live consumer"
-        );
-        Ok(())
-    }
-
-    async fn drop_version(&self, version: i32) -> anyhow::Result<()> {
-        let mut redis = self.redis();
-        let (active, _) = self.open(Mode::Live).await?;
-        anyhow::ensure!(
-            version != active,
-            "refusing to drop the active cache version"
-        );
-        let pattern = format!("{}:v{version}:*", self.root());
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await?;
-            if !keys.is_empty() {
-                let (): () = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut redis)
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        let _: i64 = redis::Script::new(
-            "if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end return 0",
-        )
-        .arg(format!("{}:building", self.root()))
-        .arg(version)
-        .invoke_async(&mut redis)
-        .await?;
         Ok(())
     }
 }

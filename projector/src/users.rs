@@ -40,14 +40,15 @@ impl Projection for UsersProjection {
         "users"
     }
 
-    fn topic(&self) -> String {
-        self.topic.clone()
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
     }
 
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         event: Decoded,
+        _live: bool,
     ) -> anyhow::Result<()> {
         let event = UserEvent::from_avro(&event.name, event.value)?;
         let meta = event.metadata().clone();

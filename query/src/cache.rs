@@ -19,6 +19,12 @@ use crate::routes::news::NewsRow;
 static ARTICLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("cache_article.lua")));
 static TRENDING: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("cache_trending.lua")));
+static ARTICLES: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("cache_articles.lua")));
+static RECOMMEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("recommend.lua")));
+/// The streams each Redis model reads (the projection names consistency tokens map to).
+const CACHE_STREAMS: [&str; 3] = ["users", "news", "reads"];
+const RECOMMEND_STREAMS: [&str; 2] = ["news", "reads"];
 const POLL: Duration = Duration::from_millis(5);
 
 /// The Redis read models of the deployment.
@@ -27,15 +33,28 @@ pub struct Cache {
     redis: ConnectionManager,
     health: Health,
     root: String,
+    recommend_root: String,
+}
+
+/// A recommendation as the recommender's model ranks it.
+pub struct Ranked {
+    /// The article.
+    pub id: Uuid,
+    /// Σ of the affinities it matches, relative to the model's epoch.
+    pub raw_score: f64,
+    /// The tags and category that matched, strongest first.
+    pub reasons: Vec<String>,
 }
 
 impl Cache {
-    /// Reads under `root` through `redis`.
-    pub fn new(redis: ConnectionManager, root: String) -> Self {
+    /// Reads the `cache` model under `root` and the `recommend` model under
+    /// `recommend_root` through `redis`.
+    pub fn new(redis: ConnectionManager, root: String, recommend_root: String) -> Self {
         Cache {
             health: Health::watch(redis.clone(), Duration::from_millis(500)),
             redis,
             root,
+            recommend_root,
         }
     }
 
@@ -50,15 +69,16 @@ impl Cache {
         &self,
         script: &Script,
         args: Vec<String>,
-        wanted: Option<&Wanted>,
+        wanted: Option<(&Wanted, &[&str])>,
     ) -> Option<Vec<Value>> {
         if !self.health.is_up() {
             return None;
         }
         let mut args = args;
-        if let Some(w) = wanted {
-            args.extend(w.redis_args());
+        if let Some((w, streams)) = wanted {
+            args.extend(w.redis_args(streams));
         }
+        let wanted = wanted.map(|(w, _)| w);
         let mut redis = self.redis.clone();
         loop {
             let answer: Vec<Value> = match script.arg(&args).invoke_async(&mut redis).await {
@@ -82,6 +102,7 @@ impl Cache {
 
     /// The article `id` with its author's name and read count.
     pub async fn article(&self, id: Uuid, wanted: Option<&Wanted>) -> Option<NewsRow> {
+        let wanted = wanted.map(|w| (w, &CACHE_STREAMS[..]));
         let answer = self
             .ask(&ARTICLE, vec![self.root.clone(), id.to_string()], wanted)
             .await?;
@@ -104,6 +125,7 @@ impl Cache {
             category.unwrap_or_default().to_owned(),
             limit.to_string(),
         ];
+        let wanted = wanted.map(|w| (w, &CACHE_STREAMS[..]));
         let answer = self.ask(&TRENDING, args, wanted).await?;
         let Some(Value::Array(items)) = answer.get(1) else {
             return None;
@@ -118,6 +140,64 @@ impl Cache {
             list.push((row, recent));
         }
         Some(list)
+    }
+}
+
+impl Cache {
+    /// `user`'s ranked recommendations, with the articles from the cache model.
+    pub async fn recommendations(
+        &self,
+        user: Uuid,
+        limit: i64,
+        candidates: u32,
+        wanted: Option<&Wanted>,
+    ) -> Option<Vec<(Ranked, NewsRow)>> {
+        let args = vec![
+            self.recommend_root.clone(),
+            user.to_string(),
+            limit.to_string(),
+            candidates.to_string(),
+        ];
+        let wanted = wanted.map(|w| (w, &RECOMMEND_STREAMS[..]));
+        let answer = self.ask(&RECOMMEND, args, wanted).await?;
+        let Some(Value::Array(items)) = answer.get(1) else {
+            return None;
+        };
+        let mut ranked = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Array(parts) = item else {
+                return None;
+            };
+            let id = Uuid::parse_str(&text(parts.first()?)).ok()?;
+            let raw_score = text(parts.get(1)?).parse().ok()?;
+            let reasons = match parts.get(2) {
+                Some(Value::Array(names)) => names.iter().map(text).collect(),
+                _ => Vec::new(),
+            };
+            ranked.push(Ranked {
+                id,
+                raw_score,
+                reasons,
+            });
+        }
+        if ranked.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut args = vec![self.root.clone()];
+        args.extend(ranked.iter().map(|r| r.id.to_string()));
+        let answer = self.ask(&ARTICLES, args, None).await?;
+        let Some(Value::Array(rows)) = answer.get(1) else {
+            return None;
+        };
+        // Every article must be in the cache; otherwise PostgreSQL answers.
+        let mut out = Vec::with_capacity(ranked.len());
+        for (r, row) in ranked.into_iter().zip(rows) {
+            let Value::Array(parts) = row else {
+                return None;
+            };
+            out.push((r, parse_row(parts).ok()?));
+        }
+        Some(out)
     }
 }
 

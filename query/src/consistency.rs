@@ -48,15 +48,31 @@ pub struct Wanted {
 }
 
 impl Wanted {
-    /// The positions as Redis offset fields (`topic:partition`) and the least next offset
-    /// that includes each.
-    pub fn redis_args(&self) -> Vec<String> {
+    /// The positions of `streams` as Redis offset fields (`topic:partition`) and the least
+    /// next offset that includes each (a model answers only for the streams it reads).
+    pub fn redis_args(&self, streams: &[&str]) -> Vec<String> {
         self.positions
             .iter()
+            .filter(|(projection, ..)| streams.contains(projection))
             .flat_map(|(_, topic, partition, offset)| {
                 [format!("{topic}:{partition}"), (offset + 1).to_string()]
             })
             .collect()
+    }
+
+    /// The same wait, answered by `projection` for the positions of `streams`.
+    pub fn served_by(&self, projection: &'static str, streams: &[&str]) -> Wanted {
+        Wanted {
+            positions: self
+                .positions
+                .iter()
+                .map(|(p, topic, partition, offset)| {
+                    let by = if streams.contains(p) { projection } else { p };
+                    (by, topic.clone(), *partition, *offset)
+                })
+                .collect(),
+            deadline: self.deadline,
+        }
     }
 }
 

@@ -29,6 +29,8 @@ pub struct State {
     pub reads: reads::Reads,
     /// The Redis read models.
     pub cache: cache::Cache,
+    /// How recommendations are ranked.
+    pub recommend: newsroom_infra::settings::RecommendSettings,
 }
 
 /// The OpenAPI document of the query API.
@@ -48,8 +50,10 @@ pub async fn build(
         reads: reads::Reads::start(&settings.kafka, registry)?,
         cache: cache::Cache::new(
             newsroom_infra::redis::connect(&settings.redis)?,
-            newsroom_infra::redis::root(&settings.kafka),
+            newsroom_infra::redis::root(&settings.kafka, "cache"),
+            newsroom_infra::redis::root(&settings.kafka, "recommend"),
         ),
+        recommend: settings.recommend.clone(),
     });
     let tokens = web::Data::new(tokens);
     let ready_state = state.clone();
@@ -77,6 +81,14 @@ pub async fn build(
             .route(
                 "/v1/users/{id}/history",
                 web::get().to(routes::users::history),
+            )
+            .route(
+                "/v1/users/{id}/recommendations",
+                web::get().to(routes::users::recommendations),
+            )
+            .route(
+                "/v1/users/{id}/notifications",
+                web::get().to(routes::users::notifications),
             )
             .route("/v1/news", web::get().to(routes::news::list))
             // Before /v1/news/{id}, which would take "trending" for an id.

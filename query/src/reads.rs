@@ -5,6 +5,7 @@
 //! read never slows down or fails the GET.
 
 use chrono::Utc;
+use newsroom_events::Category;
 use newsroom_events::EventMetadata;
 use newsroom_events::metadata::micros;
 use newsroom_events::reads::{NewsRead, ReadEvent};
@@ -21,10 +22,18 @@ use uuid::Uuid;
 /// Reads waiting to be produced before new ones are dropped.
 const BUFFER: usize = 10_000;
 
-struct Read {
-    user: Uuid,
-    news: Uuid,
-    request_id: String,
+/// A read to record: who read which article, and the article's category and tags.
+pub struct Read {
+    /// The reader.
+    pub user: Uuid,
+    /// The article.
+    pub news: Uuid,
+    /// Its category.
+    pub category: Category,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// The request that read it.
+    pub request_id: String,
 }
 
 /// Counts what Kafka did with each read.
@@ -68,6 +77,8 @@ impl Reads {
                         schema_version: 0,
                     },
                     news_id: read.news,
+                    category: Some(read.category),
+                    tags: Some(read.tags),
                 })
                 .with_schema_version();
                 let payload = match event.encode(|name| registry.id_of(name)) {
@@ -91,16 +102,8 @@ impl Reads {
     }
 
     /// Hands a read over without waiting; drops (and counts) it if the buffer is full.
-    pub fn record(&self, user: Uuid, news: Uuid, request_id: String) {
-        if self
-            .buffer
-            .try_send(Read {
-                user,
-                news,
-                request_id,
-            })
-            .is_err()
-        {
+    pub fn record(&self, read: Read) {
+        if self.buffer.try_send(read).is_err() {
             READS.with_label_values(&["dropped"]).inc();
         }
     }

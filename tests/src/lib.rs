@@ -86,6 +86,11 @@ impl TestApp {
         settings.auth.email_pepper = Some(format!("pepper-{id}"));
         settings.auth.admin_email = Some(format!("admin.{id}@example.com"));
         settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
+        // E-mail retries on a test's time scale.
+        settings.notify.retry_ms = 200;
+        settings.notify.retry_max_ms = 1000;
+        settings.notify.breaker_failures = 3;
+        settings.notify.breaker_cooldown_ms = 1000;
 
         let admin_url = settings.postgres.url.clone();
         let database = format!("t_{id}");
@@ -451,7 +456,21 @@ impl TestApp {
             )
             .env("NEWSROOM_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("NEWSROOM_ARGON2_MEMORY_KIB", "1024")
-            .env("NEWSROOM_ARGON2_ITERATIONS", "1");
+            .env("NEWSROOM_ARGON2_ITERATIONS", "1")
+            .env("NEWSROOM_SMTP_URL", &s.notify.smtp_url)
+            .env("NEWSROOM_MAIL_RETRY_MS", s.notify.retry_ms.to_string())
+            .env(
+                "NEWSROOM_MAIL_RETRY_MAX_MS",
+                s.notify.retry_max_ms.to_string(),
+            )
+            .env(
+                "NEWSROOM_MAIL_BREAKER_FAILURES",
+                s.notify.breaker_failures.to_string(),
+            )
+            .env(
+                "NEWSROOM_MAIL_BREAKER_COOLDOWN_MS",
+                s.notify.breaker_cooldown_ms.to_string(),
+            );
         Ok(command)
     }
 
@@ -506,7 +525,7 @@ impl TestApp {
         let mut redis = redis::Client::open(self.settings.redis.url.as_str())?
             .get_multiplexed_async_connection()
             .await?;
-        let root = newsroom_infra::redis::root(&self.settings.kafka);
+        let root = newsroom_infra::redis::root(&self.settings.kafka, "cache");
         let active: Option<String> = redis::cmd("GET")
             .arg(format!("{root}:active"))
             .query_async(&mut redis)
@@ -563,6 +582,99 @@ impl TestApp {
             last = now;
         }
     }
+}
+
+/// A `newsroom <role>` child process with a test app's settings, killed when dropped.
+pub struct ChildRole(std::process::Child);
+
+impl ChildRole {
+    /// Starts `newsroom <role>`; `run` tells its log files apart.
+    pub fn start(app: &TestApp, role: &str, run: usize) -> anyhow::Result<ChildRole> {
+        let log = std::fs::File::create(std::env::temp_dir().join(format!(
+            "newsroom-{role}-{}-{run}.log",
+            app.settings.kafka.topic_prefix
+        )))?;
+        let child = app
+            .newsroom(&format!("{role}-{run}"))?
+            .arg(role)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(ChildRole(child))
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ChildRole {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A number from 0 to `bound` (exclusive), different on each call.
+pub fn random_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Uuid::now_v7().as_u128());
+    hasher.finish() % bound.max(1)
+}
+
+/// A message the local SMTP server received (`infra/local.sh`, service `smtp`).
+#[derive(Debug, Clone)]
+pub struct Mail {
+    /// Envelope recipients.
+    pub to: Vec<String>,
+    /// The Subject header.
+    pub subject: String,
+    /// The body as sent.
+    pub body: String,
+}
+
+/// Every message the local SMTP server received for `address`.
+pub fn mails_to(address: &str) -> anyhow::Result<Vec<Mail>> {
+    let state = std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local"),
+        std::path::PathBuf::from,
+    );
+    let dir = state.join("smtp/mail");
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+        .collect();
+    names.sort();
+    let mut mails = Vec::new();
+    for path in names {
+        let text = std::fs::read_to_string(&path)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .or_else(|| text.split_once("\n\n"))
+            .unwrap_or((text.as_str(), ""));
+        let mut to = Vec::new();
+        let mut subject = String::new();
+        for line in head.lines() {
+            if let Some(rcpt) = line.strip_prefix("X-Envelope-To: ") {
+                to.push(rcpt.trim().to_owned());
+            } else if let Some(s) = line.strip_prefix("Subject: ") {
+                subject = s.trim().to_owned();
+            }
+        }
+        if to.iter().any(|t| t.eq_ignore_ascii_case(address)) {
+            mails.push(Mail {
+                to,
+                subject,
+                body: body.replace("=\r\n", "").replace("\r\n", "\n"),
+            });
+        }
+    }
+    Ok(mails)
 }
 
 /// An HTTP client whose idle connections expire before the servers' keep-alive (5 s), so

@@ -152,9 +152,9 @@ async fn login(
 async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_frozen_one()
 -> anyhow::Result<()> {
     let app = TestApp::spawn_with(Roles {
-        command_api: false,
         query_api: true,
         projector: true,
+        ..Roles::NONE
     })
     .await?;
     let http = newsroom_tests::client();
@@ -368,9 +368,8 @@ mod writers {
     impl Fixture {
         async fn new(partition: i32, snapshot_every: u64) -> anyhow::Result<Fixture> {
             let roles = Roles {
-                command_api: false,
                 query_api: true,
-                projector: false,
+                ..Roles::NONE
             };
             let app = TestApp::spawn_with(roles).await?;
             let pool = newsroom_infra::db::connect(&app.settings.postgres).await?;

@@ -193,7 +193,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
     let mut redis = redis::Client::open(app.settings.redis.url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
-    let root = newsroom_infra::redis::root(&app.settings.kafka);
+    let root = newsroom_infra::redis::root(&app.settings.kafka, "cache");
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{root}:*"))
         .query_async(&mut redis)

@@ -35,9 +35,14 @@ macro_rules! news_from {
 
 macro_rules! select_news {
     () => {
-        concat!("SELECT ", news_columns!(), news_from!())
+        concat!(
+            "SELECT ",
+            $crate::routes::news::news_columns!(),
+            $crate::routes::news::news_from!()
+        )
     };
 }
+pub(crate) use {news_columns, news_from, select_news};
 
 /// An article row as both stores give it.
 #[derive(sqlx::FromRow)]
@@ -59,7 +64,7 @@ pub struct NewsRow {
 }
 
 impl NewsRow {
-    fn view(self, with_content: bool) -> NewsView {
+    pub(crate) fn view(self, with_content: bool) -> NewsView {
         NewsView {
             id: self.id,
             category: self.category,
@@ -95,7 +100,8 @@ pub fn unavailable(e: sqlx::Error) -> ApiError {
     ApiError::Unavailable("the read model is unavailable".into())
 }
 
-fn answered(endpoint: &str, store: &str) {
+/// Counts an answer of `endpoint` from `store`.
+pub fn answered(endpoint: &str, store: &str) {
     newsroom_infra::metrics::QUERY_ANSWERS
         .with_label_values(&[endpoint, store])
         .inc();
@@ -145,8 +151,16 @@ pub async fn get(
         .filter(|r| r.visible_to(caller.0))
         .ok_or(ApiError::NotFound)?;
     if let Some(reader) = caller.0.filter(|_| row.status == "published") {
-        let request_id = newsroom_infra::http::RequestId::of(&req);
-        state.reads.record(reader.id, row.id, request_id);
+        match newsroom_events::Category::parse(&row.category) {
+            Some(category) => state.reads.record(crate::reads::Read {
+                user: reader.id,
+                news: row.id,
+                category,
+                tags: row.tags.clone(),
+                request_id: newsroom_infra::http::RequestId::of(&req),
+            }),
+            None => tracing::error!(category = %row.category, "an article of an unknown category"),
+        }
     }
     let etag = format!("\"{}\"", row.version);
     if not_modified(&req, row.version) {

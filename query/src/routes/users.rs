@@ -127,3 +127,200 @@ pub async fn history(
         .flatten();
     Ok(HttpResponse::Ok().json(Page { items, next_cursor }))
 }
+
+/// 404 unless `id` is a user who was not erased.
+async fn existing(state: &State, id: Uuid) -> Result<(), ApiError> {
+    let exists: Option<(bool,)> = sqlx::query_as("SELECT erased FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(crate::routes::news::unavailable)?;
+    match exists {
+        Some((false,)) => Ok(()),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+/// One recommendation.
+#[derive(serde::Serialize)]
+pub struct Recommendation {
+    /// The article (without content).
+    pub news: newsroom_infra::views::NewsView,
+    /// The user's affinity to it: reads of its category and tags, each read counting
+    /// 2^(−age / half-life).
+    pub score: f64,
+    /// The category and tags it matched, strongest first.
+    pub reasons: Vec<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RankedRow {
+    id: Uuid,
+    score: f64,
+    reasons: Vec<String>,
+}
+
+/// `GET /v1/users/{id}/recommendations?limit=`: published articles the user has not read,
+/// ranked by affinity (self, admin). Redis first; PostgreSQL when Redis cannot answer.
+#[tracing::instrument(skip_all, fields(user = %id))]
+pub async fn recommendations(
+    req: actix_web::HttpRequest,
+    id: web::Path<Uuid>,
+    caller: Caller,
+    params: web::Query<std::collections::HashMap<String, String>>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::routes::news::{NewsRow, limit, unavailable};
+    let actor = caller.required()?;
+    if actor.id != *id && !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
+    let limit = limit(&params)?;
+    let wanted = crate::consistency::wanted(&req, &state.topic_prefix)?;
+    existing(&state, *id).await?;
+    let half_life = state.recommend.half_life();
+    let now = newsroom_events::affinity::weight(Utc::now().timestamp_micros(), half_life);
+    if let Some(ranked) = state
+        .cache
+        .recommendations(*id, limit, state.recommend.candidates, wanted.as_ref())
+        .await
+    {
+        crate::routes::news::answered("recommendations", "redis");
+        let items: Vec<Recommendation> = ranked
+            .into_iter()
+            .map(|(r, row)| Recommendation {
+                news: row.view(false),
+                score: r.raw_score / now,
+                reasons: r.reasons,
+            })
+            .collect();
+        return Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })));
+    }
+    crate::routes::news::answered("recommendations", "postgres");
+    crate::consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
+    let ranked: Vec<RankedRow> = sqlx::query_as(
+        "WITH mine AS (SELECT news_id, read_at FROM reading_history WHERE user_id = $1), \
+         affinity AS (SELECT k.key, sum(power(2::float8, extract(epoch FROM (m.read_at - now()))::float8 / $3)) AS w \
+           FROM mine m JOIN news n ON n.id = m.news_id \
+           CROSS JOIN LATERAL (SELECT 'cat:' || n.category UNION SELECT 'tag:' || t FROM unnest(n.tags) t) k(key) \
+           GROUP BY k.key), \
+         candidates AS (SELECT id, category, tags, published_at FROM news \
+           WHERE status = 'published' AND id NOT IN (SELECT news_id FROM mine) \
+           ORDER BY published_at DESC, id DESC LIMIT $4) \
+         SELECT c.id, coalesce(sum(a.w), 0)::float8 AS score, \
+           coalesce(array_agg(k.name ORDER BY a.w DESC, k.name) FILTER (WHERE a.w IS NOT NULL), '{}') AS reasons \
+         FROM candidates c \
+         CROSS JOIN LATERAL (SELECT DISTINCT ON (name) key, name FROM \
+           (SELECT 'cat:' || c.category AS key, c.category AS name UNION ALL SELECT 'tag:' || t, t FROM unnest(c.tags) t) keys \
+           ORDER BY name, key) k \
+         LEFT JOIN affinity a ON a.key = k.key \
+         GROUP BY c.id, c.published_at ORDER BY score DESC, c.published_at DESC, c.id DESC LIMIT $2",
+    )
+    .bind(*id)
+    .bind(limit)
+    .bind(half_life.as_secs_f64())
+    .bind(i64::from(state.recommend.candidates))
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let ids: Vec<Uuid> = ranked.iter().map(|r| r.id).collect();
+    let rows: Vec<NewsRow> = sqlx::query_as(concat!(
+        crate::routes::news::select_news!(),
+        "WHERE n.id = ANY($1)"
+    ))
+    .bind(&ids)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let mut by_id: std::collections::HashMap<Uuid, NewsRow> =
+        rows.into_iter().map(|r| (r.id, r)).collect();
+    let items: Vec<Recommendation> = ranked
+        .into_iter()
+        .filter_map(|r| {
+            by_id.remove(&r.id).map(|row| Recommendation {
+                news: row.view(false),
+                score: r.score,
+                reasons: r.reasons,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
+}
+
+/// One notification.
+#[derive(serde::Serialize, sqlx::FromRow)]
+pub struct Notification {
+    /// Its id (the same for a user and an article, in every replay).
+    pub id: Uuid,
+    /// The article.
+    pub news_id: Uuid,
+    /// Its title when it was published.
+    pub title: String,
+    /// Its category.
+    pub category: String,
+    /// When it was published.
+    #[serde(with = "newsroom_infra::views::rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/users/{id}/notifications?limit=&cursor=`: the user's inbox, newest first, with
+/// the number of entries since they last marked them read (self, admin).
+#[tracing::instrument(skip_all, fields(user = %id))]
+pub async fn notifications(
+    req: actix_web::HttpRequest,
+    id: web::Path<Uuid>,
+    caller: Caller,
+    params: web::Query<std::collections::HashMap<String, String>>,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::routes::news::{decode_cursor, encode_cursor, limit, unavailable};
+    let actor = caller.required()?;
+    if actor.id != *id && !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
+    let limit = limit(&params)?;
+    let after = params
+        .get("cursor")
+        .map(|c| decode_cursor("i1", c))
+        .transpose()?;
+    // The inbox is the notifier's; when notifications were last read is the users model's.
+    let wanted = crate::consistency::wanted(&req, &state.topic_prefix)?;
+    crate::consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
+    let by_notifier = wanted.map(|w| w.served_by("notify", &["users", "news"]));
+    crate::consistency::wait_postgres(&state.pool, by_notifier.as_ref()).await?;
+    existing(&state, *id).await?;
+    let rows: Vec<Notification> = sqlx::query_as(
+        "SELECT md5(user_id::text || news_id::text)::uuid AS id, news_id, title, category, created_at \
+         FROM notify_inbox WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, news_id) < ($2, $3)) \
+         ORDER BY created_at DESC, news_id DESC LIMIT $4",
+    )
+    .bind(*id)
+    .bind(after.map(|(at, _)| at))
+    .bind(after.map(|(_, news)| news))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let (unread,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM notify_inbox WHERE user_id = $1 AND created_at > \
+         coalesce((SELECT notifications_read_at FROM users WHERE id = $1), '-infinity')",
+    )
+    .bind(*id)
+    .fetch_one(&state.pool)
+    .await
+    .map_err(unavailable)?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<Notification> = rows.into_iter().take(limit as usize).collect();
+    let next_cursor = more
+        .then(|| {
+            items
+                .last()
+                .map(|n| encode_cursor("i1", n.created_at, n.news_id))
+        })
+        .flatten();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "items": items,
+        "next_cursor": next_cursor,
+        "unread_count": unread,
+    })))
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use newsroom_infra::kafka::{Stream, best_effort_producer, dead_letter_topic};
-use newsroom_tests::TestApp;
+use newsroom_tests::{ChildRole, TestApp, random_below};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::Method;
 use reqwest::StatusCode as S;
@@ -337,58 +337,17 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
     app.stop().await
 }
 
-/// A `newsroom project` child process, killed when dropped.
-struct Projector(std::process::Child);
-
-impl Projector {
-    fn start(app: &TestApp, run: usize) -> anyhow::Result<Projector> {
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
-            "newsroom-projector-{}-{run}.log",
-            app.settings.kafka.topic_prefix
-        )))?;
-        let child = app
-            .newsroom(&format!("projector-{run}"))?
-            .arg("project")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        Ok(Projector(child))
-    }
-
-    /// SIGKILL, and wait until it is gone.
-    fn kill(mut self) -> anyhow::Result<()> {
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Projector {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A number from 0 to `bound` (exclusive), different on each call.
-fn random_below(bound: u64) -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(Uuid::now_v7().as_u128());
-    hasher.finish() % bound
-}
-
 #[tokio::test]
 async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal_to_a_fresh_replay()
 -> TestResult {
     let app = TestApp::spawn_with(newsroom::Roles {
         command_api: true,
         query_api: true,
-        projector: false,
+        ..newsroom::Roles::NONE
     })
     .await?;
     let (editor, reader) = (app.editor().await?, app.reader().await?);
-    let mut projector = Projector::start(&app, 0)?;
+    let mut projector = ChildRole::start(&app, "project", 0)?;
 
     // Load: an editor drafts, edits and publishes; a reader reads what was published.
     let stop = Arc::new(AtomicBool::new(false));
@@ -448,7 +407,7 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
     for run in 1..=10 {
         tokio::time::sleep(Duration::from_millis(300 + random_below(700))).await;
         projector.kill()?;
-        projector = Projector::start(&app, run)?;
+        projector = ChildRole::start(&app, "project", run)?;
     }
     // Some more load with the last projector up, so that readers find articles.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -1,0 +1,224 @@
+//! The notifier's read model: one inbox entry per (user, article) when an article is first
+//! published in a category the user follows, and, from the live consumer only, an e-mail to
+//! send (`email_outbox`, delivered by [`crate::mailer`]).
+//!
+//! Follows are kept as intervals and articles with their first publication time, so the
+//! inbox does not depend on the order in which the users and news streams are read: a
+//! publication notifies the users whose follow interval covers it, and a follow read after
+//! publications it covers fills them in (ADR 11).
+
+use anyhow::Context as _;
+use newsroom_events::news::NewsEvent;
+use newsroom_events::users::UserEvent;
+use newsroom_infra::codec::Decoded;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::postgres::Projection;
+
+/// The consumer's name.
+pub const NAME: &str = "notify";
+
+/// Projects users and news events into the inbox.
+pub struct Notifier {
+    /// The users and news topics.
+    pub topics: Vec<String>,
+}
+
+/// Inbox entries for `user` and every article of `categories` first published at or after
+/// `since` (a follow read after the publications it covers); e-mails too when `live`.
+async fn backfill(
+    tx: &mut Transaction<'static, Postgres>,
+    user: Uuid,
+    categories: &[String],
+    since: chrono::DateTime<chrono::Utc>,
+    live: bool,
+) -> anyhow::Result<()> {
+    sqlx::query(if live {
+        "WITH inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+           SELECT $1, news_id, title, category, published_at FROM notify_articles \
+           WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
+         INSERT INTO email_outbox (user_id, news_id, title, category) \
+           SELECT i.user_id, i.news_id, i.title, i.category FROM inbox i \
+           JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING"
+    } else {
+        "INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+           SELECT $1, news_id, title, category, published_at FROM notify_articles \
+           WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING"
+    })
+    .bind(user)
+    .bind(categories)
+    .bind(since)
+    .execute(&mut **tx)
+    .await
+    .context("filling in notifications of a new follow")?;
+    Ok(())
+}
+
+impl Projection for Notifier {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn topics(&self) -> Vec<String> {
+        self.topics.clone()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: Decoded,
+        live: bool,
+    ) -> anyhow::Result<()> {
+        if event.name.starts_with("newsroom.users.") {
+            let event = UserEvent::from_avro(&event.name, event.value)?;
+            let meta = event.metadata().clone();
+            let (user, at) = (meta.aggregate_id, meta.occurred_at());
+            match event {
+                UserEvent::Updated(e) => {
+                    if let Some(on) = e.email_notifications {
+                        sqlx::query(
+                            "INSERT INTO notify_subscribers (user_id, email_on) VALUES ($1, $2) \
+                             ON CONFLICT (user_id) DO UPDATE SET email_on = EXCLUDED.email_on",
+                        )
+                        .bind(user)
+                        .bind(on)
+                        .execute(&mut **tx)
+                        .await
+                        .context("recording e-mail preferences")?;
+                    }
+                    if let Some(categories) = e.followed_categories {
+                        let categories: Vec<String> =
+                            categories.iter().map(|c| c.as_str().to_owned()).collect();
+                        // Unfollowed: the interval ends; entries a publication after its end
+                        // made (read before this event) go.
+                        let closed: Vec<(String,)> = sqlx::query_as(
+                            "UPDATE notify_follows SET until = $3 \
+                             WHERE user_id = $1 AND until IS NULL AND NOT (category = ANY($2)) RETURNING category",
+                        )
+                        .bind(user)
+                        .bind(&categories)
+                        .bind(at)
+                        .fetch_all(&mut **tx)
+                        .await
+                        .context("closing follows")?;
+                        let closed: Vec<String> = closed.into_iter().map(|(c,)| c).collect();
+                        sqlx::query(
+                            "DELETE FROM notify_inbox WHERE user_id = $1 AND category = ANY($2) AND created_at >= $3",
+                        )
+                        .bind(user)
+                        .bind(&closed)
+                        .bind(at)
+                        .execute(&mut **tx)
+                        .await
+                        .context("removing notifications after an unfollow")?;
+                        let opened: Vec<(String,)> = sqlx::query_as(
+                            "INSERT INTO notify_follows (user_id, category, since) \
+                             SELECT $1, c, $3 FROM unnest($2::text[]) c WHERE NOT EXISTS \
+                             (SELECT 1 FROM notify_follows f WHERE f.user_id = $1 AND f.category = c AND f.until IS NULL) \
+                             ON CONFLICT DO NOTHING RETURNING category",
+                        )
+                        .bind(user)
+                        .bind(&categories)
+                        .bind(at)
+                        .fetch_all(&mut **tx)
+                        .await
+                        .context("opening follows")?;
+                        let opened: Vec<String> = opened.into_iter().map(|(c,)| c).collect();
+                        if !opened.is_empty() {
+                            backfill(tx, user, &opened, at, live).await?;
+                        }
+                    }
+                }
+                UserEvent::Erased(_) => {
+                    for statement in [
+                        "DELETE FROM notify_inbox WHERE user_id = $1",
+                        "DELETE FROM notify_follows WHERE user_id = $1",
+                        "DELETE FROM notify_subscribers WHERE user_id = $1",
+                    ] {
+                        sqlx::query(statement)
+                            .bind(user)
+                            .execute(&mut **tx)
+                            .await
+                            .context("forgetting an erased user")?;
+                    }
+                    if live {
+                        sqlx::query(
+                            "DELETE FROM email_outbox WHERE user_id = $1 AND sent_at IS NULL",
+                        )
+                        .bind(user)
+                        .execute(&mut **tx)
+                        .await
+                        .context("cancelling an erased user's e-mails")?;
+                    }
+                }
+                _ => {}
+            }
+        } else if event.name.starts_with("newsroom.news.") {
+            let event = NewsEvent::from_avro(&event.name, event.value)?;
+            let meta = event.metadata().clone();
+            let (news, version) = (meta.aggregate_id, meta.aggregate_version);
+            match event {
+                NewsEvent::Drafted(e) => {
+                    sqlx::query(
+                        "INSERT INTO notify_articles (news_id, title, category, version) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(news)
+                    .bind(e.title)
+                    .bind(e.category.as_str())
+                    .bind(version)
+                    .execute(&mut **tx)
+                    .await
+                    .context("recording an article")?;
+                }
+                NewsEvent::Edited(e) => {
+                    sqlx::query(
+                        "UPDATE notify_articles SET title = COALESCE($3, title), category = COALESCE($4, category), version = $2 \
+                         WHERE news_id = $1 AND version < $2",
+                    )
+                    .bind(news)
+                    .bind(version)
+                    .bind(e.title)
+                    .bind(e.category.map(|c| c.as_str()))
+                    .execute(&mut **tx)
+                    .await
+                    .context("recording an edit")?;
+                }
+                NewsEvent::Published(e) => {
+                    let at = chrono::DateTime::from_timestamp_micros(e.published_at)
+                        .context("publication time out of range")?;
+                    // Only the first publication notifies; the followers whose interval
+                    // covers it get one entry each.
+                    sqlx::query(if live {
+                        "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
+                           RETURNING news_id, title, category, published_at), \
+                         inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+                           SELECT f.user_id, a.news_id, a.title, a.category, a.published_at FROM first a \
+                           JOIN notify_follows f ON f.category = a.category AND f.since <= a.published_at \
+                             AND (f.until IS NULL OR f.until > a.published_at) \
+                           ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
+                         INSERT INTO email_outbox (user_id, news_id, title, category) \
+                           SELECT i.user_id, i.news_id, i.title, i.category FROM inbox i \
+                           JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING"
+                    } else {
+                        "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
+                           RETURNING news_id, title, category, published_at) \
+                         INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+                           SELECT f.user_id, a.news_id, a.title, a.category, a.published_at FROM first a \
+                           JOIN notify_follows f ON f.category = a.category AND f.since <= a.published_at \
+                             AND (f.until IS NULL OR f.until > a.published_at) \
+                           ON CONFLICT DO NOTHING"
+                    })
+                    .bind(news)
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await
+                    .context("notifying followers")?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The recommender's read model in Redis: each user's affinity to tags and categories from
+//! what they read, with exponential time decay, the set of articles they read, and the
+//! published articles with their tags. The query API ranks a user's unread published
+//! articles by affinity when asked (ADR 10).
+//!
+//! Keys under the version's prefix (see [`crate::redis_store`]): `aff:<user>` (hash
+//! `tag:<tag>` / `cat:<category>` → Σ of [`weight`]s: 2^((read time − epoch) / half-life): a read
+//! counts twice as much as one a half-life older; scaling by 2^(−(now − epoch) / half-life)
+//! gives today's decayed weight), `read:<user>` (set of news ids), `art:<news>` (hash
+//! `category`, `tags` as JSON, `version`), `published` (sorted set of news ids by
+//! publication time, in microseconds).
+
+use std::time::Duration;
+
+use newsroom_events::affinity::weight;
+use newsroom_events::news::NewsEvent;
+use newsroom_events::reads::ReadEvent;
+use newsroom_infra::codec::Decoded;
+
+use crate::redis_store::{Model, Writes};
+
+/// The consumer's name.
+pub const NAME: &str = "recommend";
+
+/// The recommender model.
+pub struct Recommender {
+    /// How long until a read counts half as much.
+    pub half_life: Duration,
+    /// The news and reads topics.
+    pub topics: Vec<String>,
+}
+
+impl Model for Recommender {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn topics(&self) -> Vec<String> {
+        self.topics.clone()
+    }
+
+    async fn writes(&self, event: Decoded, out: &mut Writes) -> anyhow::Result<()> {
+        if event.name.starts_with("newsroom.news.") {
+            let event = NewsEvent::from_avro(&event.name, event.value)?;
+            let meta = event.metadata().clone();
+            let (id, version) = (meta.aggregate_id.to_string(), meta.aggregate_version);
+            let key = format!("art:{id}");
+            match event {
+                NewsEvent::Drafted(e) => out.hash(
+                    &key,
+                    version,
+                    true,
+                    &[
+                        ("category", e.category.as_str().to_owned()),
+                        ("tags", serde_json::to_string(&e.tags)?),
+                    ],
+                ),
+                NewsEvent::Edited(e) => {
+                    let mut fields = Vec::new();
+                    if let Some(c) = e.category {
+                        fields.push(("category", c.as_str().to_owned()));
+                    }
+                    if let Some(t) = e.tags {
+                        fields.push(("tags", serde_json::to_string(&t)?));
+                    }
+                    out.hash(&key, version, false, &fields);
+                }
+                NewsEvent::Published(e) => out.zadd("published", &id, e.published_at),
+                NewsEvent::Unpublished(_) | NewsEvent::Archived(_) | NewsEvent::Deleted(_) => {
+                    out.zrem("published", &id);
+                }
+            }
+        } else if event.name.starts_with("newsroom.reads.") {
+            let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
+            let user = read.metadata.aggregate_id;
+            out.set_add(&format!("read:{user}"), &read.news_id.to_string());
+            // Reads recorded before schema version 2 do not say what was read.
+            if let (Some(category), Some(tags)) = (read.category, read.tags) {
+                let w = weight(read.metadata.occurred_at, self.half_life);
+                let key = format!("aff:{user}");
+                out.add_float(&key, &format!("cat:{}", category.as_str()), w);
+                for tag in tags {
+                    out.add_float(&key, &format!("tag:{tag}"), w);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,482 @@
+//! Black-box tests of the recommender and the notifier: ranked recommendations with their
+//! reasons, inbox entries and e-mails (over the local SMTP server), replays, erasure.
+
+use std::time::Duration;
+
+use newsroom_tests::{TestApp, TestUser, mails_to};
+use reqwest::Method;
+use reqwest::StatusCode as S;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::queries::query;
+
+type TestResult = anyhow::Result<()>;
+
+/// Drafts and publishes an article; its id and the publication's consistency token.
+async fn publish(
+    app: &TestApp,
+    editor: &TestUser,
+    category: &str,
+    title: &str,
+    tags: &[&str],
+) -> anyhow::Result<(String, String)> {
+    let body = json!({"category": category, "title": title, "content": "Text.", "tags": tags});
+    let (status, created) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&body),
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == S::CREATED, "draft: {status} {created}");
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    let token = transition(app, editor, &id, "publish").await?;
+    Ok((id, token))
+}
+
+/// POSTs `/v1/news/{id}/{action}`; the consistency token.
+async fn transition(
+    app: &TestApp,
+    editor: &TestUser,
+    id: &str,
+    action: &str,
+) -> anyhow::Result<String> {
+    let response = app
+        .http
+        .post(format!("{}/v1/news/{id}/{action}", app.command_url))
+        .bearer_auth(&editor.token)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status() == S::OK,
+        "{action}: {}",
+        response.status()
+    );
+    Ok(response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned())
+}
+
+/// The user follows `categories` with e-mail on; the consistency token.
+async fn follow(app: &TestApp, user: &TestUser, categories: &[&str]) -> anyhow::Result<String> {
+    let response = app
+        .http
+        .patch(format!("{}/v1/users/{}", app.command_url, user.id))
+        .bearer_auth(&user.token)
+        .json(&json!({"followed_categories": categories, "email_notifications": true}))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == S::OK, "follow: {}", response.status());
+    Ok(response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned())
+}
+
+async fn recommendations(
+    app: &TestApp,
+    user: &TestUser,
+    consistency: Option<&str>,
+) -> anyhow::Result<Vec<Value>> {
+    let path = format!("/v1/users/{}/recommendations?limit=50", user.id);
+    let (status, body) = query(app, &path, Some(&user.token), consistency).await?;
+    anyhow::ensure!(status == S::OK, "recommendations: {status} {body}");
+    Ok(body["items"].as_array().cloned().unwrap_or_default())
+}
+
+async fn inbox(app: &TestApp, user: &TestUser, consistency: Option<&str>) -> anyhow::Result<Value> {
+    let path = format!("/v1/users/{}/notifications?limit=100", user.id);
+    let (status, body) = query(app, &path, Some(&user.token), consistency).await?;
+    anyhow::ensure!(status == S::OK, "notifications: {status} {body}");
+    Ok(body)
+}
+
+/// Waits until `check` holds (or fails after 30 s).
+async fn until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn recommendations_rank_unread_articles_by_the_tags_and_category_a_reader_reads() -> TestResult
+{
+    let app = TestApp::spawn().await?;
+    let (editor, reader, other) = (
+        app.editor().await?,
+        app.reader().await?,
+        app.reader().await?,
+    );
+    let mut read = Vec::new();
+    for i in 0..3 {
+        read.push(
+            publish(
+                &app,
+                &editor,
+                "sports",
+                &format!("Match {i}"),
+                &["football"],
+            )
+            .await?
+            .0,
+        );
+    }
+    let (football_sports, _) =
+        publish(&app, &editor, "sports", "Cup final", &["football", "cup"]).await?;
+    let (football_politics, _) =
+        publish(&app, &editor, "politics", "Stadium vote", &["football"]).await?;
+    let (tennis, _) = publish(&app, &editor, "sports", "Open", &["tennis"]).await?;
+    let (unrelated, last) = publish(&app, &editor, "famous", "Gala", &["cinema"]).await?;
+    for id in &read {
+        let response = app
+            .http
+            .get(format!("{}/v1/news/{id}", app.query_url))
+            .bearer_auth(&reader.token)
+            .header("x-consistency-token", &last)
+            .send()
+            .await?;
+        assert_eq!(response.status(), S::OK);
+    }
+    // Reads are recorded asynchronously: wait until the three show.
+    until("the reads to reach the recommender", || async {
+        let items = recommendations(&app, &reader, None).await?;
+        Ok(items
+            .first()
+            .is_some_and(|i| i["reasons"].as_array().is_some_and(|r| r.len() == 2))
+            && items
+                .iter()
+                .all(|i| !read.contains(&i["news"]["id"].as_str().unwrap_or_default().to_owned())))
+    })
+    .await?;
+    let items = recommendations(&app, &reader, None).await?;
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|i| i["news"]["id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids.len(), 4, "every unread published article: {items:#?}");
+    assert_eq!(ids[0], football_sports, "football and sports first");
+    // Football and sports weigh the same (three reads each): the newer publication first.
+    assert_eq!(ids[1..3], [tennis.as_str(), football_politics.as_str()]);
+    assert_eq!(ids[3], unrelated, "nothing in common last");
+    let reasons = |i: usize| -> Vec<&str> {
+        items[i]["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect()
+    };
+    let mut first = reasons(0);
+    first.sort_unstable();
+    assert_eq!(first, ["football", "sports"]);
+    assert_eq!(reasons(1), ["sports"]);
+    assert_eq!(reasons(2), ["football"]);
+    assert!(reasons(3).is_empty());
+    let score = |i: usize| items[i]["score"].as_f64().unwrap_or_default();
+    assert!(
+        (score(0) - 6.0).abs() < 0.01,
+        "three fresh reads of each: {}",
+        score(0)
+    );
+    assert!((score(1) - 3.0).abs() < 0.01 && score(3) == 0.0);
+    assert_eq!(items[0]["news"]["title"], "Cup final");
+    assert!(
+        items[0]["news"].get("content").is_none(),
+        "lists leave content out"
+    );
+
+    // Unpublishing removes an article at once (with the command's token).
+    let token = transition(&app, &editor, &football_sports, "unpublish").await?;
+    let items = recommendations(&app, &reader, Some(&token)).await?;
+    assert!(
+        items
+            .iter()
+            .all(|i| i["news"]["id"] != football_sports.as_str())
+    );
+    assert_eq!(items.len(), 3);
+
+    // Self or admin only; another user is refused; unknown parameters are checked.
+    let path = format!("/v1/users/{}/recommendations", reader.id);
+    assert_eq!(
+        query(&app, &path, Some(&other.token), None).await?.0,
+        S::FORBIDDEN
+    );
+    assert_eq!(query(&app, &path, None, None).await?.0, S::UNAUTHORIZED);
+    let admin = app.admin().await?;
+    assert_eq!(query(&app, &path, Some(&admin.token), None).await?.0, S::OK);
+    let bad = format!("{path}?limit=0");
+    assert_eq!(
+        query(&app, &bad, Some(&reader.token), None).await?.0,
+        S::BAD_REQUEST
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_follower_gets_one_inbox_entry_and_one_email_per_article_of_their_category_and_none_on_replay()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, follower, bystander) = (
+        app.editor().await?,
+        app.reader().await?,
+        app.reader().await?,
+    );
+    let followed = follow(&app, &follower, &["politics"]).await?;
+    let body = inbox(&app, &follower, Some(&followed)).await?;
+    assert_eq!(
+        (
+            body["items"].as_array().map(Vec::len),
+            &body["unread_count"]
+        ),
+        (Some(0), &json!(0))
+    );
+
+    let title = format!("Budget vote {}", Uuid::now_v7().simple());
+    let (politics, token) = publish(&app, &editor, "politics", &title, &[]).await?;
+    let body = inbox(&app, &follower, Some(&token)).await?;
+    let items = body["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{body}");
+    assert_eq!(items[0]["news_id"], politics.as_str());
+    assert_eq!(items[0]["title"], title.as_str());
+    assert_eq!(items[0]["category"], "politics");
+    assert_eq!(body["unread_count"], 1);
+    until("the e-mail", || async {
+        Ok(mails_to(&follower.email)?.len() == 1)
+    })
+    .await?;
+    let mail = &mails_to(&follower.email)?[0];
+    assert!(mail.subject.contains(&title), "{mail:?}");
+    assert!(
+        mail.body.contains(&title) && mail.body.contains(&politics),
+        "{mail:?}"
+    );
+
+    // Another category: nothing. Unpublish and publish again: no second notification.
+    let (_, token) = publish(&app, &editor, "sports", "Derby", &[]).await?;
+    transition(&app, &editor, &politics, "unpublish").await?;
+    let republished = transition(&app, &editor, &politics, "publish").await?;
+    for consistency in [&token, &republished] {
+        let body = inbox(&app, &follower, Some(consistency)).await?;
+        assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
+    }
+    let body = inbox(&app, &bystander, Some(&republished)).await?;
+    assert_eq!(
+        body["items"].as_array().map(Vec::len),
+        Some(0),
+        "a user who follows nothing"
+    );
+
+    // Marking read zeroes the count.
+    let response = app
+        .http
+        .post(format!(
+            "{}/v1/users/{}/notifications/read",
+            app.command_url, follower.id
+        ))
+        .bearer_auth(&follower.token)
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::NO_CONTENT);
+    let read = response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned();
+    let body = inbox(&app, &follower, Some(&read)).await?;
+    assert_eq!(
+        (
+            body["unread_count"].as_i64(),
+            body["items"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(1))
+    );
+
+    // A replay of the notifier rebuilds the same inbox and sends nothing.
+    let before = inbox(&app, &follower, None).await?;
+    app.newsroom_cli(&["replay", "notify", "--quiet"]).await?;
+    assert_eq!(inbox(&app, &follower, None).await?, before);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mails_to(&follower.email)?.len(), 1, "one e-mail in all");
+    assert!(mails_to(&bystander.email)?.is_empty());
+
+    // Only the user or an admin sees an inbox.
+    let path = format!("/v1/users/{}/notifications", follower.id);
+    assert_eq!(
+        query(&app, &path, Some(&bystander.token), None).await?.0,
+        S::FORBIDDEN
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_erased_user_gets_nothing_more_and_their_inbox_is_removed() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, follower, admin) = (app.editor().await?, app.reader().await?, app.admin().await?);
+    follow(&app, &follower, &["sports"]).await?;
+    let (_, token) = publish(&app, &editor, "sports", "Before erasure", &[]).await?;
+    assert_eq!(
+        inbox(&app, &follower, Some(&token)).await?["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let (status, _) = app
+        .command(
+            Method::DELETE,
+            &format!("/v1/users/{}", follower.id),
+            Some(&follower.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    let (_, token) = publish(&app, &editor, "sports", "After erasure", &[]).await?;
+    let pool = app.pool().await?;
+    let path = format!("/v1/users/{}/notifications", follower.id);
+    let (status, _) = query(&app, &path, Some(&admin.token), Some(&token)).await?;
+    assert_eq!(status, S::NOT_FOUND, "an erased user has no inbox");
+    let (entries,): (i64,) = sqlx::query_as("SELECT count(*) FROM notify_inbox WHERE user_id = $1")
+        .bind(follower.id)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(entries, 0, "their entries are gone");
+    let (queued,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM email_outbox WHERE user_id = $1 AND sent_at IS NULL")
+            .bind(follower.id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(queued, 0, "no e-mail waits for them");
+    pool.close().await;
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_notifier_killed_ten_times_while_articles_are_published_leaves_one_entry_per_follower_and_article()
+-> TestResult {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use newsroom_tests::{ChildRole, random_below};
+    let app = TestApp::spawn_with(newsroom::Roles {
+        command_api: true,
+        query_api: true,
+        projector: true,
+        ..newsroom::Roles::NONE
+    })
+    .await?;
+    let editor = app.editor().await?;
+    let mut followers = Vec::new();
+    for _ in 0..3 {
+        let user = app.reader().await?;
+        follow(&app, &user, &["politics"]).await?;
+        followers.push(user);
+    }
+    let mut notifier = ChildRole::start(&app, "notify", 0)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let (app_http, command, token) = (
+            app.http.clone(),
+            app.command_url.clone(),
+            editor.token.clone(),
+        );
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"category": "politics", "title": format!("Session {}", published.len()), "content": "Text."});
+                let created: Value = app_http
+                    .post(format!("{command}/v1/news"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let id = created["id"].as_str().unwrap_or_default().to_owned();
+                let response = app_http
+                    .post(format!("{command}/v1/news/{id}/publish"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await?;
+                anyhow::ensure!(response.status() == S::OK, "publish: {}", response.status());
+                published.push(id);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(published)
+        })
+    };
+    for run in 1..=10 {
+        tokio::time::sleep(Duration::from_millis(200 + random_below(500))).await;
+        notifier.kill()?;
+        notifier = ChildRole::start(&app, "notify", run)?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let published: HashSet<String> = load.await??.into_iter().collect();
+    assert!(
+        published.len() > 10,
+        "articles were published during the kills: {}",
+        published.len()
+    );
+    for user in &followers {
+        until("every notification", || async {
+            let body = inbox(&app, user, None).await?;
+            Ok(body["items"].as_array().map(Vec::len) == Some(published.len().min(100)))
+        })
+        .await?;
+    }
+    let pool = app.pool().await?;
+    for user in &followers {
+        let rows: Vec<(Uuid,)> =
+            sqlx::query_as("SELECT news_id FROM notify_inbox WHERE user_id = $1")
+                .bind(user.id)
+                .fetch_all(&pool)
+                .await?;
+        let got: HashSet<String> = rows.iter().map(|(id,)| id.to_string()).collect();
+        assert_eq!(rows.len(), got.len(), "no entry twice");
+        assert_eq!(got, published, "one entry per article");
+    }
+    // Every e-mail goes out once the last notifier runs.
+    until("every e-mail", || async {
+        let (pending,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM email_outbox WHERE sent_at IS NULL")
+                .fetch_one(&pool)
+                .await?;
+        Ok(pending == 0)
+    })
+    .await?;
+    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM email_outbox")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        outbox as usize,
+        published.len() * followers.len(),
+        "one e-mail per follower and article"
+    );
+    for user in &followers {
+        let subjects: HashSet<String> = mails_to(&user.email)?
+            .into_iter()
+            .map(|m| m.subject)
+            .collect();
+        assert_eq!(
+            subjects.len(),
+            published.len(),
+            "every article e-mailed to {}",
+            user.email
+        );
+    }
+    pool.close().await;
+    drop(notifier);
+    app.stop().await
+}
