@@ -510,6 +510,10 @@ impl TestApp {
             "reading_history",
             "news_reads_hourly",
             "news_read_counts",
+            "notify_follows",
+            "notify_articles",
+            "notify_subscribers",
+            "notify_inbox",
         ] {
             let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT to_jsonb(t)::text FROM {view} t ORDER BY 1"
@@ -525,38 +529,48 @@ impl TestApp {
         let mut redis = redis::Client::open(self.settings.redis.url.as_str())?
             .get_multiplexed_async_connection()
             .await?;
-        let root = newsroom_infra::redis::root(&self.settings.kafka, "cache");
-        let active: Option<String> = redis::cmd("GET")
-            .arg(format!("{root}:active"))
-            .query_async(&mut redis)
-            .await?;
-        let prefix = format!("{root}:v{}:", active.unwrap_or_default());
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut redis)
-            .await?;
-        for key in keys {
-            let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
-            let value: Vec<String> = match kind.as_str() {
-                "hash" => {
-                    let map: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
-                        .arg(&key)
-                        .query_async(&mut redis)
-                        .await?;
-                    map.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
-                }
-                "zset" => {
-                    redis::cmd("ZRANGE")
-                        .arg(&key)
-                        .arg(0)
-                        .arg(-1)
-                        .arg("WITHSCORES")
-                        .query_async(&mut redis)
-                        .await?
-                }
-                _ => vec![redis::cmd("GET").arg(&key).query_async(&mut redis).await?],
-            };
-            models.insert(format!("redis:{}", &key[prefix.len()..]), value);
+        for model in ["cache", "recommend"] {
+            let root = newsroom_infra::redis::root(&self.settings.kafka, model);
+            let active: Option<String> = redis::cmd("GET")
+                .arg(format!("{root}:active"))
+                .query_async(&mut redis)
+                .await?;
+            let prefix = format!("{root}:v{}:", active.unwrap_or_default());
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query_async(&mut redis)
+                .await?;
+            for key in keys {
+                let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
+                let value: Vec<String> = match kind.as_str() {
+                    "hash" => {
+                        let map: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                            .arg(&key)
+                            .query_async(&mut redis)
+                            .await?;
+                        map.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+                    }
+                    "zset" => {
+                        redis::cmd("ZRANGE")
+                            .arg(&key)
+                            .arg(0)
+                            .arg(-1)
+                            .arg("WITHSCORES")
+                            .query_async(&mut redis)
+                            .await?
+                    }
+                    "set" => {
+                        let mut members: Vec<String> = redis::cmd("SMEMBERS")
+                            .arg(&key)
+                            .query_async(&mut redis)
+                            .await?;
+                        members.sort();
+                        members
+                    }
+                    _ => vec![redis::cmd("GET").arg(&key).query_async(&mut redis).await?],
+                };
+                models.insert(format!("redis:{model}:{}", &key[prefix.len()..]), value);
+            }
         }
         Ok(models)
     }

@@ -228,7 +228,9 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
     }
     let before = app.settled_read_models(Duration::from_secs(30)).await?;
     assert!(
-        before.keys().any(|k| k.starts_with("redis:trending:")),
+        before
+            .keys()
+            .any(|k| k.starts_with("redis:cache:trending:")),
         "the snapshot covers Redis: {:?}",
         before.keys().collect::<Vec<_>>()
     );
@@ -279,7 +281,7 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
             failures
         })
     };
-    for projection in ["users", "news", "reads", "cache"] {
+    for projection in newsroom::PROJECTIONS {
         app.newsroom_cli(&["replay", projection, "--quiet"]).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -302,6 +304,7 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
         versions,
         vec![
             ("news".to_owned(), 2, None),
+            ("notify".to_owned(), 2, None),
             ("reads".to_owned(), 2, None),
             ("users".to_owned(), 2, None)
         ]
@@ -436,7 +439,7 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
     assert_eq!(news as u64, drafted, "articles");
     let redis_counted: usize = before
         .iter()
-        .filter(|(k, _)| k.starts_with("redis:reads:"))
+        .filter(|(k, _)| k.starts_with("redis:cache:reads:"))
         .map(|(_, v)| v[0].parse::<usize>().unwrap_or(0))
         .sum();
     assert_eq!(redis_counted, reads, "read counts in Redis");
