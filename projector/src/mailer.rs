@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
 use newsroom_infra::metrics::EMAILS;
@@ -16,7 +17,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Rows leased per round.
-const LEASE: i64 = 20;
+const LEASE: i64 = 200;
+/// E-mails in flight at once.
+const SENDING: usize = 16;
 /// How long a leased row is left alone by other mailers (and, after a crash, by the next
 /// one).
 const LEASE_SECS: f64 = 10.0;
@@ -154,26 +157,35 @@ async fn round(
     .await
     .context("leasing due e-mails")?;
     let count = due.len();
+    // Compose each, then send up to SENDING at once over the transport's pooled
+    // connections; outcomes are handled as they come.
+    let mut sendable = Vec::with_capacity(count);
     for mail in due {
-        let Some(address) = mail.email.as_deref() else {
+        let Some(address) = mail.email.clone() else {
             // Erased, or no address known: nothing to send, ever.
             mark(pool, &mail, None, "no address").await?;
             EMAILS.with_label_values(&["skipped"]).inc();
             continue;
         };
-        let message = compose(from, address, mail.name.as_deref(), &mail);
-        let outcome = match message {
-            Ok(message) => transport
-                .send(message)
-                .await
-                .map(|_| ())
-                .map_err(anyhow::Error::from),
+        match compose(from, &address, mail.name.as_deref(), &mail) {
+            Ok(message) => sendable.push((mail, message)),
             Err(e) => {
                 mark(pool, &mail, None, &format!("{e:#}")).await?;
                 EMAILS.with_label_values(&["skipped"]).inc();
-                continue;
             }
-        };
+        }
+    }
+    let mut outcomes = futures::stream::iter(sendable)
+        .map(|(mail, message)| async move {
+            let outcome = transport
+                .send(message)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from);
+            (mail, outcome)
+        })
+        .buffer_unordered(SENDING);
+    while let Some((mail, outcome)) = outcomes.next().await {
         match outcome {
             Ok(()) => {
                 breaker.succeeded();
@@ -197,9 +209,6 @@ async fn round(
                 .await
                 .context("recording a failed e-mail")?;
                 EMAILS.with_label_values(&["failed"]).inc();
-                if !breaker.allows() {
-                    break;
-                }
             }
         }
     }
