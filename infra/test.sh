@@ -15,14 +15,22 @@ started=$SECONDS
 infra/local.sh up
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The ownership tests start the newsroom binary as separate processes.
+# The ownership tests start the newsroom binary as separate processes; the benchmark's
+# smoke run below uses the bench binary.
 cargo build --bin newsroom
+cargo build -p bench
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The benchmark is not a test; its quick run only checks that it still works end to end
+# (debug build: its figures mean nothing here).
+if [[ $status -eq 0 && -z ${NEWSROOM_SKIP_BENCH_SMOKE:-} ]]; then
+  echo "[test] benchmark smoke run (bench --quick)"
+  target/debug/bench --quick --out target/bench-quick.json >/dev/null || status=$?
+fi
 echo "[test] done in $((SECONDS - started))s"
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i - 1); if ($i == "failed;") f += $(i - 1) } }

@@ -28,8 +28,10 @@ use tokio::sync::watch;
 
 use crate::dead_letters::{Aggregate, Parking};
 
-/// Most events applied in one batch.
+/// Most events applied in one batch by a live consumer (a replay takes more at once: it
+/// has no reader waiting for each batch).
 const MAX_BATCH: usize = 1000;
+const MAX_REPLAY_BATCH: usize = 5000;
 /// Times an event that fails to apply is tried before it is dead-lettered.
 const ATTEMPTS: u32 = 3;
 /// Pause after a failure of the store itself (retried without end: an outage is not the
@@ -243,7 +245,11 @@ impl<S: Store> Session<'_, S> {
         self.progress
             .send_modify(|p| p.offsets.clone_from(&worker.offsets));
         tracing::info!(consumer = %self.label, version, "consumer started");
-        let mut batches = consumer.stream().ready_chunks(MAX_BATCH);
+        let max = match self.mode {
+            Mode::Live => MAX_BATCH,
+            Mode::Replay(_) => MAX_REPLAY_BATCH,
+        };
+        let mut batches = consumer.stream().ready_chunks(max);
         let mut tick = tokio::time::interval(IDLE_TICK);
         loop {
             let chunk = tokio::select! {

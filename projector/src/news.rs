@@ -2,11 +2,12 @@
 
 use anyhow::Context as _;
 use chrono::DateTime;
+use futures::future::BoxFuture;
 use newsroom_events::news::NewsEvent;
 use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
 
-use crate::postgres::Projection;
+use crate::postgres::{Projection, bulk_or_each};
 
 /// Projects News events into the `news` table.
 pub struct NewsProjection {
@@ -29,7 +30,102 @@ impl Projection for NewsProjection {
         event: Decoded,
         _live: bool,
     ) -> anyhow::Result<()> {
-        let event = NewsEvent::from_avro(&event.name, event.value)?;
+        apply_event(tx, NewsEvent::from_avro(&event.name, event.value)?).await
+    }
+
+    /// Runs of creations (the bulk of a backlog) go in one statement each; the rest one by
+    /// one, in order.
+    async fn apply_all(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        events: Vec<Decoded>,
+        _live: bool,
+    ) -> Result<(), (usize, anyhow::Error)> {
+        let mut run: Vec<NewsEvent> = Vec::new();
+        let mut run_start = 0;
+        for (index, event) in events.into_iter().enumerate() {
+            let event =
+                NewsEvent::from_avro(&event.name, event.value).map_err(|e| (index, e.into()))?;
+            if matches!(event, NewsEvent::Drafted(_)) {
+                if run.is_empty() {
+                    run_start = index;
+                }
+                run.push(event);
+                continue;
+            }
+            if !run.is_empty() {
+                bulk_or_each(
+                    tx,
+                    std::mem::take(&mut run),
+                    run_start,
+                    insert_drafts_boxed,
+                    apply_event_boxed,
+                )
+                .await?;
+            }
+            apply_event(tx, event).await.map_err(|e| (index, e))?;
+        }
+        if !run.is_empty() {
+            bulk_or_each(tx, run, run_start, insert_drafts_boxed, apply_event_boxed).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Creations in one statement.
+async fn insert_drafts(
+    tx: &mut Transaction<'static, Postgres>,
+    run: &[NewsEvent],
+) -> anyhow::Result<()> {
+    let mut columns = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for event in run {
+        if let NewsEvent::Drafted(e) = event {
+            columns.0.push(e.metadata.aggregate_id);
+            columns.1.push(e.author_id);
+            columns.2.push(e.category.as_str());
+            columns.3.push(e.title.as_str());
+            columns.4.push(e.content.as_str());
+            columns.5.push(serde_json::to_value(&e.tags)?);
+            columns.6.push(e.metadata.aggregate_version);
+            columns.7.push(e.metadata.occurred_at());
+        }
+    }
+    sqlx::query(
+        "INSERT INTO news (id, author_id, category, title, content, tags, status, version, created_at, updated_at) \
+         SELECT id, author, category, title, content, ARRAY(SELECT jsonb_array_elements_text(tags)), 'draft', version, at, at \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bigint[], $8::timestamptz[]) \
+           AS r(id, author, category, title, content, tags, version, at) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&columns.0)
+    .bind(&columns.1)
+    .bind(&columns.2)
+    .bind(&columns.3)
+    .bind(&columns.4)
+    .bind(&columns.5)
+    .bind(&columns.6)
+    .bind(&columns.7)
+    .execute(&mut **tx)
+    .await
+    .context("projecting news creations")?;
+    Ok(())
+}
+
+/// One event.
+async fn apply_event(
+    tx: &mut Transaction<'static, Postgres>,
+    event: NewsEvent,
+) -> anyhow::Result<()> {
+    {
         let meta = event.metadata().clone();
         let (id, version, at) = (
             meta.aggregate_id,
@@ -95,4 +191,18 @@ impl Projection for NewsProjection {
             .context("projecting a news event")?;
         Ok(())
     }
+}
+
+fn insert_drafts_boxed<'a>(
+    tx: &'a mut Transaction<'static, Postgres>,
+    run: &'a [NewsEvent],
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(insert_drafts(tx, run))
+}
+
+fn apply_event_boxed<'a>(
+    tx: &'a mut Transaction<'static, Postgres>,
+    item: NewsEvent,
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(apply_event(tx, item))
 }

@@ -64,6 +64,10 @@ impl Projection for Notifier {
         self.topics.clone()
     }
 
+    fn side_effects(&self) -> bool {
+        true
+    }
+
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Postgres>,

@@ -6,6 +6,7 @@
 use std::future::Future;
 
 use anyhow::Context as _;
+use futures::future::BoxFuture;
 use newsroom_infra::codec::Decoded;
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -26,6 +27,89 @@ pub trait Projection: Send + Sync {
         event: Decoded,
         live: bool,
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+
+    /// Whether the live projection schedules side effects (e-mail) with its rows; if so its
+    /// commits wait for the disk (see `commit`).
+    fn side_effects(&self) -> bool {
+        false
+    }
+
+    /// Applies a batch's events in order; on failure, the index of the event to blame.
+    /// The default applies them one by one; a projection may write runs of events with
+    /// one statement, as long as it blames the right event when one fails.
+    fn apply_all<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Postgres>,
+        events: Vec<Decoded>,
+        live: bool,
+    ) -> impl Future<Output = Result<(), (usize, anyhow::Error)>> + Send + 'a
+    where
+        Self: Sized,
+    {
+        async move {
+            for (index, event) in events.into_iter().enumerate() {
+                self.apply(tx, event, live).await.map_err(|e| (index, e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs `bulk` (one statement for a run of events) under a savepoint; if the database
+/// refuses it, rolls it back and applies the run's events one by one with `single`, so
+/// that the event to blame is found.
+pub async fn bulk_or_each<T, B, S>(
+    tx: &mut Transaction<'static, Postgres>,
+    run: Vec<T>,
+    first_index: usize,
+    bulk: B,
+    single: S,
+) -> Result<(), (usize, anyhow::Error)>
+where
+    B: for<'a> FnOnce(
+        &'a mut Transaction<'static, Postgres>,
+        &'a [T],
+    ) -> BoxFuture<'a, anyhow::Result<()>>,
+    S: for<'a> Fn(&'a mut Transaction<'static, Postgres>, T) -> BoxFuture<'a, anyhow::Result<()>>,
+{
+    if run.len() == 1 {
+        let item = run.into_iter().next().expect("one item");
+        return single(tx, item).await.map_err(|e| (first_index, e));
+    }
+    let savepoint = |sql: &'static str| sqlx::query(sql);
+    savepoint("SAVEPOINT bulk")
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| (first_index, e.into()))?;
+    match bulk(tx, &run).await {
+        Ok(()) => {
+            savepoint("RELEASE SAVEPOINT bulk")
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| (first_index, e.into()))?;
+            Ok(())
+        }
+        Err(e)
+            if !matches!(
+                e.downcast_ref::<sqlx::Error>(),
+                Some(sqlx::Error::Database(_))
+            ) =>
+        {
+            Err((first_index, e))
+        }
+        Err(_) => {
+            savepoint("ROLLBACK TO SAVEPOINT bulk")
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| (first_index, e.into()))?;
+            for (offset, item) in run.into_iter().enumerate() {
+                single(tx, item)
+                    .await
+                    .map_err(|e| (first_index + offset, e))?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The schema holding `version` of `projection`'s tables.
@@ -153,14 +237,22 @@ impl<P: Projection> Store for Tables<P> {
         .execute(&mut *tx)
         .await
         .map_err(outage)?;
-        for (index, event) in events.into_iter().enumerate() {
-            if let Err(e) = self
-                .projection
-                .apply(&mut tx, event, mode == Mode::Live)
+        // A read model is rebuilt from the log: if PostgreSQL crashes right after a commit
+        // that was not yet on disk, the rows and the offsets are lost together and the
+        // batch is applied again. So commits need not wait for the disk — except those
+        // that schedule e-mails, which must not be scheduled twice.
+        if !(mode == Mode::Live && self.projection.side_effects()) {
+            sqlx::query("SET LOCAL synchronous_commit TO off")
+                .execute(&mut *tx)
                 .await
-            {
-                return Err(blame(index, e));
-            }
+                .map_err(outage)?;
+        }
+        if let Err((index, e)) = self
+            .projection
+            .apply_all(&mut tx, events, mode == Mode::Live)
+            .await
+        {
+            return Err(blame(index, e));
         }
         for ((topic, partition), next) in to {
             let moved = match from.get(&(topic.clone(), *partition)) {

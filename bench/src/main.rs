@@ -1,0 +1,665 @@
+//! `bench`: drives a newsroom deployment of its own (fresh topics and database, every role
+//! in this process, real Kafka, registry, PostgreSQL and Redis) over HTTP and reports
+//! commands, visibility lag, projection and replay rates and queries, each beside the raw
+//! part it is built on, measured in the same run on the same machine.
+#![forbid(unsafe_code)]
+
+mod baseline;
+mod load;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use load::Stats;
+use newsroom::{Roles, Running};
+use newsroom_infra::Settings;
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use uuid::Uuid;
+
+/// newsroom's benchmark: throughput, latency and lag, side by side with the raw parts.
+///
+/// Needs the local infrastructure (`infra/local.sh up`); creates topics and a database of
+/// its own and drops the database at the end.
+#[derive(Parser)]
+#[command(name = "bench", version)]
+struct Args {
+    /// A smoke run: short phases and a small backlog (finishes within two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Seconds per throughput phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Events in the backlog the projection and the replay are measured on.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+    /// Commands per second while the visibility lag is measured.
+    #[arg(long, default_value_t = 5000)]
+    rate: u32,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench-results.json")]
+    out: std::path::PathBuf,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    stats: Option<Stats>,
+    baseline: Option<String>,
+    ratio: Option<f64>,
+    target: Option<String>,
+}
+
+impl Figure {
+    fn rate(name: &str, stats: &Stats, target: Option<&str>) -> Figure {
+        Figure {
+            name: name.to_owned(),
+            value: stats.per_second,
+            unit: "/s",
+            stats: Some(stats.clone()),
+            baseline: None,
+            ratio: None,
+            target: target.map(str::to_owned),
+        }
+    }
+
+    fn against(mut self, baseline: &Figure) -> Figure {
+        self.baseline = Some(baseline.name.clone());
+        self.ratio = Some(self.value / baseline.value.max(1e-9));
+        self
+    }
+}
+
+/// A deployment of every role on fresh topics and a fresh database.
+struct Deployment {
+    settings: Settings,
+    running: Option<Running>,
+    command: String,
+    query: String,
+    database: String,
+    admin_url: String,
+}
+
+const ADMIN_PASSWORD: &str = "bench admin password";
+
+impl Deployment {
+    async fn start(base: &Settings, roles: Roles) -> anyhow::Result<Deployment> {
+        let id = Uuid::now_v7().simple().to_string();
+        let mut settings = base.clone();
+        settings.kafka.topic_prefix = format!("bench_{id}");
+        settings.kafka.instance_id = format!("bench-{id}");
+        settings.http.command_addr = "127.0.0.1:0".parse()?;
+        settings.http.query_addr = "127.0.0.1:0".parse()?;
+        settings.auth.local = true;
+        settings.auth.admin_email = Some(format!("admin.{id}@bench.local"));
+        settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
+        let admin_url = settings.postgres.url.clone();
+        let database = format!("bench_{id}");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{database}\""
+        )))
+        .execute(&mut admin)
+        .await?;
+        settings.postgres.url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{database}"),
+            None => anyhow::bail!("NEWSROOM_DATABASE_URL has no database name"),
+        };
+        let running = newsroom::start(&settings, roles).await?;
+        let url =
+            |a: Option<std::net::SocketAddr>| a.map(|a| format!("http://{a}")).unwrap_or_default();
+        Ok(Deployment {
+            command: url(running.command_addr),
+            query: url(running.query_addr),
+            running: Some(running),
+            settings,
+            database,
+            admin_url,
+        })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.running.take() {
+            running.stop().await?;
+        }
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.database
+        )))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+
+    async fn token(
+        &self,
+        http: &reqwest::Client,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
+        let answer: Value = http
+            .post(format!("{}/v1/auth/token", self.command))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(answer["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+fn client(clients: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()?)
+}
+
+/// Succeeds on the expected status.
+async fn expect(
+    response: reqwest::Response,
+    status: StatusCode,
+) -> anyhow::Result<reqwest::Response> {
+    anyhow::ensure!(
+        response.status() == status,
+        "{} instead of {status}",
+        response.status()
+    );
+    Ok(response)
+}
+
+fn article(i: usize) -> Value {
+    let category = ["famous", "politics", "sports"][i % 3];
+    json!({
+        "category": category,
+        "title": format!("Benchmark article {i}"),
+        "content": "A short body of text, about the size of a news teaser, for the benchmark. ".repeat(4),
+        "tags": ["bench", format!("t{}", i % 10)],
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    newsroom_infra::telemetry::init();
+    if args.quick {
+        args.seconds = args.seconds.min(3);
+        args.backlog = args.backlog.min(20_000);
+        args.rate = args.rate.min(500);
+        args.clients = args.clients.min(32);
+    }
+    let phase = Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let mut figures: Vec<Figure> = Vec::new();
+    let http = client(args.clients)?;
+
+    eprintln!("bench: starting a deployment (all roles in this process)");
+    let system = Deployment::start(&args.settings, Roles::ALL).await?;
+    let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
+    let admin = Arc::new(system.token(&http, &admin_email, ADMIN_PASSWORD).await?);
+    let run = Uuid::now_v7().simple().to_string();
+
+    // 1. Commands.
+    let hashing = &system.settings.hashing;
+    let register = {
+        let (http, url, run) = (http.clone(), system.command.clone(), run.clone());
+        load::closed(args.clients.min(16), phase, None, move |i| {
+            let request = http.post(format!("{url}/v1/users")).json(&json!({
+                "name": format!("User {i}"), "email": format!("u{i}.{run}@bench.local"), "password": "correct horse battery"}));
+            async move { expect(request.send().await?, StatusCode::CREATED).await.map(|_| ()) }
+        })
+        .await
+    };
+    let register_name = format!(
+        "register user (Argon2id {} KiB, t={}, p={})",
+        hashing.memory_kib, hashing.iterations, hashing.parallelism
+    );
+    figures.push(Figure::rate(
+        &register_name,
+        &register,
+        Some("bounded by hashing"),
+    ));
+    eprintln!("bench: {register_name}: {:.0}/s", register.per_second);
+
+    let ids = Arc::new(Mutex::new(Vec::<Uuid>::new()));
+    let create = {
+        let (http, url, admin, ids) = (
+            http.clone(),
+            system.command.clone(),
+            admin.clone(),
+            ids.clone(),
+        );
+        load::closed(args.clients, phase, None, move |i| {
+            let request = http
+                .post(format!("{url}/v1/news"))
+                .bearer_auth(admin.as_str())
+                .json(&article(i));
+            let ids = ids.clone();
+            async move {
+                let created: Value = expect(request.send().await?, StatusCode::CREATED)
+                    .await?
+                    .json()
+                    .await?;
+                let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+                ids.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push(id);
+                Ok(())
+            }
+        })
+        .await
+    };
+    figures.push(Figure::rate(
+        "create news",
+        &create,
+        Some(">= 10,000/s, p99 <= 25 ms"),
+    ));
+    eprintln!("bench: create news: {:.0}/s", create.per_second);
+    let ids: Arc<Vec<Uuid>> =
+        Arc::new(ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone());
+
+    let edit = {
+        let (http, url, admin, ids) = (
+            http.clone(),
+            system.command.clone(),
+            admin.clone(),
+            ids.clone(),
+        );
+        load::closed(args.clients, phase, Some(ids.len()), move |i| {
+            let request = http
+                .patch(format!("{url}/v1/news/{}", ids[i]))
+                .bearer_auth(admin.as_str())
+                .json(&json!({"title": format!("Benchmark article {i}, edited")}));
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    };
+    figures.push(Figure::rate(
+        "edit news",
+        &edit,
+        Some(">= 10,000/s, p99 <= 25 ms"),
+    ));
+    let publish = {
+        let (http, url, admin, ids) = (
+            http.clone(),
+            system.command.clone(),
+            admin.clone(),
+            ids.clone(),
+        );
+        load::closed(args.clients, phase, Some(ids.len()), move |i| {
+            let request = http
+                .post(format!("{url}/v1/news/{}/publish", ids[i]))
+                .bearer_auth(admin.as_str());
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    };
+    figures.push(Figure::rate(
+        "publish news",
+        &publish,
+        Some(">= 10,000/s, p99 <= 25 ms"),
+    ));
+    eprintln!(
+        "bench: edit {:.0}/s, publish {:.0}/s",
+        edit.per_second, publish.per_second
+    );
+    let published = (publish.ok as usize).min(ids.len());
+
+    // 2. Visibility lag at a fixed command rate: from the command's 2xx to the query API
+    // answering with the write (a GET that names the command's consistency token).
+    let lag = {
+        let (http, command, query, admin) = (
+            http.clone(),
+            system.command.clone(),
+            system.query.clone(),
+            admin.clone(),
+        );
+        load::open(args.rate, phase, move |i| {
+            let (http, command, query, admin) =
+                (http.clone(), command.clone(), query.clone(), admin.clone());
+            async move {
+                let response = http
+                    .post(format!("{command}/v1/news"))
+                    .bearer_auth(admin.as_str())
+                    .json(&article(i))
+                    .send()
+                    .await?;
+                let response = expect(response, StatusCode::CREATED).await?;
+                let acked = Instant::now();
+                let token = response
+                    .headers()
+                    .get("x-consistency-token")
+                    .context("no token")?
+                    .to_str()?
+                    .to_owned();
+                let created: Value = response.json().await?;
+                let id = created["id"].as_str().unwrap_or_default().to_owned();
+                let seen = http
+                    .get(format!("{query}/v1/news/{id}"))
+                    .bearer_auth(admin.as_str())
+                    .header("x-consistency-token", token)
+                    .header("x-consistency-timeout-ms", "10000")
+                    .send()
+                    .await?;
+                expect(seen, StatusCode::OK).await?;
+                Ok(acked.elapsed().as_micros() as u64)
+            }
+        })
+        .await
+    };
+    figures.push(Figure {
+        name: format!("visibility lag at {} commands/s (p99)", args.rate),
+        value: lag.p99_ms,
+        unit: "ms",
+        stats: Some(lag.clone()),
+        baseline: None,
+        ratio: None,
+        target: Some("p99 <= 50 ms at 5,000/s".into()),
+    });
+    eprintln!(
+        "bench: visibility lag p50 {:.1} ms p99 {:.1} ms",
+        lag.p50_ms, lag.p99_ms
+    );
+
+    // 5. Queries, beside a bare actix-web handler and Redis itself.
+    let sample: Value = http
+        .get(format!("{}/v1/news/{}", system.query, ids[0]))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let bare = baseline::bare_actix(sample.to_string()).await?;
+    let bare_stats = {
+        let (http, url) = (http.clone(), bare.url.clone());
+        load::closed(args.clients, phase, None, move |_| {
+            let request = http.get(format!("{url}/article"));
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await?
+                    .bytes()
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await
+    };
+    let bare_figure = Figure::rate(
+        "baseline: bare actix-web handler (same JSON)",
+        &bare_stats,
+        None,
+    );
+    bare.stop().await;
+    let get_article = {
+        let (http, url, ids) = (http.clone(), system.query.clone(), ids.clone());
+        load::closed(args.clients, phase, None, move |i| {
+            let request = http.get(format!("{url}/v1/news/{}", ids[i % published.max(1)]));
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await?
+                    .bytes()
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await
+    };
+    let redis_stats = baseline::redis_hgetall(
+        &system.settings,
+        &ids[..published.max(1)],
+        args.clients,
+        phase,
+    )
+    .await?;
+    let redis_figure = Figure::rate(
+        "baseline: Redis HGETALL of the cached article",
+        &redis_stats,
+        None,
+    );
+    figures.push(
+        Figure::rate(
+            "GET /v1/news/{id} (Redis)",
+            &get_article,
+            Some(">= 30,000/s, p99 <= 5 ms, >= 1/2 of baseline"),
+        )
+        .against(&bare_figure),
+    );
+    figures.push(bare_figure);
+    figures.push(redis_figure);
+    let list = {
+        let (http, url) = (http.clone(), system.query.clone());
+        load::closed(args.clients, phase, None, move |i| {
+            let category = ["famous", "politics", "sports"][i % 3];
+            let request = http.get(format!("{url}/v1/news?category={category}&limit=20"));
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await?
+                    .bytes()
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await
+    };
+    figures.push(Figure::rate(
+        "GET /v1/news?category= (PostgreSQL)",
+        &list,
+        None,
+    ));
+    // A reader with history, for recommendations.
+    let reader_email = format!("reader.{run}@bench.local");
+    expect(
+        http.post(format!("{}/v1/users", system.command))
+            .json(&json!({"name": "Reader", "email": reader_email, "password": "correct horse battery"}))
+            .send()
+            .await?,
+        StatusCode::CREATED,
+    )
+    .await?;
+    let reader = Arc::new(
+        system
+            .token(&http, &reader_email, "correct horse battery")
+            .await?,
+    );
+    let reader_id = subject(&reader)?;
+    for id in ids.iter().take(30.min(published)) {
+        http.get(format!("{}/v1/news/{id}", system.query))
+            .bearer_auth(reader.as_str())
+            .send()
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recommendations = {
+        let (http, url, reader) = (http.clone(), system.query.clone(), reader.clone());
+        load::closed(args.clients, phase, None, move |_| {
+            let request = http
+                .get(format!(
+                    "{url}/v1/users/{reader_id}/recommendations?limit=20"
+                ))
+                .bearer_auth(reader.as_str());
+            async move {
+                expect(request.send().await?, StatusCode::OK)
+                    .await?
+                    .bytes()
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await
+    };
+    figures.push(Figure::rate(
+        "GET /v1/users/{id}/recommendations (Redis)",
+        &recommendations,
+        None,
+    ));
+    eprintln!(
+        "bench: GET article {:.0}/s, list {:.0}/s, recommendations {:.0}/s, bare {:.0}/s, Redis {:.0}/s",
+        get_article.per_second,
+        list.per_second,
+        recommendations.per_second,
+        bare_stats.per_second,
+        redis_stats.per_second
+    );
+    system.stop().await?;
+
+    // 3, 4 and 6: a backlog produced with rdkafka transactions (the raw produce baseline),
+    // projected and replayed; PostgreSQL batched inserts of the same rows beside them.
+    eprintln!("bench: producing a backlog of {} events", args.backlog);
+    let backlog = Deployment::start(&args.settings, Roles::NONE).await?;
+    let produced = baseline::produce_backlog(&backlog.settings, args.backlog).await?;
+    let produce_figure = Figure {
+        name: "baseline: transactional produce of the same Avro events (rdkafka)".into(),
+        value: produced.per_second,
+        unit: "/s",
+        stats: None,
+        baseline: None,
+        ratio: None,
+        target: None,
+    };
+    figures.push(
+        Figure::rate("create news", &create, None)
+            .against(&produce_figure)
+            .renamed("create news vs raw produce"),
+    );
+    figures.push(produce_figure);
+    let projection = baseline::project_backlog(&backlog.settings, args.backlog).await?;
+    let insert = baseline::postgres_inserts(&backlog.settings, args.backlog.min(200_000)).await?;
+    let insert_figure = Figure {
+        name: "baseline: batched INSERT of the same rows (PostgreSQL)".into(),
+        value: insert,
+        unit: "rows/s",
+        stats: None,
+        baseline: None,
+        ratio: None,
+        target: None,
+    };
+    for (name, rate) in &projection {
+        figures.push(
+            Figure {
+                name: format!("projection {name} on a backlog of {}", args.backlog),
+                value: *rate,
+                unit: "events/s",
+                stats: None,
+                baseline: None,
+                ratio: None,
+                target: Some(">= 50,000/s".into()),
+            }
+            .against(&insert_figure),
+        );
+    }
+    figures.push(insert_figure);
+    for name in ["news", "cache"] {
+        let report = newsroom::replay(&backlog.settings, name, true).await?;
+        figures.push(Figure {
+            name: format!(
+                "replay {name}: {} events in {:.1} s",
+                report.events,
+                report.elapsed.as_secs_f64()
+            ),
+            value: report.rate(),
+            unit: "events/s",
+            stats: None,
+            baseline: None,
+            ratio: None,
+            target: Some(">= 100,000/s".into()),
+        });
+    }
+    backlog.stop().await?;
+
+    print_table(&figures);
+    let report = json!({
+        "machine": baseline::machine(),
+        "started_at": chrono::Utc::now().to_rfc3339(),
+        "quick": args.quick,
+        "clients": args.clients,
+        "seconds_per_phase": args.seconds,
+        "backlog": args.backlog,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "figures": figures,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "bench: done in {:.0} s; report in {}",
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+impl Figure {
+    fn renamed(mut self, name: &str) -> Figure {
+        self.name = name.to_owned();
+        self
+    }
+}
+
+/// The user id a token names (its `sub`).
+fn subject(token: &str) -> anyhow::Result<Uuid> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    let claims: Value = serde_json::from_slice(&bytes)?;
+    Ok(Uuid::parse_str(claims["sub"].as_str().unwrap_or_default())?)
+}
+
+fn print_table(figures: &[Figure]) {
+    println!(
+        "{:<66} {:>12} {:<9} {:>8} {:>8} {:>8} {:>7}  TARGET",
+        "FIGURE", "VALUE", "UNIT", "P50 ms", "P99 ms", "MAX ms", "RATIO"
+    );
+    for f in figures {
+        let (p50, p99, max) = f
+            .stats
+            .as_ref()
+            .map(|s| {
+                (
+                    format!("{:.1}", s.p50_ms),
+                    format!("{:.1}", s.p99_ms),
+                    format!("{:.1}", s.max_ms),
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<66} {:>12.1} {:<9} {:>8} {:>8} {:>8} {:>7}  {}",
+            f.name,
+            f.value,
+            f.unit,
+            p50,
+            p99,
+            max,
+            f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+            f.target.clone().unwrap_or_default()
+        );
+    }
+}
