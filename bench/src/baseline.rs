@@ -288,3 +288,59 @@ pub fn machine() -> serde_json::Value {
         "os": std::env::consts::OS,
     })
 }
+
+/// Unlinks every Redis key matching `pattern`.
+pub async fn remove_keys(settings: &Settings, pattern: &str) -> anyhow::Result<()> {
+    let mut redis = redis::Client::open(settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await?;
+        if !keys.is_empty() {
+            let (): () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes the deployment's topics (events, ownership, dead letters).
+pub async fn delete_topics(settings: &Settings) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.brokers)
+        .create()?;
+    let mut topics: Vec<String> = Stream::ALL
+        .iter()
+        .map(|s| s.topic(&settings.kafka))
+        .collect();
+    topics.push(newsroom_infra::kafka::ownership_topic(&settings.kafka));
+    topics.extend(
+        newsroom_infra::kafka::CONSUMERS
+            .iter()
+            .map(|c| newsroom_infra::kafka::dead_letter_topic(&settings.kafka, c)),
+    );
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    admin
+        .delete_topics(
+            &names,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("deleting the benchmark's topics")?;
+    Ok(())
+}

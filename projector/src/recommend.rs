@@ -7,8 +7,10 @@
 //! `tag:<tag>` / `cat:<category>` → Σ of [`weight`]s: 2^((read time − epoch) / half-life): a read
 //! counts twice as much as one a half-life older; scaling by 2^(−(now − epoch) / half-life)
 //! gives today's decayed weight), `read:<user>` (set of news ids), `art:<news>` (hash
-//! `category`, `tags` as JSON, `version`), `published` (sorted set of news ids by
-//! publication time, in microseconds).
+//! `category`, `tags` as JSON, `version`, `_listed` while published), and the published
+//! articles by publication time (microseconds) in `published` and per category and tag in
+//! `by:cat:<category>` and `by:tag:<tag>` — so a ranking reads only the articles that
+//! match the user's affinities.
 
 use std::time::Duration;
 
@@ -63,11 +65,11 @@ impl Model for Recommender {
                     if let Some(t) = e.tags {
                         fields.push(("tags", serde_json::to_string(&t)?));
                     }
-                    out.hash(&key, version, false, &fields);
+                    out.edit_listed(&key, &id, version, &fields);
                 }
-                NewsEvent::Published(e) => out.zadd("published", &id, e.published_at),
+                NewsEvent::Published(e) => out.list(&key, &id, e.published_at),
                 NewsEvent::Unpublished(_) | NewsEvent::Archived(_) | NewsEvent::Deleted(_) => {
-                    out.zrem("published", &id);
+                    out.withdraw(&key, &id);
                 }
             }
         } else if event.name.starts_with("newsroom.reads.") {

@@ -7,8 +7,9 @@
 --   T key member expire_at                        sorted-set member + 1, key expiring then
 --   F key field amount                            hash field + amount (float)
 --   S key member                                  set add
---   Z key member score | X key member             sorted-set add | remove
 --   V key value | D key                           string set | delete
+--   L doc member score | W doc member             list | withdraw a document in its indexes
+--   E doc member version nfields (field value)*   H for a listed document, reindexed
 local root, version, mode, caught_up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local activate = false
 if mode == 'live' then
@@ -30,6 +31,26 @@ for i = first, first + 3 * (n - 1), 3 do
 end
 if activate then redis.call('SET', root .. ':active', version) end
 local now = tonumber(redis.call('TIME')[1])
+-- Listed documents (the recommender's articles): a hash with `category` and `tags` (JSON),
+-- indexed by publication time in `published`, `by:cat:<category>` and `by:tag:<tag>`.
+local function index_keys(doc)
+  local f = redis.call('HMGET', doc, 'category', 'tags')
+  local keys = { prefix .. 'published' }
+  if f[1] then keys[#keys + 1] = prefix .. 'by:cat:' .. f[1] end
+  if f[2] then
+    for _, t in ipairs(cjson.decode(f[2])) do keys[#keys + 1] = prefix .. 'by:tag:' .. t end
+  end
+  return keys
+end
+local function list(doc, member, score)
+  redis.call('HSET', doc, '_listed', score)
+  for _, k in ipairs(index_keys(doc)) do redis.call('ZADD', k, score, member) end
+end
+local function withdraw(doc, member)
+  if redis.call('HDEL', doc, '_listed') == 1 then
+    for _, k in ipairs(index_keys(doc)) do redis.call('ZREM', k, member) end
+  end
+end
 local i = first + 3 * n
 while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
@@ -43,6 +64,28 @@ while i <= #ARGV do
         args[#args + 1] = ARGV[i + 6 + 2 * j]
       end
       redis.call('HSET', key, unpack(args))
+    end
+    i = i + 5 + 2 * nf
+  elseif op == 'L' then
+    list(key, ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 'W' then
+    withdraw(key, ARGV[i + 2])
+    i = i + 3
+  elseif op == 'E' then
+    -- An edit of a listed document moves it between indexes.
+    local member, v, nf = ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    local current = redis.call('HGET', key, 'version')
+    if current and tonumber(current) < v then
+      local listed = redis.call('HGET', key, '_listed')
+      if listed then withdraw(key, member) end
+      local args = { 'version', ARGV[i + 3] }
+      for j = 0, nf - 1 do
+        args[#args + 1] = ARGV[i + 5 + 2 * j]
+        args[#args + 1] = ARGV[i + 6 + 2 * j]
+      end
+      redis.call('HSET', key, unpack(args))
+      if listed then list(key, member, listed) end
     end
     i = i + 5 + 2 * nf
   elseif op == 'I' then
@@ -60,12 +103,6 @@ while i <= #ARGV do
     i = i + 4
   elseif op == 'S' then
     redis.call('SADD', key, ARGV[i + 2])
-    i = i + 3
-  elseif op == 'Z' then
-    redis.call('ZADD', key, ARGV[i + 3], ARGV[i + 2])
-    i = i + 4
-  elseif op == 'X' then
-    redis.call('ZREM', key, ARGV[i + 2])
     i = i + 3
   elseif op == 'V' then
     redis.call('SET', key, ARGV[i + 2])

@@ -64,14 +64,30 @@ impl Writes {
         self.push(&["S", key, member]);
     }
 
-    /// Puts `member` in sorted set `key` with `score`.
-    pub fn zadd(&mut self, key: &str, member: &str, score: i64) {
-        self.push(&["Z", key, member, &score.to_string()]);
+    /// Lists document `doc` (a hash with `category` and `tags`) as `member` with `score` in
+    /// `published`, `by:cat:<category>` and `by:tag:<tag>`.
+    pub fn list(&mut self, doc: &str, member: &str, score: i64) {
+        self.push(&["L", doc, member, &score.to_string()]);
     }
 
-    /// Removes `member` from sorted set `key`.
-    pub fn zrem(&mut self, key: &str, member: &str) {
-        self.push(&["X", key, member]);
+    /// Takes a listed document out of its indexes.
+    pub fn withdraw(&mut self, doc: &str, member: &str) {
+        self.push(&["W", doc, member]);
+    }
+
+    /// Like [`Writes::hash`] for a document that may be listed: it moves between indexes.
+    pub fn edit_listed(
+        &mut self,
+        doc: &str,
+        member: &str,
+        version: i64,
+        fields: &[(&str, String)],
+    ) {
+        let (version, count) = (version.to_string(), fields.len().to_string());
+        self.push(&["E", doc, member, &version, &count]);
+        for (field, value) in fields {
+            self.push(&[field, value]);
+        }
     }
 
     /// Sets string `key`.

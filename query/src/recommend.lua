@@ -1,6 +1,9 @@
 -- A user's recommendations from the recommender's Redis model (projector/src/recommend.rs):
--- the newest published articles they have not read, ranked by the sum of their affinity
--- to each article's category and tags, then newest publication, then highest id.
+-- published articles they have not read, ranked by the sum of their affinity to each
+-- article's category and tags (a tag named like the category counts once), then newest
+-- publication, then highest id; articles matching nothing follow, newest first.
+-- Reads only the newest `candidates` articles of each category and tag the user has an
+-- affinity to, and as many of the newest published ones.
 -- ARGV: root, user, limit, candidates, then (offset field, least next offset)*.
 -- Answers {'cold'}, {'behind'}, or {'ok', {id, score, {reason}*}*} (raw scores, relative to
 -- the model's epoch; reasons by weight, highest first).
@@ -13,35 +16,42 @@ for i = 5, #ARGV, 2 do
     return { 'behind' }
   end
 end
-local affinity = {}
+local read = {}
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'read:' .. user)) do read[id] = true end
+local affinities = {}
 local flat = redis.call('HGETALL', prefix .. 'aff:' .. user)
-for i = 1, #flat, 2 do affinity[flat[i]] = tonumber(flat[i + 1]) end
-local read = prefix .. 'read:' .. user
-local candidates = redis.call('ZREVRANGE', prefix .. 'published', 0, pool - 1, 'WITHSCORES')
-local scored = {}
-for i = 1, #candidates, 2 do
-  local id = candidates[i]
-  if redis.call('SISMEMBER', read, id) == 0 then
-    local article = redis.call('HMGET', prefix .. 'art:' .. id, 'category', 'tags')
-    local score, reasons, seen = 0, {}, {}
-    local function add(name, weight)
-      if weight and not seen[name] then
-        seen[name] = true
-        score = score + weight
-        reasons[#reasons + 1] = { name = name, weight = weight }
+for i = 1, #flat, 2 do affinities[#affinities + 1] = { key = flat[i], weight = tonumber(flat[i + 1]) } end
+-- Categories ('cat:') before tags ('tag:').
+table.sort(affinities, function(a, b) return a.key < b.key end)
+local found, scored = {}, {}
+for _, a in ipairs(affinities) do
+  local name = string.sub(a.key, 5)
+  local ids = redis.call('ZREVRANGE', prefix .. 'by:' .. a.key, 0, pool - 1, 'WITHSCORES')
+  for i = 1, #ids, 2 do
+    local id = ids[i]
+    if not read[id] then
+      local f = found[id]
+      if not f then
+        f = { id = id, score = 0, published = tonumber(ids[i + 1]), reasons = {}, seen = {} }
+        found[id] = f
+        scored[#scored + 1] = f
+      end
+      if not f.seen[name] then
+        f.seen[name] = true
+        f.score = f.score + a.weight
+        f.reasons[#f.reasons + 1] = { name = name, weight = a.weight }
       end
     end
-    if article[1] then add(article[1], affinity['cat:' .. article[1]]) end
-    if article[2] then
-      for _, tag in ipairs(cjson.decode(article[2])) do add(tag, affinity['tag:' .. tag]) end
-    end
-    table.sort(reasons, function(a, b)
-      if a.weight ~= b.weight then return a.weight > b.weight end
-      return a.name < b.name
-    end)
-    local names = {}
-    for _, r in ipairs(reasons) do names[#names + 1] = r.name end
-    scored[#scored + 1] = { id = id, score = score, published = tonumber(candidates[i + 1]), reasons = names }
+  end
+end
+local recent = redis.call('ZREVRANGE', prefix .. 'published', 0, pool - 1, 'WITHSCORES')
+local fillers = 0
+for i = 1, #recent, 2 do
+  if fillers >= limit then break end
+  local id = recent[i]
+  if not read[id] and not found[id] then
+    scored[#scored + 1] = { id = id, score = 0, published = tonumber(recent[i + 1]), reasons = {} }
+    fillers = fillers + 1
   end
 end
 table.sort(scored, function(a, b)
@@ -52,6 +62,12 @@ end)
 local items = {}
 for n = 1, math.min(limit, #scored) do
   local s = scored[n]
-  items[#items + 1] = { s.id, string.format('%.17g', s.score), s.reasons }
+  table.sort(s.reasons, function(a, b)
+    if a.weight ~= b.weight then return a.weight > b.weight end
+    return a.name < b.name
+  end)
+  local names = {}
+  for _, r in ipairs(s.reasons) do names[#names + 1] = r.name end
+  items[#items + 1] = { s.id, string.format('%.17g', s.score), names }
 end
 return { 'ok', items }

@@ -536,10 +536,23 @@ impl TestApp {
                 .query_async(&mut redis)
                 .await?;
             let prefix = format!("{root}:v{}:", active.unwrap_or_default());
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}*"))
-                .query_async(&mut redis)
-                .await?;
+            let mut keys = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut redis)
+                    .await?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
             for key in keys {
                 let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
                 let value: Vec<String> = match kind.as_str() {
