@@ -77,23 +77,28 @@ pub async fn build(
             .app_data(tokens.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
-            .route("/v1/users/{id}", web::get().to(routes::users::get))
-            .route(
-                "/v1/users/{id}/history",
-                web::get().to(routes::users::history),
+            // Scopes with static prefixes first: a request is matched against the few
+            // patterns of its scope only (actix matches dynamic segments with a regex).
+            .service(
+                web::scope("/v1/news")
+                    .route("", web::get().to(routes::news::list))
+                    // Before /{id}, which would take "trending" for an id.
+                    .route("/trending", web::get().to(routes::news::trending))
+                    .route("/{id}", web::get().to(routes::news::get)),
             )
-            .route(
-                "/v1/users/{id}/recommendations",
-                web::get().to(routes::users::recommendations),
+            .service(
+                web::scope("/v1/users/{id}")
+                    .route("", web::get().to(routes::users::get))
+                    .route("/history", web::get().to(routes::users::history))
+                    .route(
+                        "/recommendations",
+                        web::get().to(routes::users::recommendations),
+                    )
+                    .route(
+                        "/notifications",
+                        web::get().to(routes::users::notifications),
+                    ),
             )
-            .route(
-                "/v1/users/{id}/notifications",
-                web::get().to(routes::users::notifications),
-            )
-            .route("/v1/news", web::get().to(routes::news::list))
-            // Before /v1/news/{id}, which would take "trending" for an id.
-            .route("/v1/news/trending", web::get().to(routes::news::trending))
-            .route("/v1/news/{id}", web::get().to(routes::news::get))
             .default_service(web::to(http::not_found))
     })
     .listen(listener)
