@@ -122,6 +122,23 @@ impl Deployment {
         let running = newsroom::start(&settings, roles).await?;
         let url =
             |a: Option<std::net::SocketAddr>| a.map(|a| format!("http://{a}")).unwrap_or_default();
+        // Ready means the command API owns its partitions and the query API its stores.
+        let http = reqwest::Client::new();
+        for base in [url(running.command_addr), url(running.query_addr)] {
+            if base.is_empty() {
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !http
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                anyhow::ensure!(Instant::now() < deadline, "{base} never became ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(Deployment {
             command: url(running.command_addr),
             query: url(running.query_addr),
@@ -286,6 +303,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bench: create news: {:.0}/s", create.per_second);
     let ids: Arc<Vec<Uuid>> =
         Arc::new(ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone());
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "no article was created ({} errors): is the command API healthy?",
+        create.errors
+    );
 
     let edit = {
         let (http, url, admin, ids) = (
@@ -341,6 +363,11 @@ async fn main() -> anyhow::Result<()> {
         edit.per_second, publish.per_second
     );
     let published = (publish.ok as usize).min(ids.len());
+    anyhow::ensure!(
+        published > 0,
+        "no article was published ({} errors)",
+        publish.errors
+    );
 
     // 2. Visibility lag at a fixed command rate: from the command's 2xx to the query API
     // answering with the write (a GET that names the command's consistency token). At the
