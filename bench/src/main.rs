@@ -211,6 +211,15 @@ async fn expect(
     Ok(response)
 }
 
+/// Sends `request`, expects 200 and reads the whole body.
+async fn read_ok(request: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    expect(request.send().await?, StatusCode::OK)
+        .await?
+        .bytes()
+        .await?;
+    Ok(())
+}
+
 fn article(i: usize) -> Value {
     let category = ["famous", "politics", "sports"][i % 3];
     json!({
@@ -403,14 +412,7 @@ async fn main() -> anyhow::Result<()> {
         let (http, url) = (http.clone(), bare.url.clone());
         load::closed(args.clients, phase, None, move |_| {
             let request = http.get(format!("{url}/article"));
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await?
-                    .bytes()
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            read_ok(request)
         })
         .await
     };
@@ -424,14 +426,7 @@ async fn main() -> anyhow::Result<()> {
         let (http, url, ids) = (http.clone(), system.query.clone(), ids.clone());
         load::closed(args.clients, phase, None, move |i| {
             let request = http.get(format!("{url}/v1/news/{}", ids[i % published.max(1)]));
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await?
-                    .bytes()
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            read_ok(request)
         })
         .await
     };
@@ -462,14 +457,7 @@ async fn main() -> anyhow::Result<()> {
         load::closed(args.clients, phase, None, move |i| {
             let category = ["famous", "politics", "sports"][i % 3];
             let request = http.get(format!("{url}/v1/news?category={category}&limit=20"));
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await?
-                    .bytes()
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            read_ok(request)
         })
         .await
     };
@@ -509,14 +497,7 @@ async fn main() -> anyhow::Result<()> {
                     "{url}/v1/users/{reader_id}/recommendations?limit=20"
                 ))
                 .bearer_auth(reader.as_str());
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await?
-                    .bytes()
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            read_ok(request)
         })
         .await
     };

@@ -7,7 +7,6 @@
 --   T key member expire_at                        sorted-set member + 1, key expiring then
 --   F key field amount                            hash field + amount (float)
 --   S key member                                  set add
---   V key value | D key                           string set | delete
 --   L doc member score | W doc member             list | withdraw a document in its indexes
 --   E doc member version nfields (field value)*   H for a listed document, reindexed
 local root, version, mode, caught_up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -104,12 +103,6 @@ while i <= #ARGV do
   elseif op == 'S' then
     redis.call('SADD', key, ARGV[i + 2])
     i = i + 3
-  elseif op == 'V' then
-    redis.call('SET', key, ARGV[i + 2])
-    i = i + 3
-  elseif op == 'D' then
-    redis.call('DEL', key)
-    i = i + 2
   else
     return redis.error_reply('unknown write ' .. tostring(op))
   end

@@ -89,16 +89,6 @@ impl Writes {
             self.push(&[field, value]);
         }
     }
-
-    /// Sets string `key`.
-    pub fn set(&mut self, key: &str, value: &str) {
-        self.push(&["V", key, value]);
-    }
-
-    /// Deletes `key`.
-    pub fn delete(&mut self, key: &str) {
-        self.push(&["D", key]);
-    }
 }
 
 /// A read model kept in Redis.

@@ -611,6 +611,23 @@ impl TestApp {
     }
 }
 
+/// Polls `check` every 100 ms until it says true; fails after `timeout` naming `what`.
+pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// A `newsroom <role>` child process with a test app's settings, killed when dropped.
 pub struct ChildRole(std::process::Child);
 

@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
-use newsroom_tests::{TestApp, TestUser, infra};
+use newsroom_tests::{TestApp, TestUser, infra, until};
 use reqwest::{Method, StatusCode as S};
 use serde_json::{Value, json};
+
+/// How long a test waits for what happens asynchronously.
+const WAIT: Duration = Duration::from_secs(20);
 
 async fn get(app: &TestApp, path: &str, consistency: Option<&str>) -> anyhow::Result<(S, Value)> {
     let mut request = app.http.get(format!("{}{path}", app.query_url));
@@ -82,22 +85,6 @@ async fn readiness(app: &TestApp) -> anyhow::Result<(S, String)> {
     ))
 }
 
-async fn until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await? {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_again_once_back()
 -> anyhow::Result<()> {
@@ -119,7 +106,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         }
     }
     // Wait until Redis holds every read, then keep what it answers.
-    until("the reads in the trending list", || async {
+    until("the reads in the trending list", WAIT, || async {
         let (_, list) = get(&app, "/v1/news/trending", None).await?;
         let reads: Vec<i64> = list["items"]
             .as_array()
@@ -152,7 +139,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
 
     infra(&["down", "redis"])?;
     let result = async {
-        until("readiness to report Redis", || async {
+        until("readiness to report Redis", WAIT, || async {
             Ok(readiness(&app).await? == (S::OK, "degraded".to_owned()))
         })
         .await?;
@@ -174,13 +161,14 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
     infra(&["up", "redis"])?;
     let d = result?;
 
-    until("readiness without Redis", || async {
+    until("readiness without Redis", WAIT, || async {
         Ok(readiness(&app).await? == (S::OK, "ready".to_owned()))
     })
     .await?;
     // Redis catches up with what happened while it was down, and serves again.
     until(
         "Redis to serve the article published while it was down",
+        WAIT,
         || async {
             let before = answers(&app, "article", "redis").await?;
             let (status, _) = get(&app, &format!("/v1/news/{d}"), None).await?;
@@ -206,7 +194,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         (S::OK, &from_redis[0]),
         "answered while Redis is empty"
     );
-    until("Redis to be rebuilt", || async {
+    until("Redis to be rebuilt", WAIT, || async {
         let before = answers(&app, "trending", "redis").await?;
         let (_, list) = get(&app, &paths[2], None).await?;
         Ok(list == from_redis[2] && answers(&app, "trending", "redis").await? > before)

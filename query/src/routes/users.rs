@@ -86,24 +86,14 @@ pub async fn history(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     use crate::routes::news::{Page, decode_cursor, encode_cursor, limit, unavailable};
-    let actor = caller.required()?;
-    if actor.id != *id && !actor.is_admin() {
-        return Err(ApiError::Forbidden);
-    }
+    self_or_admin(&caller, *id)?;
     crate::consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
     let limit = limit(&params)?;
     let after = params
         .get("cursor")
         .map(|c| decode_cursor("h1", c))
         .transpose()?;
-    let exists: Option<(bool,)> = sqlx::query_as("SELECT erased FROM users WHERE id = $1")
-        .bind(*id)
-        .fetch_optional(&state.pool)
-        .await
-        .map_err(unavailable)?;
-    if !matches!(exists, Some((false,))) {
-        return Err(ApiError::NotFound);
-    }
+    existing(&state, *id).await?;
     let rows: Vec<HistoryItem> = sqlx::query_as(
         "SELECT h.news_id, n.title, h.read_at, h.event_id FROM reading_history h JOIN news n ON n.id = h.news_id \
          WHERE h.user_id = $1 AND ($2::timestamptz IS NULL OR (h.read_at, h.event_id) < ($2, $3)) \
@@ -126,6 +116,15 @@ pub async fn history(
         })
         .flatten();
     Ok(HttpResponse::Ok().json(Page { items, next_cursor }))
+}
+
+/// User resources are for the user themselves and admins.
+fn self_or_admin(caller: &Caller, id: Uuid) -> Result<(), ApiError> {
+    let actor = caller.required()?;
+    if actor.id != id && !actor.is_admin() {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(())
 }
 
 /// 404 unless `id` is a user who was not erased.
@@ -171,10 +170,7 @@ pub async fn recommendations(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     use crate::routes::news::{NewsRow, limit, unavailable};
-    let actor = caller.required()?;
-    if actor.id != *id && !actor.is_admin() {
-        return Err(ApiError::Forbidden);
-    }
+    self_or_admin(&caller, *id)?;
     let limit = limit(&params)?;
     let wanted = crate::consistency::wanted(&req, &state.topic_prefix)?;
     existing(&state, *id).await?;
@@ -274,10 +270,7 @@ pub async fn notifications(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     use crate::routes::news::{decode_cursor, encode_cursor, limit, unavailable};
-    let actor = caller.required()?;
-    if actor.id != *id && !actor.is_admin() {
-        return Err(ApiError::Forbidden);
-    }
+    self_or_admin(&caller, *id)?;
     let limit = limit(&params)?;
     let after = params
         .get("cursor")

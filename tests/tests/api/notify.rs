@@ -3,13 +3,16 @@
 
 use std::time::Duration;
 
-use newsroom_tests::{TestApp, TestUser, mails_to};
+use newsroom_tests::{TestApp, TestUser, mails_to, until};
 use reqwest::Method;
 use reqwest::StatusCode as S;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::queries::query;
+
+/// How long a test waits for what happens asynchronously.
+const WAIT: Duration = Duration::from_secs(30);
 
 type TestResult = anyhow::Result<()>;
 
@@ -93,23 +96,6 @@ async fn inbox(app: &TestApp, user: &TestUser, consistency: Option<&str>) -> any
     Ok(body)
 }
 
-/// Waits until `check` holds (or fails after 30 s).
-async fn until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await? {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn recommendations_rank_unread_articles_by_the_tags_and_category_a_reader_reads() -> TestResult
 {
@@ -150,7 +136,7 @@ async fn recommendations_rank_unread_articles_by_the_tags_and_category_a_reader_
         assert_eq!(response.status(), S::OK);
     }
     // Reads are recorded asynchronously: wait until the three show.
-    until("the reads to reach the recommender", || async {
+    until("the reads to reach the recommender", WAIT, || async {
         let items = recommendations(&app, &reader, None).await?;
         Ok(items
             .first()
@@ -252,7 +238,7 @@ async fn a_follower_gets_one_inbox_entry_and_one_email_per_article_of_their_cate
     assert_eq!(items[0]["title"], title.as_str());
     assert_eq!(items[0]["category"], "politics");
     assert_eq!(body["unread_count"], 1);
-    until("the e-mail", || async {
+    until("the e-mail", WAIT, || async {
         Ok(mails_to(&follower.email)?.len() == 1)
     })
     .await?;
@@ -430,7 +416,7 @@ async fn a_notifier_killed_ten_times_while_articles_are_published_leaves_one_ent
         published.len()
     );
     for user in &followers {
-        until("every notification", || async {
+        until("every notification", WAIT, || async {
             let body = inbox(&app, user, None).await?;
             Ok(body["items"].as_array().map(Vec::len) == Some(published.len().min(100)))
         })
@@ -448,7 +434,7 @@ async fn a_notifier_killed_ten_times_while_articles_are_published_leaves_one_ent
         assert_eq!(got, published, "one entry per article");
     }
     // Every e-mail goes out once the last notifier runs.
-    until("every e-mail", || async {
+    until("every e-mail", WAIT, || async {
         let (pending,): (i64,) =
             sqlx::query_as("SELECT count(*) FROM email_outbox WHERE sent_at IS NULL")
                 .fetch_one(&pool)
