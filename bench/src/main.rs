@@ -46,8 +46,25 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench-results.json")]
     out: std::path::PathBuf,
+    /// Run only these phases (comma-separated; default: all). `lag` and `queries` create
+    /// and publish the articles they need; handy under a profiler.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Phase>,
     #[command(flatten)]
     settings: Settings,
+}
+
+/// The parts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    /// Register, create, edit, publish.
+    Commands,
+    /// Command → query visibility lag.
+    Lag,
+    /// GET article, list, recommendations and their baselines.
+    Queries,
+    /// Produce, project and replay a backlog, with the produce and INSERT baselines.
+    Backlog,
 }
 
 /// One line of the report.
@@ -247,228 +264,241 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut figures: Vec<Figure> = Vec::new();
     let http = client(args.clients)?;
+    let wants = |phase: Phase| args.only.is_empty() || args.only.contains(&phase);
+    let mut create_stats = None;
 
-    eprintln!("bench: starting a deployment (all roles in this process)");
-    let system = Deployment::start(&args.settings, Roles::ALL).await?;
-    let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
-    let admin = Arc::new(system.token(&http, &admin_email, ADMIN_PASSWORD).await?);
-    let run = Uuid::now_v7().simple().to_string();
+    if wants(Phase::Commands) || wants(Phase::Lag) || wants(Phase::Queries) {
+        eprintln!("bench: starting a deployment (all roles in this process)");
+        let system = Deployment::start(&args.settings, Roles::ALL).await?;
+        let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
+        let admin = Arc::new(system.token(&http, &admin_email, ADMIN_PASSWORD).await?);
+        let run = Uuid::now_v7().simple().to_string();
 
-    // 1. Commands.
-    let hashing = &system.settings.hashing;
-    let register = {
-        let (http, url, run) = (http.clone(), system.command.clone(), run.clone());
-        load::closed(args.clients.min(16), phase, None, move |i| {
+        // 1. Commands.
+        let hashing = &system.settings.hashing;
+        if wants(Phase::Commands) {
+            let register = {
+                let (http, url, run) = (http.clone(), system.command.clone(), run.clone());
+                load::closed(args.clients.min(16), phase, None, move |i| {
             let request = http.post(format!("{url}/v1/users")).json(&json!({
                 "name": format!("User {i}"), "email": format!("u{i}.{run}@bench.local"), "password": "correct horse battery"}));
             async move { expect(request.send().await?, StatusCode::CREATED).await.map(|_| ()) }
         })
         .await
-    };
-    let register_name = format!(
-        "register user (Argon2id {} KiB, t={}, p={})",
-        hashing.memory_kib, hashing.iterations, hashing.parallelism
-    );
-    figures.push(Figure::rate(
-        &register_name,
-        &register,
-        Some("bounded by hashing"),
-    ));
-    eprintln!("bench: {register_name}: {:.0}/s", register.per_second);
+            };
+            let register_name = format!(
+                "register user (Argon2id {} KiB, t={}, p={})",
+                hashing.memory_kib, hashing.iterations, hashing.parallelism
+            );
+            figures.push(Figure::rate(
+                &register_name,
+                &register,
+                Some("bounded by hashing"),
+            ));
+            eprintln!("bench: {register_name}: {:.0}/s", register.per_second);
+        }
 
-    let ids = Arc::new(Mutex::new(Vec::<Uuid>::new()));
-    let create = {
-        let (http, url, admin, ids) = (
-            http.clone(),
-            system.command.clone(),
-            admin.clone(),
-            ids.clone(),
+        let ids = Arc::new(Mutex::new(Vec::<Uuid>::new()));
+        let create = {
+            let (http, url, admin, ids) = (
+                http.clone(),
+                system.command.clone(),
+                admin.clone(),
+                ids.clone(),
+            );
+            load::closed(args.clients, phase, None, move |i| {
+                let request = http
+                    .post(format!("{url}/v1/news"))
+                    .bearer_auth(admin.as_str())
+                    .json(&article(i));
+                let ids = ids.clone();
+                async move {
+                    let created: Value = expect(request.send().await?, StatusCode::CREATED)
+                        .await?
+                        .json()
+                        .await?;
+                    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+                    ids.lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .push(id);
+                    Ok(())
+                }
+            })
+            .await
+        };
+        if wants(Phase::Commands) {
+            figures.push(Figure::rate(
+                "create news",
+                &create,
+                Some(">= 10,000/s, p99 <= 25 ms"),
+            ));
+        }
+        eprintln!("bench: create news: {:.0}/s", create.per_second);
+        let ids: Arc<Vec<Uuid>> =
+            Arc::new(ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone());
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "no article was created ({} errors): is the command API healthy?",
+            create.errors
         );
-        load::closed(args.clients, phase, None, move |i| {
-            let request = http
-                .post(format!("{url}/v1/news"))
-                .bearer_auth(admin.as_str())
-                .json(&article(i));
-            let ids = ids.clone();
-            async move {
-                let created: Value = expect(request.send().await?, StatusCode::CREATED)
-                    .await?
-                    .json()
-                    .await?;
-                let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
-                ids.lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                    .push(id);
-                Ok(())
-            }
-        })
-        .await
-    };
-    figures.push(Figure::rate(
-        "create news",
-        &create,
-        Some(">= 10,000/s, p99 <= 25 ms"),
-    ));
-    eprintln!("bench: create news: {:.0}/s", create.per_second);
-    let ids: Arc<Vec<Uuid>> =
-        Arc::new(ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone());
-    anyhow::ensure!(
-        !ids.is_empty(),
-        "no article was created ({} errors): is the command API healthy?",
-        create.errors
-    );
 
-    let edit = {
-        let (http, url, admin, ids) = (
-            http.clone(),
-            system.command.clone(),
-            admin.clone(),
-            ids.clone(),
+        if wants(Phase::Commands) {
+            let edit = {
+                let (http, url, admin, ids) = (
+                    http.clone(),
+                    system.command.clone(),
+                    admin.clone(),
+                    ids.clone(),
+                );
+                load::closed(args.clients, phase, Some(ids.len()), move |i| {
+                    let request = http
+                        .patch(format!("{url}/v1/news/{}", ids[i]))
+                        .bearer_auth(admin.as_str())
+                        .json(&json!({"title": format!("Benchmark article {i}, edited")}));
+                    async move {
+                        expect(request.send().await?, StatusCode::OK)
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await
+            };
+            figures.push(Figure::rate(
+                "edit news",
+                &edit,
+                Some(">= 10,000/s, p99 <= 25 ms"),
+            ));
+            eprintln!("bench: edit {:.0}/s", edit.per_second);
+        }
+        let publish = {
+            let (http, url, admin, ids) = (
+                http.clone(),
+                system.command.clone(),
+                admin.clone(),
+                ids.clone(),
+            );
+            load::closed(args.clients, phase, Some(ids.len()), move |i| {
+                let request = http
+                    .post(format!("{url}/v1/news/{}/publish", ids[i]))
+                    .bearer_auth(admin.as_str());
+                async move {
+                    expect(request.send().await?, StatusCode::OK)
+                        .await
+                        .map(|_| ())
+                }
+            })
+            .await
+        };
+        if wants(Phase::Commands) {
+            figures.push(Figure::rate(
+                "publish news",
+                &publish,
+                Some(">= 10,000/s, p99 <= 25 ms"),
+            ));
+        }
+        eprintln!("bench: publish {:.0}/s", publish.per_second);
+        let published = (publish.ok as usize).min(ids.len());
+        anyhow::ensure!(
+            published > 0,
+            "no article was published ({} errors)",
+            publish.errors
         );
-        load::closed(args.clients, phase, Some(ids.len()), move |i| {
-            let request = http
-                .patch(format!("{url}/v1/news/{}", ids[i]))
-                .bearer_auth(admin.as_str())
-                .json(&json!({"title": format!("Benchmark article {i}, edited")}));
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .await
-    };
-    figures.push(Figure::rate(
-        "edit news",
-        &edit,
-        Some(">= 10,000/s, p99 <= 25 ms"),
-    ));
-    let publish = {
-        let (http, url, admin, ids) = (
-            http.clone(),
-            system.command.clone(),
-            admin.clone(),
-            ids.clone(),
-        );
-        load::closed(args.clients, phase, Some(ids.len()), move |i| {
-            let request = http
-                .post(format!("{url}/v1/news/{}/publish", ids[i]))
-                .bearer_auth(admin.as_str());
-            async move {
-                expect(request.send().await?, StatusCode::OK)
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .await
-    };
-    figures.push(Figure::rate(
-        "publish news",
-        &publish,
-        Some(">= 10,000/s, p99 <= 25 ms"),
-    ));
-    eprintln!(
-        "bench: edit {:.0}/s, publish {:.0}/s",
-        edit.per_second, publish.per_second
-    );
-    let published = (publish.ok as usize).min(ids.len());
-    anyhow::ensure!(
-        published > 0,
-        "no article was published ({} errors)",
-        publish.errors
-    );
 
-    // 2. Visibility lag at a fixed command rate: from the command's 2xx to the query API
-    // answering with the write (a GET that names the command's consistency token). At the
-    // target rate, and at half the create rate just measured (a rate this deployment
-    // sustains: above its capacity the lag measures queues, not the pipeline).
-    let sustainable = ((create.per_second / 2.0) as u32).max(1);
-    for rate in [args.rate, sustainable] {
-        let lag = visibility_lag(&http, &system, &admin, rate, phase).await;
-        figures.push(Figure {
-            name: format!("visibility lag at {rate} commands/s (p99)"),
-            value: lag.p99_ms,
-            unit: "ms",
-            stats: Some(lag.clone()),
-            baseline: None,
-            ratio: None,
-            target: Some("p99 <= 50 ms at 5,000/s".into()),
-        });
-        eprintln!(
-            "bench: visibility lag at {rate}/s: p50 {:.1} ms p99 {:.1} ms",
-            lag.p50_ms, lag.p99_ms
-        );
-    }
+        // 2. Visibility lag at a fixed command rate: from the command's 2xx to the query API
+        // answering with the write (a GET that names the command's consistency token). At the
+        // target rate, and at half the create rate just measured (a rate this deployment
+        // sustains: above its capacity the lag measures queues, not the pipeline).
+        let sustainable = ((create.per_second / 2.0) as u32).max(1);
+        for rate in [args.rate, sustainable]
+            .into_iter()
+            .filter(|_| wants(Phase::Lag))
+        {
+            let lag = visibility_lag(&http, &system, &admin, rate, phase).await;
+            figures.push(Figure {
+                name: format!("visibility lag at {rate} commands/s (p99)"),
+                value: lag.p99_ms,
+                unit: "ms",
+                stats: Some(lag.clone()),
+                baseline: None,
+                ratio: None,
+                target: Some("p99 <= 50 ms at 5,000/s".into()),
+            });
+            eprintln!(
+                "bench: visibility lag at {rate}/s: p50 {:.1} ms p99 {:.1} ms",
+                lag.p50_ms, lag.p99_ms
+            );
+        }
 
-    // 5. Queries, beside a bare actix-web handler and Redis itself.
-    let sample: Value = http
-        .get(format!("{}/v1/news/{}", system.query, ids[0]))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let bare = baseline::bare_actix(sample.to_string()).await?;
-    let bare_stats = {
-        let (http, url) = (http.clone(), bare.url.clone());
-        load::closed(args.clients, phase, None, move |_| {
-            let request = http.get(format!("{url}/article"));
-            read_ok(request)
-        })
-        .await
-    };
-    let bare_figure = Figure::rate(
-        "baseline: bare actix-web handler (same JSON)",
-        &bare_stats,
-        None,
-    );
-    bare.stop().await;
-    let get_article = {
-        let (http, url, ids) = (http.clone(), system.query.clone(), ids.clone());
-        load::closed(args.clients, phase, None, move |i| {
-            let request = http.get(format!("{url}/v1/news/{}", ids[i % published.max(1)]));
-            read_ok(request)
-        })
-        .await
-    };
-    let redis_stats = baseline::redis_hgetall(
-        &system.settings,
-        &ids[..published.max(1)],
-        args.clients,
-        phase,
-    )
-    .await?;
-    let redis_figure = Figure::rate(
-        "baseline: Redis HGETALL of the cached article",
-        &redis_stats,
-        None,
-    );
-    figures.push(
-        Figure::rate(
-            "GET /v1/news/{id} (Redis)",
-            &get_article,
-            Some(">= 30,000/s, p99 <= 5 ms, >= 1/2 of baseline"),
-        )
-        .against(&bare_figure),
-    );
-    figures.push(bare_figure);
-    figures.push(redis_figure);
-    let list = {
-        let (http, url) = (http.clone(), system.query.clone());
-        load::closed(args.clients, phase, None, move |i| {
-            let category = ["famous", "politics", "sports"][i % 3];
-            let request = http.get(format!("{url}/v1/news?category={category}&limit=20"));
-            read_ok(request)
-        })
-        .await
-    };
-    figures.push(Figure::rate(
-        "GET /v1/news?category= (PostgreSQL)",
-        &list,
-        None,
-    ));
-    // A reader with history, for recommendations.
-    let reader_email = format!("reader.{run}@bench.local");
-    expect(
+        // 5. Queries, beside a bare actix-web handler and Redis itself.
+        if wants(Phase::Queries) {
+            let sample: Value = http
+                .get(format!("{}/v1/news/{}", system.query, ids[0]))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let bare = baseline::bare_actix(sample.to_string()).await?;
+            let bare_stats = {
+                let (http, url) = (http.clone(), bare.url.clone());
+                load::closed(args.clients, phase, None, move |_| {
+                    let request = http.get(format!("{url}/article"));
+                    read_ok(request)
+                })
+                .await
+            };
+            let bare_figure = Figure::rate(
+                "baseline: bare actix-web handler (same JSON)",
+                &bare_stats,
+                None,
+            );
+            bare.stop().await;
+            let get_article = {
+                let (http, url, ids) = (http.clone(), system.query.clone(), ids.clone());
+                load::closed(args.clients, phase, None, move |i| {
+                    let request = http.get(format!("{url}/v1/news/{}", ids[i % published.max(1)]));
+                    read_ok(request)
+                })
+                .await
+            };
+            let redis_stats = baseline::redis_hgetall(
+                &system.settings,
+                &ids[..published.max(1)],
+                args.clients,
+                phase,
+            )
+            .await?;
+            let redis_figure = Figure::rate(
+                "baseline: Redis HGETALL of the cached article",
+                &redis_stats,
+                None,
+            );
+            figures.push(
+                Figure::rate(
+                    "GET /v1/news/{id} (Redis)",
+                    &get_article,
+                    Some(">= 30,000/s, p99 <= 5 ms, >= 1/2 of baseline"),
+                )
+                .against(&bare_figure),
+            );
+            figures.push(bare_figure);
+            figures.push(redis_figure);
+            let list = {
+                let (http, url) = (http.clone(), system.query.clone());
+                load::closed(args.clients, phase, None, move |i| {
+                    let category = ["famous", "politics", "sports"][i % 3];
+                    let request = http.get(format!("{url}/v1/news?category={category}&limit=20"));
+                    read_ok(request)
+                })
+                .await
+            };
+            figures.push(Figure::rate(
+                "GET /v1/news?category= (PostgreSQL)",
+                &list,
+                None,
+            ));
+            // A reader with history, for recommendations.
+            let reader_email = format!("reader.{run}@bench.local");
+            expect(
         http.post(format!("{}/v1/users", system.command))
             .json(&json!({"name": "Reader", "email": reader_email, "password": "correct horse battery"}))
             .send()
@@ -476,109 +506,117 @@ async fn main() -> anyhow::Result<()> {
         StatusCode::CREATED,
     )
     .await?;
-    let reader = Arc::new(
-        system
-            .token(&http, &reader_email, "correct horse battery")
-            .await?,
-    );
-    let reader_id = subject(&reader)?;
-    for id in ids.iter().take(30.min(published)) {
-        http.get(format!("{}/v1/news/{id}", system.query))
-            .bearer_auth(reader.as_str())
-            .send()
-            .await?;
+            let reader = Arc::new(
+                system
+                    .token(&http, &reader_email, "correct horse battery")
+                    .await?,
+            );
+            let reader_id = subject(&reader)?;
+            for id in ids.iter().take(30.min(published)) {
+                http.get(format!("{}/v1/news/{id}", system.query))
+                    .bearer_auth(reader.as_str())
+                    .send()
+                    .await?;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let recommendations = {
+                let (http, url, reader) = (http.clone(), system.query.clone(), reader.clone());
+                load::closed(args.clients, phase, None, move |_| {
+                    let request = http
+                        .get(format!(
+                            "{url}/v1/users/{reader_id}/recommendations?limit=20"
+                        ))
+                        .bearer_auth(reader.as_str());
+                    read_ok(request)
+                })
+                .await
+            };
+            figures.push(Figure::rate(
+                "GET /v1/users/{id}/recommendations (Redis)",
+                &recommendations,
+                None,
+            ));
+            eprintln!(
+                "bench: GET article {:.0}/s, list {:.0}/s, recommendations {:.0}/s, bare {:.0}/s, Redis {:.0}/s",
+                get_article.per_second,
+                list.per_second,
+                recommendations.per_second,
+                bare_stats.per_second,
+                redis_stats.per_second
+            );
+        }
+        system.stop().await?;
+        create_stats = Some(create);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let recommendations = {
-        let (http, url, reader) = (http.clone(), system.query.clone(), reader.clone());
-        load::closed(args.clients, phase, None, move |_| {
-            let request = http
-                .get(format!(
-                    "{url}/v1/users/{reader_id}/recommendations?limit=20"
-                ))
-                .bearer_auth(reader.as_str());
-            read_ok(request)
-        })
-        .await
-    };
-    figures.push(Figure::rate(
-        "GET /v1/users/{id}/recommendations (Redis)",
-        &recommendations,
-        None,
-    ));
-    eprintln!(
-        "bench: GET article {:.0}/s, list {:.0}/s, recommendations {:.0}/s, bare {:.0}/s, Redis {:.0}/s",
-        get_article.per_second,
-        list.per_second,
-        recommendations.per_second,
-        bare_stats.per_second,
-        redis_stats.per_second
-    );
-    system.stop().await?;
 
-    // 3, 4 and 6: a backlog produced with rdkafka transactions (the raw produce baseline),
-    // projected and replayed; PostgreSQL batched inserts of the same rows beside them.
-    eprintln!("bench: producing a backlog of {} events", args.backlog);
-    let backlog = Deployment::start(&args.settings, Roles::NONE).await?;
-    let produced = baseline::produce_backlog(&backlog.settings, args.backlog).await?;
-    let produce_figure = Figure {
-        name: "baseline: transactional produce of the same Avro events (rdkafka)".into(),
-        value: produced.per_second,
-        unit: "/s",
-        stats: None,
-        baseline: None,
-        ratio: None,
-        target: None,
-    };
-    figures.push(
-        Figure::rate("create news", &create, None)
-            .against(&produce_figure)
-            .renamed("create news vs raw produce"),
-    );
-    figures.push(produce_figure);
-    let projection = baseline::project_backlog(&backlog.settings, args.backlog).await?;
-    let insert = baseline::postgres_inserts(&backlog.settings, args.backlog.min(200_000)).await?;
-    let insert_figure = Figure {
-        name: "baseline: batched INSERT of the same rows (PostgreSQL)".into(),
-        value: insert,
-        unit: "rows/s",
-        stats: None,
-        baseline: None,
-        ratio: None,
-        target: None,
-    };
-    for (name, rate) in &projection {
-        figures.push(
-            Figure {
-                name: format!("projection {name} on a backlog of {}", args.backlog),
-                value: *rate,
+    if wants(Phase::Backlog) {
+        // 3, 4 and 6: a backlog produced with rdkafka transactions (the raw produce baseline),
+        // projected and replayed; PostgreSQL batched inserts of the same rows beside them.
+        eprintln!("bench: producing a backlog of {} events", args.backlog);
+        let backlog = Deployment::start(&args.settings, Roles::NONE).await?;
+        let produced = baseline::produce_backlog(&backlog.settings, args.backlog).await?;
+        let produce_figure = Figure {
+            name: "baseline: transactional produce of the same Avro events (rdkafka)".into(),
+            value: produced.per_second,
+            unit: "/s",
+            stats: None,
+            baseline: None,
+            ratio: None,
+            target: None,
+        };
+        if let Some(create) = &create_stats {
+            figures.push(
+                Figure::rate("create news", create, None)
+                    .against(&produce_figure)
+                    .renamed("create news vs raw produce"),
+            );
+        }
+        figures.push(produce_figure);
+        let projection = baseline::project_backlog(&backlog.settings, args.backlog).await?;
+        let insert =
+            baseline::postgres_inserts(&backlog.settings, args.backlog.min(200_000)).await?;
+        let insert_figure = Figure {
+            name: "baseline: batched INSERT of the same rows (PostgreSQL)".into(),
+            value: insert,
+            unit: "rows/s",
+            stats: None,
+            baseline: None,
+            ratio: None,
+            target: None,
+        };
+        for (name, rate) in &projection {
+            figures.push(
+                Figure {
+                    name: format!("projection {name} on a backlog of {}", args.backlog),
+                    value: *rate,
+                    unit: "events/s",
+                    stats: None,
+                    baseline: None,
+                    ratio: None,
+                    target: Some(">= 50,000/s".into()),
+                }
+                .against(&insert_figure),
+            );
+        }
+        figures.push(insert_figure);
+        for name in ["news", "cache"] {
+            let report = newsroom::replay(&backlog.settings, name, true).await?;
+            figures.push(Figure {
+                name: format!(
+                    "replay {name}: {} events in {:.1} s",
+                    report.events,
+                    report.elapsed.as_secs_f64()
+                ),
+                value: report.rate(),
                 unit: "events/s",
                 stats: None,
                 baseline: None,
                 ratio: None,
-                target: Some(">= 50,000/s".into()),
-            }
-            .against(&insert_figure),
-        );
+                target: Some(">= 100,000/s".into()),
+            });
+        }
+        backlog.stop().await?;
     }
-    figures.push(insert_figure);
-    for name in ["news", "cache"] {
-        let report = newsroom::replay(&backlog.settings, name, true).await?;
-        figures.push(Figure {
-            name: format!(
-                "replay {name}: {} events in {:.1} s",
-                report.events,
-                report.elapsed.as_secs_f64()
-            ),
-            value: report.rate(),
-            unit: "events/s",
-            stats: None,
-            baseline: None,
-            ratio: None,
-            target: Some(">= 100,000/s".into()),
-        });
-    }
-    backlog.stop().await?;
 
     print_table(&figures);
     let report = json!({

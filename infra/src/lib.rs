@@ -13,6 +13,7 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod producer;
 pub mod redis;
 pub mod registry;
 pub mod settings;

@@ -2,9 +2,11 @@
 //! trending buckets, fed from the users, news and reads streams.
 //!
 //! Keys under the version's prefix (see [`crate::redis_store`]): `news:<id>` (hash of the
-//! article's fields and `version`), `name:<user>` (hash `name`, `version`), `reads:<news>`
-//! (counter) and `trending:<hour>` (sorted set of news ids by reads in the hour starting at
-//! that Unix time, expiring 25 hours after it).
+//! article's fields, `version`, and `author_name`, a copy of the author's name so that an
+//! article is read with one HGETALL), `name:<user>` (hash `name`, `version`),
+//! `authored:<user>` (set of the user's `news:<id>` keys, to copy a new name into),
+//! `reads:<news>` (counter) and `trending:<hour>` (sorted set of news ids by reads in the
+//! hour starting at that Unix time, expiring 25 hours after it).
 
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
@@ -45,23 +47,33 @@ impl Model for Cache {
             );
             let at = meta.occurred_at.to_string();
             match event {
-                NewsEvent::Drafted(e) => out.hash(
-                    &key,
-                    version,
-                    true,
-                    &[
-                        ("id", meta.aggregate_id.to_string()),
-                        ("category", e.category.as_str().to_owned()),
-                        ("title", e.title),
-                        ("content", e.content),
-                        ("tags", serde_json::to_string(&e.tags)?),
-                        ("author", e.author_id.to_string()),
-                        ("status", "draft".to_owned()),
-                        ("created", at.clone()),
-                        ("updated", at),
-                        ("published", String::new()),
-                    ],
-                ),
+                NewsEvent::Drafted(e) => {
+                    let author = e.author_id;
+                    out.hash(
+                        &key,
+                        version,
+                        true,
+                        &[
+                            ("id", meta.aggregate_id.to_string()),
+                            ("category", e.category.as_str().to_owned()),
+                            ("title", e.title),
+                            ("content", e.content),
+                            ("tags", serde_json::to_string(&e.tags)?),
+                            ("author", author.to_string()),
+                            ("status", "draft".to_owned()),
+                            ("created", at.clone()),
+                            ("updated", at),
+                            ("published", String::new()),
+                        ],
+                    );
+                    out.join(
+                        &key,
+                        "author_name",
+                        &format!("name:{author}"),
+                        "name",
+                        &format!("authored:{author}"),
+                    );
+                }
                 NewsEvent::Edited(e) => {
                     let mut fields = vec![("updated", at)];
                     if let Some(c) = e.category {
@@ -126,12 +138,9 @@ impl Model for Cache {
                 _ => (None, false),
             };
             if create || name.is_some() {
-                out.hash(
-                    &format!("name:{id}"),
-                    version,
-                    create,
-                    &[("name", name.unwrap_or_default())],
-                );
+                let key = format!("name:{id}");
+                out.hash(&key, version, create, &[("name", name.unwrap_or_default())]);
+                out.propagate(&key, "name", "author_name", &format!("authored:{id}"));
             }
         } else {
             let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;

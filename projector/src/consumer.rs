@@ -17,11 +17,11 @@ use newsroom_events::wire;
 use newsroom_infra::codec::{self, Decoded};
 use newsroom_infra::kafka::{best_effort_producer, dead_letter_topic, read_committed_consumer};
 use newsroom_infra::metrics::{CONSUMER_EVENTS, PROJECTION_LAG_EVENTS, PROJECTION_LAG_MS};
+use newsroom_infra::producer::Producer;
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -176,8 +176,7 @@ pub async fn run<S: Store>(
     progress: watch::Sender<Progress>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = best_effort_producer(&context.kafka)
-        .create()
+    let producer = Producer::new(&best_effort_producer(&context.kafka))
         .context("creating the dead-letter producer")?;
     let label = match mode {
         Mode::Live => store.name().to_owned(),
@@ -212,7 +211,7 @@ struct Session<'a, S> {
     store: &'a S,
     mode: Mode,
     context: &'a Context,
-    producer: &'a FutureProducer,
+    producer: &'a Producer,
     progress: &'a watch::Sender<Progress>,
     label: &'a str,
 }

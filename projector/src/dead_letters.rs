@@ -8,11 +8,10 @@
 //! nothing else ever writes its read model.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use anyhow::Context as _;
+use newsroom_infra::producer::{self, Producer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 
 use crate::consumer::Record;
@@ -38,7 +37,7 @@ pub struct Parking {
     pool: PgPool,
     consumer: &'static str,
     version: i32,
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
 }
 
@@ -48,7 +47,7 @@ impl Parking {
         pool: PgPool,
         consumer: &'static str,
         version: i32,
-        producer: FutureProducer,
+        producer: Producer,
         topic: String,
     ) -> Self {
         Parking {
@@ -133,17 +132,18 @@ impl Parking {
                 key: "newsroom.offset",
                 value: Some(&offset),
             });
-        let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-        if let Some(key) = &record.key {
-            out = out.key(key.as_slice());
-        }
-        if let Some(payload) = &record.payload {
-            out = out.payload(payload.as_slice());
-        }
+        let out = producer::Record {
+            topic: &self.topic,
+            partition: None,
+            key: record.key.as_deref(),
+            payload: record.payload.as_deref(),
+            headers: Some(headers),
+        };
         self.producer
-            .send(out, Duration::from_secs(10))
+            .send(out)
+            .map_err(|e| anyhow::anyhow!("writing to the dead-letter topic: {e}"))?
             .await
-            .map_err(|(e, _)| anyhow::anyhow!("writing to the dead-letter topic: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("writing to the dead-letter topic: {e}"))?;
         Ok(())
     }
 

@@ -9,6 +9,9 @@
 --   S key member                                  set add
 --   L doc member score | W doc member             list | withdraw a document in its indexes
 --   E doc member version nfields (field value)*   H for a listed document, reindexed
+--   J doc field from from_field members           doc joins set members; its field copies
+--                                                 from's from_field (if doc exists)
+--   P from from_field field members               every member copies from's from_field
 local root, version, mode, caught_up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local activate = false
 if mode == 'live' then
@@ -87,6 +90,20 @@ while i <= #ARGV do
       if listed then list(key, member, listed) end
     end
     i = i + 5 + 2 * nf
+  elseif op == 'J' then
+    redis.call('SADD', prefix .. ARGV[i + 5], ARGV[i + 1])
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HSET', key, ARGV[i + 2], redis.call('HGET', prefix .. ARGV[i + 3], ARGV[i + 4]) or '')
+    end
+    i = i + 6
+  elseif op == 'P' then
+    local value = redis.call('HGET', key, ARGV[i + 2]) or ''
+    for _, doc in ipairs(redis.call('SMEMBERS', prefix .. ARGV[i + 4])) do
+      if redis.call('EXISTS', prefix .. doc) == 1 then
+        redis.call('HSET', prefix .. doc, ARGV[i + 3], value)
+      end
+    end
+    i = i + 5
   elseif op == 'I' then
     redis.call('INCR', key)
     i = i + 2

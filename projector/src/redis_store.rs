@@ -43,6 +43,17 @@ impl Writes {
         }
     }
 
+    /// Document `doc` joins set `members`, and its `field` copies `from_field` of hash
+    /// `from` (a value denormalised for readers; [`Writes::propagate`] keeps it in step).
+    pub fn join(&mut self, doc: &str, field: &str, from: &str, from_field: &str, members: &str) {
+        self.push(&["J", doc, field, from, from_field, members]);
+    }
+
+    /// Every document of set `members` copies `from_field` of hash `from` into its `field`.
+    pub fn propagate(&mut self, from: &str, from_field: &str, field: &str, members: &str) {
+        self.push(&["P", from, from_field, field, members]);
+    }
+
     /// Adds one to counter `key`.
     pub fn incr(&mut self, key: &str) {
         self.push(&["I", key]);

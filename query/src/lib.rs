@@ -49,10 +49,10 @@ pub async fn build(
         topic_prefix: settings.kafka.topic_prefix.clone(),
         reads: reads::Reads::start(&settings.kafka, registry)?,
         cache: cache::Cache::new(
-            newsroom_infra::redis::connect(&settings.redis)?,
+            &settings.redis,
             newsroom_infra::redis::root(&settings.kafka, "cache"),
             newsroom_infra::redis::root(&settings.kafka, "recommend"),
-        ),
+        )?,
         recommend: settings.recommend.clone(),
     });
     let tokens = web::Data::new(tokens);

@@ -11,11 +11,12 @@ use newsroom_events::metadata::micros;
 use newsroom_events::reads::{NewsRead, ReadEvent};
 use newsroom_infra::kafka::{Stream, best_effort_producer};
 use newsroom_infra::metrics::READS;
+use newsroom_infra::producer::Polled;
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::ClientContext;
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ProducerContext};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -59,8 +60,7 @@ pub struct Reads {
 impl Reads {
     /// Starts the producing task.
     pub fn start(kafka: &KafkaSettings, registry: Registry) -> anyhow::Result<Reads> {
-        let producer: ThreadedProducer<Outcomes> =
-            best_effort_producer(kafka).create_with_context(Outcomes)?;
+        let producer = Polled::create(&best_effort_producer(kafka), Outcomes)?;
         let topic = Stream::Reads.topic(kafka);
         let (buffer, mut reads) = mpsc::channel::<Read>(BUFFER);
         tokio::spawn(async move {

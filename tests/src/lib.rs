@@ -261,6 +261,25 @@ impl TestApp {
         Ok(row.and_then(|(k,)| newsroom_events::personal::UserKey::from_slice(&k)))
     }
 
+    /// How many answers of `endpoint` the query API gave from `store` (`redis`,
+    /// `postgres`), from its metrics.
+    pub async fn query_answers(&self, endpoint: &str, store: &str) -> anyhow::Result<u64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.query_url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let needle =
+            format!("newsroom_query_answers_total{{endpoint=\"{endpoint}\",store=\"{store}\"}} ");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Sends a command: `method` on `path` of the command API, with an optional bearer
     /// token, JSON body and `If-Match` version; the status and the JSON body (null if none).
     pub async fn command(

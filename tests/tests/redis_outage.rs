@@ -53,24 +53,6 @@ async fn publish(
     Ok((id, token))
 }
 
-/// How many answers of `endpoint` came from `store`, from the query API's metrics.
-async fn answers(app: &TestApp, endpoint: &str, store: &str) -> anyhow::Result<u64> {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.query_url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let needle =
-        format!("newsroom_query_answers_total{{endpoint=\"{endpoint}\",store=\"{store}\"}} ");
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
-}
-
 async fn readiness(app: &TestApp) -> anyhow::Result<(S, String)> {
     let response = app
         .http
@@ -123,7 +105,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         "/v1/news/trending".to_owned(),
         "/v1/news/trending?category=sports".to_owned(),
     ];
-    let redis_before = answers(&app, "article", "redis").await?;
+    let redis_before = app.query_answers("article", "redis").await?;
     let mut from_redis = Vec::new();
     for path in &paths {
         let (status, body) = get(&app, path, None).await?;
@@ -131,7 +113,7 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         from_redis.push(body);
     }
     assert!(
-        answers(&app, "article", "redis").await? >= redis_before + 2,
+        app.query_answers("article", "redis").await? >= redis_before + 2,
         "Redis served the articles"
     );
     assert_eq!(from_redis[0]["read_count"], 3);
@@ -143,13 +125,13 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
             Ok(readiness(&app).await? == (S::OK, "degraded".to_owned()))
         })
         .await?;
-        let postgres_before = answers(&app, "article", "postgres").await?;
+        let postgres_before = app.query_answers("article", "postgres").await?;
         for (path, expected) in paths.iter().zip(&from_redis) {
             let (status, body) = get(&app, path, None).await?;
             assert_eq!(status, S::OK, "{path} without Redis");
             assert_eq!(&body, expected, "{path} from PostgreSQL equals Redis");
         }
-        assert!(answers(&app, "article", "postgres").await? >= postgres_before + 2);
+        assert!(app.query_answers("article", "postgres").await? >= postgres_before + 2);
         // Writes and read-your-writes go on.
         let (d, token) = publish(&app, &editor, "famous").await?;
         let (status, body) = get(&app, &format!("/v1/news/{d}"), Some(&token)).await?;
@@ -170,9 +152,9 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         "Redis to serve the article published while it was down",
         WAIT,
         || async {
-            let before = answers(&app, "article", "redis").await?;
+            let before = app.query_answers("article", "redis").await?;
             let (status, _) = get(&app, &format!("/v1/news/{d}"), None).await?;
-            Ok(status == S::OK && answers(&app, "article", "redis").await? > before)
+            Ok(status == S::OK && app.query_answers("article", "redis").await? > before)
         },
     )
     .await?;
@@ -195,9 +177,9 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         "answered while Redis is empty"
     );
     until("Redis to be rebuilt", WAIT, || async {
-        let before = answers(&app, "trending", "redis").await?;
+        let before = app.query_answers("trending", "redis").await?;
         let (_, list) = get(&app, &paths[2], None).await?;
-        Ok(list == from_redis[2] && answers(&app, "trending", "redis").await? > before)
+        Ok(list == from_redis[2] && app.query_answers("trending", "redis").await? > before)
     })
     .await?;
     app.stop().await

@@ -11,9 +11,10 @@ use newsroom_events::consistency::Position;
 use newsroom_events::metadata::micros;
 use newsroom_infra::kafka::transactional_producer;
 use newsroom_infra::metrics::APPENDS;
+use newsroom_infra::producer::{self, Record};
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::Producer as _;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -29,7 +30,7 @@ const QUEUE: usize = 4096;
 /// Pause between attempts to reach Kafka again.
 const RECOVERY_PAUSE: Duration = Duration::from_millis(250);
 
-type Producer = FutureProducer<WriterContext>;
+type Producer = producer::Producer<WriterContext>;
 
 /// Notices when librdkafka finds every broker down, so that writes fail fast.
 pub struct WriterContext {
@@ -136,8 +137,7 @@ async fn connect<A: Aggregate>(shared: &Shared, partition: i32) -> anyhow::Resul
         connected: connected.clone(),
         kafka_up: shared.kafka_up.clone(),
     };
-    let producer: Producer =
-        transactional_producer(&shared.kafka, &id).create_with_context(context)?;
+    let producer = Producer::with_context(&transactional_producer(&shared.kafka, &id), context)?;
     let timeout = shared.kafka.timeout();
     let init = producer.clone();
     tokio::task::spawn_blocking(move || init.init_transactions(timeout)).await??;
@@ -502,21 +502,23 @@ fn commit(
     producer.begin_transaction().map_err(abort)?;
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, payload) in records {
-        let record = FutureRecord::to(topic)
-            .partition(partition)
-            .key(key.as_bytes().as_slice())
-            .payload(payload);
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| abort(e))?);
+        let record = Record {
+            topic,
+            partition: Some(partition),
+            key: Some(key.as_bytes().as_slice()),
+            payload: Some(payload),
+            headers: None,
+        };
+        deliveries.push(producer.send(record).map_err(abort)?);
     }
     // Wait for the acknowledgements first: with nothing left in flight, the flush inside
     // commit_transaction returns at once (otherwise rust-rdkafka's flush polls the event
-    // queue that its own polling thread drains, and waits 100 ms for nothing).
+    // queue that the polling thread drains, and waits 100 ms for nothing).
     let mut offsets = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match futures::executor::block_on(delivery) {
-            Ok(Ok(delivered)) => offsets.push(delivered.offset),
-            Ok(Err((error, _))) => return Err(abort(error)),
-            Err(_) => return Err(abort(KafkaError::Canceled)),
+            Ok((_, offset)) => offsets.push(offset),
+            Err(error) => return Err(abort(error)),
         }
     }
     // The delivery counter can lag the reports by a moment; settle it with short flushes

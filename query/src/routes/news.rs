@@ -255,24 +255,40 @@ pub async fn list(
         .get("cursor")
         .map(|c| decode_cursor("n1", c))
         .transpose()?;
-    let rows: Vec<NewsRow> = sqlx::query_as(concat!(
-        select_news!(),
-        "WHERE n.status = 'published' \
-         AND ($1::text IS NULL OR n.category = $1) \
-         AND ($2::text IS NULL OR n.tags @> ARRAY[$2]) \
-         AND ($3::uuid IS NULL OR n.author_id = $3) \
-         AND ($4::timestamptz IS NULL OR (n.published_at, n.id) < ($4, $5)) \
-         ORDER BY n.published_at DESC, n.id DESC LIMIT $6"
-    ))
-    .bind(category)
-    .bind(tag)
-    .bind(author)
-    .bind(after.map(|(at, _)| at))
-    .bind(after.map(|(_, id)| id))
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(unavailable)?;
+    // Only the filters asked for, so that the planner picks the index that matches them
+    // and stops after `limit` rows (a catch-all `$1 IS NULL OR ...` statement got a generic
+    // plan that sorted every published article: 77 ms at 22,000 articles). At most 16
+    // statement texts, each prepared once per connection.
+    let mut query =
+        sqlx::QueryBuilder::new(concat!(select_news!(), "WHERE n.status = 'published'"));
+    if let Some(category) = category {
+        query.push(" AND n.category = ").push_bind(category);
+    }
+    if let Some(tag) = tag {
+        query
+            .push(" AND n.tags @> ARRAY[")
+            .push_bind(tag)
+            .push("::text]");
+    }
+    if let Some(author) = author {
+        query.push(" AND n.author_id = ").push_bind(author);
+    }
+    if let Some((at, id)) = after {
+        query
+            .push(" AND (n.published_at, n.id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY n.published_at DESC, n.id DESC LIMIT ")
+        .push_bind(limit + 1);
+    let rows: Vec<NewsRow> = query
+        .build_query_as()
+        .fetch_all(&state.pool)
+        .await
+        .map_err(unavailable)?;
     let more = rows.len() as i64 > limit;
     let items: Vec<NewsView> = rows
         .into_iter()

@@ -168,6 +168,52 @@ async fn a_published_article_is_public_and_a_draft_exists_only_for_its_author_an
 }
 
 #[tokio::test]
+async fn an_article_served_from_redis_names_its_author_as_they_are_now() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let articles = [
+        publish(&app, &editor, "sports", &[]).await?.id,
+        publish(&app, &editor, "politics", &[]).await?.id,
+    ];
+    let author_of = |body: &Value| {
+        body["author"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (_, before) = query(&app, &format!("/v1/news/{}", articles[0]), None, None).await?;
+    let original = author_of(&before);
+    assert!(!original.is_empty(), "the author is named: {before}");
+
+    // A new name, then an erasure: each shows on every article of theirs, from Redis.
+    let path = format!("{}/v1/users/{}", app.command_url, editor.id);
+    for name in ["Renamed Editor", "[deleted]"] {
+        let request = if name == "[deleted]" {
+            app.http.delete(&path)
+        } else {
+            app.http.patch(&path).json(&json!({"name": name}))
+        };
+        let response = request.bearer_auth(&editor.token).send().await?;
+        assert!(response.status().is_success(), "{}", response.status());
+        let token = response.headers()["x-consistency-token"]
+            .to_str()?
+            .to_owned();
+        let from_redis = app.query_answers("article", "redis").await?;
+        for id in articles {
+            let (status, body) = query(&app, &format!("/v1/news/{id}"), None, Some(&token)).await?;
+            assert_eq!(status, S::OK);
+            assert_eq!(author_of(&body), name, "{body}");
+        }
+        assert_eq!(
+            app.query_answers("article", "redis").await?,
+            from_redis + 2,
+            "Redis answered both"
+        );
+    }
+    app.stop().await
+}
+
+#[tokio::test]
 async fn an_unchanged_article_answers_304_to_its_etag() -> TestResult {
     let app = TestApp::spawn().await?;
     let editor = app.editor().await?;
