@@ -208,7 +208,7 @@ start_redis() {
   mkdir -p "$STATE/redis"
   redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes --dir "$STATE/redis" \
     --pidfile "$STATE/redis/redis.pid" --logfile "$STATE/redis/redis.log" \
-    --appendonly yes --appendfsync everysec --save "" --protected-mode yes
+    --appendonly no --save "300 1" --protected-mode yes
   wait_for redis 30 redis_ready
 }
 

@@ -291,9 +291,11 @@ pub fn machine() -> serde_json::Value {
 
 /// Unlinks every Redis key matching `pattern`.
 pub async fn remove_keys(settings: &Settings, pattern: &str) -> anyhow::Result<()> {
-    // Scanning a large keyspace takes longer than the client's default response timeout.
-    let config =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    // Redis may still be busy with what the run queued (recommendation scripts), and
+    // scanning a large keyspace takes longer than the client's default timeouts.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(60)))
+        .set_response_timeout(Some(Duration::from_secs(60)));
     let mut redis = redis::Client::open(settings.redis.url.as_str())?
         .get_multiplexed_async_connection_with_config(&config)
         .await?;

@@ -407,12 +407,14 @@ async fn main() -> anyhow::Result<()> {
         // 2. Visibility lag at a fixed command rate: from the command's 2xx to the query API
         // answering with the write (a GET that names the command's consistency token). At the
         // target rate, and at half the create rate just measured (a rate this deployment
-        // sustains: above its capacity the lag measures queues, not the pipeline).
+        // sustains: above its capacity the lag measures queues, not the pipeline), that one
+        // first so that the queues of the other do not spill into it.
         let sustainable = ((create.per_second / 2.0) as u32).max(1);
-        for rate in [args.rate, sustainable]
+        for rate in [sustainable, args.rate]
             .into_iter()
             .filter(|_| wants(Phase::Lag))
         {
+            settle(Duration::from_secs(120)).await;
             let lag = visibility_lag(&http, &system, &admin, rate, phase).await;
             figures.push(Figure {
                 name: format!("visibility lag at {rate} commands/s (p99)"),
@@ -431,6 +433,7 @@ async fn main() -> anyhow::Result<()> {
 
         // 5. Queries, beside a bare actix-web handler and Redis itself.
         if wants(Phase::Queries) {
+            settle(Duration::from_secs(120)).await;
             let sample: Value = http
                 .get(format!("{}/v1/news/{}", system.query, ids[0]))
                 .send()
@@ -637,6 +640,34 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Waits (at most `limit`) until every consumer of this process has applied the whole log,
+/// so that what one phase queued does not run during the next.
+async fn settle(limit: Duration) {
+    let started = Instant::now();
+    loop {
+        // The gauges follow librdkafka's statistics, once a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let behind: f64 = newsroom_infra::metrics::REGISTRY
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "newsroom_projection_lag_events")
+            .flat_map(|family| family.get_metric())
+            .map(|metric| metric.get_gauge().get_value())
+            .sum();
+        if behind <= 0.0 {
+            eprintln!(
+                "bench: consumers caught up after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        if started.elapsed() > limit {
+            eprintln!("bench: consumers still {behind} events behind; going on");
+            return;
+        }
+    }
 }
 
 async fn visibility_lag(
