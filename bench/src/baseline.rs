@@ -299,27 +299,7 @@ pub async fn remove_keys(settings: &Settings, pattern: &str) -> anyhow::Result<(
     let mut redis = redis::Client::open(settings.redis.url.as_str())?
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await?;
-        if !keys.is_empty() {
-            let (): () = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut redis)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+    newsroom_infra::redis::unlink_matching(&mut redis, pattern).await
 }
 
 /// Deletes the deployment's topics (events, ownership, dead letters).

@@ -18,7 +18,6 @@ use newsroom_infra::Settings;
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::Connection as _;
 use uuid::Uuid;
 
 /// newsroom's benchmark: throughput, latency and lag, side by side with the raw parts.
@@ -53,6 +52,9 @@ struct Args {
     #[command(flatten)]
     settings: Settings,
 }
+
+/// The target of each news command.
+const COMMAND_TARGET: &str = ">= 10,000/s, p99 <= 25 ms";
 
 /// The parts of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,18 +126,7 @@ impl Deployment {
         settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
         let admin_url = settings.postgres.url.clone();
         let database = format!("bench_{id}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .context("connecting to PostgreSQL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{database}\""
-        )))
-        .execute(&mut admin)
-        .await?;
-        settings.postgres.url = match admin_url.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{database}"),
-            None => anyhow::bail!("NEWSROOM_DATABASE_URL has no database name"),
-        };
+        settings.postgres.url = newsroom_infra::db::create_database(&admin_url, &database).await?;
         let running = newsroom::start(&settings, roles).await?;
         let url =
             |a: Option<std::net::SocketAddr>| a.map(|a| format!("http://{a}")).unwrap_or_default();
@@ -177,13 +168,7 @@ impl Deployment {
         )
         .await?;
         baseline::delete_topics(&self.settings).await?;
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.database
-        )))
-        .execute(&mut admin)
-        .await?;
+        newsroom_infra::db::drop_database(&self.admin_url, &self.database).await?;
         Ok(())
     }
 
@@ -327,11 +312,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         };
         if wants(Phase::Commands) {
-            figures.push(Figure::rate(
-                "create news",
-                &create,
-                Some(">= 10,000/s, p99 <= 25 ms"),
-            ));
+            figures.push(Figure::rate("create news", &create, Some(COMMAND_TARGET)));
         }
         eprintln!("bench: create news: {:.0}/s", create.per_second);
         let ids: Arc<Vec<Uuid>> =
@@ -363,11 +344,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await
             };
-            figures.push(Figure::rate(
-                "edit news",
-                &edit,
-                Some(">= 10,000/s, p99 <= 25 ms"),
-            ));
+            figures.push(Figure::rate("edit news", &edit, Some(COMMAND_TARGET)));
             eprintln!("bench: edit {:.0}/s", edit.per_second);
         }
         let publish = {
@@ -390,11 +367,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         };
         if wants(Phase::Commands) {
-            figures.push(Figure::rate(
-                "publish news",
-                &publish,
-                Some(">= 10,000/s, p99 <= 25 ms"),
-            ));
+            figures.push(Figure::rate("publish news", &publish, Some(COMMAND_TARGET)));
         }
         eprintln!("bench: publish {:.0}/s", publish.per_second);
         let published = (publish.ok as usize).min(ids.len());

@@ -48,3 +48,43 @@ pub async fn check_deployment(pool: &PgPool, topic_prefix: &str) -> anyhow::Resu
     );
     Ok(())
 }
+
+/// Creates database `name` (letters, digits, `_` only) on the server of `admin_url` and
+/// returns `admin_url` naming it instead: a throwaway database for a test or benchmark.
+pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    use sqlx::Connection as _;
+    anyhow::ensure!(
+        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "not a plain database name: {name}"
+    );
+    let Some((base, _)) = admin_url.rsplit_once('/') else {
+        anyhow::bail!("the database URL has no database name");
+    };
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("creating database {name}"))?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// Drops database `name` (made by [`create_database`]), closing its connections.
+pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    anyhow::ensure!(
+        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "not a plain database name: {name}"
+    );
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .with_context(|| format!("dropping database {name}"))?;
+    Ok(())
+}

@@ -76,3 +76,28 @@ impl Health {
         }
     }
 }
+
+/// Unlinks every key matching `pattern`, a thousand at a time.
+pub async fn unlink_matching(
+    redis: &mut impl ::redis::aio::ConnectionLike,
+    pattern: &str,
+) -> anyhow::Result<()> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let (): () = ::redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}

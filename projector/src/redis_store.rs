@@ -316,27 +316,7 @@ impl<M: Model> Versioned for RedisStore<M> {
             self.name()
         );
         let pattern = self.key(&format!("v{version}:*"));
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await?;
-            if !keys.is_empty() {
-                let (): () = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut redis)
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        newsroom_infra::redis::unlink_matching(&mut redis, &pattern).await?;
         let _: i64 = Script::new(
             "if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end return 0",
         )

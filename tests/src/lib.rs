@@ -94,17 +94,7 @@ impl TestApp {
 
         let admin_url = settings.postgres.url.clone();
         let database = format!("t_{id}");
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .context("connecting as admin")?;
-        // The name is made of a UUID's hex digits only.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{database}\""
-        )))
-        .execute(&mut admin)
-        .await
-        .context("creating the test database")?;
-        settings.postgres.url = replace_database(&admin_url, &database);
+        settings.postgres.url = newsroom_infra::db::create_database(&admin_url, &database).await?;
 
         let running = newsroom::start(&settings, roles).await?;
         let url = |addr: Option<std::net::SocketAddr>| {
@@ -426,13 +416,7 @@ impl TestApp {
         if let Some(running) = self.running.take() {
             running.stop().await?;
         }
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.database
-        )))
-        .execute(&mut admin)
-        .await?;
+        newsroom_infra::db::drop_database(&self.admin_url, &self.database).await?;
         Ok(())
     }
 }
@@ -756,13 +740,6 @@ pub fn token_subject(token: &str) -> anyhow::Result<Uuid> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
     let claims: Value = serde_json::from_slice(&bytes)?;
     Ok(Uuid::parse_str(claims["sub"].as_str().unwrap_or_default())?)
-}
-
-fn replace_database(url: &str, database: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{database}"),
-        None => url.to_owned(),
-    }
 }
 
 /// The path of `infra/local.sh`, which tests use to stop and start services.
