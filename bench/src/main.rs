@@ -6,6 +6,7 @@
 
 mod baseline;
 mod load;
+mod peer;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,10 +46,17 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench-results.json")]
     out: std::path::PathBuf,
-    /// Run only these phases (comma-separated; default: all). `lag` and `queries` create
-    /// and publish the articles they need; handy under a profiler.
+    /// Run only these phases (comma-separated; default: all, and without `--quick` the
+    /// peer too). `lag` and `queries` create and publish the articles they need; handy
+    /// under a profiler.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Phase>,
+    /// The peer (a PostgreSQL event store) the `peer` phase compares with.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/peers/cqrs-es-news"))]
+    peer_dir: std::path::PathBuf,
+    /// Where the peer is built (out of its read-only tree).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/peer"))]
+    peer_target: std::path::PathBuf,
     #[command(flatten)]
     settings: Settings,
 }
@@ -59,6 +67,9 @@ const COMMAND_TARGET: &str = ">= 10,000/s, p99 <= 25 ms";
 /// The parts of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Phase {
+    /// The peer's load generator against the peer, newsroom with every role, and the
+    /// command API alone, interleaved (builds the peer first; not part of `--quick`).
+    Peer,
     /// Register, create, edit, publish.
     Commands,
     /// Command → query visibility lag.
@@ -249,8 +260,15 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut figures: Vec<Figure> = Vec::new();
     let http = client(args.clients)?;
-    let wants = |phase: Phase| args.only.is_empty() || args.only.contains(&phase);
+    let wants = |phase: Phase| {
+        args.only.contains(&phase)
+            || (args.only.is_empty() && !(args.quick && phase == Phase::Peer))
+    };
     let mut create_stats = None;
+
+    if wants(Phase::Peer) {
+        figures.extend(against_peer(&args).await?);
+    }
 
     if wants(Phase::Commands) || wants(Phase::Lag) || wants(Phase::Queries) {
         eprintln!("bench: starting a deployment (all roles in this process)");
@@ -613,6 +631,107 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The peer's load generator, 64 clients, against the peer, newsroom with every role, and
+/// newsroom's command API alone: create-news and create-and-publish, each scenario run on
+/// the peer right before newsroom.
+async fn against_peer(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    const TARGET: &str = ">= 5x the peer, p99 <= 25 ms, 0 errors";
+    let tools = peer::build(&args.peer_dir, &args.peer_target).await?;
+    let http = client(args.clients)?;
+    let scenarios = ["create-news", "create-and-publish"];
+    let mut figures = Vec::new();
+    let mut peer_figures = Vec::new();
+    let figure = |name: String, m: &peer::Measured, target: Option<&str>| Figure {
+        name,
+        value: m.rps,
+        unit: "/s",
+        stats: Some(Stats {
+            ok: 0,
+            errors: m.errors,
+            per_second: m.rps,
+            p50_ms: m.p50_ms,
+            p90_ms: 0.0,
+            p99_ms: m.p99_ms,
+            max_ms: m.max_ms,
+        }),
+        baseline: None,
+        ratio: None,
+        target: target.map(str::to_owned),
+    };
+    for (roles, label) in [
+        (Roles::ALL, "every role"),
+        (
+            Roles {
+                command_api: true,
+                ..Roles::NONE
+            },
+            "command API alone",
+        ),
+    ] {
+        eprintln!("bench: peer comparison, newsroom with {label}");
+        let system = Deployment::start(&args.settings, roles).await?;
+        let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
+        let admin = system.token(&http, &admin_email, ADMIN_PASSWORD).await?;
+        for (i, scenario) in scenarios.iter().enumerate() {
+            let baseline = if roles == Roles::ALL {
+                let database = format!("bench_peer_{}", Uuid::now_v7().simple());
+                let running = peer::Peer::start(&tools, &system.admin_url, &database).await?;
+                let measured = peer::load(
+                    &tools,
+                    &running.url,
+                    scenario,
+                    args.clients,
+                    args.seconds,
+                    None,
+                )
+                .await;
+                running.stop().await?;
+                let measured = measured?;
+                eprintln!(
+                    "bench: peer {scenario}: {:.0}/s, p99 {:.1} ms, {} errors",
+                    measured.rps, measured.p99_ms, measured.errors
+                );
+                let baseline = figure(
+                    format!("baseline: peer (cqrs-es + postgres-es) {scenario}"),
+                    &measured,
+                    None,
+                );
+                peer_figures.push(baseline.clone());
+                baseline
+            } else {
+                peer_figures[i].clone()
+            };
+            let measured = peer::load(
+                &tools,
+                &system.command,
+                scenario,
+                args.clients,
+                args.seconds,
+                Some(&admin),
+            )
+            .await?;
+            eprintln!(
+                "bench: newsroom ({label}) {scenario}: {:.0}/s, p99 {:.1} ms, {} errors",
+                measured.rps, measured.p99_ms, measured.errors
+            );
+            figures.push(
+                figure(
+                    format!("{scenario}, peer's load generator, newsroom {label}"),
+                    &measured,
+                    Some(TARGET),
+                )
+                .against(&baseline),
+            );
+            if roles == Roles::ALL {
+                figures.push(baseline);
+                settle(Duration::from_secs(120)).await;
+            }
+        }
+        system.stop().await?;
+    }
+    Ok(figures)
 }
 
 /// Waits (at most `limit`) until every consumer of this process has applied the whole log,

@@ -97,8 +97,10 @@ pub async fn build(
         pool: pool.clone(),
         kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
-    let owners = Arc::new(Owners::new(partitions));
-    let membership = Membership::join(shared.clone(), owners.clone(), &instance)?;
+    let group = owner::writer::Group::default();
+    let writer = owner::writer::Writer::start(shared.clone(), &instance, group.clone()).await?;
+    let owners = Arc::new(Owners::new(partitions, writer));
+    let membership = Membership::join(shared.clone(), owners.clone(), &instance, &group)?;
     let state = web::Data::new(State {
         owners: owners.clone(),
         shared,
@@ -215,7 +217,7 @@ async fn bootstrap_admin(state: web::Data<State>, email: String, password: Strin
     for _ in 0..600 {
         match state.shared.claims.holder(&claim).await {
             Ok(Some(_)) => return,
-            Ok(None) if !state.owners.ready::<aggregate::UserAggregate>().is_empty() => {
+            Ok(None) if !state.owners.ready().is_empty() => {
                 let meta = RequestMeta::new("bootstrap-admin".into(), None);
                 let name = "Administrator".to_owned();
                 match routes::users::register_user(

@@ -4,7 +4,7 @@
 //!
 //! The local infrastructure scripts (Kafka, registry, Postgres, Redis) live beside this
 //! crate in `infra/local.sh`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod auth;

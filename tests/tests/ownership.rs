@@ -1,7 +1,8 @@
 //! Two command processes (real OS processes of the `newsroom` binary) share the
-//! partitions; one killed → the other takes over with correct versions; one frozen with
-//! SIGSTOP while it loses its partitions → once resumed it cannot append (fenced), and
-//! nothing acknowledged is lost or duplicated.
+//! partitions; one killed → the other takes over with correct versions (and the test
+//! prints how long the takeover took); one frozen with SIGSTOP in the middle of a
+//! transaction while it loses its partitions → once resumed it cannot append (the group
+//! generation fences its transaction), and nothing acknowledged is lost or duplicated.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +26,10 @@ struct Process {
 
 impl Process {
     fn start(app: &TestApp, name: &str) -> anyhow::Result<Process> {
+        Process::start_with(app, name, &[])
+    }
+
+    fn start_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Process> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -35,6 +40,7 @@ impl Process {
             .newsroom(name)?
             .arg("command-api")
             .env("NEWSROOM_COMMAND_ADDR", format!("127.0.0.1:{port}"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -221,17 +227,50 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
         version.insert(*user, 2);
     }
 
-    // Kill A: B takes every partition and serves A's users at their right versions.
+    // Kill A: B takes every partition and serves A's users at their right versions. The
+    // first of them is retried from the kill on, which measures the takeover.
     let mut a = a;
     a.child.kill()?;
+    let killed = Instant::now();
     a.child.wait()?;
+    let first = users[0];
+    loop {
+        let (status, body) = call(
+            &http,
+            reqwest::Method::PATCH,
+            format!("{}/v1/users/{first}", b.url),
+            Some(&admin_token),
+            Some(json!({"name": "After takeover"})),
+            Some(version[&first]),
+        )
+        .await?;
+        if status == S::OK {
+            assert_eq!(body["version"], json!(version[&first] + 1), "{body}");
+            break;
+        }
+        assert_eq!(
+            status,
+            S::SERVICE_UNAVAILABLE,
+            "while A's partitions move: {body}"
+        );
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "B never served A's partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "takeover: kill -9 of the owner to the first 2xx on its partitions: {:.2} s",
+        killed.elapsed().as_secs_f64()
+    );
+    *version.get_mut(&first).unwrap_or(&mut 0) += 1;
     until(
         "B writes every partition",
         Duration::from_secs(60),
         || async { b.owned(&http).await == Some(i64::from(app.settings.kafka.partitions)) },
     )
     .await?;
-    for user in &users {
+    for user in &users[1..] {
         let v = version[user];
         let (status, body) = call(
             &http,
@@ -250,9 +289,10 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
         version.insert(*user, v + 1);
     }
 
-    // Start C; once it writes some partitions, freeze it, and send it a command that
-    // waits in its socket while the group gives its partitions back to B.
-    let c = Process::start(&app, "c")?;
+    // Start C, whose every transaction pauses for a while after it began (commands
+    // decided, nothing produced yet). Once it writes some partitions, send it a command,
+    // freeze it inside that transaction, and let the group give its partitions back to B.
+    let c = Process::start_with(&app, "c", &[("NEWSROOM_TEST_HOLD_TRANSACTION_MS", "2500")])?;
     until(
         "C writes some partitions",
         Duration::from_secs(60),
@@ -275,6 +315,21 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     version.insert(c_user, 1);
+    let in_flight = {
+        let (http, url, token) = (http.clone(), c.url.clone(), admin_token.clone());
+        tokio::spawn(async move {
+            call(
+                &http,
+                reqwest::Method::PATCH,
+                format!("{url}/v1/users/{c_user}"),
+                Some(&token),
+                Some(json!({"name": "Decided by a zombie"})),
+                Some(1),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     c.signal("-STOP")?;
     until(
         "B writes every partition again",
@@ -297,9 +352,17 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
         "B serves C's user: {body}"
     );
     version.insert(c_user, 2);
-    // Resumed, C still holds its old state (version 1) until it notices the rebalance; a
-    // command reaching it now must not append: its writer is fenced (or it forwards).
+    // Resumed, C finishes the transaction it was frozen in: it produces the version 2 it
+    // decided on its old state, but the group coordinator refuses the commit of a member
+    // of an old generation, so it aborts and answers 503.
     c.signal("-CONT")?;
+    let (status, body) = in_flight.await??;
+    assert_ne!(
+        status,
+        S::OK,
+        "the frozen transaction must not commit: {body}"
+    );
+    // A command reaching C now must not append either: it is fenced (or it forwards).
     let fresh = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
@@ -331,7 +394,8 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
 }
 
 mod writers {
-    //! Partition writers driven directly, against the real Kafka and PostgreSQL.
+    //! The writer driven directly, against the real Kafka and PostgreSQL, with consumers of
+    //! the ownership group made here.
 
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -339,8 +403,9 @@ mod writers {
     use newsroom::Roles;
     use newsroom_command::aggregate::NewsAggregate;
     use newsroom_command::domain::Actor;
-    use newsroom_command::domain::news::NewsCommand;
-    use newsroom_command::owner::{CommandError, Committed, Request, RequestMeta, Shared, writer};
+    use newsroom_command::domain::news::{News, NewsCommand};
+    use newsroom_command::owner::writer::{Group, Writer, group_metadata_of};
+    use newsroom_command::owner::{CommandError, Committed, Request, RequestMeta, Shared};
     use newsroom_command::{claims::Claims, forward::Directory, keys::Keys};
     use newsroom_events::Category;
     use newsroom_events::partition::partition_of;
@@ -349,11 +414,10 @@ mod writers {
     use newsroom_infra::kafka::Stream;
     use newsroom_infra::registry::Registry;
     use newsroom_tests::TestApp;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
     use sqlx::PgPool;
-    use tokio::sync::{mpsc, oneshot};
+    use tokio::sync::oneshot;
     use uuid::Uuid;
-
-    type Queue = mpsc::Sender<Request<NewsAggregate>>;
 
     /// Topics and a database, the shared parts of writers, and one article id in `partition`.
     struct Fixture {
@@ -363,6 +427,38 @@ mod writers {
         id: Uuid,
         editor: Actor,
         partition: i32,
+    }
+
+    /// A member of the ownership group, polled in the background.
+    struct Member {
+        consumer: Arc<StreamConsumer>,
+        _poller: tokio::task::JoinHandle<()>,
+    }
+
+    impl Member {
+        /// The live group metadata, as a command process uses it.
+        fn group(&self) -> Group {
+            let group = Group::default();
+            group.set(group_metadata_of(self.consumer.clone()));
+            group
+        }
+
+        /// The group metadata of this moment, kept as it is from now on.
+        fn frozen_group(&self) -> anyhow::Result<Group> {
+            let metadata = Arc::new(
+                self.consumer
+                    .group_metadata()
+                    .ok_or_else(|| anyhow::anyhow!("no group metadata"))?,
+            );
+            let group = Group::default();
+            group.set(Arc::new(move || Some(metadata.clone())));
+            Ok(group)
+        }
+
+        /// Leaves the group (still polled, so that the leave completes).
+        fn leave(&self) {
+            self.consumer.unsubscribe();
+        }
     }
 
     impl Fixture {
@@ -410,34 +506,77 @@ mod writers {
             })
         }
 
-        async fn writer(
-            &self,
-        ) -> anyhow::Result<(
-            Queue,
-            std::collections::HashMap<Uuid, newsroom_command::domain::news::News>,
-        )> {
-            // Driven by hand, a writer owns nothing: once fenced it stays fenced.
-            writer::start::<NewsAggregate>(self.shared.clone(), self.partition, Arc::new(|| false))
-                .await
+        /// Joins the ownership group and waits until the group settled with this member in it.
+        async fn member(&self) -> anyhow::Result<Member> {
+            let kafka = &self.shared.kafka;
+            let consumer: StreamConsumer = newsroom_infra::kafka::read_committed_consumer(
+                kafka,
+                &format!("{}.command", kafka.topic_prefix),
+            )
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()?;
+            consumer.subscribe(&[&newsroom_infra::kafka::ownership_topic(kafka)])?;
+            let consumer = Arc::new(consumer);
+            let task = {
+                let consumer = consumer.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let _ = consumer.recv().await;
+                    }
+                })
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while newsroom_infra::kafka::group_membership(consumer.client()).is_none()
+                || consumer.assignment()?.count() == 0
+            {
+                anyhow::ensure!(Instant::now() < deadline, "never joined the group");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Member {
+                consumer,
+                _poller: task,
+            })
+        }
+
+        async fn writer(&self, name: &str, group: Group) -> anyhow::Result<Writer> {
+            Writer::start(self.shared.clone(), name, group).await
+        }
+
+        /// Has `writer` serve the fixture's partition; the states it starts from.
+        async fn take(&self, writer: &Writer) -> anyhow::Result<()> {
+            let taken = writer.take(self.partition, Arc::new(|| true)).await?;
+            anyhow::ensure!(taken.is_some(), "not installed");
+            Ok(())
         }
 
         async fn send(
             &self,
-            queue: &Queue,
+            writer: &Writer,
             command: NewsCommand,
-        ) -> anyhow::Result<Result<Committed<newsroom_command::domain::news::News>, CommandError>>
-        {
+        ) -> anyhow::Result<Result<Committed<News>, CommandError>> {
             let (reply, answer) = oneshot::channel();
             let meta = RequestMeta::new("writer-test".into(), Some(self.editor.id));
-            let request = Request::Command {
+            let request = Request::<NewsAggregate>::Command {
                 id: self.id,
                 command,
                 meta,
                 reply,
             };
-            queue
-                .send(request)
-                .await
+            writer
+                .send(self.partition, request)
+                .map_err(|_| anyhow::anyhow!("writer gone"))?;
+            Ok(answer.await?)
+        }
+
+        async fn read(&self, writer: &Writer) -> anyhow::Result<Option<News>> {
+            let (reply, answer) = oneshot::channel();
+            writer
+                .send(
+                    self.partition,
+                    Request::<NewsAggregate>::Read { id: self.id, reply },
+                )
                 .map_err(|_| anyhow::anyhow!("writer gone"))?;
             Ok(answer.await?)
         }
@@ -476,27 +615,40 @@ mod writers {
         }
     }
 
-    fn version<E>(
-        outcome: Result<Committed<newsroom_command::domain::news::News>, E>,
-    ) -> Option<i64> {
+    fn version<E>(outcome: Result<Committed<News>, E>) -> Option<i64> {
         outcome.map(|c| c.state.version).ok()
     }
 
     #[tokio::test]
-    async fn a_writer_fenced_by_a_new_owner_of_its_partition_cannot_append() -> anyhow::Result<()> {
+    async fn a_writer_of_an_old_group_generation_cannot_append() -> anyhow::Result<()> {
         let f = Fixture::new(0, 10_000).await?;
-        let (old, _) = f.writer().await?;
+        // The first owner's member, and a writer that keeps that member's metadata as a
+        // process frozen since then would.
+        let first = f.member().await?;
+        let old = f.writer("old", first.frozen_group()?).await?;
+        f.take(&old).await?;
         assert_eq!(
             version(f.send(&old, f.draft("t")).await?),
             Some(1),
             "the first owner writes"
         );
 
-        let (new, _) = f.writer().await?;
+        // The first member leaves, a second joins: a new generation owns the partition.
+        first.leave();
+        let second = f.member().await?;
+        let new = f.writer("new", second.group()).await?;
+        f.take(&new).await?;
+
         let zombie = f.send(&old, f.publish(1)).await?;
         assert!(
-            matches!(zombie, Err(CommandError::Unavailable { .. })),
-            "the fenced writer cannot append: {zombie:?}"
+            matches!(
+                zombie,
+                Err(CommandError::Unavailable {
+                    definitive: true,
+                    ..
+                })
+            ),
+            "the old generation's writer cannot append: {zombie:?}"
         );
         let current = f.send(&new, f.publish(1)).await?;
         assert_eq!(
@@ -504,12 +656,33 @@ mod writers {
             Some(2),
             "the new owner rebuilt the draft and publishes it"
         );
-
         assert_eq!(
             f.versions_in_log().await?,
             vec![1, 2],
             "one draft, one publication, nothing from the zombie"
         );
+
+        // A writer whose member left (librdkafka resets the membership, which the
+        // coordinator would accept) refuses to commit at all.
+        second.leave();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let orphan = f
+            .send(
+                &new,
+                NewsCommand::Unpublish {
+                    actor: f.editor,
+                    expected_version: Some(2),
+                },
+            )
+            .await?;
+        assert!(
+            matches!(orphan, Err(CommandError::Unavailable { .. })),
+            "a writer outside the group cannot append: {orphan:?}"
+        );
+        assert_eq!(f.versions_in_log().await?, vec![1, 2]);
+        assert_eq!(f.read(&new).await?.map(|n| n.version), Some(2));
+        old.stop();
+        new.stop();
         f.app.stop().await
     }
 
@@ -517,7 +690,9 @@ mod writers {
     async fn a_new_writer_starts_from_the_latest_snapshot_and_reads_only_the_rest()
     -> anyhow::Result<()> {
         let f = Fixture::new(1, 2).await?;
-        let (first, _) = f.writer().await?;
+        let member = f.member().await?;
+        let first = f.writer("first", member.group()).await?;
+        f.take(&first).await?;
         assert_eq!(version(f.send(&first, f.draft("Original")).await?), Some(1));
         assert_eq!(version(f.send(&first, f.publish(1)).await?), Some(2));
 
@@ -548,9 +723,12 @@ mod writers {
         .execute(&f.pool)
         .await?;
 
-        let (second, initial) = f.writer().await?;
-        let state = initial
-            .get(&f.id)
+        first.stop();
+        let second = f.writer("second", member.group()).await?;
+        f.take(&second).await?;
+        let state = f
+            .read(&second)
+            .await?
             .ok_or_else(|| anyhow::anyhow!("the article is missing"))?;
         assert_eq!(
             (state.title.as_str(), state.version),
@@ -571,7 +749,8 @@ mod writers {
             Some(3),
             "and the writer goes on from it"
         );
-        drop(first);
+        second.stop();
+        member.leave();
         f.app.stop().await
     }
 }

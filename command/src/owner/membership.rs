@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance,
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
+use super::writer::Group;
 use super::{Owners, Shared, give_up, take_over};
 
 /// Pause between attempts to take over a partition whose takeover failed.
@@ -69,19 +70,22 @@ impl ConsumerContext for MembershipContext {
 pub struct Membership {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    owners: Arc<Owners>,
 }
 
 impl Membership {
-    /// Joins the group; partitions are taken over as they are assigned.
+    /// Joins the group; partitions are taken over as they are assigned. `group` is given
+    /// this membership's group metadata, which fences the writer's transactions.
     pub fn join(
         shared: Arc<Shared>,
         owners: Arc<Owners>,
         instance: &str,
+        group: &Group,
     ) -> anyhow::Result<Membership> {
         let topic = newsroom_infra::kafka::ownership_topic(&shared.kafka);
         let context = MembershipContext {
             shared: shared.clone(),
-            owners,
+            owners: owners.clone(),
             runtime: Handle::current(),
         };
         let consumer: StreamConsumer<MembershipContext> =
@@ -95,6 +99,8 @@ impl Membership {
             .set("client.id", format!("newsroom-command-{instance}"))
             .create_with_context(context)
             .context("creating the ownership consumer")?;
+        let consumer = Arc::new(consumer);
+        group.set(super::writer::group_metadata_of(consumer.clone()));
         consumer
             .subscribe(&[&topic])
             .context("joining the ownership group")?;
@@ -114,12 +120,13 @@ impl Membership {
             }
             consumer.unsubscribe();
         });
-        Ok(Membership { stop, task })
+        Ok(Membership { stop, task, owners })
     }
 
-    /// Leaves the group (its partitions go to the other processes).
+    /// Leaves the group (its partitions go to the other processes) and stops the writer.
     pub async fn leave(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.owners.writer.stop();
     }
 }

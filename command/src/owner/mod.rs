@@ -2,10 +2,10 @@
 //! `<prefix>.command-owners` topic, which has as many partitions as the aggregate topics:
 //! owning its partition `i` makes a process the only writer of `users/i` and `news/i`.
 //!
-//! For each owned partition a [`writer`] task holds a transactional producer whose
-//! `transactional.id` is the partition's own (`<prefix>.cmd.<stream>.<i>`), so that a new
-//! owner's `init_transactions` fences the previous one; it rebuilds the partition's state
-//! from the log, then applies commands one after another and commits them in batches.
+//! The process's one [`writer`] thread holds the state of every owned partition (rebuilt
+//! from the latest snapshot and the log when the partition is taken over), decides the
+//! commands waiting for any of them one after another, and commits them all in one Kafka
+//! transaction that the ownership group's generation fences (ADR 15).
 
 mod membership;
 mod rebuild;
@@ -20,7 +20,7 @@ use newsroom_events::consistency::Position;
 use newsroom_events::partition::partition_of;
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use membership::Membership;
@@ -137,31 +137,32 @@ pub enum Request<A: Aggregate> {
     },
 }
 
-/// A local partition writer's state as seen by request handlers.
-pub enum Slot<A: Aggregate> {
-    /// Being taken over (connecting, rebuilding).
+/// A local partition's state as seen by request handlers.
+pub enum Slot {
+    /// Being taken over (rebuilding).
     Starting,
-    /// Serving through this queue.
-    Ready(mpsc::Sender<Request<A>>),
+    /// Served by the writer.
+    Ready,
 }
 
 /// Where requests for a partition go.
-pub enum Route<A: Aggregate> {
+pub enum Route {
     /// This process writes it.
-    Local(mpsc::Sender<Request<A>>),
+    Local,
     /// This process owns it but is still rebuilding it: retry shortly.
     Starting,
     /// Another process owns it (or nobody, while ownership moves).
     Elsewhere,
 }
 
-/// Partition → slot, per aggregate type.
-pub type Table<A> = RwLock<HashMap<i32, Slot<A>>>;
+/// Partition → slot.
+pub type Table = RwLock<HashMap<i32, Slot>>;
 
-/// The partitions this process owns, per aggregate type.
+/// The partitions this process owns, and the writer that serves them.
 pub struct Owners {
-    users: Table<UserAggregate>,
-    news: Table<NewsAggregate>,
+    table: Table,
+    /// The writer.
+    pub writer: writer::Writer,
     /// Partitions assigned to this process, each with the number of its assignment, so
     /// that a takeover finishing after a revocation does not serve the partition.
     assigned: std::sync::Mutex<HashMap<i32, u64>>,
@@ -170,30 +171,19 @@ pub struct Owners {
     pub partitions: i32,
 }
 
-/// Gives the owners table of an aggregate type.
-pub trait Owned: Aggregate + Sized {
-    /// The table.
-    fn table(owners: &Owners) -> &Table<Self>;
-}
+/// An aggregate type the writer serves.
+pub trait Owned: writer::Routed {}
 
-impl Owned for UserAggregate {
-    fn table(owners: &Owners) -> &Table<Self> {
-        &owners.users
-    }
-}
+impl Owned for UserAggregate {}
 
-impl Owned for NewsAggregate {
-    fn table(owners: &Owners) -> &Table<Self> {
-        &owners.news
-    }
-}
+impl Owned for NewsAggregate {}
 
 impl Owners {
     /// No partition owned yet.
-    pub fn new(partitions: i32) -> Self {
+    pub fn new(partitions: i32, writer: writer::Writer) -> Self {
         Owners {
-            users: RwLock::new(HashMap::new()),
-            news: RwLock::new(HashMap::new()),
+            table: RwLock::new(HashMap::new()),
+            writer,
             assigned: std::sync::Mutex::new(HashMap::new()),
             assignments: std::sync::atomic::AtomicU64::new(0),
             partitions,
@@ -228,22 +218,22 @@ impl Owners {
         partition_of(id.as_bytes(), self.partitions)
     }
 
-    /// Where requests for `partition` of `A` go.
-    pub fn route<A: Owned>(&self, partition: i32) -> Route<A> {
-        let table = A::table(self).read().unwrap_or_else(|e| e.into_inner());
+    /// Where requests for `partition` go.
+    pub fn route(&self, partition: i32) -> Route {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         match table.get(&partition) {
-            Some(Slot::Ready(sender)) if !sender.is_closed() => Route::Local(sender.clone()),
+            Some(Slot::Ready) => Route::Local,
             Some(Slot::Starting) => Route::Starting,
-            _ => Route::Elsewhere,
+            None => Route::Elsewhere,
         }
     }
 
-    /// Partitions of `A` this process serves now.
-    pub fn ready<A: Owned>(&self) -> Vec<i32> {
-        let table = A::table(self).read().unwrap_or_else(|e| e.into_inner());
+    /// Partitions this process serves now.
+    pub fn ready(&self) -> Vec<i32> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         let mut ready: Vec<i32> = table
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Ready(s) if !s.is_closed()))
+            .filter(|(_, slot)| matches!(slot, Slot::Ready))
             .map(|(p, _)| *p)
             .collect();
         ready.sort_unstable();
@@ -252,15 +242,12 @@ impl Owners {
 
     /// Whether every partition this process was given is ready (and it was given any).
     pub fn all_ready(&self) -> bool {
-        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        let news = self.news.read().unwrap_or_else(|e| e.into_inner());
-        !users.is_empty()
-            && users.values().all(|s| matches!(s, Slot::Ready(_)))
-            && news.values().all(|s| matches!(s, Slot::Ready(_)))
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        !table.is_empty() && table.values().all(|s| matches!(s, Slot::Ready))
     }
 
-    fn set<A: Owned>(&self, partition: i32, slot: Option<Slot<A>>) {
-        let mut table = A::table(self).write().unwrap_or_else(|e| e.into_inner());
+    fn set(&self, partition: i32, slot: Option<Slot>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         match slot {
             Some(slot) => table.insert(partition, slot),
             None => table.remove(&partition),
@@ -269,8 +256,8 @@ impl Owners {
 
     /// A fresh id (UUID v7) for a new aggregate of `A` in a partition this process serves,
     /// if it serves any; otherwise one in any partition.
-    pub fn new_id<A: Owned>(&self) -> Uuid {
-        let local = self.ready::<A>();
+    pub fn new_id(&self) -> Uuid {
+        let local = self.ready();
         if local.is_empty() {
             return Uuid::now_v7();
         }
@@ -290,8 +277,9 @@ async fn ask<A: Owned, T>(
     request: impl FnOnce(oneshot::Sender<T>) -> Request<A>,
 ) -> Result<T, Submitted> {
     let stopped = || Submitted::Failed(CommandError::unavailable("the partition writer stopped"));
-    let sender = match owners.route::<A>(owners.partition_of(id)) {
-        Route::Local(sender) => sender,
+    let partition = owners.partition_of(id);
+    match owners.route(partition) {
+        Route::Local => {}
         Route::Starting => {
             return Err(Submitted::Failed(CommandError::unavailable(
                 "the partition is being taken over",
@@ -300,7 +288,11 @@ async fn ask<A: Owned, T>(
         Route::Elsewhere => return Err(Submitted::NotHere),
     };
     let (reply, answer) = oneshot::channel();
-    sender.send(request(reply)).await.map_err(|_| stopped())?;
+    owners.writer.send(partition, request(reply)).map_err(|_| {
+        Submitted::Failed(CommandError::unavailable(
+            "the writer's queue is full or it stopped",
+        ))
+    })?;
     answer.await.map_err(|_| stopped())
 }
 
@@ -335,7 +327,7 @@ pub enum Submitted {
     Failed(CommandError),
 }
 
-/// Starts writers for `partition` of both aggregate types.
+/// Rebuilds `partition` of both aggregate topics and has the writer serve it.
 pub(crate) async fn take_over(
     shared: Arc<Shared>,
     owners: Arc<Owners>,
@@ -347,20 +339,20 @@ pub(crate) async fn take_over(
         if assigned.get(&partition) != Some(&assignment) {
             return Ok(());
         }
-        owners.set::<UserAggregate>(partition, Some(Slot::Starting));
-        owners.set::<NewsAggregate>(partition, Some(Slot::Starting));
+        owners.set(partition, Some(Slot::Starting));
     }
     shared.keys.load_partition(partition).await?;
     let still_owned: writer::StillOwned = {
         let owners = owners.clone();
         Arc::new(move || owners.holds(partition, assignment))
     };
-    // Each start fences the partition's previous writer: do not start after a revocation.
-    anyhow::ensure!(still_owned(), "revoked before its takeover");
-    let (users, user_states) =
-        writer::start::<UserAggregate>(shared.clone(), partition, still_owned.clone()).await?;
-    anyhow::ensure!(still_owned(), "revoked during its takeover");
-    let (news, _) = writer::start::<NewsAggregate>(shared.clone(), partition, still_owned).await?;
+    // The directory points here before anything is served, so that forwarded requests
+    // find this process as soon as it serves.
+    shared.directory.announce(partition).await?;
+    let Some(user_states) = owners.writer.take(partition, still_owned).await? else {
+        tracing::info!(partition, "revoked during its takeover; not serving it");
+        return Ok(());
+    };
     shared
         .claims
         .reconcile(partition, &user_states, &shared.keys)
@@ -368,27 +360,26 @@ pub(crate) async fn take_over(
     drop(user_states);
     {
         // Checked and published under the assignment lock: a revocation that came during
-        // the takeover wins, and the writers just started are dropped (they stop).
+        // the takeover wins (and removed the partition from the writer).
         let assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
         if assigned.get(&partition) != Some(&assignment) {
             tracing::info!(partition, "revoked during its takeover; not serving it");
             return Ok(());
         }
-        owners.set::<UserAggregate>(partition, Some(Slot::Ready(users)));
-        owners.set::<NewsAggregate>(partition, Some(Slot::Ready(news)));
+        owners.set(partition, Some(Slot::Ready));
     }
-    shared.directory.announce(partition).await?;
-    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
+    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready().len() as i64);
     tracing::info!(partition, "partition taken over");
     Ok(())
 }
 
-/// Stops serving `partition`: new requests go elsewhere; writers finish their batch.
+/// Stops serving `partition`: new requests go elsewhere, and once this returns no
+/// transaction of this process holds or will hold records of it.
 pub(crate) fn give_up(owners: &Owners, partition: i32) {
     let mut assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
     assigned.remove(&partition);
-    owners.set::<UserAggregate>(partition, None);
-    owners.set::<NewsAggregate>(partition, None);
+    owners.set(partition, None);
     drop(assigned);
-    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready::<UserAggregate>().len() as i64);
+    owners.writer.remove(partition);
+    newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready().len() as i64);
 }

@@ -1,36 +1,88 @@
-//! The writer of one partition of one aggregate topic: applies commands one after another
-//! against the partition's state and commits each batch in one Kafka transaction.
+//! The process's one writer: a thread with one transactional producer that holds the
+//! state of every partition this process owns, decides the commands waiting for any of
+//! them one after another, and commits everything it decided in one Kafka transaction
+//! (ADR 15).
+//!
+//! Zombie fencing is the ownership group's: every transaction also commits an offset of
+//! the ownership topic with the group metadata of this process's ownership consumer
+//! (KIP-447), so the group coordinator refuses the transaction of a process that is no
+//! longer a member of the current generation, and it aborts. A live process that hands a
+//! partition over (a cooperative revocation) removes it from the writer before its
+//! revocation returns, which waits for the transaction in flight.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use newsroom_events::EventMetadata;
 use newsroom_events::consistency::Position;
 use newsroom_events::metadata::micros;
-use newsroom_infra::kafka::transactional_producer;
+use newsroom_infra::kafka::{ownership_topic, transactional_producer};
 use newsroom_infra::metrics::APPENDS;
-use newsroom_infra::producer::{self, Record};
-use rdkafka::ClientContext;
+use newsroom_infra::producer::{self, Delivery, Record};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer as _;
 use rdkafka::types::RDKafkaErrorCode;
-use tokio::sync::{mpsc, oneshot};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{CommandError, Committed, Request, Shared, rebuild, snapshot};
-use crate::aggregate::Aggregate;
+use crate::aggregate::{Aggregate, NewsAggregate, UserAggregate};
 use crate::domain::Stamp;
 
-/// Requests taken into one transaction at most.
-const MAX_BATCH: usize = 1000;
-/// Requests waiting for a writer before new ones are refused.
-const QUEUE: usize = 4096;
+/// Commands taken into one transaction at most.
+const MAX_BATCH: usize = 4000;
+/// The longest a batch waits for the commands it expects.
+const GATHER_MAX: Duration = Duration::from_millis(3);
+/// Requests waiting for the writer before new ones are refused.
+const QUEUE: usize = 16_384;
 /// Pause between attempts to reach Kafka again.
 const RECOVERY_PAUSE: Duration = Duration::from_millis(250);
+/// Test-only fault point: milliseconds each transaction waits after it began, with its
+/// commands decided and nothing produced yet (where a frozen zombie is, for fencing tests).
+const HOLD_VARIABLE: &str = "NEWSROOM_TEST_HOLD_TRANSACTION_MS";
 
 type Producer = producer::Producer<WriterContext>;
+
+/// The ownership consumer's group metadata (member id and generation), read at each
+/// transaction; `None` while this process is not a member.
+pub type GroupMetadata = Arc<dyn Fn() -> Option<Arc<ConsumerGroupMetadata>> + Send + Sync>;
+
+/// The group metadata of `consumer` as the writer must see it: read between two reads of
+/// the membership that agree, and only while the consumer is a member. A reset membership
+/// (no member id, generation -1, as librdkafka holds it after the coordinator forgot the
+/// member) passes the coordinator's checks, so it is never handed out.
+pub fn group_metadata_of<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: Arc<rdkafka::consumer::StreamConsumer<C>>,
+) -> GroupMetadata {
+    use rdkafka::consumer::Consumer as _;
+    Arc::new(move || {
+        let before = newsroom_infra::kafka::group_membership(consumer.client())?;
+        let metadata = consumer.group_metadata()?;
+        let after = newsroom_infra::kafka::group_membership(consumer.client())?;
+        (before == after).then(|| Arc::new(metadata))
+    })
+}
+
+/// Where the writer reads the group metadata from; set once the ownership consumer exists.
+#[derive(Clone, Default)]
+pub struct Group(Arc<OnceLock<GroupMetadata>>);
+
+impl Group {
+    /// Sets the source (the first call wins).
+    pub fn set(&self, source: GroupMetadata) {
+        let _ = self.0.set(source);
+    }
+
+    fn metadata(&self) -> Option<Arc<ConsumerGroupMetadata>> {
+        self.0.get().and_then(|source| source())
+    }
+}
 
 /// Notices when librdkafka finds every broker down, so that writes fail fast.
 pub struct WriterContext {
@@ -48,15 +100,17 @@ impl ClientContext for WriterContext {
     }
 }
 
-/// The writer's view of its partition: the committed state and where the log ends.
-struct Log<S> {
+/// One aggregate topic's partition as the writer holds it: the committed state of every
+/// aggregate and where the log ends.
+pub struct Log<S> {
     states: HashMap<Uuid, S>,
     next_offset: i64,
     since_snapshot: u64,
 }
 
-impl<S: Clone> Log<S> {
-    fn new(states: HashMap<Uuid, S>, next_offset: i64) -> Self {
+impl<S> Log<S> {
+    /// A partition rebuilt up to `next_offset`.
+    pub fn new(states: HashMap<Uuid, S>, next_offset: i64) -> Self {
         Log {
             states,
             next_offset,
@@ -65,408 +119,809 @@ impl<S: Clone> Log<S> {
     }
 }
 
-struct Connection {
-    producer: Producer,
+/// A partition of both aggregate topics, held by the writer.
+struct Held {
+    users: Log<<UserAggregate as Aggregate>::State>,
+    news: Log<<NewsAggregate as Aggregate>::State>,
+    still_owned: StillOwned,
+}
+
+/// Answers whether this process still holds the assignment a partition was taken over for.
+pub type StillOwned = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What the writer thread is sent.
+#[doc(hidden)]
+pub struct Message(Inner);
+
+enum Inner {
+    /// A request for a users partition.
+    Users(i32, Request<UserAggregate>),
+    /// A request for a news partition.
+    News(i32, Request<NewsAggregate>),
+    /// Start serving a rebuilt partition.
+    Install {
+        partition: i32,
+        held: Box<Held>,
+        done: oneshot::Sender<bool>,
+    },
+    /// Stop serving a partition; answered once no transaction holds its records.
+    Remove {
+        partition: i32,
+        done: std_mpsc::Sender<()>,
+    },
+    /// A reconnection attempt finished.
+    Connected(Result<Connection, String>),
+    /// Stop the thread.
+    Stop,
+}
+
+/// Lets the generic request path build the writer's message of its aggregate type.
+pub trait Routed: Aggregate + Sized {
+    /// The message carrying `request` for `partition`.
+    #[doc(hidden)]
+    fn message(partition: i32, request: Request<Self>) -> Message;
+}
+
+impl Routed for UserAggregate {
+    fn message(partition: i32, request: Request<Self>) -> Message {
+        Message(Inner::Users(partition, request))
+    }
+}
+
+impl Routed for NewsAggregate {
+    fn message(partition: i32, request: Request<Self>) -> Message {
+        Message(Inner::News(partition, request))
+    }
+}
+
+/// The writer's queue is full, or the writer stopped.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the writer's queue is full or it stopped")]
+pub struct Refused;
+
+/// The handle of the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    sender: std_mpsc::SyncSender<Message>,
+    shared: Arc<Shared>,
+    timeout: Duration,
+}
+
+impl Writer {
+    /// Creates the producer (a transactional id of this process's own), and starts the
+    /// writer thread. `group` gives the ownership group's metadata.
+    pub async fn start(shared: Arc<Shared>, instance: &str, group: Group) -> anyhow::Result<Self> {
+        let transactional_id = format!("{}.cmd.{instance}", shared.kafka.topic_prefix);
+        let connection = connect(&shared, &transactional_id).await?;
+        let (sender, receiver) = std_mpsc::sync_channel(QUEUE);
+        let hold = std::env::var(HOLD_VARIABLE)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        let thread = Thread {
+            shared: shared.clone(),
+            runtime: Handle::current(),
+            sender: sender.clone(),
+            transactional_id,
+            connection: Some(connection),
+            reconnecting: false,
+            held: HashMap::new(),
+            group,
+            ownership_topic: ownership_topic(&shared.kafka),
+            hold,
+        };
+        std::thread::Builder::new()
+            .name("cmd-writer".into())
+            .spawn(move || thread.run(receiver))
+            .context("starting the writer thread")?;
+        Ok(Writer {
+            sender,
+            timeout: shared.kafka.timeout(),
+            shared,
+        })
+    }
+
+    /// Hands `request` for `partition` to the writer; refused when the writer's queue is
+    /// full or the writer stopped.
+    pub fn send<A: Routed>(&self, partition: i32, request: Request<A>) -> Result<(), Refused> {
+        self.sender
+            .try_send(A::message(partition, request))
+            .map_err(|_| Refused)
+    }
+
+    /// Rebuilds `partition` of both aggregate topics from the latest snapshots and the log,
+    /// and has the writer serve it. Returns the users' states it started from (for the
+    /// e-mail claims), or `None` when the partition was revoked meanwhile.
+    pub async fn take(
+        &self,
+        partition: i32,
+        still_owned: StillOwned,
+    ) -> anyhow::Result<Option<HashMap<Uuid, <UserAggregate as Aggregate>::State>>> {
+        let (users, users_next) = rebuild::state::<UserAggregate>(&self.shared, partition).await?;
+        let (news, news_next) = rebuild::state::<NewsAggregate>(&self.shared, partition).await?;
+        tracing::info!(
+            partition,
+            users = users.len(),
+            news = news.len(),
+            users_next,
+            news_next,
+            "partition rebuilt"
+        );
+        let initial = users.clone();
+        let held = Box::new(Held {
+            users: Log::new(users, users_next),
+            news: Log::new(news, news_next),
+            still_owned,
+        });
+        let (done, installed) = oneshot::channel();
+        self.sender
+            .send(Message(Inner::Install {
+                partition,
+                held,
+                done,
+            }))
+            .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
+        Ok(installed.await?.then_some(initial))
+    }
+
+    /// Stops the writer thread (what waits is refused).
+    pub fn stop(&self) {
+        let _ = self.sender.send(Message(Inner::Stop));
+    }
+
+    /// Stops serving `partition`; returns once no transaction in flight holds its records
+    /// and none will (blocking: called from the rebalance callback).
+    pub fn remove(&self, partition: i32) {
+        let (done, removed) = std_mpsc::channel();
+        if self
+            .sender
+            .send(Message(Inner::Remove { partition, done }))
+            .is_err()
+        {
+            return;
+        }
+        if removed.recv_timeout(self.timeout * 3).is_err() {
+            tracing::warn!(
+                partition,
+                "the writer did not confirm a revocation in time; the group generation fences it"
+            );
+        }
+    }
+}
+
+/// Transactional producers taken in turn. A committed transaction leaves its
+/// coordinator writing the commit markers for a few milliseconds, during which the same
+/// producer's next transaction is refused (CONCURRENT_TRANSACTIONS) and retried; the next
+/// producer's is not. Transactions still run one at a time, in order.
+pub(crate) struct Connection {
+    producers: Vec<Producer>,
     connected: Arc<AtomicBool>,
+    turn: usize,
+}
+
+/// Producers in the writer's turn.
+const PRODUCERS: usize = 2;
+
+async fn connect(shared: &Shared, transactional_id: &str) -> anyhow::Result<Connection> {
+    let connected = Arc::new(AtomicBool::new(true));
+    let timeout = shared.kafka.timeout();
+    let mut producers = Vec::with_capacity(PRODUCERS);
+    for turn in 0..PRODUCERS {
+        let context = WriterContext {
+            connected: connected.clone(),
+            kafka_up: shared.kafka_up.clone(),
+        };
+        let producer = Producer::with_context(
+            &transactional_producer(&shared.kafka, &format!("{transactional_id}.{turn}")),
+            context,
+        )?;
+        let init = producer.clone();
+        tokio::task::spawn_blocking(move || init.init_transactions(timeout)).await??;
+        producers.push(producer);
+    }
+    shared.kafka_up.store(true, Ordering::Relaxed);
+    Ok(Connection {
+        producers,
+        connected,
+        turn: 0,
+    })
 }
 
 /// How a transaction failed.
 enum Failure {
-    /// Aborted: nothing is in the log; the producer can go on.
+    /// Aborted: nothing is in the log; the producer goes on.
     Aborted(String),
-    /// Kafka did not confirm the outcome, or the abort failed: rebuild before going on.
+    /// Kafka did not confirm the outcome: reconnect, and rebuild the partitions involved.
     Uncertain(String),
-    /// Another owner took the partition: stop.
-    Fenced(String),
+    /// The producer was fenced or failed fatally (its transaction is aborted): reconnect.
+    Fatal(String),
 }
 
-fn transactional_id<A: Aggregate>(shared: &Shared, partition: i32) -> String {
-    format!(
-        "{}.cmd.{}.{}",
-        shared.kafka.topic_prefix,
-        A::STREAM.name(),
-        partition
-    )
-}
-
-/// The request queue of a started writer and the state it started from.
-pub type Started<A> = (
-    mpsc::Sender<Request<A>>,
-    HashMap<Uuid, <A as Aggregate>::State>,
-);
-
-/// Answers whether this process still owns the partition (after a fencing error, a
-/// writer whose process still owns the partition takes it back instead of stopping: the
-/// fencing came from a takeover that was abandoned).
-pub type StillOwned = Arc<dyn Fn() -> bool + Send + Sync>;
-
-/// Connects (fencing any previous writer of the partition), rebuilds the state, and starts
-/// the writer task; returns its request queue and a copy of the state it starts from.
-pub async fn start<A: Aggregate>(
-    shared: Arc<Shared>,
-    partition: i32,
-    still_owned: StillOwned,
-) -> anyhow::Result<Started<A>> {
-    let connection = connect::<A>(&shared, partition).await?;
-    let (states, next_offset) = rebuild::state::<A>(&shared, partition).await?;
-    tracing::info!(
-        stream = A::STREAM.name(),
-        partition,
-        aggregates = states.len(),
-        next_offset,
-        "partition writer ready"
-    );
-    let (sender, requests) = mpsc::channel(QUEUE);
-    let initial = states.clone();
-    let log = Log::new(states, next_offset);
-    tokio::spawn(run::<A>(
-        shared,
-        partition,
-        connection,
-        log,
-        requests,
-        still_owned,
-    ));
-    Ok((sender, initial))
-}
-
-async fn connect<A: Aggregate>(shared: &Shared, partition: i32) -> anyhow::Result<Connection> {
-    let id = transactional_id::<A>(shared, partition);
-    let connected = Arc::new(AtomicBool::new(true));
-    let context = WriterContext {
-        connected: connected.clone(),
-        kafka_up: shared.kafka_up.clone(),
-    };
-    let producer = Producer::with_context(&transactional_producer(&shared.kafka, &id), context)?;
-    let timeout = shared.kafka.timeout();
-    let init = producer.clone();
-    tokio::task::spawn_blocking(move || init.init_transactions(timeout)).await??;
-    shared.kafka_up.store(true, Ordering::Relaxed);
-    Ok(Connection {
-        producer,
-        connected,
-    })
-}
-
-async fn run<A: Aggregate>(
-    shared: Arc<Shared>,
-    partition: i32,
-    mut connection: Connection,
-    mut log: Log<A::State>,
-    mut requests: mpsc::Receiver<Request<A>>,
-    still_owned: StillOwned,
-) {
-    let topic = A::STREAM.topic(&shared.kafka);
-    while let Some(first) = requests.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        if !connection.connected.load(Ordering::Relaxed) {
-            refuse(batch, "Kafka is unreachable");
-            match recover::<A>(&shared, partition, &mut requests).await {
-                Some((c, l)) => (connection, log) = (c, l),
-                None => return,
-            }
-            continue;
-        }
-        match serve_batch::<A>(
-            &shared,
-            &topic,
-            partition,
-            &connection.producer,
-            &mut log.states,
-            batch,
-        )
-        .await
-        {
-            Ok(done) => {
-                if let Some(last) = done.last_offset {
-                    log.next_offset = last + 1;
-                }
-                log.since_snapshot += done.events;
-                let due = done.events > 0 && log.since_snapshot >= shared.kafka.snapshot_every;
-                if done.force_snapshot || due {
-                    log.since_snapshot = 0;
-                    let states: Vec<A::State> = log.states.values().cloned().collect();
-                    let (pool, next) = (shared.pool.clone(), log.next_offset);
-                    tokio::spawn(async move {
-                        if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
-                            tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
-                        }
-                    });
-                }
-            }
-            Err(Failure::Aborted(reason)) => {
-                tracing::warn!(partition, reason, "transaction aborted")
-            }
-            Err(Failure::Uncertain(reason)) => {
-                tracing::warn!(
-                    partition,
-                    reason,
-                    "transaction outcome unknown; rebuilding the partition"
-                );
-                match recover::<A>(&shared, partition, &mut requests).await {
-                    Some((c, l)) => (connection, log) = (c, l),
-                    None => return,
-                }
-            }
-            Err(Failure::Fenced(reason)) if still_owned() => {
-                tracing::warn!(
-                    stream = A::STREAM.name(),
-                    partition,
-                    reason,
-                    "fenced by an abandoned takeover; taking the partition back"
-                );
-                match recover::<A>(&shared, partition, &mut requests).await {
-                    Some((c, l)) => (connection, log) = (c, l),
-                    None => return,
-                }
-            }
-            Err(Failure::Fenced(reason)) => {
-                tracing::warn!(
-                    stream = A::STREAM.name(),
-                    partition,
-                    reason,
-                    "fenced: another process owns the partition now"
-                );
-                return;
-            }
-        }
-    }
-    tracing::info!(
-        stream = A::STREAM.name(),
-        partition,
-        "partition writer stopped"
-    );
-}
-
-/// Reconnects and rebuilds, refusing requests (fast 503) until it works. `None` when the
-/// partition was given up meanwhile (every sender gone).
-async fn recover<A: Aggregate>(
-    shared: &Arc<Shared>,
-    partition: i32,
-    requests: &mut mpsc::Receiver<Request<A>>,
-) -> Option<(Connection, Log<A::State>)> {
-    loop {
-        let attempt = async {
-            let connection = connect::<A>(shared, partition).await?;
-            let (states, next_offset) = rebuild::state::<A>(shared, partition).await?;
-            anyhow::Ok((connection, Log::new(states, next_offset)))
-        };
-        tokio::pin!(attempt);
-        // Refuse what arrives while the attempt runs, so callers never wait on a dead Kafka.
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut attempt => break outcome,
-                request = requests.recv() => match request {
-                    Some(request) => refuse(vec![request], "Kafka is unreachable"),
-                    None => return None,
-                },
-            }
-        };
-        match outcome {
-            Ok(recovered) => {
-                tracing::info!(
-                    stream = A::STREAM.name(),
-                    partition,
-                    "partition writer reconnected"
-                );
-                return Some(recovered);
-            }
-            Err(e) => {
-                tracing::debug!(partition, error = format!("{e:#}"), "reconnecting failed");
-                let pause = tokio::time::sleep(RECOVERY_PAUSE);
-                tokio::pin!(pause);
-                loop {
-                    tokio::select! {
-                        () = &mut pause => break,
-                        request = requests.recv() => match request {
-                            Some(request) => refuse(vec![request], "Kafka is unreachable"),
-                            None => return None,
-                        },
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn refuse<A: Aggregate>(batch: Vec<Request<A>>, reason: &str) {
-    for request in batch {
-        match request {
-            Request::Command { reply, .. } => {
-                APPENDS.with_label_values(&["refused"]).inc();
-                let _ = reply.send(Err(CommandError::unavailable(reason)));
-            }
-            Request::Read { reply, .. } => drop(reply),
-        }
-    }
-}
-
-/// What a committed batch did.
-struct BatchDone {
-    events: u64,
-    last_offset: Option<i64>,
+/// The decisions of one partition of one aggregate topic in the current batch.
+struct Decisions<S> {
+    /// State changes (None: the aggregate is gone), applied once committed.
+    overlay: HashMap<Uuid, Option<S>>,
+    decided: Vec<Decided<S>>,
+    reads: Vec<(Uuid, oneshot::Sender<Option<S>>)>,
     force_snapshot: bool,
+}
+
+impl<S> Default for Decisions<S> {
+    fn default() -> Self {
+        Decisions {
+            overlay: HashMap::new(),
+            decided: Vec::new(),
+            reads: Vec::new(),
+            force_snapshot: false,
+        }
+    }
 }
 
 struct Decided<S> {
     reply: oneshot::Sender<Result<Committed<S>, CommandError>>,
     id: Uuid,
     payload: Vec<u8>,
+    offset: i64,
 }
 
-async fn serve_batch<A: Aggregate>(
-    shared: &Arc<Shared>,
-    topic: &str,
-    partition: i32,
-    producer: &Producer,
-    states: &mut HashMap<Uuid, A::State>,
-    batch: Vec<Request<A>>,
-) -> Result<BatchDone, Failure> {
-    // Commands see the effects of earlier commands of the same batch (an overlay), so
-    // they are applied strictly one after another; nothing reaches `states` before commit.
-    let mut overlay: HashMap<Uuid, Option<A::State>> = HashMap::new();
-    let mut decided: Vec<Decided<A::State>> = Vec::new();
-    let mut reads = Vec::new();
-    let mut force_snapshot = false;
-    let id_of = |name: &str| shared.registry.id_of(name);
-    for request in batch {
-        match request {
-            Request::Read { id, reply } => reads.push((id, reply)),
-            Request::Command {
-                id,
-                command,
-                meta,
-                reply,
-            } => {
-                let current = match overlay.get(&id) {
-                    Some(state) => state.clone(),
-                    None => states.get(&id).cloned(),
-                };
-                let change = match A::handle(id, current.as_ref(), command) {
-                    Ok(change) => change,
-                    Err(refused) => {
-                        let _ = reply.send(Err(refused.into()));
-                        continue;
+/// A batch's decisions for one partition of both topics.
+#[derive(Default)]
+struct Batch {
+    users: Decisions<<UserAggregate as Aggregate>::State>,
+    news: Decisions<<NewsAggregate as Aggregate>::State>,
+}
+
+struct Thread {
+    shared: Arc<Shared>,
+    runtime: Handle,
+    sender: std_mpsc::SyncSender<Message>,
+    transactional_id: String,
+    connection: Option<Connection>,
+    reconnecting: bool,
+    held: HashMap<i32, Held>,
+    group: Group,
+    ownership_topic: String,
+    hold: Option<Duration>,
+}
+
+fn refuse<A: Aggregate>(request: Request<A>, reason: &str) {
+    match request {
+        Request::Command { reply, .. } => {
+            APPENDS.with_label_values(&["refused"]).inc();
+            let _ = reply.send(Err(CommandError::unavailable(reason)));
+        }
+        Request::Read { reply, .. } => drop(reply),
+    }
+}
+
+impl Thread {
+    fn run(mut self, receiver: std_mpsc::Receiver<Message>) {
+        // The group-commit window is sized by load: callers answered by one transaction
+        // come back with their next commands within a moment, so the next batch waits for
+        // as many commands as the last one had, for at most half the last transaction's
+        // time (never longer than GATHER_MAX). A lone caller finds its batch full at once.
+        let mut expected = 0usize;
+        let mut last_transaction = Duration::ZERO;
+        while let Ok(first) = receiver.recv() {
+            let mut batch: HashMap<i32, Batch> = HashMap::new();
+            let mut commands = 0;
+            let deadline = Instant::now() + (last_transaction / 2).min(GATHER_MAX);
+            let mut next = Some(first);
+            loop {
+                while let Some(message) = next.take() {
+                    if matches!(message.0, Inner::Stop) {
+                        self.held.clear();
+                        for (_, b) in batch {
+                            fail(b, "the command API is stopping", true);
+                        }
+                        tracing::info!("the writer stopped");
+                        return;
                     }
-                };
-                let version = current.as_ref().map_or(0, A::version) + 1;
-                let metadata = EventMetadata {
-                    event_id: meta.event_id,
-                    aggregate_id: id,
-                    aggregate_version: version,
-                    occurred_at: micros(meta.now),
-                    correlation_id: meta.correlation_id,
-                    causation_id: meta.command_id,
-                    actor_id: meta.actor_id,
-                    schema_version: 0,
-                };
-                match A::encode(&change, metadata, &shared.keys, &id_of) {
-                    Ok(payload) => {
-                        force_snapshot |= A::forces_snapshot(&change);
-                        let stamp = Stamp {
-                            id,
-                            version,
-                            at: meta.now,
-                        };
-                        overlay.insert(id, A::apply(current, &change, stamp));
-                        decided.push(Decided { reply, id, payload });
+                    commands += self.take(message, &mut batch);
+                    if commands < MAX_BATCH {
+                        next = receiver.try_recv().ok();
                     }
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "encoding an event failed");
-                        let _ = reply.send(Err(CommandError::unavailable(
-                            "the event could not be encoded",
-                        )));
-                    }
+                }
+                let now = Instant::now();
+                if commands == 0 || commands >= expected.min(MAX_BATCH) || now >= deadline {
+                    break;
+                }
+                match receiver.recv_timeout(deadline - now) {
+                    Ok(message) => next = Some(message),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let started = Instant::now();
+                let committed = self.commit_batch(batch);
+                if committed > 0 {
+                    expected = committed;
+                    last_transaction = started.elapsed();
                 }
             }
         }
+        tracing::info!("the writer stopped");
     }
-    let outcome = if decided.is_empty() {
-        Ok(Vec::new())
-    } else {
-        let records: Vec<(Uuid, Vec<u8>)> = decided
-            .iter_mut()
-            .map(|d| (d.id, std::mem::take(&mut d.payload)))
-            .collect();
-        let producer = producer.clone();
-        let topic = topic.to_owned();
-        let timeout = shared.kafka.timeout();
-        let started = std::time::Instant::now();
+
+    fn available(&mut self) -> Result<(), &'static str> {
+        match &self.connection {
+            Some(c) if c.connected.load(Ordering::Relaxed) => Ok(()),
+            _ => {
+                self.connection = None;
+                self.reconnect();
+                Err("Kafka is unreachable")
+            }
+        }
+    }
+
+    /// Starts a reconnection in the background unless one runs.
+    fn reconnect(&mut self) {
+        if self.reconnecting {
+            return;
+        }
+        self.reconnecting = true;
+        let (shared, id, sender) = (
+            self.shared.clone(),
+            self.transactional_id.clone(),
+            self.sender.clone(),
+        );
+        self.runtime.spawn(async move {
+            tokio::time::sleep(RECOVERY_PAUSE).await;
+            let outcome = connect(&shared, &id).await.map_err(|e| format!("{e:#}"));
+            let _ = sender.send(Message(Inner::Connected(outcome)));
+        });
+    }
+
+    /// Takes one message into the batch; returns how many commands it added.
+    fn take(&mut self, Message(message): Message, batch: &mut HashMap<i32, Batch>) -> usize {
+        match message {
+            Inner::Users(partition, request) => {
+                if !self.held.contains_key(&partition) {
+                    refuse(request, "the partition is not served here now");
+                    return 0;
+                }
+                if let Err(reason) = self.available() {
+                    refuse(request, reason);
+                    return 0;
+                }
+                let held = &self.held[&partition];
+                let decisions = &mut batch.entry(partition).or_default().users;
+                decide::<UserAggregate>(&self.shared, &held.users, decisions, request)
+            }
+            Inner::News(partition, request) => {
+                if !self.held.contains_key(&partition) {
+                    refuse(request, "the partition is not served here now");
+                    return 0;
+                }
+                if let Err(reason) = self.available() {
+                    refuse(request, reason);
+                    return 0;
+                }
+                let held = &self.held[&partition];
+                let decisions = &mut batch.entry(partition).or_default().news;
+                decide::<NewsAggregate>(&self.shared, &held.news, decisions, request)
+            }
+            Inner::Install {
+                partition,
+                held,
+                done,
+            } => {
+                // A revocation that came during the rebuild wins.
+                let installed = (held.still_owned)();
+                if installed {
+                    self.held.insert(partition, *held);
+                }
+                let _ = done.send(installed);
+                0
+            }
+            Inner::Remove { partition, done } => {
+                // Between transactions: nothing of this partition is in flight. What the
+                // batch being gathered decided for it is refused, not committed.
+                self.held.remove(&partition);
+                if let Some(dropped) = batch.remove(&partition) {
+                    fail(dropped, "the partition moved to another process", true);
+                }
+                let _ = done.send(());
+                0
+            }
+            Inner::Connected(Ok(connection)) => {
+                self.reconnecting = false;
+                self.connection = Some(connection);
+                tracing::info!("the writer reconnected to Kafka");
+                0
+            }
+            Inner::Stop => 0,
+            Inner::Connected(Err(error)) => {
+                self.reconnecting = false;
+                tracing::debug!(error, "reconnecting the writer failed");
+                self.reconnect();
+                0
+            }
+        }
+    }
+
+    /// Commits what the batch decided; returns how many commands it committed.
+    fn commit_batch(&mut self, mut batch: HashMap<i32, Batch>) -> usize {
+        let mut records: Vec<(&'static str, i32, Uuid, Vec<u8>)> = Vec::new();
+        for (partition, b) in batch.iter_mut() {
+            for d in &mut b.users.decided {
+                records.push(("users", *partition, d.id, std::mem::take(&mut d.payload)));
+            }
+            for d in &mut b.news.decided {
+                records.push(("news", *partition, d.id, std::mem::take(&mut d.payload)));
+            }
+        }
+        if records.is_empty() {
+            for (partition, b) in batch {
+                self.answer(partition, b);
+            }
+            return 0;
+        }
+        let Some(connection) = &mut self.connection else {
+            for (_, b) in batch {
+                fail(b, "Kafka is unreachable", true);
+            }
+            return 0;
+        };
+        connection.turn = (connection.turn + 1) % connection.producers.len();
+        let producer = connection.producers[connection.turn].clone();
+        let started = Instant::now();
         let count = records.len();
-        let outcome = tokio::task::spawn_blocking(move || {
-            commit(&producer, &topic, partition, &records, timeout)
-        })
-        .await
-        .unwrap_or_else(|e| Err(Failure::Uncertain(format!("the commit task failed: {e}"))));
+        let partitions: Vec<i32> = batch.keys().copied().collect();
+        let outcome = self.transaction(&producer, &records, &partitions);
         tracing::debug!(
-            partition,
             events = count,
+            partitions = partitions.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "transaction"
         );
-        outcome
-    };
-    match outcome {
-        Ok(offsets) => {
-            APPENDS
-                .with_label_values(&["committed"])
-                .inc_by(decided.len() as u64);
-            let summary = BatchDone {
-                events: decided.len() as u64,
-                last_offset: offsets.iter().copied().max(),
-                force_snapshot,
-            };
-            for (id, state) in overlay {
-                match state {
-                    Some(state) => states.insert(id, state),
-                    None => states.remove(&id),
+        match outcome {
+            Ok(offsets) => {
+                let mut offsets = offsets.into_iter();
+                for b in batch.values_mut() {
+                    for d in &mut b.users.decided {
+                        d.offset = offsets.next().unwrap_or(-1);
+                    }
+                    for d in &mut b.news.decided {
+                        d.offset = offsets.next().unwrap_or(-1);
+                    }
+                }
+                APPENDS
+                    .with_label_values(&["committed"])
+                    .inc_by(count as u64);
+                for (partition, b) in batch {
+                    self.answer(partition, b);
+                }
+                count
+            }
+            Err(failure) => {
+                APPENDS.with_label_values(&["failed"]).inc_by(count as u64);
+                let (reason, definitive) = match &failure {
+                    Failure::Aborted(r) | Failure::Fatal(r) => (r.clone(), true),
+                    Failure::Uncertain(r) => (r.clone(), false),
                 };
+                tracing::warn!(reason, definitive, "transaction failed");
+                for (partition, mut b) in batch {
+                    if let Some(held) = self.held.get(&partition) {
+                        read(&held.users, &mut b.users);
+                        read(&held.news, &mut b.news);
+                    }
+                    fail(b, &reason, definitive);
+                }
+                match failure {
+                    Failure::Aborted(_) => {}
+                    Failure::Fatal(_) => {
+                        self.connection = None;
+                        self.reconnect();
+                    }
+                    Failure::Uncertain(_) => {
+                        // The states of these partitions may lag the log: rebuild them.
+                        // The new producer's init_transactions settles the open
+                        // transaction, and the rebuild reads past it.
+                        self.connection = None;
+                        self.reconnect();
+                        for partition in partitions {
+                            if let Some(held) = self.held.remove(&partition) {
+                                self.rebuild(partition, held.still_owned);
+                            }
+                        }
+                    }
+                }
+                0
             }
-            for (d, offset) in decided.into_iter().zip(offsets) {
-                let answer = states
-                    .get(&d.id)
-                    .cloned()
-                    .map(|state| Committed {
-                        state,
-                        position: Position { partition, offset },
-                    })
-                    .ok_or_else(|| CommandError::unavailable("state missing after commit"));
-                let _ = d.reply.send(answer);
-            }
-            for (id, reply) in reads {
-                let _ = reply.send(states.get(&id).cloned());
-            }
-            Ok(summary)
         }
-        Err(failure) => {
-            APPENDS
-                .with_label_values(&["failed"])
-                .inc_by(decided.len() as u64);
-            let (reason, definitive) = match &failure {
-                Failure::Aborted(r) | Failure::Fenced(r) => (r.clone(), true),
-                Failure::Uncertain(r) => (r.clone(), false),
+    }
+
+    /// Rebuilds a partition whose last transaction's outcome is unknown, then serves it
+    /// again (unless it was revoked meanwhile).
+    fn rebuild(&self, partition: i32, still_owned: StillOwned) {
+        let writer = Writer {
+            sender: self.sender.clone(),
+            shared: self.shared.clone(),
+            timeout: self.shared.kafka.timeout(),
+        };
+        self.runtime.spawn(async move {
+            while still_owned() {
+                match writer.take(partition, still_owned.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(partition, "partition rebuilt after an unknown outcome");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition, error = format!("{e:#}"), "rebuilding failed");
+                        tokio::time::sleep(RECOVERY_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Applies a committed batch of one partition to the held states and answers it.
+    fn answer(&mut self, partition: i32, batch: Batch) {
+        let Some(held) = self.held.get_mut(&partition) else {
+            fail(batch, "the partition moved to another process", false);
+            return;
+        };
+        settle::<UserAggregate>(
+            &self.shared,
+            &self.runtime,
+            partition,
+            &mut held.users,
+            batch.users,
+        );
+        settle::<NewsAggregate>(
+            &self.shared,
+            &self.runtime,
+            partition,
+            &mut held.news,
+            batch.news,
+        );
+    }
+
+    /// Begins, produces, waits for the acknowledgements, commits the ownership offsets
+    /// with the group metadata (the zombie fence), commits. Offsets in record order.
+    fn transaction(
+        &self,
+        producer: &Producer,
+        records: &[(&'static str, i32, Uuid, Vec<u8>)],
+        partitions: &[i32],
+    ) -> Result<Vec<i64>, Failure> {
+        let timeout = self.shared.kafka.timeout();
+        let abort = |error: KafkaError| {
+            if is_fatal(&error) {
+                return Failure::Fatal(error.to_string());
+            }
+            match producer.abort_transaction(timeout) {
+                Ok(()) => Failure::Aborted(error.to_string()),
+                Err(abort) if is_fatal(&abort) => Failure::Fatal(abort.to_string()),
+                // Nothing was committed; the next init_transactions aborts what is open.
+                Err(abort) => Failure::Fatal(format!("{error}; abort failed: {abort}")),
+            }
+        };
+        // Read before anything is produced: a generation that moves on during the
+        // transaction makes its commit fail.
+        let group = self.group.metadata().ok_or_else(|| {
+            Failure::Aborted("this process has not joined the ownership group".into())
+        })?;
+        let start = Instant::now();
+        producer.begin_transaction().map_err(abort)?;
+        if let Some(hold) = self.hold {
+            std::thread::sleep(hold);
+        }
+        let topics = [
+            (
+                "users",
+                newsroom_infra::kafka::Stream::Users.topic(&self.shared.kafka),
+            ),
+            (
+                "news",
+                newsroom_infra::kafka::Stream::News.topic(&self.shared.kafka),
+            ),
+        ];
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(records.len());
+        for (stream, partition, key, payload) in records {
+            let topic = if *stream == "users" {
+                &topics[0].1
+            } else {
+                &topics[1].1
             };
-            for d in decided {
-                let _ = d.reply.send(Err(CommandError::Unavailable {
-                    reason: reason.clone(),
-                    definitive,
-                }));
+            let record = Record {
+                topic,
+                partition: Some(*partition),
+                key: Some(key.as_bytes().as_slice()),
+                payload: Some(payload),
+                headers: None,
+            };
+            deliveries.push(producer.send(record).map_err(abort)?);
+        }
+        // Every record must be in the log before the ownership check: a process that
+        // passed it and was frozen before producing could otherwise append behind the
+        // log end its successor rebuilt from.
+        let mut offsets = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match futures::executor::block_on(delivery) {
+                Ok((_, offset)) => offsets.push(offset),
+                Err(error) => return Err(abort(error)),
             }
-            for (id, reply) in reads {
-                let _ = reply.send(states.get(&id).cloned());
+        }
+        // The delivery counter can lag the reports by a moment; settle it with short
+        // flushes so that the commit's own flush finds nothing in flight.
+        let deadline = Instant::now() + timeout;
+        while producer.flush(Duration::from_millis(1)).is_err() {
+            if Instant::now() >= deadline {
+                return Err(abort(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)));
             }
-            Err(failure)
+        }
+        let mut owned = TopicPartitionList::new();
+        for partition in partitions {
+            owned
+                .add_partition_offset(&self.ownership_topic, *partition, Offset::Offset(0))
+                .map_err(|e| Failure::Aborted(e.to_string()))?;
+        }
+        let produced = start.elapsed();
+        producer
+            .send_offsets_to_transaction(&owned, &group, timeout)
+            .map_err(abort)?;
+        let offsets_sent = start.elapsed();
+        let commit = producer.commit_transaction(timeout);
+        tracing::debug!(
+            produced_ms = produced.as_secs_f64() * 1000.0,
+            offsets_ms = offsets_sent.as_secs_f64() * 1000.0,
+            committed_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "transaction steps"
+        );
+        if let Err(error) = commit {
+            return Err(match &error {
+                KafkaError::Transaction(e) if e.txn_requires_abort() => abort(error),
+                _ if is_fatal(&error) => Failure::Fatal(error.to_string()),
+                _ => Failure::Uncertain(error.to_string()),
+            });
+        }
+        Ok(offsets)
+    }
+}
+
+/// Decides one request against the held state plus the batch's earlier changes.
+fn decide<A: Aggregate>(
+    shared: &Shared,
+    log: &Log<A::State>,
+    decisions: &mut Decisions<A::State>,
+    request: Request<A>,
+) -> usize {
+    let (id, command, meta, reply) = match request {
+        Request::Read { id, reply } => {
+            decisions.reads.push((id, reply));
+            return 0;
+        }
+        Request::Command {
+            id,
+            command,
+            meta,
+            reply,
+        } => (id, command, meta, reply),
+    };
+    let current = match decisions.overlay.get(&id) {
+        Some(state) => state.clone(),
+        None => log.states.get(&id).cloned(),
+    };
+    let change = match A::handle(id, current.as_ref(), command) {
+        Ok(change) => change,
+        Err(refused) => {
+            let _ = reply.send(Err(refused.into()));
+            return 0;
+        }
+    };
+    let version = current.as_ref().map_or(0, A::version) + 1;
+    let metadata = EventMetadata {
+        event_id: meta.event_id,
+        aggregate_id: id,
+        aggregate_version: version,
+        occurred_at: micros(meta.now),
+        correlation_id: meta.correlation_id,
+        causation_id: meta.command_id,
+        actor_id: meta.actor_id,
+        schema_version: 0,
+    };
+    let id_of = |name: &str| shared.registry.id_of(name);
+    match A::encode(&change, metadata, &shared.keys, &id_of) {
+        Ok(payload) => {
+            decisions.force_snapshot |= A::forces_snapshot(&change);
+            let stamp = Stamp {
+                id,
+                version,
+                at: meta.now,
+            };
+            decisions
+                .overlay
+                .insert(id, A::apply(current, &change, stamp));
+            decisions.decided.push(Decided {
+                reply,
+                id,
+                payload,
+                offset: -1,
+            });
+            1
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "encoding an event failed");
+            let _ = reply.send(Err(CommandError::unavailable(
+                "the event could not be encoded",
+            )));
+            0
         }
     }
 }
 
-fn is_fenced(error: &KafkaError) -> bool {
+/// Applies committed decisions to `log`, answers them, and takes a snapshot when due.
+fn settle<A: Aggregate>(
+    shared: &Arc<Shared>,
+    runtime: &Handle,
+    partition: i32,
+    log: &mut Log<A::State>,
+    decisions: Decisions<A::State>,
+) {
+    let events = decisions.decided.len() as u64;
+    for (id, state) in decisions.overlay {
+        match state {
+            Some(state) => log.states.insert(id, state),
+            None => log.states.remove(&id),
+        };
+    }
+    for d in decisions.decided {
+        log.next_offset = log.next_offset.max(d.offset + 1);
+        let answer = log
+            .states
+            .get(&d.id)
+            .cloned()
+            .map(|state| Committed {
+                state,
+                position: Position {
+                    partition,
+                    offset: d.offset,
+                },
+            })
+            .ok_or_else(|| CommandError::unavailable("state missing after commit"));
+        let _ = d.reply.send(answer);
+    }
+    for (id, reply) in decisions.reads {
+        let _ = reply.send(log.states.get(&id).cloned());
+    }
+    log.since_snapshot += events;
+    let due = events > 0 && log.since_snapshot >= shared.kafka.snapshot_every;
+    if decisions.force_snapshot || due {
+        log.since_snapshot = 0;
+        let states: Vec<A::State> = log.states.values().cloned().collect();
+        let (pool, next) = (shared.pool.clone(), log.next_offset);
+        runtime.spawn(async move {
+            if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
+                tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
+            }
+        });
+    }
+}
+
+/// Answers the reads of a batch with the committed states.
+fn read<S: Clone>(log: &Log<S>, decisions: &mut Decisions<S>) {
+    for (id, reply) in decisions.reads.drain(..) {
+        let _ = reply.send(log.states.get(&id).cloned());
+    }
+}
+
+/// Answers a batch that did not commit (reads get the committed state: none here).
+fn fail(batch: Batch, reason: &str, definitive: bool) {
+    fn each<S>(decisions: Decisions<S>, reason: &str, definitive: bool) {
+        for d in decisions.decided {
+            let _ = d.reply.send(Err(CommandError::Unavailable {
+                reason: reason.to_owned(),
+                definitive,
+            }));
+        }
+    }
+    each(batch.users, reason, definitive);
+    each(batch.news, reason, definitive);
+}
+
+fn is_fatal(error: &KafkaError) -> bool {
     match error {
         KafkaError::Transaction(e) => e.is_fatal() || e.code() == RDKafkaErrorCode::Fenced,
         other => matches!(
@@ -478,63 +933,4 @@ fn is_fenced(error: &KafkaError) -> bool {
             )
         ),
     }
-}
-
-/// Begins, produces, commits. Runs on a blocking thread.
-fn commit(
-    producer: &Producer,
-    topic: &str,
-    partition: i32,
-    records: &[(Uuid, Vec<u8>)],
-    timeout: Duration,
-) -> Result<Vec<i64>, Failure> {
-    let abort = |error: KafkaError| {
-        if is_fenced(&error) {
-            return Failure::Fenced(error.to_string());
-        }
-        match producer.abort_transaction(timeout) {
-            Ok(()) => Failure::Aborted(error.to_string()),
-            Err(abort) if is_fenced(&abort) => Failure::Fenced(abort.to_string()),
-            // Nothing was committed; the next init_transactions aborts what is open.
-            Err(abort) => Failure::Uncertain(format!("{error}; abort failed: {abort}")),
-        }
-    };
-    producer.begin_transaction().map_err(abort)?;
-    let mut deliveries = Vec::with_capacity(records.len());
-    for (key, payload) in records {
-        let record = Record {
-            topic,
-            partition: Some(partition),
-            key: Some(key.as_bytes().as_slice()),
-            payload: Some(payload),
-            headers: None,
-        };
-        deliveries.push(producer.send(record).map_err(abort)?);
-    }
-    // Wait for the acknowledgements first: with nothing left in flight, the flush inside
-    // commit_transaction returns at once (otherwise rust-rdkafka's flush polls the event
-    // queue that the polling thread drains, and waits 100 ms for nothing).
-    let mut offsets = Vec::with_capacity(deliveries.len());
-    for delivery in deliveries {
-        match futures::executor::block_on(delivery) {
-            Ok((_, offset)) => offsets.push(offset),
-            Err(error) => return Err(abort(error)),
-        }
-    }
-    // The delivery counter can lag the reports by a moment; settle it with short flushes
-    // so that commit_transaction's own flush finds nothing in flight.
-    let deadline = std::time::Instant::now() + timeout;
-    while producer.flush(Duration::from_millis(1)).is_err() {
-        if std::time::Instant::now() >= deadline {
-            return Err(abort(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)));
-        }
-    }
-    if let Err(error) = producer.commit_transaction(timeout) {
-        return Err(match &error {
-            KafkaError::Transaction(e) if e.txn_requires_abort() => abort(error),
-            _ if is_fenced(&error) => Failure::Fenced(error.to_string()),
-            _ => Failure::Uncertain(error.to_string()),
-        });
-    }
-    Ok(offsets)
 }

@@ -100,8 +100,8 @@ pub async fn place<A: Owned>(
     body: &[u8],
     partition: i32,
 ) -> Result<Placement, ApiError> {
-    match state.owners.route::<A>(partition) {
-        Route::Local(_) => Ok(Placement::Here),
+    match state.owners.route(partition) {
+        Route::Local => Ok(Placement::Here),
         Route::Starting => Err(ApiError::Unavailable(format!(
             "partition {partition} is being taken over; retry shortly"
         ))),

@@ -40,8 +40,12 @@ async fn author(state: &State, id: Uuid) -> AuthorView {
             state.authors.put(id, &name);
             name
         }
-        // Not projected yet (a brand-new editor), or erased before the projection ran.
-        None if state.shared.keys.get(id).is_some() => String::new(),
+        // Not projected yet (a brand-new editor), or erased before the projection ran;
+        // remembered like a name, so that a burst of commands asks once.
+        None if state.shared.keys.get(id).is_some() => {
+            state.authors.put(id, "");
+            String::new()
+        }
         None => DELETED_AUTHOR.to_owned(),
     };
     AuthorView { id, name }
@@ -137,12 +141,12 @@ pub async fn create(
             "validated fields missing"
         )));
     };
-    if state.owners.ready::<NewsAggregate>().is_empty() {
+    if state.owners.ready().is_empty() {
         return Err(ApiError::Unavailable(
             "this process writes no partition yet; retry shortly".into(),
         ));
     }
-    let id = state.owners.new_id::<NewsAggregate>();
+    let id = state.owners.new_id();
     let command = NewsCommand::Draft {
         actor,
         category,

@@ -67,12 +67,12 @@ pub async fn register_user(
     meta: RequestMeta,
 ) -> Result<Committed<User>, ApiError> {
     let owners = &state.owners;
-    if owners.ready::<UserAggregate>().is_empty() {
+    if owners.ready().is_empty() {
         return Err(ApiError::Unavailable(
             "this process writes no partition yet; retry shortly".into(),
         ));
     }
-    let id = owners.new_id::<UserAggregate>();
+    let id = owners.new_id();
     let partition = owners.partition_of(id);
     let claims = &state.shared.claims;
     let claim = claims.claim_of(&email);
