@@ -100,7 +100,13 @@ pub async fn build(
     let group = owner::writer::Group::default();
     let writer = owner::writer::Writer::start(shared.clone(), &instance, group.clone()).await?;
     let owners = Arc::new(Owners::new(partitions, writer));
-    let membership = Membership::join(shared.clone(), owners.clone(), &instance, &group)?;
+    let membership = match Membership::join(shared.clone(), owners.clone(), &instance, &group) {
+        Ok(membership) => membership,
+        Err(e) => {
+            owners.writer.stop();
+            return Err(e);
+        }
+    };
     let state = web::Data::new(State {
         owners: owners.clone(),
         shared,

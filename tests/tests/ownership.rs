@@ -619,6 +619,16 @@ mod writers {
         outcome.map(|c| c.state.version).ok()
     }
 
+    fn reason<T: std::fmt::Debug>(outcome: &Result<T, CommandError>) -> String {
+        match outcome {
+            Err(CommandError::Unavailable {
+                reason,
+                definitive: true,
+            }) => reason.clone(),
+            other => format!("not a definitive refusal: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_writer_of_an_old_group_generation_cannot_append() -> anyhow::Result<()> {
         let f = Fixture::new(0, 10_000).await?;
@@ -633,22 +643,23 @@ mod writers {
             "the first owner writes"
         );
 
-        // The first member leaves, a second joins: a new generation owns the partition.
-        first.leave();
+        // A second member joins while the first stays: the generation moves on, and the
+        // coordinator refuses the old generation even from a member it still has.
         let second = f.member().await?;
+        let stale = f.send(&old, f.publish(1)).await?;
+        assert!(
+            reason(&stale).contains("generation"),
+            "the old generation cannot commit: {stale:?}"
+        );
+
+        // The first member leaves: it is unknown now.
+        first.leave();
         let new = f.writer("new", second.group()).await?;
         f.take(&new).await?;
-
         let zombie = f.send(&old, f.publish(1)).await?;
         assert!(
-            matches!(
-                zombie,
-                Err(CommandError::Unavailable {
-                    definitive: true,
-                    ..
-                })
-            ),
-            "the old generation's writer cannot append: {zombie:?}"
+            reason(&zombie).contains("member"),
+            "a member that left cannot commit: {zombie:?}"
         );
         let current = f.send(&new, f.publish(1)).await?;
         assert_eq!(
@@ -659,13 +670,17 @@ mod writers {
         assert_eq!(
             f.versions_in_log().await?,
             vec![1, 2],
-            "one draft, one publication, nothing from the zombie"
+            "one draft, one publication, nothing from the old generation"
         );
 
         // A writer whose member left (librdkafka resets the membership, which the
         // coordinator would accept) refuses to commit at all.
         second.leave();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while newsroom_infra::kafka::group_membership(second.consumer.client()).is_some() {
+            anyhow::ensure!(Instant::now() < deadline, "the second member never left");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let orphan = f
             .send(
                 &new,
@@ -676,7 +691,7 @@ mod writers {
             )
             .await?;
         assert!(
-            matches!(orphan, Err(CommandError::Unavailable { .. })),
+            reason(&orphan).contains("has not joined the ownership group"),
             "a writer outside the group cannot append: {orphan:?}"
         );
         assert_eq!(f.versions_in_log().await?, vec![1, 2]);

@@ -144,11 +144,8 @@ enum Inner {
         held: Box<Held>,
         done: oneshot::Sender<bool>,
     },
-    /// Stop serving a partition; answered once no transaction holds its records.
-    Remove {
-        partition: i32,
-        done: std_mpsc::Sender<()>,
-    },
+    /// Stop serving a partition (drop its state).
+    Remove { partition: i32 },
     /// A reconnection attempt finished.
     Connected(Result<Connection, String>),
     /// Stop the thread.
@@ -174,6 +171,46 @@ impl Routed for NewsAggregate {
     }
 }
 
+/// Orders revocations with transactions. A transaction passes the gate once, before it
+/// produces anything, keeping only the partitions this process still holds; a revocation
+/// (which first withdraws the assignment that `still_owned` reads) then waits until every
+/// transaction that passed before it has finished. So once a revocation returns, every
+/// record this process will ever have produced for the partition is acknowledged, below
+/// the log end the next owner's rebuild reads to, and no later one is produced.
+#[derive(Default)]
+struct Gate {
+    /// Transactions that passed, and transactions finished.
+    counts: std::sync::Mutex<(u64, u64)>,
+    finished: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Lets a transaction pass with the partitions `keep` accepts; its number.
+    fn pass(&self, keep: impl FnOnce()) -> u64 {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        keep();
+        counts.0 += 1;
+        counts.0
+    }
+
+    fn finish(&self, number: u64) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.1 = counts.1.max(number);
+        self.finished.notify_all();
+    }
+
+    /// Waits (at most `limit`) until every transaction that passed has finished.
+    fn drain(&self, limit: Duration) -> bool {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let target = counts.0;
+        let (counts, _) = self
+            .finished
+            .wait_timeout_while(counts, limit, |c| c.1 < target)
+            .unwrap_or_else(|e| e.into_inner());
+        counts.1 >= target
+    }
+}
+
 /// The writer's queue is full, or the writer stopped.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the writer's queue is full or it stopped")]
@@ -184,6 +221,7 @@ pub struct Refused;
 pub struct Writer {
     sender: std_mpsc::SyncSender<Message>,
     shared: Arc<Shared>,
+    gate: Arc<Gate>,
     timeout: Duration,
 }
 
@@ -198,7 +236,9 @@ impl Writer {
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
+        let gate = Arc::new(Gate::default());
         let thread = Thread {
+            gate: gate.clone(),
             shared: shared.clone(),
             runtime: Handle::current(),
             sender: sender.clone(),
@@ -216,6 +256,7 @@ impl Writer {
             .context("starting the writer thread")?;
         Ok(Writer {
             sender,
+            gate,
             timeout: shared.kafka.timeout(),
             shared,
         })
@@ -254,13 +295,16 @@ impl Writer {
             still_owned,
         });
         let (done, installed) = oneshot::channel();
-        self.sender
-            .send(Message(Inner::Install {
+        post(
+            &self.sender,
+            Message(Inner::Install {
                 partition,
                 held,
                 done,
-            }))
-            .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
+            }),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
         Ok(installed.await?.then_some(initial))
     }
 
@@ -269,22 +313,35 @@ impl Writer {
         let _ = self.sender.send(Message(Inner::Stop));
     }
 
-    /// Stops serving `partition`; returns once no transaction in flight holds its records
-    /// and none will (blocking: called from the rebalance callback).
+    /// Stops serving `partition`, whose assignment the caller withdrew already: returns once
+    /// no transaction of this process holds records of it that are not acknowledged, and
+    /// none will produce any (blocking: called from the rebalance callback).
     pub fn remove(&self, partition: i32) {
-        let (done, removed) = std_mpsc::channel();
-        if self
-            .sender
-            .send(Message(Inner::Remove { partition, done }))
-            .is_err()
-        {
-            return;
-        }
-        if removed.recv_timeout(self.timeout * 3).is_err() {
-            tracing::warn!(
+        // The state is dropped in the queue's order; the gate is what makes it safe.
+        let _ = self.sender.try_send(Message(Inner::Remove { partition }));
+        // A transaction that passed the gate ends within its calls' timeouts (deliveries,
+        // flush, offsets, commit: about four), so this wait does not run out.
+        if !self.gate.drain(self.timeout * 5) {
+            tracing::error!(
                 partition,
-                "the writer did not confirm a revocation in time; the group generation fences it"
+                "a transaction of the revoked partition did not finish in time"
             );
+        }
+    }
+}
+
+/// Sends a message from async code without blocking a runtime thread while the queue is
+/// full.
+async fn post(sender: &std_mpsc::SyncSender<Message>, message: Message) -> Result<(), Refused> {
+    let mut message = message;
+    loop {
+        match sender.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(std_mpsc::TrySendError::Full(back)) => {
+                message = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(Refused),
         }
     }
 }
@@ -372,6 +429,7 @@ struct Batch {
 }
 
 struct Thread {
+    gate: Arc<Gate>,
     shared: Arc<Shared>,
     runtime: Handle,
     sender: std_mpsc::SyncSender<Message>,
@@ -468,7 +526,7 @@ impl Thread {
         self.runtime.spawn(async move {
             tokio::time::sleep(RECOVERY_PAUSE).await;
             let outcome = connect(&shared, &id).await.map_err(|e| format!("{e:#}"));
-            let _ = sender.send(Message(Inner::Connected(outcome)));
+            let _ = post(&sender, Message(Inner::Connected(outcome))).await;
         });
     }
 
@@ -476,30 +534,22 @@ impl Thread {
     fn take(&mut self, Message(message): Message, batch: &mut HashMap<i32, Batch>) -> usize {
         match message {
             Inner::Users(partition, request) => {
-                if !self.held.contains_key(&partition) {
+                let available = self.available();
+                let Some(held) = self.held.get(&partition) else {
                     refuse(request, "the partition is not served here now");
                     return 0;
-                }
-                if let Err(reason) = self.available() {
-                    refuse(request, reason);
-                    return 0;
-                }
-                let held = &self.held[&partition];
+                };
                 let decisions = &mut batch.entry(partition).or_default().users;
-                decide::<UserAggregate>(&self.shared, &held.users, decisions, request)
+                admit::<UserAggregate>(&self.shared, available, &held.users, decisions, request)
             }
             Inner::News(partition, request) => {
-                if !self.held.contains_key(&partition) {
+                let available = self.available();
+                let Some(held) = self.held.get(&partition) else {
                     refuse(request, "the partition is not served here now");
                     return 0;
-                }
-                if let Err(reason) = self.available() {
-                    refuse(request, reason);
-                    return 0;
-                }
-                let held = &self.held[&partition];
+                };
                 let decisions = &mut batch.entry(partition).or_default().news;
-                decide::<NewsAggregate>(&self.shared, &held.news, decisions, request)
+                admit::<NewsAggregate>(&self.shared, available, &held.news, decisions, request)
             }
             Inner::Install {
                 partition,
@@ -514,14 +564,13 @@ impl Thread {
                 let _ = done.send(installed);
                 0
             }
-            Inner::Remove { partition, done } => {
-                // Between transactions: nothing of this partition is in flight. What the
-                // batch being gathered decided for it is refused, not committed.
+            Inner::Remove { partition } => {
+                // What the batch being gathered decided for it is refused, not committed
+                // (the gate would refuse it anyway).
                 self.held.remove(&partition);
                 if let Some(dropped) = batch.remove(&partition) {
                     fail(dropped, "the partition moved to another process", true);
                 }
-                let _ = done.send(());
                 0
             }
             Inner::Connected(Ok(connection)) => {
@@ -542,6 +591,26 @@ impl Thread {
 
     /// Commits what the batch decided; returns how many commands it committed.
     fn commit_batch(&mut self, mut batch: HashMap<i32, Batch>) -> usize {
+        // Through the gate: partitions revoked meanwhile are refused, not produced.
+        let mut revoked = Vec::new();
+        let number = self.gate.pass(|| {
+            for partition in batch.keys() {
+                if !self.held.get(partition).is_some_and(|h| (h.still_owned)()) {
+                    revoked.push(*partition);
+                }
+            }
+        });
+        for partition in revoked {
+            if let Some(dropped) = batch.remove(&partition) {
+                fail(dropped, "the partition moved to another process", true);
+            }
+        }
+        let committed = self.gated_commit(batch);
+        self.gate.finish(number);
+        committed
+    }
+
+    fn gated_commit(&mut self, mut batch: HashMap<i32, Batch>) -> usize {
         let mut records: Vec<(&'static str, i32, Uuid, Vec<u8>)> = Vec::new();
         for (partition, b) in batch.iter_mut() {
             for d in &mut b.users.decided {
@@ -567,7 +636,11 @@ impl Thread {
         let producer = connection.producers[connection.turn].clone();
         let started = Instant::now();
         let count = records.len();
-        let partitions: Vec<i32> = batch.keys().copied().collect();
+        let partitions: Vec<i32> = batch
+            .iter()
+            .filter(|(_, b)| !b.users.decided.is_empty() || !b.news.decided.is_empty())
+            .map(|(p, _)| *p)
+            .collect();
         let outcome = self.transaction(&producer, &records, &partitions);
         tracing::debug!(
             events = count,
@@ -638,6 +711,7 @@ impl Thread {
         let writer = Writer {
             sender: self.sender.clone(),
             shared: self.shared.clone(),
+            gate: self.gate.clone(),
             timeout: self.shared.kafka.timeout(),
         };
         self.runtime.spawn(async move {
@@ -698,11 +772,18 @@ impl Thread {
                 Err(abort) => Failure::Fatal(format!("{error}; abort failed: {abort}")),
             }
         };
-        // Read before anything is produced: a generation that moves on during the
-        // transaction makes its commit fail.
+        // The coordinator checks this member and generation when the offsets are sent,
+        // which is after every record is acknowledged: a process that is no longer the
+        // member it was here cannot commit.
         let group = self.group.metadata().ok_or_else(|| {
             Failure::Aborted("this process has not joined the ownership group".into())
         })?;
+        let mut owned = TopicPartitionList::new();
+        for partition in partitions {
+            owned
+                .add_partition_offset(&self.ownership_topic, *partition, Offset::Offset(0))
+                .map_err(|e| Failure::Aborted(e.to_string()))?;
+        }
         let start = Instant::now();
         producer.begin_transaction().map_err(abort)?;
         if let Some(hold) = self.hold {
@@ -752,12 +833,6 @@ impl Thread {
                 return Err(abort(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)));
             }
         }
-        let mut owned = TopicPartitionList::new();
-        for partition in partitions {
-            owned
-                .add_partition_offset(&self.ownership_topic, *partition, Offset::Offset(0))
-                .map_err(|e| Failure::Aborted(e.to_string()))?;
-        }
         let produced = start.elapsed();
         producer
             .send_offsets_to_transaction(&owned, &group, timeout)
@@ -778,6 +853,28 @@ impl Thread {
             });
         }
         Ok(offsets)
+    }
+}
+
+/// Takes a request into the batch: decided when Kafka is reachable; otherwise a command is
+/// refused at once and a read answered from the held state.
+fn admit<A: Aggregate>(
+    shared: &Shared,
+    available: Result<(), &'static str>,
+    log: &Log<A::State>,
+    decisions: &mut Decisions<A::State>,
+    request: Request<A>,
+) -> usize {
+    match (available, request) {
+        (Ok(()), request) => decide::<A>(shared, log, decisions, request),
+        (Err(_), Request::Read { id, reply }) => {
+            let _ = reply.send(log.states.get(&id).cloned());
+            0
+        }
+        (Err(reason), request) => {
+            refuse(request, reason);
+            0
+        }
     }
 }
 
