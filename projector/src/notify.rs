@@ -8,13 +8,15 @@
 //! publications it covers fills them in (ADR 11).
 
 use anyhow::Context as _;
-use newsroom_events::news::NewsEvent;
+use newsroom_events::news::{NewsDrafted, NewsEvent};
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec::Decoded;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::postgres::Projection;
+use futures::future::BoxFuture;
+
+use crate::postgres::{Projection, bulk_or_each};
 
 /// The consumer's name.
 pub const NAME: &str = "notify";
@@ -66,6 +68,36 @@ impl Projection for Notifier {
 
     fn side_effects(&self) -> bool {
         true
+    }
+
+    /// Runs of creations (most of what editors write) go in one statement each; the rest
+    /// one by one, in order.
+    async fn apply_all(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        events: Vec<Decoded>,
+        live: bool,
+    ) -> Result<(), (usize, anyhow::Error)> {
+        let mut run: Vec<Decoded> = Vec::new();
+        let mut run_start = 0;
+        for (index, event) in events.into_iter().enumerate() {
+            if event.name == <NewsDrafted as newsroom_events::Event>::FULL_NAME {
+                if run.is_empty() {
+                    run_start = index;
+                }
+                run.push(event);
+                continue;
+            }
+            if !run.is_empty() {
+                let run = std::mem::take(&mut run);
+                bulk_or_each(tx, run, run_start, record_drafts_boxed, record_draft_boxed).await?;
+            }
+            self.apply(tx, event, live).await.map_err(|e| (index, e))?;
+        }
+        if !run.is_empty() {
+            bulk_or_each(tx, run, run_start, record_drafts_boxed, record_draft_boxed).await?;
+        }
+        Ok(())
     }
 
     async fn apply(
@@ -225,4 +257,47 @@ impl Projection for Notifier {
         }
         Ok(())
     }
+}
+
+/// Records created articles in one statement.
+async fn record_drafts(
+    tx: &mut Transaction<'static, Postgres>,
+    run: &[Decoded],
+) -> anyhow::Result<()> {
+    let (mut ids, mut titles, mut categories, mut versions) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for event in run {
+        if let NewsEvent::Drafted(e) = NewsEvent::from_avro(&event.name, event.value.clone())? {
+            ids.push(e.metadata.aggregate_id);
+            titles.push(e.title);
+            categories.push(e.category.as_str());
+            versions.push(e.metadata.aggregate_version);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO notify_articles (news_id, title, category, version) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(ids)
+    .bind(titles)
+    .bind(categories)
+    .bind(versions)
+    .execute(&mut **tx)
+    .await
+    .context("recording articles")?;
+    Ok(())
+}
+
+fn record_drafts_boxed<'a>(
+    tx: &'a mut Transaction<'static, Postgres>,
+    run: &'a [Decoded],
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(record_drafts(tx, run))
+}
+
+fn record_draft_boxed<'a>(
+    tx: &'a mut Transaction<'static, Postgres>,
+    event: Decoded,
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(async move { Notifier { topics: Vec::new() }.apply(tx, event, true).await })
 }
