@@ -81,6 +81,13 @@ enum DeadLetterAction {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     newsroom_infra::telemetry::init();
+    let outcome = run(cli).await;
+    // Log lines wait in a buffer for a moment: write them before the process ends.
+    newsroom_infra::telemetry::flush();
+    outcome
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let roles = match cli.command {
         Role::Run => Roles::ALL,
         Role::CommandApi => Roles {
