@@ -54,6 +54,11 @@ struct Args {
     /// The peer (a PostgreSQL event store) the `peer` phase compares with.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/peers/cqrs-es-news"))]
     peer_dir: std::path::PathBuf,
+    /// Seconds of commands on a throwaway deployment before anything is measured: the
+    /// broker's JVM compiles its hot paths for a minute or so after it starts, and a cold
+    /// broker halves the command figures (0 with `--quick`).
+    #[arg(long, default_value_t = 30)]
+    warmup: u64,
     /// Where the peer is built (out of its read-only tree).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/peer"))]
     peer_target: std::path::PathBuf,
@@ -183,24 +188,31 @@ impl Deployment {
         Ok(())
     }
 
+    /// Logs in; the first admin is created in the background once the command API owns
+    /// its partitions, so a 401 is retried for a while.
     async fn token(
         &self,
         http: &reqwest::Client,
         email: &str,
         password: &str,
     ) -> anyhow::Result<String> {
-        let answer: Value = http
-            .post(format!("{}/v1/auth/token", self.command))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        Ok(answer["access_token"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned())
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = http
+                .post(format!("{}/v1/auth/token", self.command))
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await?;
+            if response.status() == StatusCode::UNAUTHORIZED && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let answer: Value = response.error_for_status()?.json().await?;
+            return Ok(answer["access_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned());
+        }
     }
 }
 
@@ -266,6 +278,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut create_stats = None;
 
+    if args.warmup > 0 && !args.quick {
+        warm_up(&args, &http).await?;
+    }
     if wants(Phase::Peer) {
         figures.extend(against_peer(&args).await?);
     }
@@ -631,6 +646,39 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Runs commands on a deployment of the command API alone for `--warmup` seconds, and
+/// throws it away.
+async fn warm_up(args: &Args, http: &reqwest::Client) -> anyhow::Result<()> {
+    eprintln!("bench: warming up Kafka for {} s", args.warmup);
+    let roles = Roles {
+        command_api: true,
+        ..Roles::NONE
+    };
+    let system = Deployment::start(&args.settings, roles).await?;
+    let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
+    let admin = Arc::new(system.token(http, &admin_email, ADMIN_PASSWORD).await?);
+    let (client, url) = (http.clone(), system.command.clone());
+    let warm = load::closed(
+        args.clients,
+        Duration::from_secs(args.warmup),
+        None,
+        move |i| {
+            let request = client
+                .post(format!("{url}/v1/news"))
+                .bearer_auth(admin.as_str())
+                .json(&article(i));
+            async move {
+                expect(request.send().await?, StatusCode::CREATED)
+                    .await
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    eprintln!("bench: warm-up: {:.0} commands/s", warm.per_second);
+    system.stop().await
 }
 
 /// The peer's load generator, 64 clients, against the peer, newsroom with every role, and

@@ -530,26 +530,32 @@ impl Thread {
         });
     }
 
+    /// Takes a request for `partition` of `A` into the batch (see [`admit`]).
+    fn admit<A: Aggregate>(
+        &mut self,
+        partition: i32,
+        request: Request<A>,
+        batch: &mut HashMap<i32, Batch>,
+        log: impl Fn(&Held) -> &Log<A::State>,
+        decisions: impl Fn(&mut Batch) -> &mut Decisions<A::State>,
+    ) -> usize {
+        let available = self.available();
+        let Some(held) = self.held.get(&partition) else {
+            refuse(request, "the partition is not served here now");
+            return 0;
+        };
+        let decisions = decisions(batch.entry(partition).or_default());
+        admit::<A>(&self.shared, available, log(held), decisions, request)
+    }
+
     /// Takes one message into the batch; returns how many commands it added.
     fn take(&mut self, Message(message): Message, batch: &mut HashMap<i32, Batch>) -> usize {
         match message {
             Inner::Users(partition, request) => {
-                let available = self.available();
-                let Some(held) = self.held.get(&partition) else {
-                    refuse(request, "the partition is not served here now");
-                    return 0;
-                };
-                let decisions = &mut batch.entry(partition).or_default().users;
-                admit::<UserAggregate>(&self.shared, available, &held.users, decisions, request)
+                self.admit(partition, request, batch, |h| &h.users, |b| &mut b.users)
             }
             Inner::News(partition, request) => {
-                let available = self.available();
-                let Some(held) = self.held.get(&partition) else {
-                    refuse(request, "the partition is not served here now");
-                    return 0;
-                };
-                let decisions = &mut batch.entry(partition).or_default().news;
-                admit::<NewsAggregate>(&self.shared, available, &held.news, decisions, request)
+                self.admit(partition, request, batch, |h| &h.news, |b| &mut b.news)
             }
             Inner::Install {
                 partition,
