@@ -278,7 +278,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut create_stats = None;
 
-    if args.warmup > 0 && !args.quick {
+    if args.warmup > 0
+        && !args.quick
+        && [Phase::Peer, Phase::Commands, Phase::Lag]
+            .into_iter()
+            .any(wants)
+    {
         warm_up(&args, &http).await?;
     }
     if wants(Phase::Peer) {

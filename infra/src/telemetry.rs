@@ -47,6 +47,20 @@ pub fn flush() {
     }
 }
 
+/// Has a panic write the buffered lines before its message, so that they stay in order.
+fn flush_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // A panic while the buffer is held (a write failing) must not wait for itself.
+        if let Some(shared) = STDERR.get()
+            && let Ok(mut out) = shared.try_lock()
+        {
+            let _ = out.flush();
+        }
+        previous(info);
+    }));
+}
+
 /// The buffered stderr as the subscriber's writer.
 struct Buffered;
 
@@ -104,5 +118,7 @@ pub fn init() {
             .try_init()
     };
     // A second init (tests start several roles in one process) keeps the first subscriber.
-    let _ = result;
+    if result.is_ok() {
+        flush_on_panic();
+    }
 }

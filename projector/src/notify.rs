@@ -78,15 +78,24 @@ impl Projection for Notifier {
         events: Vec<Decoded>,
         live: bool,
     ) -> Result<(), (usize, anyhow::Error)> {
-        let mut run: Vec<Decoded> = Vec::new();
+        let mut run: Vec<NewsDrafted> = Vec::new();
         let mut run_start = 0;
         for (index, event) in events.into_iter().enumerate() {
             if event.name == <NewsDrafted as newsroom_events::Event>::FULL_NAME {
-                if run.is_empty() {
-                    run_start = index;
+                // Decoded here, so that an event that does not decode is the one blamed.
+                match NewsEvent::from_avro(&event.name, event.value) {
+                    Ok(NewsEvent::Drafted(drafted)) => {
+                        if run.is_empty() {
+                            run_start = index;
+                        }
+                        run.push(drafted);
+                        continue;
+                    }
+                    Ok(_) => {
+                        return Err((index, anyhow::anyhow!("not a creation: {}", event.name)));
+                    }
+                    Err(e) => return Err((index, e.into())),
                 }
-                run.push(event);
-                continue;
             }
             if !run.is_empty() {
                 let run = std::mem::take(&mut run);
@@ -262,18 +271,12 @@ impl Projection for Notifier {
 /// Records created articles in one statement.
 async fn record_drafts(
     tx: &mut Transaction<'static, Postgres>,
-    run: &[Decoded],
+    run: &[NewsDrafted],
 ) -> anyhow::Result<()> {
-    let (mut ids, mut titles, mut categories, mut versions) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for event in run {
-        if let NewsEvent::Drafted(e) = NewsEvent::from_avro(&event.name, event.value.clone())? {
-            ids.push(e.metadata.aggregate_id);
-            titles.push(e.title);
-            categories.push(e.category.as_str());
-            versions.push(e.metadata.aggregate_version);
-        }
-    }
+    let ids: Vec<Uuid> = run.iter().map(|e| e.metadata.aggregate_id).collect();
+    let titles: Vec<&str> = run.iter().map(|e| e.title.as_str()).collect();
+    let categories: Vec<&str> = run.iter().map(|e| e.category.as_str()).collect();
+    let versions: Vec<i64> = run.iter().map(|e| e.metadata.aggregate_version).collect();
     sqlx::query(
         "INSERT INTO notify_articles (news_id, title, category, version) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) ON CONFLICT DO NOTHING",
@@ -290,14 +293,14 @@ async fn record_drafts(
 
 fn record_drafts_boxed<'a>(
     tx: &'a mut Transaction<'static, Postgres>,
-    run: &'a [Decoded],
+    run: &'a [NewsDrafted],
 ) -> BoxFuture<'a, anyhow::Result<()>> {
     Box::pin(record_drafts(tx, run))
 }
 
 fn record_draft_boxed<'a>(
     tx: &'a mut Transaction<'static, Postgres>,
-    event: Decoded,
+    event: NewsDrafted,
 ) -> BoxFuture<'a, anyhow::Result<()>> {
-    Box::pin(async move { Notifier { topics: Vec::new() }.apply(tx, event, true).await })
+    Box::pin(async move { record_drafts(tx, std::slice::from_ref(&event)).await })
 }

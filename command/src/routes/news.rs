@@ -62,11 +62,21 @@ impl AuthorNames {
     const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
     const MAX: usize = 10_000;
 
+    /// How long an author not projected yet is remembered as such.
+    const UNKNOWN_FRESH: std::time::Duration = std::time::Duration::from_millis(500);
+
     fn get(&self, id: Uuid) -> Option<String> {
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
         names
             .get(&id)
-            .filter(|(_, at)| at.elapsed() < Self::FRESH)
+            .filter(|(name, at)| {
+                let fresh = if name.is_empty() {
+                    Self::UNKNOWN_FRESH
+                } else {
+                    Self::FRESH
+                };
+                at.elapsed() < fresh
+            })
             .map(|(name, _)| name.clone())
     }
 
