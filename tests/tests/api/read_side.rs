@@ -354,8 +354,9 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
 
     // Load: an editor drafts, edits and publishes; a reader reads what was published.
     let stop = Arc::new(AtomicBool::new(false));
+    let found = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let load = {
-        let stop = stop.clone();
+        let (stop, found) = (stop.clone(), found.clone());
         let (http, command, query) = (
             app.http.clone(),
             app.command_url.clone(),
@@ -398,10 +399,14 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
                 for _ in 0..3 {
                     let id = &published[random_below(published.len() as u64) as usize];
                     // 404 while the projector is down is fine; a read is recorded on 200.
-                    http.get(format!("{query}/v1/news/{id}"))
+                    let read = http
+                        .get(format!("{query}/v1/news/{id}"))
                         .bearer_auth(&reader)
                         .send()
                         .await?;
+                    if read.status() == S::OK {
+                        found.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Ok(drafted)
@@ -412,8 +417,14 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
         projector.kill()?;
         projector = ChildRole::start(&app, "project", run)?;
     }
-    // Some more load with the last projector up, so that readers find articles.
+    // Some more load with the last projector up, until readers found articles (under a
+    // loaded test run the last projector may take a while to catch up).
+    let since = found.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    while found.load(Ordering::Relaxed) < since + 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let drafted = load.await??;
     assert!(
