@@ -701,7 +701,7 @@ async fn against_peer(args: &Args) -> anyhow::Result<Vec<Figure>> {
         value: m.rps,
         unit: "/s",
         stats: Some(Stats {
-            ok: 0,
+            ok: m.requests.saturating_sub(m.errors),
             errors: m.errors,
             per_second: m.rps,
             p50_ms: m.p50_ms,

@@ -122,6 +122,8 @@ pub struct Measured {
     pub scenario: String,
     /// Clients.
     pub concurrency: u64,
+    /// Requests measured (successes and failures).
+    pub requests: u64,
     /// Requests per second (every HTTP request counts, successes and failures).
     pub rps: f64,
     /// Median latency.

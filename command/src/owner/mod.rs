@@ -24,8 +24,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use membership::Membership;
+/// An aggregate type the writer serves.
+pub use writer::Routed as Owned;
 
-use crate::aggregate::{Aggregate, NewsAggregate, UserAggregate};
+use crate::aggregate::Aggregate;
 use crate::claims::Claims;
 use crate::domain::DomainError;
 use crate::forward::Directory;
@@ -170,13 +172,6 @@ pub struct Owners {
     /// Partitions of the aggregate topics.
     pub partitions: i32,
 }
-
-/// An aggregate type the writer serves.
-pub trait Owned: writer::Routed {}
-
-impl Owned for UserAggregate {}
-
-impl Owned for NewsAggregate {}
 
 impl Owners {
     /// No partition owned yet.

@@ -640,7 +640,6 @@ impl Thread {
         };
         connection.turn = (connection.turn + 1) % connection.producers.len();
         let producer = connection.producers[connection.turn].clone();
-        let started = Instant::now();
         let count = records.len();
         let partitions: Vec<i32> = batch
             .iter()
@@ -648,12 +647,6 @@ impl Thread {
             .map(|(p, _)| *p)
             .collect();
         let outcome = self.transaction(&producer, &records, &partitions);
-        tracing::debug!(
-            events = count,
-            partitions = partitions.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "transaction"
-        );
         match outcome {
             Ok(offsets) => {
                 let mut offsets = offsets.into_iter();
@@ -682,8 +675,8 @@ impl Thread {
                 tracing::warn!(reason, definitive, "transaction failed");
                 for (partition, mut b) in batch {
                     if let Some(held) = self.held.get(&partition) {
-                        read(&held.users, &mut b.users);
-                        read(&held.news, &mut b.news);
+                        read(&held.users, std::mem::take(&mut b.users.reads));
+                        read(&held.news, std::mem::take(&mut b.news.reads));
                     }
                     fail(b, &reason, definitive);
                 }
@@ -846,10 +839,12 @@ impl Thread {
         let offsets_sent = start.elapsed();
         let commit = producer.commit_transaction(timeout);
         tracing::debug!(
+            events = records.len(),
+            partitions = partitions.len(),
             produced_ms = produced.as_secs_f64() * 1000.0,
             offsets_ms = offsets_sent.as_secs_f64() * 1000.0,
             committed_ms = start.elapsed().as_secs_f64() * 1000.0,
-            "transaction steps"
+            "transaction"
         );
         if let Err(error) = commit {
             return Err(match &error {
@@ -963,14 +958,20 @@ fn settle<A: Aggregate>(
     log: &mut Log<A::State>,
     decisions: Decisions<A::State>,
 ) {
-    let events = decisions.decided.len() as u64;
-    for (id, state) in decisions.overlay {
+    let Decisions {
+        overlay,
+        decided,
+        reads,
+        force_snapshot,
+    } = decisions;
+    let events = decided.len() as u64;
+    for (id, state) in overlay {
         match state {
             Some(state) => log.states.insert(id, state),
             None => log.states.remove(&id),
         };
     }
-    for d in decisions.decided {
+    for d in decided {
         log.next_offset = log.next_offset.max(d.offset + 1);
         let answer = log
             .states
@@ -986,12 +987,10 @@ fn settle<A: Aggregate>(
             .ok_or_else(|| CommandError::unavailable("state missing after commit"));
         let _ = d.reply.send(answer);
     }
-    for (id, reply) in decisions.reads {
-        let _ = reply.send(log.states.get(&id).cloned());
-    }
+    read(log, reads);
     log.since_snapshot += events;
     let due = events > 0 && log.since_snapshot >= shared.kafka.snapshot_every;
-    if decisions.force_snapshot || due {
+    if force_snapshot || due {
         log.since_snapshot = 0;
         let states: Vec<A::State> = log.states.values().cloned().collect();
         let (pool, next) = (shared.pool.clone(), log.next_offset);
@@ -1003,9 +1002,9 @@ fn settle<A: Aggregate>(
     }
 }
 
-/// Answers the reads of a batch with the committed states.
-fn read<S: Clone>(log: &Log<S>, decisions: &mut Decisions<S>) {
-    for (id, reply) in decisions.reads.drain(..) {
+/// Answers reads with the committed states.
+fn read<S: Clone>(log: &Log<S>, reads: Vec<(Uuid, oneshot::Sender<Option<S>>)>) {
+    for (id, reply) in reads {
         let _ = reply.send(log.states.get(&id).cloned());
     }
 }

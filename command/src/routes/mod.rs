@@ -13,7 +13,7 @@ use newsroom_infra::kafka::Stream;
 
 use crate::State;
 use crate::domain::DomainError;
-use crate::owner::{CommandError, Owned, Route, Submitted};
+use crate::owner::{CommandError, Route, Submitted};
 
 /// The `X-Consistency-Token` header.
 pub const X_CONSISTENCY_TOKEN: &str = "x-consistency-token";
@@ -94,7 +94,7 @@ pub enum Placement {
 }
 
 /// Serves here if this process writes `partition`, else forwards the request to the owner.
-pub async fn place<A: Owned>(
+pub async fn place(
     state: &State,
     req: &HttpRequest,
     body: &[u8],

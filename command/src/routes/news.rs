@@ -180,9 +180,7 @@ async fn run(
     status: StatusCode,
 ) -> Result<HttpResponse, ApiError> {
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<NewsAggregate>(state, req, body, partition).await?
-    {
+    if let Placement::Forwarded(response) = place(state, req, body, partition).await? {
         return Ok(response);
     }
     let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));

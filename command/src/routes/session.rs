@@ -33,9 +33,7 @@ pub async fn token(
         return Err(ApiError::Unauthenticated);
     };
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
-    {
+    if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
         return Ok(response);
     }
     let user = owner::read::<UserAggregate>(&state.owners, id)

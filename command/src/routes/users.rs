@@ -161,9 +161,7 @@ async fn run(
 ) -> Result<HttpResponse, ApiError> {
     let (id, actor) = target;
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<UserAggregate>(state, req, body, partition).await?
-    {
+    if let Placement::Forwarded(response) = place(state, req, body, partition).await? {
         return Ok(response);
     }
     let committed = submit_here(state, req, id, actor, command).await?;
@@ -220,9 +218,7 @@ pub async fn update(
     }
     fields.finish()?;
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
-    {
+    if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
         return Ok(response);
     }
     // The e-mail is claimed before the change and confirmed after its commit.
@@ -309,9 +305,7 @@ pub async fn change_password(
         return Err(ApiError::Forbidden);
     }
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<UserAggregate>(&state, &req, &body.raw, partition).await?
-    {
+    if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
         return Ok(response);
     }
     let user = owner::read::<UserAggregate>(&state.owners, id)
@@ -390,9 +384,7 @@ pub async fn erase(
         expected_version,
     };
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) =
-        place::<UserAggregate>(&state, &req, &[], partition).await?
-    {
+    if let Placement::Forwarded(response) = place(&state, &req, &[], partition).await? {
         return Ok(response);
     }
     let committed = submit_here(&state, &req, id, actor, command).await?;
