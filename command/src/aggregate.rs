@@ -48,6 +48,11 @@ pub trait Aggregate: Send + Sync + 'static {
     fn version(state: &Self::State) -> i64;
     /// The id of a state's aggregate.
     fn id(state: &Self::State) -> Uuid;
+    /// Whether a state holds personal data (sealed with the user's key wherever it is
+    /// kept outside the writer).
+    fn personal(_state: &Self::State) -> bool {
+        false
+    }
     /// Whether a change must be followed by a fresh snapshot at once (erasure: no
     /// snapshot may keep personal data of an erased user).
     fn forces_snapshot(_change: &Self::Change) -> bool {
@@ -93,6 +98,10 @@ impl Aggregate for UserAggregate {
     type Command = UserCommand;
     type Change = UserChange;
     const STREAM: Stream = Stream::Users;
+
+    fn personal(state: &User) -> bool {
+        !state.erased
+    }
 
     fn handle(
         id: Uuid,

@@ -5,6 +5,12 @@
 //!
 //! Outcomes that wrote nothing and may succeed later (5xx) are not recorded, so a retry
 //! runs again. A request arriving while the first is still running waits for its outcome.
+//!
+//! This table answers retries of finished requests and makes concurrent ones wait; what
+//! makes a retry safe after a crash is the log: the key goes with the command to its
+//! partition's writer ([`Keyed`] in the request's extensions), which records the outcome
+//! in the command's Kafka transaction and answers a retry from it (ADR 16). So a pending
+//! record left by a dead process is simply run again.
 
 use std::time::Duration;
 
@@ -18,10 +24,10 @@ use futures::StreamExt as _;
 use newsroom_infra::auth::Tokens;
 use newsroom_infra::http::{ApiError, MAX_BODY_BYTES};
 use serde_json::{Map, Value};
-use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
 use crate::forward::FORWARDED;
+use crate::owner::outcome::Keyed;
 
 /// The header.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -29,8 +35,10 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const REPLAYED: [&str; 4] = ["content-type", "location", "etag", "x-consistency-token"];
 /// How long a retry waits for the first request with its key to finish.
 const WAIT: Duration = Duration::from_secs(15);
-/// A pending record older than this was left by a process that died mid-request.
-const STALE: Duration = Duration::from_secs(60);
+/// A pending record older than this was left by a process that died mid-request (or one
+/// that is very slow): the retry runs again, and the writer answers it with the first
+/// request's outcome if that one reached the log.
+const STALE: Duration = Duration::from_secs(10);
 
 /// The key store.
 #[derive(Clone)]
@@ -187,7 +195,7 @@ pub async fn middleware(
     );
     let forwarded = req.headers().contains_key(FORWARDED);
     let key = match key {
-        Some(_) if !is_command || forwarded => None,
+        Some(_) if !is_command => None,
         Some(Ok(key)) if valid_key(&key) => Some(key),
         Some(_) => {
             let error = ApiError::Malformed(
@@ -197,7 +205,7 @@ pub async fn middleware(
         }
         None => None,
     };
-    let (Some(key), Some(store)) = (key, req.app_data::<web::Data<Idempotency>>().cloned()) else {
+    let Some(key) = key else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
     let caller = req
@@ -222,18 +230,15 @@ pub async fn middleware(
         body.extend_from_slice(&chunk);
     }
     let body = body.freeze();
-    let mut hasher = Sha256::new();
-    hasher.update(req.method().as_str().as_bytes());
-    hasher.update(b" ");
-    hasher.update(req.path().as_bytes());
-    hasher.update(b"\n");
-    hasher.update(&body);
-    let hash: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let keyed = Keyed::new(&caller, &key, req.method().as_str(), req.path(), &body);
+    let hash = keyed.request_hex();
+    req.extensions_mut().insert(keyed);
     req.set_payload(actix_web::dev::Payload::from(body));
+    // A forwarded request is recorded by the process that received it.
+    let store = req.app_data::<web::Data<Idempotency>>().cloned();
+    let Some(store) = store.filter(|_| !forwarded) else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
 
     match store.begin(&caller, &key, &hash).await {
         Err(error) => return Ok(req.into_response(error.error_response())),

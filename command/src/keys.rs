@@ -26,16 +26,21 @@ impl Keys {
         }
     }
 
-    /// Creates and stores a key for a new user of `partition`.
+    /// Creates and stores a key for a new user of `partition`; the key stored already for
+    /// `user` if there is one (a keyed registration retried: its id is derived from the key).
     pub async fn create(&self, user: Uuid, partition: i32) -> anyhow::Result<UserKey> {
-        let key = UserKey::generate();
-        sqlx::query("INSERT INTO cmd_user_keys (user_id, key, partition) VALUES ($1, $2, $3)")
-            .bind(user)
-            .bind(key.0.as_slice())
-            .bind(partition)
-            .execute(&self.pool)
-            .await
-            .context("storing a user key")?;
+        let fresh = UserKey::generate();
+        let (stored,): (Vec<u8>,) = sqlx::query_as(
+            "INSERT INTO cmd_user_keys (user_id, key, partition) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id RETURNING key",
+        )
+        .bind(user)
+        .bind(fresh.0.as_slice())
+        .bind(partition)
+        .fetch_one(&self.pool)
+        .await
+        .context("storing a user key")?;
+        let key = UserKey::from_slice(&stored).context("a stored user key is malformed")?;
         self.remember(user, key.clone());
         Ok(key)
     }

@@ -65,7 +65,16 @@ pub enum PersonalError {
 
 /// Encrypts `personal` for `user` with `key`.
 pub fn seal(key: &UserKey, user: Uuid, personal: &Personal) -> Vec<u8> {
-    let plain = serde_json::to_vec(personal).unwrap_or_default();
+    seal_bytes(key, user, &serde_json::to_vec(personal).unwrap_or_default())
+}
+
+/// Decrypts a blob of `user` with `key`.
+pub fn open(key: &UserKey, user: Uuid, blob: &[u8]) -> Result<Personal, PersonalError> {
+    serde_json::from_slice(&open_bytes(key, user, blob)?).map_err(|_| PersonalError::Malformed)
+}
+
+/// Encrypts any bytes of `user` with `key` (the same blob layout).
+pub fn seal_bytes(key: &UserKey, user: Uuid, plain: &[u8]) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let cipher = Aes256Gcm::new((&key.0).into());
@@ -74,7 +83,7 @@ pub fn seal(key: &UserKey, user: Uuid, personal: &Personal) -> Vec<u8> {
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
-                msg: &plain,
+                msg: plain,
                 aad: user.as_bytes(),
             },
         )
@@ -86,13 +95,13 @@ pub fn seal(key: &UserKey, user: Uuid, personal: &Personal) -> Vec<u8> {
     blob
 }
 
-/// Decrypts a blob of `user` with `key`.
-pub fn open(key: &UserKey, user: Uuid, blob: &[u8]) -> Result<Personal, PersonalError> {
+/// Decrypts bytes sealed by [`seal_bytes`] for `user` with `key`.
+pub fn open_bytes(key: &UserKey, user: Uuid, blob: &[u8]) -> Result<Vec<u8>, PersonalError> {
     if blob.len() < 1 + NONCE_LEN || blob[0] != VERSION {
         return Err(PersonalError::Malformed);
     }
     let (nonce, sealed) = blob[1..].split_at(NONCE_LEN);
-    let plain = Aes256Gcm::new((&key.0).into())
+    Aes256Gcm::new((&key.0).into())
         .decrypt(
             Nonce::from_slice(nonce),
             Payload {
@@ -100,8 +109,7 @@ pub fn open(key: &UserKey, user: Uuid, blob: &[u8]) -> Result<Personal, Personal
                 aad: user.as_bytes(),
             },
         )
-        .map_err(|_| PersonalError::Undecryptable)?;
-    serde_json::from_slice(&plain).map_err(|_| PersonalError::Malformed)
+        .map_err(|_| PersonalError::Undecryptable)
 }
 
 #[cfg(test)]

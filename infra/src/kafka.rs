@@ -122,6 +122,15 @@ pub fn ownership_topic(settings: &KafkaSettings) -> String {
     format!("{}.command-owners", settings.topic_prefix)
 }
 
+/// The outcomes of commands sent with an `Idempotency-Key` (written by the command API in
+/// the transaction of their events, partitioned like the aggregates, kept 25 hours).
+pub fn outcomes_topic(settings: &KafkaSettings) -> String {
+    format!("{}.outcomes", settings.topic_prefix)
+}
+
+/// How long the outcomes topic keeps records: the 24 hours a key answers, and an hour.
+const OUTCOMES_RETENTION_MS: &str = "90000000";
+
 /// The consumers of the log, each with a dead-letter topic of its own.
 pub const CONSUMERS: [&str; 6] = ["users", "news", "reads", "cache", "recommend", "notify"];
 
@@ -130,8 +139,8 @@ pub fn dead_letter_topic(settings: &KafkaSettings, consumer: &str) -> String {
     format!("{}.{consumer}.dead-letters", settings.topic_prefix)
 }
 
-/// Creates the event topics (and the ownership topic) that do not exist yet; events are
-/// kept forever.
+/// Creates the event topics (and the ownership, outcomes and dead-letter topics) that do
+/// not exist yet; events are kept forever, outcomes 25 hours.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let admin: AdminClient<DefaultClientContext> = base(settings)
@@ -140,6 +149,8 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let mut names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
     names.push(ownership_topic(settings));
     names.extend(CONSUMERS.iter().map(|c| dead_letter_topic(settings, c)));
+    let outcomes = outcomes_topic(settings);
+    names.push(outcomes.clone());
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -148,7 +159,14 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
                 settings.partitions,
                 TopicReplication::Fixed(settings.replication),
             )
-            .set("retention.ms", "-1")
+            .set(
+                "retention.ms",
+                if *name == outcomes {
+                    OUTCOMES_RETENTION_MS
+                } else {
+                    "-1"
+                },
+            )
             .set(
                 "min.insync.replicas",
                 if settings.replication > 1 { "2" } else { "1" },

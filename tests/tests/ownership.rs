@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use newsroom::Roles;
+use newsroom_events::news::NewsEvent;
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec;
 use newsroom_infra::kafka::Stream;
@@ -391,6 +392,343 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
     drop(c);
     drop(b);
     app.stop().await
+}
+
+/// A command sent with an `Idempotency-Key` and a bearer token; retried on 503 until
+/// `deadline` (an answer that never came counts as a 503: the client cannot tell).
+async fn keyed(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: Value,
+    if_match: Option<i64>,
+) -> anyhow::Result<(S, Value, Option<String>)> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut request = http
+            .post(format!("{url}{path}"))
+            .timeout(Duration::from_secs(30))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&body);
+        if let Some(v) = if_match {
+            request = request.header("if-match", format!("\"{v}\""));
+        }
+        if let Ok(response) = request.send().await {
+            let status = response.status();
+            let consistency = response
+                .headers()
+                .get("x-consistency-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = response.text().await?;
+            if status != S::SERVICE_UNAVAILABLE {
+                return Ok((status, serde_json::from_str(&text)?, consistency));
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{path} never answered but 503");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every news event in the log: (aggregate, version, event type, actor).
+async fn news_in_log(app: &TestApp) -> anyhow::Result<Vec<(Uuid, i64, String, Option<Uuid>)>> {
+    let registry = Registry::connect(&app.settings.registry).await?;
+    let mut events = Vec::new();
+    for record in app.committed_records(Stream::News)? {
+        let decoded = codec::decode(&registry, &record.payload).await?;
+        let name = decoded
+            .name
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let event = NewsEvent::from_avro(&decoded.name, decoded.value)?;
+        let meta = event.metadata();
+        events.push((
+            meta.aggregate_id,
+            meta.aggregate_version,
+            name,
+            meta.actor_id,
+        ));
+    }
+    Ok(events)
+}
+
+/// Starts a command process that writes every partition, and points `app` at it.
+async fn only(
+    app: &mut TestApp,
+    http: &reqwest::Client,
+    name: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Process> {
+    let process = Process::start_with(app, name, env)?;
+    let all = i64::from(app.settings.kafka.partitions);
+    until(
+        &format!("{name} writes every partition"),
+        Duration::from_secs(60),
+        || async { process.owned(http).await == Some(all) },
+    )
+    .await?;
+    app.command_url = process.url.clone();
+    Ok(process)
+}
+
+#[tokio::test]
+async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_writes_nothing()
+-> anyhow::Result<()> {
+    let mut app = TestApp::spawn_with(Roles {
+        query_api: true,
+        ..Roles::NONE
+    })
+    .await?;
+    let http = newsroom_tests::client();
+
+    // A answers a commit that recorded a keyed outcome only after 60 s: it is killed
+    // before, with the commands in the log and the clients without their answers.
+    let mut a = only(
+        &mut app,
+        &http,
+        "a",
+        &[("NEWSROOM_TEST_HOLD_ANSWER_MS", "60000")],
+    )
+    .await?;
+    let editor = app.editor().await?;
+    let draft = |title: &str| json!({"category": "sports", "title": title, "content": "body"});
+    let (status, article) = call(
+        &http,
+        reqwest::Method::POST,
+        format!("{}/v1/news", a.url),
+        Some(&editor.token),
+        Some(draft("to publish")),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CREATED, "{article}");
+    let article = article["id"].as_str().unwrap_or_default().to_owned();
+    let publish_path = format!("/v1/news/{article}/publish");
+    let first_publish = {
+        let (http, url, path, token) = (
+            http.clone(),
+            a.url.clone(),
+            publish_path.clone(),
+            editor.token.clone(),
+        );
+        tokio::spawn(async move {
+            let request = http
+                .post(format!("{url}{path}"))
+                .bearer_auth(token)
+                .header("idempotency-key", "publish-1")
+                .header("if-match", "\"1\"")
+                .json(&json!({}));
+            request.send().await.map(|r| r.status())
+        })
+    };
+    let first_draft = {
+        let (http, url, token) = (http.clone(), a.url.clone(), editor.token.clone());
+        let body = draft("drafted once");
+        tokio::spawn(async move {
+            let request = http
+                .post(format!("{url}/v1/news"))
+                .bearer_auth(token)
+                .header("idempotency-key", "draft-1")
+                .json(&body);
+            request.send().await.map(|r| r.status())
+        })
+    };
+    until(
+        "both keyed commands are in the log",
+        Duration::from_secs(30),
+        || async {
+            let events = news_in_log(&app).await.unwrap_or_default();
+            let published = events
+                .iter()
+                .any(|e| e.0.to_string() == article && e.2 == "NewsPublished");
+            let drafts = events.iter().filter(|e| e.2 == "NewsDrafted").count();
+            published && drafts == 2
+        },
+    )
+    .await?;
+    a.child.kill()?;
+    a.child.wait()?;
+    assert!(
+        first_publish.await?.is_err() && first_draft.await?.is_err(),
+        "the first requests were answered before the kill"
+    );
+
+    // B takes over: each retry gets the answer the first request would have had.
+    let b = only(&mut app, &http, "b", &[]).await?;
+    let (status, published, token) = keyed(
+        &http,
+        &b.url,
+        &publish_path,
+        &editor.token,
+        "publish-1",
+        json!({}),
+        Some(1),
+    )
+    .await?;
+    assert_eq!(status, S::OK, "{published}");
+    assert_eq!(
+        (
+            published["id"].as_str(),
+            published["status"].as_str(),
+            published["version"].as_i64()
+        ),
+        (Some(article.as_str()), Some("published"), Some(2)),
+        "{published}"
+    );
+    assert!(
+        token.is_some(),
+        "the retry names the position of the first write"
+    );
+    let (status, drafted, _) = keyed(
+        &http,
+        &b.url,
+        "/v1/news",
+        &editor.token,
+        "draft-1",
+        draft("drafted once"),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CREATED, "{drafted}");
+    assert_eq!(drafted["title"], "drafted once", "{drafted}");
+    let drafted_id = drafted["id"].as_str().unwrap_or_default().to_owned();
+    let events = news_in_log(&app).await?;
+    let of = |id: &str, kind: &str| {
+        events
+            .iter()
+            .filter(|e| e.0.to_string() == id && e.2 == kind)
+            .count()
+    };
+    assert_eq!(of(&article, "NewsPublished"), 1, "published once");
+    assert_eq!(
+        of(&drafted_id, "NewsDrafted"),
+        1,
+        "the retried draft is the first one"
+    );
+    let drafts_by_editor = events
+        .iter()
+        .filter(|e| e.2 == "NewsDrafted" && e.3 == Some(editor.id))
+        .count();
+    assert_eq!(drafts_by_editor, 2, "no second article");
+    // The same key with another request is refused.
+    let (status, reused, _) = keyed(
+        &http,
+        &b.url,
+        "/v1/news",
+        &editor.token,
+        "draft-1",
+        draft("another"),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (status, reused["code"].as_str()),
+        (S::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")),
+        "{reused}"
+    );
+    drop(b);
+
+    // C reports every transaction that recorded a keyed outcome as one whose commit Kafka
+    // did not confirm: 503, outcome unknown; it rebuilds the partition from the log, and
+    // the retry finds the outcome there.
+    let c = only(
+        &mut app,
+        &http,
+        "c",
+        &[("NEWSROOM_TEST_UNCERTAIN_KEYED", "1")],
+    )
+    .await?;
+    let send = |path: String, key: &'static str, body: Value, if_match: Option<i64>| {
+        let (http, url, token) = (http.clone(), c.url.clone(), editor.token.clone());
+        async move {
+            let mut request = http
+                .post(format!("{url}{path}"))
+                .bearer_auth(token)
+                .header("idempotency-key", key)
+                .json(&body);
+            if let Some(v) = if_match {
+                request = request.header("if-match", format!("\"{v}\""));
+            }
+            let response = request.send().await?;
+            let status = response.status();
+            anyhow::Ok((status, response.text().await?))
+        }
+    };
+    let (status, text) = send("/v1/news".into(), "draft-2", draft("unknown outcome"), None).await?;
+    assert_eq!(status, S::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("unknown"), "{text}");
+    let (status, drafted, _) = keyed(
+        &http,
+        &c.url,
+        "/v1/news",
+        &editor.token,
+        "draft-2",
+        draft("unknown outcome"),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CREATED, "{drafted}");
+    let second = drafted["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(drafted["version"], 1, "{drafted}");
+
+    // A keyed refusal is recorded too: If-Match 2 on the draft at version 1 is refused
+    // (412); once an edit made it version 2, the retry still gets that 412.
+    let publish_second = format!("/v1/news/{second}/publish");
+    let (status, text) = send(publish_second.clone(), "publish-2", json!({}), Some(2)).await?;
+    assert_eq!(status, S::SERVICE_UNAVAILABLE, "{text}");
+    let edit = || {
+        call(
+            &http,
+            reqwest::Method::PATCH,
+            format!("{}/v1/news/{second}", c.url),
+            Some(&editor.token),
+            Some(json!({"title": "edited"})),
+            Some(1),
+        )
+    };
+    let (mut status, mut edited) = edit().await?;
+    // While the partition is rebuilt after the unknown outcome.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status == S::SERVICE_UNAVAILABLE {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the edit never got through: {edited}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status, edited) = edit().await?;
+    }
+    assert_eq!(
+        (status, edited["version"].as_i64()),
+        (S::OK, Some(2)),
+        "{edited}"
+    );
+    let (status, refused, _) = keyed(
+        &http,
+        &c.url,
+        &publish_second,
+        &editor.token,
+        "publish-2",
+        json!({}),
+        Some(2),
+    )
+    .await?;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (S::PRECONDITION_FAILED, Some("version_mismatch")),
+        "the first answer, not a new decision: {refused}"
+    );
+    let events = news_in_log(&app).await?;
+    let second_events = events.iter().filter(|e| e.0.to_string() == second).count();
+    assert_eq!(
+        second_events, 2,
+        "drafted once, edited once, never published"
+    );
+    Ok(())
 }
 
 mod writers {

@@ -7,6 +7,8 @@
 pub mod news;
 pub mod user;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -23,8 +25,10 @@ pub struct Stamp {
     pub at: DateTime<Utc>,
 }
 
-/// Why a command was refused. Each maps to one HTTP error of API.md.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a command was refused. Each maps to one HTTP error of API.md. Serializable: the
+/// refusal of a command sent with an `Idempotency-Key` is recorded in the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "refused")]
 pub enum DomainError {
     /// Unknown, deleted, or invisible to the caller (404).
     #[error("not found")]
@@ -44,9 +48,9 @@ pub enum DomainError {
     #[error("cannot {action} an article that is {status}")]
     InvalidTransition {
         /// What was attempted.
-        action: &'static str,
+        action: Cow<'static, str>,
         /// The status it is in.
-        status: &'static str,
+        status: Cow<'static, str>,
     },
     /// The aggregate exists already.
     #[error("already exists")]

@@ -8,6 +8,7 @@
 //! transaction that the ownership group's generation fences (ADR 15).
 
 mod membership;
+pub mod outcome;
 mod rebuild;
 mod snapshot;
 pub mod writer;
@@ -67,6 +68,8 @@ pub struct RequestMeta {
     pub event_id: Uuid,
     /// When the command was received.
     pub now: DateTime<Utc>,
+    /// Its `Idempotency-Key`, if it has one.
+    pub keyed: Option<outcome::Keyed>,
 }
 
 impl RequestMeta {
@@ -78,6 +81,16 @@ impl RequestMeta {
             actor_id,
             event_id: Uuid::now_v7(),
             now: Utc::now(),
+            keyed: None,
+        }
+    }
+
+    /// Metadata for the command of `req` (with its `Idempotency-Key`).
+    pub fn of(req: &actix_web::HttpRequest, actor_id: Option<Uuid>) -> Self {
+        use actix_web::HttpMessage as _;
+        RequestMeta {
+            keyed: req.extensions().get::<outcome::Keyed>().copied(),
+            ..RequestMeta::new(newsroom_infra::http::RequestId::of(req), actor_id)
         }
     }
 }
@@ -106,6 +119,13 @@ pub enum CommandError {
         /// False when the commit's outcome is unknown.
         definitive: bool,
     },
+    /// The `Idempotency-Key` was first used with another request.
+    #[error("the Idempotency-Key was used with another request")]
+    KeyReused,
+    /// The key's first request is answered by the outcome recorded at this offset of the
+    /// outcomes topic (resolved by [`submit`]; never reaches a handler).
+    #[error("recorded at offset {0}")]
+    Recorded(i64),
 }
 
 impl CommandError {
@@ -291,6 +311,18 @@ async fn ask<A: Owned, T>(
     answer.await.map_err(|_| stopped())
 }
 
+/// Test-only fault point: milliseconds a keyed command that committed waits before it is
+/// answered (where a crash leaves a client without the answer to a command in the log).
+const HOLD_ANSWER_VARIABLE: &str = "NEWSROOM_TEST_HOLD_ANSWER_MS";
+
+static HOLD_ANSWER: std::sync::LazyLock<Option<std::time::Duration>> =
+    std::sync::LazyLock::new(|| {
+        std::env::var(HOLD_ANSWER_VARIABLE)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+
 /// Sends `command` for aggregate `id` to its local writer and waits for the commit.
 pub async fn submit<A: Owned>(
     owners: &Owners,
@@ -298,14 +330,45 @@ pub async fn submit<A: Owned>(
     command: A::Command,
     meta: RequestMeta,
 ) -> Result<Committed<A::State>, Submitted> {
-    ask::<A, _>(owners, id, |reply| Request::Command {
+    let keyed = meta.keyed.is_some();
+    let answer = ask::<A, _>(owners, id, |reply| Request::Command {
         id,
         command,
         meta,
         reply,
     })
-    .await?
-    .map_err(Submitted::Failed)
+    .await?;
+    if let Some(hold) = *HOLD_ANSWER
+        && keyed
+        && answer.is_ok()
+    {
+        tokio::time::sleep(hold).await;
+    }
+    let Err(CommandError::Recorded(offset)) = answer else {
+        return answer.map_err(Submitted::Failed);
+    };
+    // A retry: answered as the first request was.
+    let partition = owners.partition_of(id);
+    let shared = owners.writer.shared().clone();
+    let payload =
+        tokio::task::spawn_blocking(move || outcome::fetch(&shared, partition, offset)).await;
+    let payload = match payload {
+        Ok(Ok(payload)) => payload,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                partition,
+                offset,
+                error = format!("{e:#}"),
+                "reading an outcome"
+            );
+            return Err(Submitted::Failed(CommandError::Unavailable {
+                reason: "the outcome of this request could not be read".into(),
+                definitive: false,
+            }));
+        }
+        Err(e) => return Err(Submitted::Failed(CommandError::unavailable(e.to_string()))),
+    };
+    outcome::answer::<A>(owners.writer.shared(), partition, &payload).map_err(Submitted::Failed)
 }
 
 /// Reads the current state of aggregate `id` from its local writer.

@@ -16,7 +16,7 @@ use crate::aggregate::Aggregate;
 use crate::domain::Stamp;
 
 /// How long a rebuild may take before the takeover is retried.
-const REBUILD_DEADLINE: Duration = Duration::from_secs(300);
+pub(super) const REBUILD_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The state of every aggregate of `partition`, folded from its committed events.
 pub async fn state<A: Aggregate>(

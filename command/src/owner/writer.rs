@@ -10,7 +10,7 @@
 //! partition over (a cooperative revocation) removes it from the writer before its
 //! revocation returns, which waits for the transaction in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use newsroom_events::EventMetadata;
 use newsroom_events::consistency::Position;
 use newsroom_events::metadata::micros;
-use newsroom_infra::kafka::{ownership_topic, transactional_producer};
+use newsroom_infra::kafka::{outcomes_topic, ownership_topic, transactional_producer};
 use newsroom_infra::metrics::APPENDS;
 use newsroom_infra::producer::{self, Delivery, Record};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -31,6 +31,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::outcome::{self, Keyed, Recent};
 use super::{CommandError, Committed, Request, Shared, rebuild, snapshot};
 use crate::aggregate::{Aggregate, NewsAggregate, UserAggregate};
 use crate::domain::Stamp;
@@ -46,6 +47,9 @@ const RECOVERY_PAUSE: Duration = Duration::from_millis(250);
 /// Test-only fault point: milliseconds each transaction waits after it began, with its
 /// commands decided and nothing produced yet (where a frozen zombie is, for fencing tests).
 const HOLD_VARIABLE: &str = "NEWSROOM_TEST_HOLD_TRANSACTION_MS";
+/// Test-only fault: when set, a committed transaction that recorded outcomes of keyed
+/// commands is treated as one whose commit Kafka did not confirm (503, outcome unknown).
+const UNCERTAIN_VARIABLE: &str = "NEWSROOM_TEST_UNCERTAIN_KEYED";
 
 type Producer = producer::Producer<WriterContext>;
 
@@ -123,6 +127,8 @@ impl<S> Log<S> {
 struct Held {
     users: Log<<UserAggregate as Aggregate>::State>,
     news: Log<<NewsAggregate as Aggregate>::State>,
+    /// Outcomes of the keyed commands of the last 24 hours.
+    recent: Recent,
     still_owned: StillOwned,
 }
 
@@ -249,6 +255,7 @@ impl Writer {
             group,
             ownership_topic: ownership_topic(&shared.kafka),
             hold,
+            uncertain_keyed: std::env::var_os(UNCERTAIN_VARIABLE).is_some(),
         };
         std::thread::Builder::new()
             .name("cmd-writer".into())
@@ -280,18 +287,23 @@ impl Writer {
     ) -> anyhow::Result<Option<HashMap<Uuid, <UserAggregate as Aggregate>::State>>> {
         let (users, users_next) = rebuild::state::<UserAggregate>(&self.shared, partition).await?;
         let (news, news_next) = rebuild::state::<NewsAggregate>(&self.shared, partition).await?;
+        let shared = self.shared.clone();
+        let recent =
+            tokio::task::spawn_blocking(move || outcome::load(&shared, partition)).await??;
         tracing::info!(
             partition,
             users = users.len(),
             news = news.len(),
             users_next,
             news_next,
+            keys = recent.len(),
             "partition rebuilt"
         );
         let initial = users.clone();
         let held = Box::new(Held {
             users: Log::new(users, users_next),
             news: Log::new(news, news_next),
+            recent,
             still_owned,
         });
         let (done, installed) = oneshot::channel();
@@ -306,6 +318,11 @@ impl Writer {
         .await
         .map_err(|_| anyhow::anyhow!("the writer stopped"))?;
         Ok(installed.await?.then_some(initial))
+    }
+
+    /// What the writer works with.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Stops the writer thread (what waits is refused).
@@ -399,6 +416,8 @@ struct Decisions<S> {
     /// State changes (None: the aggregate is gone), applied once committed.
     overlay: HashMap<Uuid, Option<S>>,
     decided: Vec<Decided<S>>,
+    /// Keyed commands refused: their refusal is recorded before it is answered.
+    refused: Vec<Refusal<S>>,
     reads: Vec<(Uuid, oneshot::Sender<Option<S>>)>,
     force_snapshot: bool,
 }
@@ -408,17 +427,30 @@ impl<S> Default for Decisions<S> {
         Decisions {
             overlay: HashMap::new(),
             decided: Vec::new(),
+            refused: Vec::new(),
             reads: Vec::new(),
             force_snapshot: false,
         }
     }
 }
 
+type Reply<S> = oneshot::Sender<Result<Committed<S>, CommandError>>;
+
 struct Decided<S> {
-    reply: oneshot::Sender<Result<Committed<S>, CommandError>>,
+    reply: Reply<S>,
     id: Uuid,
     payload: Vec<u8>,
     offset: i64,
+    /// A keyed command's key, the state it leaves, and when it was decided.
+    keyed: Option<(Keyed, S, i64)>,
+}
+
+struct Refusal<S> {
+    reply: Reply<S>,
+    id: Uuid,
+    keyed: Keyed,
+    at: i64,
+    error: crate::domain::DomainError,
 }
 
 /// A batch's decisions for one partition of both topics.
@@ -426,6 +458,58 @@ struct Decided<S> {
 struct Batch {
     users: Decisions<<UserAggregate as Aggregate>::State>,
     news: Decisions<<NewsAggregate as Aggregate>::State>,
+    /// The key scopes of this batch's keyed commands.
+    keys: HashSet<[u8; 32]>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.users.decided.is_empty()
+            && self.news.decided.is_empty()
+            && self.users.refused.is_empty()
+            && self.news.refused.is_empty()
+    }
+}
+
+/// The outcome records of a batch's keyed commands, once their events' offsets (in
+/// record order, as `gated_commit` lists them) are known.
+fn outcome_records(
+    shared: &Shared,
+    batch: &HashMap<i32, Batch>,
+    offsets: &[i64],
+) -> Vec<(i32, [u8; 32], Vec<u8>)> {
+    fn of<A: Aggregate>(
+        shared: &Shared,
+        partition: i32,
+        decisions: &Decisions<A::State>,
+        offsets: &mut impl Iterator<Item = i64>,
+        out: &mut Vec<(i32, [u8; 32], Vec<u8>)>,
+    ) {
+        for d in &decisions.decided {
+            let offset = offsets.next().unwrap_or(-1);
+            if let Some((keyed, state, at)) = &d.keyed {
+                let source = outcome::Source::Committed(state, offset);
+                match outcome::record::<A>(shared, keyed, d.id, *at, source) {
+                    Ok(value) => out.push((partition, keyed.scope, value)),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "an outcome not recorded"),
+                }
+            }
+        }
+        for r in &decisions.refused {
+            let source = outcome::Source::Refused(&r.error);
+            match outcome::record::<A>(shared, &r.keyed, r.id, r.at, source) {
+                Ok(value) => out.push((partition, r.keyed.scope, value)),
+                Err(e) => tracing::error!(error = format!("{e:#}"), "an outcome not recorded"),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut offsets = offsets.iter().copied();
+    for (partition, b) in batch {
+        of::<UserAggregate>(shared, *partition, &b.users, &mut offsets, &mut out);
+        of::<NewsAggregate>(shared, *partition, &b.news, &mut offsets, &mut out);
+    }
+    out
 }
 
 struct Thread {
@@ -440,6 +524,7 @@ struct Thread {
     group: Group,
     ownership_topic: String,
     hold: Option<Duration>,
+    uncertain_keyed: bool,
 }
 
 fn refuse<A: Aggregate>(request: Request<A>, reason: &str) {
@@ -537,26 +622,38 @@ impl Thread {
         request: Request<A>,
         batch: &mut HashMap<i32, Batch>,
         log: impl Fn(&Held) -> &Log<A::State>,
-        decisions: impl Fn(&mut Batch) -> &mut Decisions<A::State>,
+        decisions: impl Fn(&mut Batch) -> (&mut Decisions<A::State>, &mut HashSet<[u8; 32]>),
     ) -> usize {
         let available = self.available();
         let Some(held) = self.held.get(&partition) else {
             refuse(request, "the partition is not served here now");
             return 0;
         };
-        let decisions = decisions(batch.entry(partition).or_default());
-        admit::<A>(&self.shared, available, log(held), decisions, request)
+        let (decisions, keys) = decisions(batch.entry(partition).or_default());
+        let known = Known {
+            log: log(held),
+            recent: &held.recent,
+        };
+        admit::<A>(&self.shared, available, known, decisions, keys, request)
     }
 
     /// Takes one message into the batch; returns how many commands it added.
     fn take(&mut self, Message(message): Message, batch: &mut HashMap<i32, Batch>) -> usize {
         match message {
-            Inner::Users(partition, request) => {
-                self.admit(partition, request, batch, |h| &h.users, |b| &mut b.users)
-            }
-            Inner::News(partition, request) => {
-                self.admit(partition, request, batch, |h| &h.news, |b| &mut b.news)
-            }
+            Inner::Users(partition, request) => self.admit(
+                partition,
+                request,
+                batch,
+                |h| &h.users,
+                |b| (&mut b.users, &mut b.keys),
+            ),
+            Inner::News(partition, request) => self.admit(
+                partition,
+                request,
+                batch,
+                |h| &h.news,
+                |b| (&mut b.news, &mut b.keys),
+            ),
             Inner::Install {
                 partition,
                 held,
@@ -626,9 +723,9 @@ impl Thread {
                 records.push(("news", *partition, d.id, std::mem::take(&mut d.payload)));
             }
         }
-        if records.is_empty() {
+        if batch.values().all(Batch::is_empty) {
             for (partition, b) in batch {
-                self.answer(partition, b);
+                self.answer(partition, b, &HashMap::new());
             }
             return 0;
         }
@@ -643,12 +740,20 @@ impl Thread {
         let count = records.len();
         let partitions: Vec<i32> = batch
             .iter()
-            .filter(|(_, b)| !b.users.decided.is_empty() || !b.news.decided.is_empty())
+            .filter(|(_, b)| !b.is_empty())
             .map(|(p, _)| *p)
             .collect();
-        let outcome = self.transaction(&producer, &records, &partitions);
+        let shared = self.shared.clone();
+        let outcomes = |offsets: &[i64]| outcome_records(&shared, &batch, offsets);
+        let mut outcome = self.transaction(&producer, &records, outcomes, &partitions);
+        if self.uncertain_keyed
+            && let Ok((_, recorded)) = &outcome
+            && !recorded.is_empty()
+        {
+            outcome = Err(Failure::Uncertain(format!("{UNCERTAIN_VARIABLE} is set")));
+        }
         match outcome {
-            Ok(offsets) => {
+            Ok((offsets, recorded)) => {
                 let mut offsets = offsets.into_iter();
                 for b in batch.values_mut() {
                     for d in &mut b.users.decided {
@@ -662,7 +767,7 @@ impl Thread {
                     .with_label_values(&["committed"])
                     .inc_by(count as u64);
                 for (partition, b) in batch {
-                    self.answer(partition, b);
+                    self.answer(partition, b, &recorded);
                 }
                 count
             }
@@ -729,36 +834,35 @@ impl Thread {
         });
     }
 
-    /// Applies a committed batch of one partition to the held states and answers it.
-    fn answer(&mut self, partition: i32, batch: Batch) {
+    /// Applies a committed batch of one partition to the held states and answers it;
+    /// `recorded` gives the offsets of the outcome records by partition and key scope.
+    fn answer(&mut self, partition: i32, batch: Batch, recorded: &Recorded) {
         let Some(held) = self.held.get_mut(&partition) else {
             fail(batch, "the partition moved to another process", false);
             return;
         };
-        settle::<UserAggregate>(
-            &self.shared,
-            &self.runtime,
+        let mut at = Settling {
+            shared: &self.shared,
+            runtime: &self.runtime,
             partition,
-            &mut held.users,
-            batch.users,
-        );
-        settle::<NewsAggregate>(
-            &self.shared,
-            &self.runtime,
-            partition,
-            &mut held.news,
-            batch.news,
-        );
+            recent: &mut held.recent,
+            recorded,
+        };
+        settle::<UserAggregate>(&mut at, &mut held.users, batch.users);
+        settle::<NewsAggregate>(&mut at, &mut held.news, batch.news);
     }
 
-    /// Begins, produces, waits for the acknowledgements, commits the ownership offsets
-    /// with the group metadata (the zombie fence), commits. Offsets in record order.
+    /// Begins, produces the events, waits for their acknowledgements, produces the
+    /// outcome records `outcomes` makes of their offsets and waits for those, commits the
+    /// ownership offsets with the group metadata (the zombie fence), commits. Returns the
+    /// events' offsets in record order, and the outcome records' offsets.
     fn transaction(
         &self,
         producer: &Producer,
         records: &[(&'static str, i32, Uuid, Vec<u8>)],
+        outcomes: impl FnOnce(&[i64]) -> Vec<(i32, [u8; 32], Vec<u8>)>,
         partitions: &[i32],
-    ) -> Result<Vec<i64>, Failure> {
+    ) -> Result<(Vec<i64>, Recorded), Failure> {
         let timeout = self.shared.kafka.timeout();
         let abort = |error: KafkaError| {
             if is_fatal(&error) {
@@ -824,6 +928,29 @@ impl Thread {
                 Err(error) => return Err(abort(error)),
             }
         }
+        // The outcomes of keyed commands name their events' offsets, so they follow.
+        let outcomes = outcomes(&offsets);
+        let mut recorded = Recorded::new();
+        if !outcomes.is_empty() {
+            let topic = outcomes_topic(&self.shared.kafka);
+            let mut deliveries = Vec::with_capacity(outcomes.len());
+            for (partition, scope, value) in &outcomes {
+                let record = Record {
+                    topic: &topic,
+                    partition: Some(*partition),
+                    key: Some(scope.as_slice()),
+                    payload: Some(value),
+                    headers: None,
+                };
+                deliveries.push(((*partition, *scope), producer.send(record).map_err(abort)?));
+            }
+            for (key, delivery) in deliveries {
+                match futures::executor::block_on(delivery) {
+                    Ok((_, offset)) => recorded.insert(key, offset),
+                    Err(error) => return Err(abort(error)),
+                };
+            }
+        }
         // The delivery counter can lag the reports by a moment; settle it with short
         // flushes so that the commit's own flush finds nothing in flight.
         let deadline = Instant::now() + timeout;
@@ -840,6 +967,7 @@ impl Thread {
         let commit = producer.commit_transaction(timeout);
         tracing::debug!(
             events = records.len(),
+            outcomes = recorded.len(),
             partitions = partitions.len(),
             produced_ms = produced.as_secs_f64() * 1000.0,
             offsets_ms = offsets_sent.as_secs_f64() * 1000.0,
@@ -853,8 +981,15 @@ impl Thread {
                 _ => Failure::Uncertain(error.to_string()),
             });
         }
-        Ok(offsets)
+        Ok((offsets, recorded))
     }
+}
+
+/// What the writer holds of a partition of one aggregate topic: the committed states, and
+/// the recent keyed outcomes (of both topics).
+struct Known<'a, S> {
+    log: &'a Log<S>,
+    recent: &'a Recent,
 }
 
 /// Takes a request into the batch: decided when Kafka is reachable; otherwise a command is
@@ -862,14 +997,15 @@ impl Thread {
 fn admit<A: Aggregate>(
     shared: &Shared,
     available: Result<(), &'static str>,
-    log: &Log<A::State>,
+    known: Known<'_, A::State>,
     decisions: &mut Decisions<A::State>,
+    keys: &mut HashSet<[u8; 32]>,
     request: Request<A>,
 ) -> usize {
     match (available, request) {
-        (Ok(()), request) => decide::<A>(shared, log, decisions, request),
+        (Ok(()), request) => decide::<A>(shared, known, decisions, keys, request),
         (Err(_), Request::Read { id, reply }) => {
-            let _ = reply.send(log.states.get(&id).cloned());
+            let _ = reply.send(known.log.states.get(&id).cloned());
             0
         }
         (Err(reason), request) => {
@@ -879,13 +1015,16 @@ fn admit<A: Aggregate>(
     }
 }
 
-/// Decides one request against the held state plus the batch's earlier changes.
+/// Decides one request against the held state plus the batch's earlier changes. A keyed
+/// command whose key has an outcome is answered by it instead.
 fn decide<A: Aggregate>(
     shared: &Shared,
-    log: &Log<A::State>,
+    known: Known<'_, A::State>,
     decisions: &mut Decisions<A::State>,
+    keys: &mut HashSet<[u8; 32]>,
     request: Request<A>,
 ) -> usize {
+    let log = known.log;
     let (id, command, meta, reply) = match request {
         Request::Read { id, reply } => {
             decisions.reads.push((id, reply));
@@ -898,15 +1037,45 @@ fn decide<A: Aggregate>(
             reply,
         } => (id, command, meta, reply),
     };
+    let at = micros(meta.now);
+    if let Some(keyed) = &meta.keyed {
+        if keys.contains(&keyed.scope) {
+            let _ = reply.send(Err(CommandError::Unavailable {
+                reason: "a request with this Idempotency-Key is being written".into(),
+                definitive: false,
+            }));
+            return 0;
+        }
+        if let Some(entry) = known.recent.get(&keyed.scope, at) {
+            let _ = reply.send(Err(if entry.request == keyed.request {
+                CommandError::Recorded(entry.offset)
+            } else {
+                CommandError::KeyReused
+            }));
+            return 0;
+        }
+    }
     let current = match decisions.overlay.get(&id) {
         Some(state) => state.clone(),
         None => log.states.get(&id).cloned(),
     };
     let change = match A::handle(id, current.as_ref(), command) {
         Ok(change) => change,
-        Err(refused) => {
-            let _ = reply.send(Err(refused.into()));
-            return 0;
+        Err(error) => {
+            let Some(keyed) = meta.keyed else {
+                let _ = reply.send(Err(error.into()));
+                return 0;
+            };
+            // Recorded before it is answered, so that a retry gets the same refusal.
+            keys.insert(keyed.scope);
+            decisions.refused.push(Refusal {
+                reply,
+                id,
+                keyed,
+                at,
+                error,
+            });
+            return 1;
         }
     };
     let version = current.as_ref().map_or(0, A::version) + 1;
@@ -914,7 +1083,7 @@ fn decide<A: Aggregate>(
         event_id: meta.event_id,
         aggregate_id: id,
         aggregate_version: version,
-        occurred_at: micros(meta.now),
+        occurred_at: at,
         correlation_id: meta.correlation_id,
         causation_id: meta.command_id,
         actor_id: meta.actor_id,
@@ -929,14 +1098,21 @@ fn decide<A: Aggregate>(
                 version,
                 at: meta.now,
             };
-            decisions
-                .overlay
-                .insert(id, A::apply(current, &change, stamp));
+            let after = A::apply(current, &change, stamp);
+            let keyed = match (meta.keyed, &after) {
+                (Some(keyed), Some(state)) => {
+                    keys.insert(keyed.scope);
+                    Some((keyed, state.clone(), at))
+                }
+                _ => None,
+            };
+            decisions.overlay.insert(id, after);
             decisions.decided.push(Decided {
                 reply,
                 id,
                 payload,
                 offset: -1,
+                keyed,
             });
             1
         }
@@ -950,17 +1126,43 @@ fn decide<A: Aggregate>(
     }
 }
 
+/// Offsets of a transaction's outcome records, by partition and key scope.
+type Recorded = HashMap<(i32, [u8; 32]), i64>;
+
+/// Where a committed batch of one partition is settled.
+struct Settling<'a> {
+    shared: &'a Arc<Shared>,
+    runtime: &'a Handle,
+    partition: i32,
+    recent: &'a mut Recent,
+    recorded: &'a Recorded,
+}
+
+impl Settling<'_> {
+    /// Indexes the outcome of a keyed command, if it was recorded.
+    fn remember(&mut self, keyed: &Keyed, at: i64) {
+        if let Some(offset) = self.recorded.get(&(self.partition, keyed.scope)) {
+            let entry = outcome::Entry {
+                request: keyed.request,
+                at,
+                offset: *offset,
+            };
+            self.recent.insert(keyed.scope, entry);
+        }
+    }
+}
+
 /// Applies committed decisions to `log`, answers them, and takes a snapshot when due.
 fn settle<A: Aggregate>(
-    shared: &Arc<Shared>,
-    runtime: &Handle,
-    partition: i32,
+    at: &mut Settling<'_>,
     log: &mut Log<A::State>,
     decisions: Decisions<A::State>,
 ) {
+    let (shared, runtime, partition) = (at.shared, at.runtime, at.partition);
     let Decisions {
         overlay,
         decided,
+        refused,
         reads,
         force_snapshot,
     } = decisions;
@@ -971,7 +1173,14 @@ fn settle<A: Aggregate>(
             None => log.states.remove(&id),
         };
     }
+    for r in refused {
+        at.remember(&r.keyed, r.at);
+        let _ = r.reply.send(Err(CommandError::Domain(r.error)));
+    }
     for d in decided {
+        if let Some((keyed, _, when)) = &d.keyed {
+            at.remember(keyed, *when);
+        }
         log.next_offset = log.next_offset.max(d.offset + 1);
         let answer = log
             .states
@@ -1012,11 +1221,15 @@ fn read<S: Clone>(log: &Log<S>, reads: Vec<(Uuid, oneshot::Sender<Option<S>>)>) 
 /// Answers a batch that did not commit (reads get the committed state: none here).
 fn fail(batch: Batch, reason: &str, definitive: bool) {
     fn each<S>(decisions: Decisions<S>, reason: &str, definitive: bool) {
+        let error = || CommandError::Unavailable {
+            reason: reason.to_owned(),
+            definitive,
+        };
         for d in decisions.decided {
-            let _ = d.reply.send(Err(CommandError::Unavailable {
-                reason: reason.to_owned(),
-                definitive,
-            }));
+            let _ = d.reply.send(Err(error()));
+        }
+        for r in decisions.refused {
+            let _ = r.reply.send(Err(error()));
         }
     }
     each(batch.users, reason, definitive);

@@ -139,6 +139,10 @@ impl From<CommandError> for ApiError {
     fn from(err: CommandError) -> Self {
         match err {
             CommandError::Domain(e) => e.into(),
+            CommandError::KeyReused => ApiError::IdempotencyKeyReused,
+            CommandError::Recorded(offset) => ApiError::Internal(anyhow::anyhow!(
+                "an outcome recorded at offset {offset} was not read"
+            )),
             CommandError::Unavailable { reason, definitive } => {
                 ApiError::Unavailable(if definitive {
                     format!("{reason}; nothing was written")

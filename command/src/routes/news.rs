@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use newsroom_events::Category;
 use newsroom_events::users::Role;
 use newsroom_infra::auth::Caller;
-use newsroom_infra::http::{ApiError, JsonBody, RequestId};
+use newsroom_infra::http::{ApiError, JsonBody};
 use newsroom_infra::kafka::Stream;
 use newsroom_infra::views::{AuthorView, DELETED_AUTHOR, NewsView};
 use uuid::Uuid;
@@ -151,12 +151,26 @@ pub async fn create(
             "validated fields missing"
         )));
     };
-    if state.owners.ready().is_empty() {
-        return Err(ApiError::Unavailable(
-            "this process writes no partition yet; retry shortly".into(),
-        ));
-    }
-    let id = state.owners.new_id();
+    let meta = RequestMeta::of(&req, Some(actor.id));
+    let id = match &meta.keyed {
+        // Every retry of the key makes the same id, on the partition holding its outcome.
+        Some(keyed) => {
+            let id = keyed.new_id();
+            let partition = state.owners.partition_of(id);
+            if let Placement::Forwarded(response) =
+                place(&state, &req, &body.raw, partition).await?
+            {
+                return Ok(response);
+            }
+            id
+        }
+        None if state.owners.ready().is_empty() => {
+            return Err(ApiError::Unavailable(
+                "this process writes no partition yet; retry shortly".into(),
+            ));
+        }
+        None => state.owners.new_id(),
+    };
     let command = NewsCommand::Draft {
         actor,
         category,
@@ -164,7 +178,6 @@ pub async fn create(
         content,
         tags,
     };
-    let meta = RequestMeta::new(RequestId::of(&req), Some(actor.id));
     let committed = owner::submit::<NewsAggregate>(&state.owners, id, command, meta).await?;
     Ok(answer(&state, StatusCode::CREATED, &committed).await)
 }
@@ -183,7 +196,7 @@ async fn run(
     if let Placement::Forwarded(response) = place(state, req, body, partition).await? {
         return Ok(response);
     }
-    let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));
+    let meta = RequestMeta::of(req, Some(actor.id));
     let committed = owner::submit::<NewsAggregate>(&state.owners, id, command, meta).await?;
     Ok(answer(state, status, &committed).await)
 }

@@ -4,7 +4,7 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use newsroom_events::Category;
 use newsroom_events::users::Role;
-use newsroom_infra::http::{ApiError, FieldError, JsonBody, RequestId};
+use newsroom_infra::http::{ApiError, FieldError, JsonBody};
 use newsroom_infra::kafka::Stream;
 use newsroom_infra::views::UserView;
 use uuid::Uuid;
@@ -57,7 +57,8 @@ fn answer(status: StatusCode, committed: &Committed<User>) -> HttpResponse {
 }
 
 /// Registers a user with `role`, claiming the e-mail first; shared by `POST /v1/users` and
-/// the bootstrap admin. The new id is chosen in a partition this process writes.
+/// the bootstrap admin. The new id is chosen in a partition this process writes, or, for a
+/// keyed request, derived from the key (the caller placed the request on its partition).
 pub async fn register_user(
     state: &State,
     name: String,
@@ -67,12 +68,30 @@ pub async fn register_user(
     meta: RequestMeta,
 ) -> Result<Committed<User>, ApiError> {
     let owners = &state.owners;
-    if owners.ready().is_empty() {
-        return Err(ApiError::Unavailable(
-            "this process writes no partition yet; retry shortly".into(),
-        ));
-    }
-    let id = owners.new_id();
+    let id = match &meta.keyed {
+        Some(keyed) => {
+            let id = keyed.new_id();
+            if owner::read::<UserAggregate>(owners, id).await?.is_some() {
+                // A retry of a registration that committed: the writer answers it from
+                // its recorded outcome; nothing is claimed or created again.
+                let command = UserCommand::Register {
+                    name,
+                    email,
+                    email_claim: String::new(),
+                    password_hash: String::new(),
+                    role,
+                };
+                return Ok(owner::submit::<UserAggregate>(owners, id, command, meta).await?);
+            }
+            id
+        }
+        None if owners.ready().is_empty() => {
+            return Err(ApiError::Unavailable(
+                "this process writes no partition yet; retry shortly".into(),
+            ));
+        }
+        None => owners.new_id(),
+    };
     let partition = owners.partition_of(id);
     let claims = &state.shared.claims;
     let claim = claims.claim_of(&email);
@@ -102,13 +121,24 @@ pub async fn register_user(
         password_hash,
         role,
     };
+    let meta_keyed = meta.keyed;
     match owner::submit::<UserAggregate>(owners, id, command, meta).await {
         Ok(committed) => {
             claims.confirm(&claim, id).await?;
             Ok(committed)
         }
         Err(failure) => {
-            if definitive(&failure) {
+            // Only a registration that certainly wrote nothing gives its claim and key
+            // back: a keyed retry's claim and key may be those of the user it made.
+            let nothing_written = matches!(
+                failure,
+                owner::Submitted::NotHere
+                    | owner::Submitted::Failed(owner::CommandError::Unavailable {
+                        definitive: true,
+                        ..
+                    })
+            ) || (meta_keyed.is_none() && definitive(&failure));
+            if nothing_written {
                 claims.abandon(&claim, id).await?;
                 state.shared.keys.destroy(id).await?;
             }
@@ -144,7 +174,14 @@ pub async fn register(
             "validated fields missing"
         )));
     };
-    let meta = RequestMeta::new(RequestId::of(&req), None);
+    let meta = RequestMeta::of(&req, None);
+    if let Some(keyed) = &meta.keyed {
+        // Every retry of the key goes to the partition of the id it derives.
+        let partition = state.owners.partition_of(keyed.new_id());
+        if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
+            return Ok(response);
+        }
+    }
     let committed = register_user(&state, name, email, password, Role::Reader, meta).await?;
     Ok(answer(StatusCode::CREATED, &committed))
 }
@@ -176,7 +213,7 @@ async fn submit_here(
     actor: Actor,
     command: UserCommand,
 ) -> Result<Committed<User>, ApiError> {
-    let meta = RequestMeta::new(RequestId::of(req), Some(actor.id));
+    let meta = RequestMeta::of(req, Some(actor.id));
     Ok(owner::submit::<UserAggregate>(&state.owners, id, command, meta).await?)
 }
 
@@ -222,7 +259,7 @@ pub async fn update(
         return Ok(response);
     }
     // The e-mail is claimed before the change and confirmed after its commit.
-    let meta = RequestMeta::new(RequestId::of(&req), Some(actor.id));
+    let meta = RequestMeta::of(&req, Some(actor.id));
     let claims = &state.shared.claims;
     let mut new_claim = None;
     if let Some(email) = &email {

@@ -181,8 +181,8 @@ fn transition(news: &News, action: &'static str, allowed: &[Status]) -> Result<(
         Ok(())
     } else {
         Err(DomainError::InvalidTransition {
-            action,
-            status: news.status.as_str(),
+            action: action.into(),
+            status: news.status.as_str().into(),
         })
     }
 }

@@ -130,15 +130,15 @@ fn lifecycle_transitions_follow_the_status_graph() {
     assert_eq!(
         draft.when(unpublish()),
         Err(DomainError::InvalidTransition {
-            action: "unpublish",
-            status: "draft"
+            action: "unpublish".into(),
+            status: "draft".into()
         })
     );
     assert_eq!(
         draft.when(archive()),
         Err(DomainError::InvalidTransition {
-            action: "archive",
-            status: "draft"
+            action: "archive".into(),
+            status: "draft".into()
         })
     );
 
@@ -146,8 +146,8 @@ fn lifecycle_transitions_follow_the_status_graph() {
     assert_eq!(
         live.when(publish()),
         Err(DomainError::InvalidTransition {
-            action: "publish",
-            status: "published"
+            action: "publish".into(),
+            status: "published".into()
         })
     );
     assert_eq!(live.when(unpublish()), Ok(NewsChange::Unpublished));
@@ -157,15 +157,15 @@ fn lifecycle_transitions_follow_the_status_graph() {
     assert_eq!(
         archived.when(publish()),
         Err(DomainError::InvalidTransition {
-            action: "publish",
-            status: "archived"
+            action: "publish".into(),
+            status: "archived".into()
         })
     );
     assert_eq!(
         archived.when(unpublish()),
         Err(DomainError::InvalidTransition {
-            action: "unpublish",
-            status: "archived"
+            action: "unpublish".into(),
+            status: "archived".into()
         })
     );
     let edit = NewsCommand::Edit {
@@ -176,8 +176,8 @@ fn lifecycle_transitions_follow_the_status_graph() {
     assert_eq!(
         archived.when(edit),
         Err(DomainError::InvalidTransition {
-            action: "edit",
-            status: "archived"
+            action: "edit".into(),
+            status: "archived".into()
         })
     );
 }

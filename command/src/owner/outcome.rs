@@ -1,0 +1,423 @@
+//! Outcomes of commands sent with an `Idempotency-Key`, kept in the log (ADR 16).
+//!
+//! The writer records the outcome of a keyed command — the state it left and where its
+//! event landed, or the refusal — on the outcomes topic (`<prefix>.outcomes`, same
+//! partition as the aggregate, kept 25 hours) in the same Kafka transaction as the event.
+//! A partition's writer indexes the last 24 hours of its outcomes when it takes the
+//! partition over, so a retry after any crash finds what the first request did and is
+//! answered from it instead of running again.
+//!
+//! Personal data never goes to that topic in clear: a user's state is sealed with the
+//! user's key (destroyed at erasure, like the personal fields of their events).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use newsroom_events::consistency::Position;
+use newsroom_events::personal;
+use newsroom_infra::kafka::{outcomes_topic, read_committed_consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use uuid::Uuid;
+
+use super::{CommandError, Committed, Shared};
+use crate::aggregate::Aggregate;
+use crate::domain::DomainError;
+
+/// How long an outcome answers retries.
+pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Outcomes indexed per partition at most; past it the oldest are forgotten early (the
+/// answers of requests that finished stay in `cmd_idempotency` for the whole window).
+const MAX_PER_PARTITION: usize = 250_000;
+
+/// A command's `Idempotency-Key`, as the writer sees it: whose key it is, and which
+/// request it was first sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keyed {
+    /// SHA-256 of the caller and the key.
+    pub scope: [u8; 32],
+    /// SHA-256 of the method, path and body.
+    pub request: [u8; 32],
+}
+
+impl Keyed {
+    /// The key `key` of `caller` on the request `method path` with `body`.
+    pub fn new(caller: &str, key: &str, method: &str, path: &str, body: &[u8]) -> Self {
+        let scope = Sha256::new()
+            .chain_update(caller.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(key.as_bytes())
+            .finalize()
+            .into();
+        let request = Sha256::new()
+            .chain_update(method.as_bytes())
+            .chain_update(b" ")
+            .chain_update(path.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(body)
+            .finalize()
+            .into();
+        Keyed { scope, request }
+    }
+
+    /// The request hash in hex.
+    pub fn request_hex(&self) -> String {
+        hex(&self.request)
+    }
+
+    /// The id of the aggregate a keyed create makes: the same for every retry, so that
+    /// the retry reaches the partition holding the first attempt's outcome.
+    pub fn new_id(&self) -> Uuid {
+        let digest = Sha256::new()
+            .chain_update(b"newsroom: created by key\n")
+            .chain_update(self.scope)
+            .finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The outcome record (JSON).
+#[derive(Serialize, Deserialize)]
+struct Record {
+    /// [`Keyed::request`] in hex.
+    request: String,
+    /// When it was decided (Unix microseconds).
+    at: i64,
+    /// The aggregate.
+    aggregate: Uuid,
+    outcome: Stored,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Stored {
+    /// Committed: the state after it (JSON), and its event's offset.
+    Committed {
+        offset: i64,
+        state: serde_json::Value,
+    },
+    /// Committed, the state sealed with the user's key (base64).
+    Sealed { offset: i64, state: String },
+    /// Refused.
+    Refused(DomainError),
+}
+
+/// Where an outcome being written comes from.
+pub enum Source<'a, S> {
+    /// A committed command: the state it left and its event's offset.
+    Committed(&'a S, i64),
+    /// A refused one.
+    Refused(&'a DomainError),
+}
+
+/// The outcome record of `keyed` for aggregate `id` (key and value).
+pub fn record<A: Aggregate>(
+    shared: &Shared,
+    keyed: &Keyed,
+    id: Uuid,
+    at: i64,
+    source: Source<'_, A::State>,
+) -> anyhow::Result<Vec<u8>> {
+    let outcome = match source {
+        Source::Refused(error) => Stored::Refused(error.clone()),
+        Source::Committed(state, offset) if A::personal(state) => {
+            let key = shared
+                .keys
+                .get(id)
+                .context("the user's key is missing; the outcome would be in clear")?;
+            let plain = serde_json::to_vec(state)?;
+            let sealed = personal::seal_bytes(&key, id, &plain);
+            Stored::Sealed {
+                offset,
+                state: base64::engine::general_purpose::STANDARD.encode(sealed),
+            }
+        }
+        Source::Committed(state, offset) => Stored::Committed {
+            offset,
+            state: serde_json::to_value(state)?,
+        },
+    };
+    Ok(serde_json::to_vec(&Record {
+        request: keyed.request_hex(),
+        at,
+        aggregate: id,
+        outcome,
+    })?)
+}
+
+/// The answer an outcome record gives a retry: what the first request was answered.
+pub fn answer<A: Aggregate>(
+    shared: &Shared,
+    partition: i32,
+    payload: &[u8],
+) -> Result<Committed<A::State>, CommandError> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        tracing::error!(partition, error = %e, "an outcome record is unreadable");
+        CommandError::Unavailable {
+            reason: "the outcome of this request is recorded but cannot be read".into(),
+            definitive: false,
+        }
+    };
+    let record: Record = serde_json::from_slice(payload).map_err(|e| unreadable(&e))?;
+    let (offset, state) = match record.outcome {
+        Stored::Refused(error) => return Err(CommandError::Domain(error)),
+        Stored::Committed { offset, state } => (
+            offset,
+            serde_json::from_value(state).map_err(|e| unreadable(&e))?,
+        ),
+        Stored::Sealed { offset, state } => {
+            let id = record.aggregate;
+            // The key is gone once the user is erased: so is what the answer showed.
+            let key = shared.keys.get(id).ok_or(DomainError::NotFound)?;
+            let blob = base64::engine::general_purpose::STANDARD
+                .decode(state)
+                .map_err(|e| unreadable(&e))?;
+            let plain = personal::open_bytes(&key, id, &blob).map_err(|e| unreadable(&e))?;
+            (
+                offset,
+                serde_json::from_slice(&plain).map_err(|e| unreadable(&e))?,
+            )
+        }
+    };
+    Ok(Committed {
+        state,
+        position: Position { partition, offset },
+    })
+}
+
+/// What the index knows of one key.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// [`Keyed::request`] of the first request.
+    pub request: [u8; 32],
+    /// When it was decided (Unix microseconds).
+    pub at: i64,
+    /// The offset of its outcome record.
+    pub offset: i64,
+}
+
+/// The keyed outcomes of one partition in the last [`WINDOW`], by key scope.
+#[derive(Default)]
+pub struct Recent {
+    entries: HashMap<[u8; 32], Entry>,
+    order: VecDeque<(i64, [u8; 32])>,
+}
+
+fn window_start(now: i64) -> i64 {
+    now - i64::try_from(WINDOW.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Recent {
+    /// The outcome of `scope`, if it is recent.
+    pub fn get(&self, scope: &[u8; 32], now: i64) -> Option<Entry> {
+        self.entries
+            .get(scope)
+            .filter(|e| e.at >= window_start(now))
+            .copied()
+    }
+
+    /// Records an outcome (the first for its scope wins).
+    pub fn insert(&mut self, scope: [u8; 32], entry: Entry) {
+        let start = window_start(entry.at);
+        while let Some(&(at, old)) = self.order.front() {
+            let full = self.entries.len() >= MAX_PER_PARTITION;
+            if at >= start && !full {
+                break;
+            }
+            if at >= start {
+                tracing::warn!(
+                    limit = MAX_PER_PARTITION,
+                    "idempotency keys forgotten before 24 hours: too many on one partition"
+                );
+            }
+            self.order.pop_front();
+            if self.entries.get(&old).is_some_and(|e| e.at == at) {
+                self.entries.remove(&old);
+            }
+        }
+        if self.entries.contains_key(&scope) {
+            return;
+        }
+        self.entries.insert(scope, entry);
+        self.order.push_back((entry.at, scope));
+    }
+
+    /// How many outcomes it holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The head of a record: what the index needs.
+#[derive(Deserialize)]
+struct Head {
+    request: String,
+    at: i64,
+}
+
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn consumer(shared: &Shared) -> anyhow::Result<BaseConsumer> {
+    let group = format!("{}.cmd-outcomes", shared.kafka.topic_prefix);
+    read_committed_consumer(&shared.kafka, &group)
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .context("creating the outcomes consumer")
+}
+
+/// Indexes the committed outcomes of `partition` of the last [`WINDOW`] (blocking).
+pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
+    let topic = outcomes_topic(&shared.kafka);
+    let consumer = consumer(shared)?;
+    let timeout = shared.kafka.timeout();
+    let now = newsroom_events::metadata::micros(chrono::Utc::now());
+    let (_, high) = consumer
+        .fetch_watermarks(&topic, partition, timeout)
+        .context("reading the outcomes partition's end")?;
+    let mut since = TopicPartitionList::new();
+    since.add_partition_offset(&topic, partition, Offset::Offset(window_start(now) / 1000))?;
+    let start = consumer
+        .offsets_for_times(since, timeout)
+        .context("finding the outcomes of the last 24 hours")?
+        .find_partition(&topic, partition)
+        .and_then(|p| p.offset().to_raw())
+        .filter(|o| *o >= 0)
+        .unwrap_or(high);
+    let mut recent = Recent::default();
+    if start >= high {
+        return Ok(recent);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, partition, Offset::Offset(start))?;
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + super::rebuild::REBUILD_DEADLINE;
+    loop {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "indexing {topic}/{partition} took too long"
+        );
+        let position = consumer
+            .position()?
+            .find_partition(&topic, partition)
+            .and_then(|p| p.offset().to_raw())
+            .unwrap_or(start);
+        if position >= high {
+            break;
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.context("reading the outcomes")?;
+        let offset = message.offset();
+        let head = message
+            .key()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .zip(message.payload().and_then(|p| {
+                let head: Head = serde_json::from_slice(p).ok()?;
+                Some((unhex(&head.request)?, head.at))
+            }));
+        match head {
+            Some((scope, (request, at))) => recent.insert(
+                scope,
+                Entry {
+                    request,
+                    at,
+                    offset,
+                },
+            ),
+            None => tracing::error!(%topic, partition, offset, "malformed outcome record skipped"),
+        }
+        if offset + 1 >= high {
+            break;
+        }
+    }
+    tracing::debug!(%topic, partition, from = start, keys = recent.len(), "outcomes indexed");
+    Ok(recent)
+}
+
+/// The outcome record at `offset` of `partition` (blocking).
+pub fn fetch(shared: &Shared, partition: i32, offset: i64) -> anyhow::Result<Vec<u8>> {
+    let topic = outcomes_topic(&shared.kafka);
+    let consumer = consumer(shared)?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + shared.kafka.timeout();
+    while std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.context("reading an outcome")?;
+        anyhow::ensure!(
+            message.offset() == offset,
+            "the outcome at {topic}/{partition}@{offset} is gone (read {})",
+            message.offset()
+        );
+        return message
+            .payload()
+            .map(<[u8]>::to_vec)
+            .context("an empty outcome record");
+    }
+    anyhow::bail!("reading the outcome at {topic}/{partition}@{offset} timed out")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(at: i64, offset: i64) -> Entry {
+        Entry {
+            request: [0; 32],
+            at,
+            offset,
+        }
+    }
+
+    #[test]
+    fn the_first_outcome_of_a_key_wins_and_old_ones_expire() {
+        let day = window_start(0).abs();
+        let mut recent = Recent::default();
+        recent.insert([1; 32], entry(10, 1));
+        recent.insert([1; 32], entry(11, 2));
+        assert_eq!(recent.get(&[1; 32], 20).map(|e| e.offset), Some(1));
+        assert!(recent.get(&[1; 32], 10 + day + 1).is_none(), "expired");
+        recent.insert([2; 32], entry(10 + day + 1, 3));
+        assert_eq!(recent.len(), 1, "the expired key left the index");
+    }
+
+    #[test]
+    fn a_retry_of_a_create_makes_the_same_id_and_another_key_another() {
+        let a = Keyed::new("caller", "k1", "POST", "/v1/news", b"{}");
+        let again = Keyed::new("caller", "k1", "POST", "/v1/news", b"{\"x\":1}");
+        let other = Keyed::new("someone else", "k1", "POST", "/v1/news", b"{}");
+        assert_eq!(a.new_id(), again.new_id());
+        assert_ne!(a.request, again.request);
+        assert_ne!(a.new_id(), other.new_id());
+        assert_eq!(unhex(&a.request_hex()), Some(a.request));
+    }
+}
