@@ -59,6 +59,16 @@ impl Claims {
         Ok(Claims { pool, pepper })
     }
 
+    /// A key for another purpose, derived from the pepper (every process of a deployment
+    /// has the same).
+    pub fn subkey(&self, purpose: &str) -> Vec<u8> {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.pepper)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(b"newsroom subkey: ");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The claim of an address (hex HMAC-SHA256 of the normalised address).
     pub fn claim_of(&self, email: &str) -> String {
         let mut mac = <Hmac<Sha256>>::new_from_slice(&self.pepper)
@@ -211,6 +221,32 @@ impl Claims {
                         .await?;
                 }
             }
+        }
+        // A committed user whose claim went missing (a request that wrote nothing gave a
+        // claim back that a retry of the same key had committed with) gets it again,
+        // unless another user holds that address now.
+        let (claims, holders): (Vec<&str>, Vec<Uuid>) = users
+            .values()
+            .filter(|u| !u.erased && !u.email_claim.is_empty())
+            .map(|u| (u.email_claim.as_str(), u.id))
+            .unzip();
+        let restored = sqlx::query(
+            "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state) \
+             SELECT claim, user_id, $3, user_id, 'held' FROM UNNEST($1::text[], $2::uuid[]) AS c(claim, user_id) \
+             ON CONFLICT (claim) DO NOTHING",
+        )
+        .bind(&claims)
+        .bind(&holders)
+        .bind(partition)
+        .execute(&self.pool)
+        .await
+        .context("restoring e-mail claims")?;
+        if restored.rows_affected() > 0 {
+            tracing::warn!(
+                partition,
+                restored = restored.rows_affected(),
+                "e-mail claims of committed users were missing; restored"
+            );
         }
         for user in users.values().filter(|u| u.erased) {
             if keys.get(user.id).is_some() {

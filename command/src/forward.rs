@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use newsroom_infra::http::ApiError;
 use sqlx::PgPool;
 
-/// Marks a request as forwarded once.
+/// Marks a request as forwarded once: an HMAC of its method and path with a key every
+/// process of the deployment derives from its secrets, so that no outside caller can pass
+/// a request off as forwarded (a forwarded request skips the idempotency table).
 pub const FORWARDED: &str = "x-newsroom-forwarded";
 
 /// Headers copied from the original request to the owner, and back.
@@ -39,15 +41,18 @@ pub struct Directory {
     instance: String,
     address: String,
     client: reqwest::Client,
+    key: Vec<u8>,
 }
 
 impl Directory {
-    /// This process is `instance`, reachable at `address` (`host:port`).
+    /// This process is `instance`, reachable at `address` (`host:port`); `key` marks
+    /// forwarded requests.
     pub fn new(
         pool: PgPool,
         instance: String,
         address: String,
         timeout: Duration,
+        key: Vec<u8>,
     ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(timeout + Duration::from_secs(5))
@@ -58,7 +63,38 @@ impl Directory {
             instance,
             address,
             client,
+            key,
         })
+    }
+
+    fn mark(&self, method: &str, path: &str) -> String {
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(method.as_bytes());
+        mac.update(b" ");
+        mac.update(path.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Whether `req` was forwarded by a process of this deployment (its mark is valid).
+    pub fn forwarded(&self, req: &actix_web::dev::RequestHead) -> bool {
+        let Some(mark) = req.headers.get(FORWARDED).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let expected = self.mark(req.method.as_str(), path);
+        // Compared in constant time.
+        mark.len() == expected.len()
+            && mark
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 
     /// Records that this process now writes `partition`.
@@ -100,25 +136,20 @@ impl Directory {
                 "partition {partition} is changing owner; retry shortly"
             ))
         };
-        if req.headers().contains_key(FORWARDED) {
+        if self.forwarded(req.head()) {
             return Err(moving());
         }
         let Some(address) = self.owner_address(partition).await? else {
             return Err(moving());
         };
-        let url = format!(
-            "http://{address}{}",
-            req.uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-        );
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let url = format!("http://{address}{path}");
         let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
             .unwrap_or(reqwest::Method::GET);
         let mut outgoing = self
             .client
             .request(method, &url)
-            .header(FORWARDED, "1")
+            .header(FORWARDED, self.mark(req.method().as_str(), path))
             .body(body.to_vec());
         for name in REQUEST_HEADERS {
             if let Some(value) = req.headers().get(name) {

@@ -26,7 +26,6 @@ use newsroom_infra::http::{ApiError, MAX_BODY_BYTES};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
-use crate::forward::FORWARDED;
 use crate::owner::outcome::Keyed;
 
 /// The header.
@@ -47,8 +46,16 @@ pub struct Idempotency {
 }
 
 enum Begun {
-    First,
+    /// This request runs, as the attempt with this id.
+    First(uuid::Uuid),
     Replay(HttpResponse),
+}
+
+/// The request holding a pending record.
+struct Attempt<'a> {
+    caller: &'a str,
+    key: &'a str,
+    id: uuid::Uuid,
 }
 
 fn valid_key(key: &str) -> bool {
@@ -64,18 +71,20 @@ impl Idempotency {
     async fn begin(&self, caller: &str, key: &str, hash: &str) -> Result<Begun, ApiError> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
+            let attempt = uuid::Uuid::now_v7();
             let inserted = sqlx::query(
-                "INSERT INTO cmd_idempotency (caller, key, request_hash, state) VALUES ($1, $2, $3, 'pending') \
+                "INSERT INTO cmd_idempotency (caller, key, request_hash, state, attempt) VALUES ($1, $2, $3, 'pending', $4) \
                  ON CONFLICT (caller, key) DO NOTHING",
             )
             .bind(caller)
             .bind(key)
             .bind(hash)
+            .bind(attempt)
             .execute(&self.pool)
             .await
             .context("recording an idempotency key")?;
             if inserted.rows_affected() == 1 {
-                return Ok(Begun::First);
+                return Ok(Begun::First(attempt));
             }
             type Row = (
                 String,
@@ -84,9 +93,10 @@ impl Idempotency {
                 Option<Value>,
                 Option<Vec<u8>>,
                 f64,
+                Option<uuid::Uuid>,
             );
             let row: Option<Row> = sqlx::query_as(
-                "SELECT request_hash, state, status, headers, body, EXTRACT(EPOCH FROM now() - created_at)::float8 \
+                "SELECT request_hash, state, status, headers, body, EXTRACT(EPOCH FROM now() - created_at)::float8, attempt \
                  FROM cmd_idempotency WHERE caller = $1 AND key = $2",
             )
             .bind(caller)
@@ -94,12 +104,23 @@ impl Idempotency {
             .fetch_optional(&self.pool)
             .await
             .context("reading an idempotency key")?;
-            let Some((stored_hash, state, status, headers, body, age)) = row else {
+            let Some((stored_hash, state, status, headers, body, age, holder)) = row else {
                 continue;
             };
             let expired = age > 24.0 * 3600.0 || (state == "pending" && age > STALE.as_secs_f64());
             if expired {
-                self.forget(caller, key).await?;
+                // Only the record as it was read: a concurrent retry may have taken over.
+                sqlx::query(
+                    "DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2 \
+                     AND attempt IS NOT DISTINCT FROM $3 AND state = $4",
+                )
+                .bind(caller)
+                .bind(key)
+                .bind(holder)
+                .bind(&state)
+                .execute(&self.pool)
+                .await
+                .context("dropping a stale idempotency key")?;
                 continue;
             }
             if stored_hash != hash {
@@ -119,31 +140,32 @@ impl Idempotency {
 
     async fn finish(
         &self,
-        caller: &str,
-        key: &str,
+        attempt: &Attempt<'_>,
         status: u16,
         headers: Value,
         body: &[u8],
     ) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE cmd_idempotency SET state = 'done', status = $3, headers = $4, body = $5 \
-             WHERE caller = $1 AND key = $2",
+             WHERE caller = $1 AND key = $2 AND attempt = $6",
         )
-        .bind(caller)
-        .bind(key)
+        .bind(attempt.caller)
+        .bind(attempt.key)
         .bind(i32::from(status))
         .bind(headers)
         .bind(body)
+        .bind(attempt.id)
         .execute(&self.pool)
         .await
         .context("recording an outcome")?;
         Ok(())
     }
 
-    async fn forget(&self, caller: &str, key: &str) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2")
-            .bind(caller)
-            .bind(key)
+    async fn forget(&self, attempt: &Attempt<'_>) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2 AND attempt = $3")
+            .bind(attempt.caller)
+            .bind(attempt.key)
+            .bind(attempt.id)
             .execute(&self.pool)
             .await
             .context("forgetting an idempotency key")?;
@@ -193,7 +215,9 @@ pub async fn middleware(
         *req.method(),
         actix_web::http::Method::GET | actix_web::http::Method::HEAD
     );
-    let forwarded = req.headers().contains_key(FORWARDED);
+    let forwarded = req
+        .app_data::<web::Data<crate::State>>()
+        .is_some_and(|state| state.shared.directory.forwarded(req.head()));
     let key = match key {
         Some(_) if !is_command => None,
         Some(Ok(key)) if valid_key(&key) => Some(key),
@@ -240,22 +264,26 @@ pub async fn middleware(
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
 
-    match store.begin(&caller, &key, &hash).await {
+    let attempt = match store.begin(&caller, &key, &hash).await {
         Err(error) => return Ok(req.into_response(error.error_response())),
         Ok(Begun::Replay(response)) => return Ok(req.into_response(response)),
-        Ok(Begun::First) => {}
-    }
+        Ok(Begun::First(id)) => Attempt {
+            caller: &caller,
+            key: &key,
+            id,
+        },
+    };
     let response = match next.call(req).await {
         Ok(response) => response,
         Err(error) => {
-            let _ = store.forget(&caller, &key).await;
+            let _ = store.forget(&attempt).await;
             return Err(error);
         }
     };
     let status = response.status();
     if status.is_server_error() {
-        // Nothing was written: let a retry run again.
-        if let Err(e) = store.forget(&caller, &key).await {
+        // Nothing was written, or the writer recorded the outcome: a retry runs again.
+        if let Err(e) = store.forget(&attempt).await {
             tracing::warn!(error = format!("{e:#}"), "forgetting an idempotency key");
         }
         return Ok(response.map_into_boxed_body());
@@ -270,13 +298,7 @@ pub async fn middleware(
     let (response, body) = response.into_parts();
     let bytes = to_bytes(body).await.unwrap_or_default();
     if let Err(e) = store
-        .finish(
-            &caller,
-            &key,
-            status.as_u16(),
-            Value::Object(headers),
-            &bytes,
-        )
+        .finish(&attempt, status.as_u16(), Value::Object(headers), &bytes)
         .await
     {
         tracing::error!(error = format!("{e:#}"), "recording an idempotent outcome");

@@ -82,17 +82,19 @@ pub async fn build(
         uuid::Uuid::now_v7().simple()
     );
     let partitions = settings.kafka.partitions;
+    let claims = Claims::new(&settings.auth, pool.clone())?;
     let shared = Arc::new(Shared {
         kafka: settings.kafka.clone(),
         registry,
         keys: Keys::new(pool.clone()),
-        claims: Claims::new(&settings.auth, pool.clone())?,
         directory: Directory::new(
             pool.clone(),
             instance.clone(),
             address,
             settings.kafka.timeout(),
+            claims.subkey("forwarding"),
         )?,
+        claims,
         partitions,
         pool: pool.clone(),
         kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),

@@ -394,42 +394,101 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
     app.stop().await
 }
 
-/// A command sent with an `Idempotency-Key` and a bearer token; retried on 503 until
-/// `deadline` (an answer that never came counts as a 503: the client cannot tell).
-async fn keyed(
-    http: &reqwest::Client,
-    url: &str,
-    path: &str,
-    token: &str,
-    key: &str,
+/// A command with an `Idempotency-Key`.
+#[derive(Clone)]
+struct Keyed {
+    method: reqwest::Method,
+    path: String,
+    token: Option<String>,
+    key: &'static str,
     body: Value,
     if_match: Option<i64>,
-) -> anyhow::Result<(S, Value, Option<String>)> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+}
+
+impl Keyed {
+    fn new(method: reqwest::Method, path: impl Into<String>, key: &'static str) -> Self {
+        Keyed {
+            method,
+            path: path.into(),
+            token: None,
+            key,
+            body: json!({}),
+            if_match: None,
+        }
+    }
+
+    fn by(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    fn body(mut self, body: Value) -> Self {
+        self.body = body;
+        self
+    }
+
+    fn if_match(mut self, version: i64) -> Self {
+        self.if_match = Some(version);
+        self
+    }
+
+    /// Sends it once: the status, headers and body (`None` when no answer came).
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+    ) -> Option<(S, reqwest::header::HeaderMap, String)> {
         let mut request = http
-            .post(format!("{url}{path}"))
+            .request(self.method.clone(), format!("{url}{}", self.path))
             .timeout(Duration::from_secs(30))
-            .bearer_auth(token)
-            .header("idempotency-key", key)
-            .json(&body);
-        if let Some(v) = if_match {
+            .header("idempotency-key", self.key)
+            .json(&self.body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(v) = self.if_match {
             request = request.header("if-match", format!("\"{v}\""));
         }
-        if let Ok(response) = request.send().await {
-            let status = response.status();
-            let consistency = response
-                .headers()
-                .get("x-consistency-token")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let text = response.text().await?;
-            if status != S::SERVICE_UNAVAILABLE {
-                return Ok((status, serde_json::from_str(&text)?, consistency));
+        let response = request.send().await.ok()?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        Some((status, headers, response.text().await.ok()?))
+    }
+
+    /// Sent in the background (its answer, if one ever comes).
+    fn in_flight(&self, http: &reqwest::Client, url: &str) -> tokio::task::JoinHandle<Option<S>> {
+        let (command, http, url) = (self.clone(), http.clone(), url.to_owned());
+        tokio::spawn(async move { command.send(&http, &url).await.map(|(s, ..)| s) })
+    }
+
+    /// Sent until it gets an answer other than 503 (an answer that never came counts as a
+    /// 503: the client cannot tell): the status, the consistency token and the body.
+    async fn retried(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+    ) -> anyhow::Result<(S, Option<String>, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some((status, headers, text)) = self.send(http, url).await
+                && status != S::SERVICE_UNAVAILABLE
+            {
+                let token = headers
+                    .get("x-consistency-token")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                return Ok((
+                    status,
+                    token,
+                    serde_json::from_str(&text).unwrap_or(Value::Null),
+                ));
             }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} never answered but 503",
+                self.path
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::ensure!(Instant::now() < deadline, "{path} never answered but 503");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -479,15 +538,17 @@ async fn only(
 #[tokio::test]
 async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_writes_nothing()
 -> anyhow::Result<()> {
+    use reqwest::Method as M;
     let mut app = TestApp::spawn_with(Roles {
         query_api: true,
+        projector: true,
         ..Roles::NONE
     })
     .await?;
     let http = newsroom_tests::client();
 
-    // A answers a commit that recorded a keyed outcome only after 60 s: it is killed
-    // before, with the commands in the log and the clients without their answers.
+    // A answers a keyed command that committed only after 60 s: it is killed before, with
+    // the commands in the log and the clients without their answers.
     let mut a = only(
         &mut app,
         &http,
@@ -496,10 +557,11 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
     )
     .await?;
     let editor = app.editor().await?;
+    let reader = app.reader().await?;
     let draft = |title: &str| json!({"category": "sports", "title": title, "content": "body"});
     let (status, article) = call(
         &http,
-        reqwest::Method::POST,
+        M::POST,
         format!("{}/v1/news", a.url),
         Some(&editor.token),
         Some(draft("to publish")),
@@ -508,68 +570,47 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
     .await?;
     assert_eq!(status, S::CREATED, "{article}");
     let article = article["id"].as_str().unwrap_or_default().to_owned();
-    let publish_path = format!("/v1/news/{article}/publish");
-    let first_publish = {
-        let (http, url, path, token) = (
-            http.clone(),
-            a.url.clone(),
-            publish_path.clone(),
-            editor.token.clone(),
-        );
-        tokio::spawn(async move {
-            let request = http
-                .post(format!("{url}{path}"))
-                .bearer_auth(token)
-                .header("idempotency-key", "publish-1")
-                .header("if-match", "\"1\"")
-                .json(&json!({}));
-            request.send().await.map(|r| r.status())
-        })
-    };
-    let first_draft = {
-        let (http, url, token) = (http.clone(), a.url.clone(), editor.token.clone());
-        let body = draft("drafted once");
-        tokio::spawn(async move {
-            let request = http
-                .post(format!("{url}/v1/news"))
-                .bearer_auth(token)
-                .header("idempotency-key", "draft-1")
-                .json(&body);
-            request.send().await.map(|r| r.status())
-        })
-    };
+    let users_before = versions_in_log(&app).await?.len();
+    let newcomer = new_user();
+    let publish = Keyed::new(M::POST, format!("/v1/news/{article}/publish"), "publish-1")
+        .by(&editor.token)
+        .if_match(1);
+    let create = Keyed::new(M::POST, "/v1/news", "draft-1")
+        .by(&editor.token)
+        .body(draft("drafted once"));
+    let register = Keyed::new(M::POST, "/v1/users", "register-1").body(newcomer.clone());
+    let password = Keyed::new(M::PUT, format!("/v1/users/{}/password", reader.id), "pw-1")
+        .by(&reader.token)
+        .body(json!({"current_password": reader.password, "new_password": "a new password 1"}));
+    let first = [&publish, &create, &register, &password].map(|c| c.in_flight(&http, &a.url));
     until(
-        "both keyed commands are in the log",
+        "every keyed command is in the log",
         Duration::from_secs(30),
         || async {
-            let events = news_in_log(&app).await.unwrap_or_default();
-            let published = events
+            let news = news_in_log(&app).await.unwrap_or_default();
+            let published = news
                 .iter()
                 .any(|e| e.0.to_string() == article && e.2 == "NewsPublished");
-            let drafts = events.iter().filter(|e| e.2 == "NewsDrafted").count();
-            published && drafts == 2
+            let drafts = news.iter().filter(|e| e.2 == "NewsDrafted").count();
+            let users = versions_in_log(&app).await.unwrap_or_default();
+            let changed = users.get(&reader.id).is_some_and(|v| v.len() == 2);
+            published && drafts == 2 && users.len() == users_before + 1 && changed
         },
     )
     .await?;
     a.child.kill()?;
     a.child.wait()?;
-    assert!(
-        first_publish.await?.is_err() && first_draft.await?.is_err(),
-        "the first requests were answered before the kill"
-    );
+    for answer in first {
+        assert_eq!(
+            answer.await?,
+            None,
+            "a first request was answered before the kill"
+        );
+    }
 
     // B takes over: each retry gets the answer the first request would have had.
     let b = only(&mut app, &http, "b", &[]).await?;
-    let (status, published, token) = keyed(
-        &http,
-        &b.url,
-        &publish_path,
-        &editor.token,
-        "publish-1",
-        json!({}),
-        Some(1),
-    )
-    .await?;
+    let (status, token, published) = publish.retried(&http, &b.url).await?;
     assert_eq!(status, S::OK, "{published}");
     assert_eq!(
         (
@@ -580,23 +621,28 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
         (Some(article.as_str()), Some("published"), Some(2)),
         "{published}"
     );
-    assert!(
-        token.is_some(),
-        "the retry names the position of the first write"
-    );
-    let (status, drafted, _) = keyed(
-        &http,
-        &b.url,
-        "/v1/news",
-        &editor.token,
-        "draft-1",
-        draft("drafted once"),
-        None,
-    )
-    .await?;
+    // Its consistency token names the first write: the query API answers with it.
+    let seen = http
+        .get(format!("{}/v1/news/{article}", app.query_url))
+        .header("x-consistency-token", token.unwrap_or_default())
+        .send()
+        .await?;
+    assert_eq!(seen.status(), S::OK);
+    assert_eq!(seen.json::<Value>().await?["status"], "published");
+    let (status, _, drafted) = create.retried(&http, &b.url).await?;
     assert_eq!(status, S::CREATED, "{drafted}");
     assert_eq!(drafted["title"], "drafted once", "{drafted}");
     let drafted_id = drafted["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _, registered) = register.retried(&http, &b.url).await?;
+    assert_eq!(status, S::CREATED, "{registered}");
+    assert_eq!(registered["email"], newcomer["email"], "{registered}");
+    let (status, _, _) = password.retried(&http, &b.url).await?;
+    assert_eq!(
+        status,
+        S::NO_CONTENT,
+        "the first answer, not 422 for the old password"
+    );
+
     let events = news_in_log(&app).await?;
     let of = |id: &str, kind: &str| {
         events
@@ -615,17 +661,35 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
         .filter(|e| e.2 == "NewsDrafted" && e.3 == Some(editor.id))
         .count();
     assert_eq!(drafts_by_editor, 2, "no second article");
-    // The same key with another request is refused.
-    let (status, reused, _) = keyed(
+    let users = versions_in_log(&app).await?;
+    assert_eq!(users.len(), users_before + 1, "registered once");
+    assert_eq!(
+        users.get(&reader.id).map(Vec::len),
+        Some(2),
+        "password changed once"
+    );
+    // The registered user's key and e-mail claim are intact: they log in, and the address
+    // is still taken.
+    let email = newcomer["email"].as_str().unwrap_or_default();
+    let password_of = newcomer["password"].as_str().unwrap_or_default();
+    login(&http, &b.url, email, password_of).await?;
+    login(&http, &b.url, &reader.email, "a new password 1").await?;
+    let (status, _) = call(
         &http,
-        &b.url,
-        "/v1/news",
-        &editor.token,
-        "draft-1",
-        draft("another"),
+        M::POST,
+        format!("{}/v1/users", b.url),
+        None,
+        Some(newcomer.clone()),
         None,
     )
     .await?;
+    assert_eq!(status, S::CONFLICT, "the e-mail stays claimed");
+    // The same key with another request is refused.
+    let (status, _, reused) = Keyed::new(M::POST, "/v1/news", "draft-1")
+        .by(&editor.token)
+        .body(draft("another"))
+        .retried(&http, &b.url)
+        .await?;
     assert_eq!(
         (status, reused["code"].as_str()),
         (S::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")),
@@ -643,80 +707,36 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
         &[("NEWSROOM_TEST_UNCERTAIN_KEYED", "1")],
     )
     .await?;
-    let send = |path: String, key: &'static str, body: Value, if_match: Option<i64>| {
-        let (http, url, token) = (http.clone(), c.url.clone(), editor.token.clone());
-        async move {
-            let mut request = http
-                .post(format!("{url}{path}"))
-                .bearer_auth(token)
-                .header("idempotency-key", key)
-                .json(&body);
-            if let Some(v) = if_match {
-                request = request.header("if-match", format!("\"{v}\""));
-            }
-            let response = request.send().await?;
-            let status = response.status();
-            anyhow::Ok((status, response.text().await?))
-        }
-    };
-    let (status, text) = send("/v1/news".into(), "draft-2", draft("unknown outcome"), None).await?;
+    let create = Keyed::new(M::POST, "/v1/news", "draft-2")
+        .by(&editor.token)
+        .body(draft("unknown outcome"));
+    let (status, _, text) = create.send(&http, &c.url).await.unwrap_or_default();
     assert_eq!(status, S::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("unknown"), "{text}");
-    let (status, drafted, _) = keyed(
-        &http,
-        &c.url,
-        "/v1/news",
-        &editor.token,
-        "draft-2",
-        draft("unknown outcome"),
-        None,
-    )
-    .await?;
+    let (status, _, drafted) = create.retried(&http, &c.url).await?;
     assert_eq!(status, S::CREATED, "{drafted}");
     let second = drafted["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(drafted["version"], 1, "{drafted}");
 
     // A keyed refusal is recorded too: If-Match 2 on the draft at version 1 is refused
     // (412); once an edit made it version 2, the retry still gets that 412.
-    let publish_second = format!("/v1/news/{second}/publish");
-    let (status, text) = send(publish_second.clone(), "publish-2", json!({}), Some(2)).await?;
+    let publish = Keyed::new(M::POST, format!("/v1/news/{second}/publish"), "publish-2")
+        .by(&editor.token)
+        .if_match(2);
+    let (status, _, text) = publish.send(&http, &c.url).await.unwrap_or_default();
     assert_eq!(status, S::SERVICE_UNAVAILABLE, "{text}");
-    let edit = || {
-        call(
-            &http,
-            reqwest::Method::PATCH,
-            format!("{}/v1/news/{second}", c.url),
-            Some(&editor.token),
-            Some(json!({"title": "edited"})),
-            Some(1),
-        )
-    };
-    let (mut status, mut edited) = edit().await?;
-    // While the partition is rebuilt after the unknown outcome.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status == S::SERVICE_UNAVAILABLE {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the edit never got through: {edited}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        (status, edited) = edit().await?;
-    }
+    let edit = Keyed::new(M::PATCH, format!("/v1/news/{second}"), "edit-2")
+        .by(&editor.token)
+        .body(json!({"title": "edited"}))
+        .if_match(1);
+    // Unkeyed in effect: its outcome is reported unknown, and its retry finds it.
+    let (status, _, edited) = edit.retried(&http, &c.url).await?;
     assert_eq!(
         (status, edited["version"].as_i64()),
         (S::OK, Some(2)),
         "{edited}"
     );
-    let (status, refused, _) = keyed(
-        &http,
-        &c.url,
-        &publish_second,
-        &editor.token,
-        "publish-2",
-        json!({}),
-        Some(2),
-    )
-    .await?;
+    let (status, _, refused) = publish.retried(&http, &c.url).await?;
     assert_eq!(
         (status, refused["code"].as_str()),
         (S::PRECONDITION_FAILED, Some("version_mismatch")),
@@ -819,6 +839,7 @@ mod writers {
                     "test".into(),
                     "127.0.0.1:1".into(),
                     Duration::from_secs(2),
+                    b"test forwarding key".to_vec(),
                 )?,
                 partitions: app.settings.kafka.partitions,
                 pool: pool.clone(),

@@ -157,6 +157,14 @@ pub enum Request<A: Aggregate> {
         /// The answer.
         reply: oneshot::Sender<Option<A::State>>,
     },
+    /// What is recorded for an `Idempotency-Key`: nothing, the offset of its outcome, or
+    /// why it cannot run now.
+    Recall {
+        /// The key.
+        keyed: outcome::Keyed,
+        /// The answer.
+        reply: oneshot::Sender<Option<Result<i64, CommandError>>>,
+    },
 }
 
 /// A local partition's state as seen by request handlers.
@@ -349,26 +357,35 @@ pub async fn submit<A: Owned>(
     };
     // A retry: answered as the first request was.
     let partition = owners.partition_of(id);
-    let shared = owners.writer.shared().clone();
-    let payload =
-        tokio::task::spawn_blocking(move || outcome::fetch(&shared, partition, offset)).await;
-    let payload = match payload {
-        Ok(Ok(payload)) => payload,
-        Ok(Err(e)) => {
-            tracing::warn!(
-                partition,
-                offset,
-                error = format!("{e:#}"),
-                "reading an outcome"
-            );
-            return Err(Submitted::Failed(CommandError::Unavailable {
-                reason: "the outcome of this request could not be read".into(),
-                definitive: false,
-            }));
-        }
-        Err(e) => return Err(Submitted::Failed(CommandError::unavailable(e.to_string()))),
+    owners
+        .writer
+        .recorded::<A>(partition, offset)
+        .await
+        .map_err(Submitted::Failed)
+}
+
+/// The answer recorded for the `Idempotency-Key` of a command on aggregate `id`, if the
+/// key's first request was decided already: what a route with effects outside the writer
+/// (e-mail claims, password checks, keys) asks before it does anything. `Ok(None)`: run it.
+pub async fn recall<A: Owned>(
+    owners: &Owners,
+    id: Uuid,
+    meta: &RequestMeta,
+) -> Result<Option<Committed<A::State>>, Submitted> {
+    let Some(keyed) = meta.keyed else {
+        return Ok(None);
     };
-    outcome::answer::<A>(owners.writer.shared(), partition, &payload).map_err(Submitted::Failed)
+    let known = ask::<A, _>(owners, id, |reply| Request::Recall { keyed, reply }).await?;
+    match known {
+        None => Ok(None),
+        Some(Err(error)) => Err(Submitted::Failed(error)),
+        Some(Ok(offset)) => owners
+            .writer
+            .recorded::<A>(owners.partition_of(id), offset)
+            .await
+            .map(Some)
+            .map_err(Submitted::Failed),
+    }
 }
 
 /// Reads the current state of aggregate `id` from its local writer.

@@ -11,6 +11,7 @@
 //! user's key (destroyed at erasure, like the personal fields of their events).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,7 +20,7 @@ use newsroom_events::consistency::Position;
 use newsroom_events::personal;
 use newsroom_infra::kafka::{outcomes_topic, read_committed_consumer};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Message as _;
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -31,9 +32,15 @@ use crate::domain::DomainError;
 
 /// How long an outcome answers retries.
 pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// Outcomes indexed per partition at most; past it the oldest are forgotten early (the
-/// answers of requests that finished stay in `cmd_idempotency` for the whole window).
-const MAX_PER_PARTITION: usize = 250_000;
+/// Outcomes indexed per partition at most (about 20 MB); past it the oldest are forgotten
+/// early (the answers of requests that finished stay in `cmd_idempotency` for the whole
+/// window), and a takeover reads no more than that many records.
+const MAX_PER_PARTITION: usize = 100_000;
+
+/// Record headers: the request hash, the decision time, the event's offset.
+const REQUEST_HEADER: &str = "request";
+const AT_HEADER: &str = "at";
+const EVENT_OFFSET_HEADER: &str = "event-offset";
 
 /// A command's `Idempotency-Key`, as the writer sees it: whose key it is, and which
 /// request it was first sent with.
@@ -67,15 +74,17 @@ impl Keyed {
 
     /// The request hash in hex.
     pub fn request_hex(&self) -> String {
-        hex(&self.request)
+        self.request.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The id of the aggregate a keyed create makes: the same for every retry, so that
-    /// the retry reaches the partition holding the first attempt's outcome.
+    /// The id of the aggregate a keyed create makes: the same for every retry (key and
+    /// request), so that the retry reaches the partition holding the first attempt's
+    /// outcome; another request with the key, or another caller, makes another id.
     pub fn new_id(&self) -> Uuid {
         let digest = Sha256::new()
             .chain_update(b"newsroom: created by key\n")
             .chain_update(self.scope)
+            .chain_update(self.request)
             .finalize();
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
@@ -83,17 +92,9 @@ impl Keyed {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The outcome record (JSON).
+/// The outcome record's value (JSON).
 #[derive(Serialize, Deserialize)]
 struct Record {
-    /// [`Keyed::request`] in hex.
-    request: String,
-    /// When it was decided (Unix microseconds).
-    at: i64,
     /// The aggregate.
     aggregate: Uuid,
     outcome: Stored,
@@ -102,65 +103,95 @@ struct Record {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Stored {
-    /// Committed: the state after it (JSON), and its event's offset.
-    Committed {
-        offset: i64,
-        state: serde_json::Value,
-    },
+    /// Committed: the state after it (JSON).
+    Committed(serde_json::Value),
     /// Committed, the state sealed with the user's key (base64).
-    Sealed { offset: i64, state: String },
+    Sealed(String),
     /// Refused.
     Refused(DomainError),
 }
 
-/// Where an outcome being written comes from.
+/// What a keyed command's outcome is made of.
 pub enum Source<'a, S> {
-    /// A committed command: the state it left and its event's offset.
-    Committed(&'a S, i64),
-    /// A refused one.
+    /// Committed: the state it leaves.
+    Committed(&'a S),
+    /// Refused.
     Refused(&'a DomainError),
 }
 
-/// The outcome record of `keyed` for aggregate `id` (key and value).
+/// An outcome record ready to be produced (its event's offset is added then).
+pub struct Outcome {
+    /// The key scope (the record's key).
+    pub keyed: Keyed,
+    /// When it was decided (Unix microseconds).
+    pub at: i64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+impl Outcome {
+    /// The record's headers; `event_offset` for a committed command.
+    pub fn headers(&self, event_offset: Option<i64>) -> OwnedHeaders {
+        let at = self.at.to_be_bytes();
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: REQUEST_HEADER,
+                value: Some(self.keyed.request.as_slice()),
+            })
+            .insert(Header {
+                key: AT_HEADER,
+                value: Some(at.as_slice()),
+            });
+        match event_offset {
+            Some(offset) => headers.insert(Header {
+                key: EVENT_OFFSET_HEADER,
+                value: Some(offset.to_be_bytes().as_slice()),
+            }),
+            None => headers,
+        }
+    }
+}
+
+/// The outcome of `keyed` for aggregate `id`, made when the command is decided; an error
+/// (the command is then refused, nothing written) when it cannot be recorded.
 pub fn record<A: Aggregate>(
     shared: &Shared,
-    keyed: &Keyed,
+    keyed: Keyed,
     id: Uuid,
     at: i64,
     source: Source<'_, A::State>,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<Outcome> {
     let outcome = match source {
         Source::Refused(error) => Stored::Refused(error.clone()),
-        Source::Committed(state, offset) if A::personal(state) => {
+        Source::Committed(state) if A::personal(state) => {
             let key = shared
                 .keys
                 .get(id)
                 .context("the user's key is missing; the outcome would be in clear")?;
             let plain = serde_json::to_vec(state)?;
             let sealed = personal::seal_bytes(&key, id, &plain);
-            Stored::Sealed {
-                offset,
-                state: base64::engine::general_purpose::STANDARD.encode(sealed),
-            }
+            Stored::Sealed(base64::engine::general_purpose::STANDARD.encode(sealed))
         }
-        Source::Committed(state, offset) => Stored::Committed {
-            offset,
-            state: serde_json::to_value(state)?,
-        },
+        Source::Committed(state) => Stored::Committed(serde_json::to_value(state)?),
     };
-    Ok(serde_json::to_vec(&Record {
-        request: keyed.request_hex(),
-        at,
+    let value = serde_json::to_vec(&Record {
         aggregate: id,
         outcome,
-    })?)
+    })?;
+    Ok(Outcome { keyed, at, value })
+}
+
+/// An outcome record read back: its value, and its event's offset (committed ones).
+pub struct Read {
+    value: Vec<u8>,
+    event_offset: Option<i64>,
 }
 
 /// The answer an outcome record gives a retry: what the first request was answered.
 pub fn answer<A: Aggregate>(
     shared: &Shared,
     partition: i32,
-    payload: &[u8],
+    read: &Read,
 ) -> Result<Committed<A::State>, CommandError> {
     let unreadable = |e: &dyn std::fmt::Display| {
         tracing::error!(partition, error = %e, "an outcome record is unreadable");
@@ -169,14 +200,11 @@ pub fn answer<A: Aggregate>(
             definitive: false,
         }
     };
-    let record: Record = serde_json::from_slice(payload).map_err(|e| unreadable(&e))?;
-    let (offset, state) = match record.outcome {
+    let record: Record = serde_json::from_slice(&read.value).map_err(|e| unreadable(&e))?;
+    let state = match record.outcome {
         Stored::Refused(error) => return Err(CommandError::Domain(error)),
-        Stored::Committed { offset, state } => (
-            offset,
-            serde_json::from_value(state).map_err(|e| unreadable(&e))?,
-        ),
-        Stored::Sealed { offset, state } => {
+        Stored::Committed(state) => serde_json::from_value(state).map_err(|e| unreadable(&e))?,
+        Stored::Sealed(state) => {
             let id = record.aggregate;
             // The key is gone once the user is erased: so is what the answer showed.
             let key = shared.keys.get(id).ok_or(DomainError::NotFound)?;
@@ -184,12 +212,12 @@ pub fn answer<A: Aggregate>(
                 .decode(state)
                 .map_err(|e| unreadable(&e))?;
             let plain = personal::open_bytes(&key, id, &blob).map_err(|e| unreadable(&e))?;
-            (
-                offset,
-                serde_json::from_slice(&plain).map_err(|e| unreadable(&e))?,
-            )
+            serde_json::from_slice(&plain).map_err(|e| unreadable(&e))?
         }
     };
+    let offset = read
+        .event_offset
+        .ok_or_else(|| unreadable(&"a committed outcome without its event's offset"))?;
     Ok(Committed {
         state,
         position: Position { partition, offset },
@@ -212,6 +240,7 @@ pub struct Entry {
 pub struct Recent {
     entries: HashMap<[u8; 32], Entry>,
     order: VecDeque<(i64, [u8; 32])>,
+    warned: bool,
 }
 
 fn window_start(now: i64) -> i64 {
@@ -235,10 +264,11 @@ impl Recent {
             if at >= start && !full {
                 break;
             }
-            if at >= start {
+            if at >= start && !self.warned {
+                self.warned = true;
                 tracing::warn!(
                     limit = MAX_PER_PARTITION,
-                    "idempotency keys forgotten before 24 hours: too many on one partition"
+                    "idempotency keys of a partition are forgotten before 24 hours: too many"
                 );
             }
             self.order.pop_front();
@@ -264,22 +294,13 @@ impl Recent {
     }
 }
 
-/// The head of a record: what the index needs.
-#[derive(Deserialize)]
-struct Head {
-    request: String,
-    at: i64,
-}
-
-fn unhex(text: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+fn header<const N: usize>(message: &BorrowedMessage<'_>, name: &str) -> Option<[u8; N]> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| <[u8; N]>::try_from(v).ok())
 }
 
 fn consumer(shared: &Shared) -> anyhow::Result<BaseConsumer> {
@@ -290,7 +311,8 @@ fn consumer(shared: &Shared) -> anyhow::Result<BaseConsumer> {
         .context("creating the outcomes consumer")
 }
 
-/// Indexes the committed outcomes of `partition` of the last [`WINDOW`] (blocking).
+/// Indexes the committed outcomes of `partition` of the last [`WINDOW`] (blocking; the
+/// headers only, at most the last `MAX_PER_PARTITION` records).
 pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
     let topic = outcomes_topic(&shared.kafka);
     let consumer = consumer(shared)?;
@@ -307,7 +329,8 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
         .find_partition(&topic, partition)
         .and_then(|p| p.offset().to_raw())
         .filter(|o| *o >= 0)
-        .unwrap_or(high);
+        .unwrap_or(high)
+        .max(high - MAX_PER_PARTITION as i64);
     let mut recent = Recent::default();
     if start >= high {
         return Ok(recent);
@@ -316,6 +339,7 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
     assignment.add_partition_offset(&topic, partition, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
     let deadline = std::time::Instant::now() + super::rebuild::REBUILD_DEADLINE;
+    let mut malformed = 0u64;
     loop {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
@@ -334,56 +358,78 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
         };
         let message = message.context("reading the outcomes")?;
         let offset = message.offset();
-        let head = message
-            .key()
-            .and_then(|k| <[u8; 32]>::try_from(k).ok())
-            .zip(message.payload().and_then(|p| {
-                let head: Head = serde_json::from_slice(p).ok()?;
-                Some((unhex(&head.request)?, head.at))
-            }));
-        match head {
-            Some((scope, (request, at))) => recent.insert(
-                scope,
-                Entry {
-                    request,
-                    at,
-                    offset,
-                },
-            ),
-            None => tracing::error!(%topic, partition, offset, "malformed outcome record skipped"),
+        let scope = message.key().and_then(|k| <[u8; 32]>::try_from(k).ok());
+        let request = header::<32>(&message, REQUEST_HEADER);
+        let at = header::<8>(&message, AT_HEADER).map(i64::from_be_bytes);
+        match (scope, request, at) {
+            (Some(scope), Some(request), Some(at)) => {
+                recent.insert(
+                    scope,
+                    Entry {
+                        request,
+                        at,
+                        offset,
+                    },
+                );
+            }
+            _ => malformed += 1,
         }
         if offset + 1 >= high {
             break;
         }
     }
+    if malformed > 0 {
+        tracing::error!(%topic, partition, malformed, "malformed outcome records skipped");
+    }
     tracing::debug!(%topic, partition, from = start, keys = recent.len(), "outcomes indexed");
     Ok(recent)
 }
 
-/// The outcome record at `offset` of `partition` (blocking).
-pub fn fetch(shared: &Shared, partition: i32, offset: i64) -> anyhow::Result<Vec<u8>> {
-    let topic = outcomes_topic(&shared.kafka);
-    let consumer = consumer(shared)?;
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
-    consumer.assign(&assignment)?;
-    let deadline = std::time::Instant::now() + shared.kafka.timeout();
-    while std::time::Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
+/// Reads outcome records back by offset: one consumer per process, one read at a time
+/// (retries after a crash are few; a flood of them waits here instead of opening
+/// connections).
+#[derive(Default)]
+pub struct Fetcher {
+    consumer: Mutex<Option<BaseConsumer>>,
+}
+
+impl Fetcher {
+    /// The outcome record at `offset` of `partition` (blocking).
+    pub fn fetch(&self, shared: &Shared, partition: i32, offset: i64) -> anyhow::Result<Read> {
+        let topic = outcomes_topic(&shared.kafka);
+        let mut slot = self.consumer.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(consumer(shared)?);
+        }
+        let Some(consumer) = slot.as_ref() else {
+            anyhow::bail!("no outcomes consumer");
         };
-        let message = message.context("reading an outcome")?;
-        anyhow::ensure!(
-            message.offset() == offset,
-            "the outcome at {topic}/{partition}@{offset} is gone (read {})",
-            message.offset()
-        );
-        return message
-            .payload()
-            .map(<[u8]>::to_vec)
-            .context("an empty outcome record");
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        consumer.assign(&assignment)?;
+        let deadline = std::time::Instant::now() + shared.kafka.timeout();
+        while std::time::Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let message = message.context("reading an outcome")?;
+            anyhow::ensure!(
+                message.offset() == offset,
+                "the outcome at {topic}/{partition}@{offset} is gone (read {})",
+                message.offset()
+            );
+            let value = message
+                .payload()
+                .map(<[u8]>::to_vec)
+                .context("an empty outcome record")?;
+            let event_offset = header::<8>(&message, EVENT_OFFSET_HEADER).map(i64::from_be_bytes);
+            return Ok(Read {
+                value,
+                event_offset,
+            });
+        }
+        anyhow::bail!("reading the outcome at {topic}/{partition}@{offset} timed out")
     }
-    anyhow::bail!("reading the outcome at {topic}/{partition}@{offset} timed out")
 }
 
 #[cfg(test)]
@@ -411,13 +457,15 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_of_a_create_makes_the_same_id_and_another_key_another() {
+    fn a_retry_of_a_create_makes_the_same_id_and_another_request_another() {
         let a = Keyed::new("caller", "k1", "POST", "/v1/news", b"{}");
         let again = Keyed::new("caller", "k1", "POST", "/v1/news", b"{\"x\":1}");
         let other = Keyed::new("someone else", "k1", "POST", "/v1/news", b"{}");
-        assert_eq!(a.new_id(), again.new_id());
+        let same = Keyed::new("caller", "k1", "POST", "/v1/news", b"{}");
+        assert_eq!(a.new_id(), same.new_id());
         assert_ne!(a.request, again.request);
+        assert_ne!(a.new_id(), again.new_id(), "another request, another id");
         assert_ne!(a.new_id(), other.new_id());
-        assert_eq!(unhex(&a.request_hex()), Some(a.request));
+        assert_eq!(a.request_hex().len(), 64);
     }
 }

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use newsroom_events::EventMetadata;
 use newsroom_events::consistency::Position;
 use newsroom_events::metadata::micros;
-use newsroom_infra::kafka::{outcomes_topic, ownership_topic, transactional_producer};
+use newsroom_infra::kafka::{Stream, outcomes_topic, ownership_topic, transactional_producer};
 use newsroom_infra::metrics::APPENDS;
 use newsroom_infra::producer::{self, Delivery, Record};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -31,7 +31,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::outcome::{self, Keyed, Recent};
+use super::outcome::{self, Keyed, Outcome, Recent};
 use super::{CommandError, Committed, Request, Shared, rebuild, snapshot};
 use crate::aggregate::{Aggregate, NewsAggregate, UserAggregate};
 use crate::domain::Stamp;
@@ -229,6 +229,7 @@ pub struct Writer {
     shared: Arc<Shared>,
     gate: Arc<Gate>,
     timeout: Duration,
+    fetcher: Arc<outcome::Fetcher>,
 }
 
 impl Writer {
@@ -254,6 +255,11 @@ impl Writer {
             held: HashMap::new(),
             group,
             ownership_topic: ownership_topic(&shared.kafka),
+            outcomes_topic: outcomes_topic(&shared.kafka),
+            topics: [
+                Stream::Users.topic(&shared.kafka),
+                Stream::News.topic(&shared.kafka),
+            ],
             hold,
             uncertain_keyed: std::env::var_os(UNCERTAIN_VARIABLE).is_some(),
         };
@@ -266,6 +272,7 @@ impl Writer {
             gate,
             timeout: shared.kafka.timeout(),
             shared,
+            fetcher: Arc::default(),
         })
     }
 
@@ -323,6 +330,33 @@ impl Writer {
     /// What the writer works with.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The answer recorded at `offset` of the outcomes partition `partition`.
+    pub async fn recorded<A: Aggregate>(
+        &self,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Committed<A::State>, CommandError> {
+        let (shared, fetcher) = (self.shared.clone(), self.fetcher.clone());
+        let read =
+            tokio::task::spawn_blocking(move || fetcher.fetch(&shared, partition, offset)).await;
+        match read {
+            Ok(Ok(read)) => outcome::answer::<A>(&self.shared, partition, &read),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    partition,
+                    offset,
+                    error = format!("{e:#}"),
+                    "reading an outcome"
+                );
+                Err(CommandError::Unavailable {
+                    reason: "the outcome of this request could not be read".into(),
+                    definitive: false,
+                })
+            }
+            Err(e) => Err(CommandError::unavailable(e.to_string())),
+        }
     }
 
     /// Stops the writer thread (what waits is refused).
@@ -441,15 +475,15 @@ struct Decided<S> {
     id: Uuid,
     payload: Vec<u8>,
     offset: i64,
-    /// A keyed command's key, the state it leaves, and when it was decided.
-    keyed: Option<(Keyed, S, i64)>,
+    /// The state right after this command (its answer).
+    state: S,
+    /// A keyed command's outcome record.
+    outcome: Option<Outcome>,
 }
 
 struct Refusal<S> {
     reply: Reply<S>,
-    id: Uuid,
-    keyed: Keyed,
-    at: i64,
+    outcome: Outcome,
     error: crate::domain::DomainError,
 }
 
@@ -471,43 +505,47 @@ impl Batch {
     }
 }
 
-/// The outcome records of a batch's keyed commands, once their events' offsets (in
-/// record order, as `gated_commit` lists them) are known.
-fn outcome_records(
-    shared: &Shared,
-    batch: &HashMap<i32, Batch>,
-    offsets: &[i64],
-) -> Vec<(i32, [u8; 32], Vec<u8>)> {
-    fn of<A: Aggregate>(
-        shared: &Shared,
+/// An event of a transaction, with the outcome record of its command if it is keyed.
+struct EventRecord<'a> {
+    topic: &'a str,
+    partition: i32,
+    key: Uuid,
+    payload: &'a [u8],
+    outcome: Option<&'a Outcome>,
+}
+
+/// Which decision an event record is: partition, topic (users: false, news: true), index.
+type Origin = (i32, bool, usize);
+
+/// The events and keyed refusals of a batch, in one order, with where each came from.
+fn batch_records<'a>(
+    batch: &'a HashMap<i32, Batch>,
+    topics: &'a [String; 2],
+) -> (Vec<EventRecord<'a>>, Vec<Origin>, Vec<(i32, &'a Outcome)>) {
+    fn of<'a, S>(
         partition: i32,
-        decisions: &Decisions<A::State>,
-        offsets: &mut impl Iterator<Item = i64>,
-        out: &mut Vec<(i32, [u8; 32], Vec<u8>)>,
+        news: bool,
+        topic: &'a str,
+        decisions: &'a Decisions<S>,
+        out: &mut (Vec<EventRecord<'a>>, Vec<Origin>, Vec<(i32, &'a Outcome)>),
     ) {
-        for d in &decisions.decided {
-            let offset = offsets.next().unwrap_or(-1);
-            if let Some((keyed, state, at)) = &d.keyed {
-                let source = outcome::Source::Committed(state, offset);
-                match outcome::record::<A>(shared, keyed, d.id, *at, source) {
-                    Ok(value) => out.push((partition, keyed.scope, value)),
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "an outcome not recorded"),
-                }
-            }
+        for (index, d) in decisions.decided.iter().enumerate() {
+            out.0.push(EventRecord {
+                topic,
+                partition,
+                key: d.id,
+                payload: &d.payload,
+                outcome: d.outcome.as_ref(),
+            });
+            out.1.push((partition, news, index));
         }
-        for r in &decisions.refused {
-            let source = outcome::Source::Refused(&r.error);
-            match outcome::record::<A>(shared, &r.keyed, r.id, r.at, source) {
-                Ok(value) => out.push((partition, r.keyed.scope, value)),
-                Err(e) => tracing::error!(error = format!("{e:#}"), "an outcome not recorded"),
-            }
-        }
+        out.2
+            .extend(decisions.refused.iter().map(|r| (partition, &r.outcome)));
     }
-    let mut out = Vec::new();
-    let mut offsets = offsets.iter().copied();
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
     for (partition, b) in batch {
-        of::<UserAggregate>(shared, *partition, &b.users, &mut offsets, &mut out);
-        of::<NewsAggregate>(shared, *partition, &b.news, &mut offsets, &mut out);
+        of(*partition, false, &topics[0], &b.users, &mut out);
+        of(*partition, true, &topics[1], &b.news, &mut out);
     }
     out
 }
@@ -523,6 +561,9 @@ struct Thread {
     held: HashMap<i32, Held>,
     group: Group,
     ownership_topic: String,
+    outcomes_topic: String,
+    /// The users and news topics.
+    topics: [String; 2],
     hold: Option<Duration>,
     uncertain_keyed: bool,
 }
@@ -534,6 +575,7 @@ fn refuse<A: Aggregate>(request: Request<A>, reason: &str) {
             let _ = reply.send(Err(CommandError::unavailable(reason)));
         }
         Request::Read { reply, .. } => drop(reply),
+        Request::Recall { reply, .. } => drop(reply),
     }
 }
 
@@ -714,15 +756,6 @@ impl Thread {
     }
 
     fn gated_commit(&mut self, mut batch: HashMap<i32, Batch>) -> usize {
-        let mut records: Vec<(&'static str, i32, Uuid, Vec<u8>)> = Vec::new();
-        for (partition, b) in batch.iter_mut() {
-            for d in &mut b.users.decided {
-                records.push(("users", *partition, d.id, std::mem::take(&mut d.payload)));
-            }
-            for d in &mut b.news.decided {
-                records.push(("news", *partition, d.id, std::mem::take(&mut d.payload)));
-            }
-        }
         if batch.values().all(Batch::is_empty) {
             for (partition, b) in batch {
                 self.answer(partition, b, &HashMap::new());
@@ -737,15 +770,15 @@ impl Thread {
         };
         connection.turn = (connection.turn + 1) % connection.producers.len();
         let producer = connection.producers[connection.turn].clone();
-        let count = records.len();
         let partitions: Vec<i32> = batch
             .iter()
             .filter(|(_, b)| !b.is_empty())
             .map(|(p, _)| *p)
             .collect();
-        let shared = self.shared.clone();
-        let outcomes = |offsets: &[i64]| outcome_records(&shared, &batch, offsets);
-        let mut outcome = self.transaction(&producer, &records, outcomes, &partitions);
+        let (records, origins, refusals) = batch_records(&batch, &self.topics);
+        let count = records.len();
+        let mut outcome = self.transaction(&producer, &records, &refusals, &partitions);
+        drop((records, refusals));
         if self.uncertain_keyed
             && let Ok((_, recorded)) = &outcome
             && !recorded.is_empty()
@@ -754,13 +787,17 @@ impl Thread {
         }
         match outcome {
             Ok((offsets, recorded)) => {
-                let mut offsets = offsets.into_iter();
-                for b in batch.values_mut() {
-                    for d in &mut b.users.decided {
-                        d.offset = offsets.next().unwrap_or(-1);
-                    }
-                    for d in &mut b.news.decided {
-                        d.offset = offsets.next().unwrap_or(-1);
+                for ((partition, news, index), offset) in origins.into_iter().zip(offsets) {
+                    let Some(b) = batch.get_mut(&partition) else {
+                        continue;
+                    };
+                    let decided = if news {
+                        b.news.decided.get_mut(index).map(|d| &mut d.offset)
+                    } else {
+                        b.users.decided.get_mut(index).map(|d| &mut d.offset)
+                    };
+                    if let Some(slot) = decided {
+                        *slot = offset;
                     }
                 }
                 APPENDS
@@ -817,6 +854,7 @@ impl Thread {
             shared: self.shared.clone(),
             gate: self.gate.clone(),
             timeout: self.shared.kafka.timeout(),
+            fetcher: Arc::default(),
         };
         self.runtime.spawn(async move {
             while still_owned() {
@@ -859,8 +897,8 @@ impl Thread {
     fn transaction(
         &self,
         producer: &Producer,
-        records: &[(&'static str, i32, Uuid, Vec<u8>)],
-        outcomes: impl FnOnce(&[i64]) -> Vec<(i32, [u8; 32], Vec<u8>)>,
+        records: &[EventRecord<'_>],
+        refusals: &[(i32, &Outcome)],
         partitions: &[i32],
     ) -> Result<(Vec<i64>, Recorded), Failure> {
         let timeout = self.shared.kafka.timeout();
@@ -892,28 +930,13 @@ impl Thread {
         if let Some(hold) = self.hold {
             std::thread::sleep(hold);
         }
-        let topics = [
-            (
-                "users",
-                newsroom_infra::kafka::Stream::Users.topic(&self.shared.kafka),
-            ),
-            (
-                "news",
-                newsroom_infra::kafka::Stream::News.topic(&self.shared.kafka),
-            ),
-        ];
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(records.len());
-        for (stream, partition, key, payload) in records {
-            let topic = if *stream == "users" {
-                &topics[0].1
-            } else {
-                &topics[1].1
-            };
+        for event in records {
             let record = Record {
-                topic,
-                partition: Some(*partition),
-                key: Some(key.as_bytes().as_slice()),
-                payload: Some(payload),
+                topic: event.topic,
+                partition: Some(event.partition),
+                key: Some(event.key.as_bytes().as_slice()),
+                payload: Some(event.payload),
                 headers: None,
             };
             deliveries.push(producer.send(record).map_err(abort)?);
@@ -929,27 +952,29 @@ impl Thread {
             }
         }
         // The outcomes of keyed commands name their events' offsets, so they follow.
-        let outcomes = outcomes(&offsets);
+        let outcomes = records
+            .iter()
+            .zip(&offsets)
+            .filter_map(|(event, offset)| Some((event.partition, event.outcome?, Some(*offset))))
+            .chain(refusals.iter().map(|(partition, o)| (*partition, *o, None)));
         let mut recorded = Recorded::new();
-        if !outcomes.is_empty() {
-            let topic = outcomes_topic(&self.shared.kafka);
-            let mut deliveries = Vec::with_capacity(outcomes.len());
-            for (partition, scope, value) in &outcomes {
-                let record = Record {
-                    topic: &topic,
-                    partition: Some(*partition),
-                    key: Some(scope.as_slice()),
-                    payload: Some(value),
-                    headers: None,
-                };
-                deliveries.push(((*partition, *scope), producer.send(record).map_err(abort)?));
-            }
-            for (key, delivery) in deliveries {
-                match futures::executor::block_on(delivery) {
-                    Ok((_, offset)) => recorded.insert(key, offset),
-                    Err(error) => return Err(abort(error)),
-                };
-            }
+        let mut deliveries = Vec::new();
+        for (partition, outcome, event_offset) in outcomes {
+            let record = Record {
+                topic: &self.outcomes_topic,
+                partition: Some(partition),
+                key: Some(outcome.keyed.scope.as_slice()),
+                payload: Some(&outcome.value),
+                headers: Some(outcome.headers(event_offset)),
+            };
+            let delivery = producer.send(record).map_err(abort)?;
+            deliveries.push(((partition, outcome.keyed.scope), delivery));
+        }
+        for (key, delivery) in deliveries {
+            match futures::executor::block_on(delivery) {
+                Ok((_, offset)) => recorded.insert(key, offset),
+                Err(error) => return Err(abort(error)),
+            };
         }
         // The delivery counter can lag the reports by a moment; settle it with short
         // flushes so that the commit's own flush finds nothing in flight.
@@ -1003,6 +1028,10 @@ fn admit<A: Aggregate>(
     request: Request<A>,
 ) -> usize {
     match (available, request) {
+        (_, Request::Recall { keyed, reply }) => {
+            let _ = reply.send(recall(known.recent, keys, &keyed));
+            0
+        }
         (Ok(()), request) => decide::<A>(shared, known, decisions, keys, request),
         (Err(_), Request::Read { id, reply }) => {
             let _ = reply.send(known.log.states.get(&id).cloned());
@@ -1013,6 +1042,28 @@ fn admit<A: Aggregate>(
             0
         }
     }
+}
+
+/// What the writer knows of `keyed`: nothing (`None`), its recorded outcome's offset, or
+/// why it cannot be run (another request with the key, or one being written).
+fn recall(
+    recent: &Recent,
+    keys: &HashSet<[u8; 32]>,
+    keyed: &Keyed,
+) -> Option<Result<i64, CommandError>> {
+    if keys.contains(&keyed.scope) {
+        return Some(Err(CommandError::Unavailable {
+            reason: "a request with this Idempotency-Key is being written".into(),
+            definitive: false,
+        }));
+    }
+    let now = micros(chrono::Utc::now());
+    let entry = recent.get(&keyed.scope, now)?;
+    Some(if entry.request == keyed.request {
+        Ok(entry.offset)
+    } else {
+        Err(CommandError::KeyReused)
+    })
 }
 
 /// Decides one request against the held state plus the batch's earlier changes. A keyed
@@ -1030,6 +1081,10 @@ fn decide<A: Aggregate>(
             decisions.reads.push((id, reply));
             return 0;
         }
+        Request::Recall { keyed, reply } => {
+            let _ = reply.send(recall(known.recent, keys, &keyed));
+            return 0;
+        }
         Request::Command {
             id,
             command,
@@ -1038,22 +1093,9 @@ fn decide<A: Aggregate>(
         } => (id, command, meta, reply),
     };
     let at = micros(meta.now);
-    if let Some(keyed) = &meta.keyed {
-        if keys.contains(&keyed.scope) {
-            let _ = reply.send(Err(CommandError::Unavailable {
-                reason: "a request with this Idempotency-Key is being written".into(),
-                definitive: false,
-            }));
-            return 0;
-        }
-        if let Some(entry) = known.recent.get(&keyed.scope, at) {
-            let _ = reply.send(Err(if entry.request == keyed.request {
-                CommandError::Recorded(entry.offset)
-            } else {
-                CommandError::KeyReused
-            }));
-            return 0;
-        }
+    if let Some(known) = meta.keyed.and_then(|k| recall(known.recent, keys, &k)) {
+        let _ = reply.send(Err(known.map_or_else(|e| e, CommandError::Recorded)));
+        return 0;
     }
     let current = match decisions.overlay.get(&id) {
         Some(state) => state.clone(),
@@ -1067,12 +1109,15 @@ fn decide<A: Aggregate>(
                 return 0;
             };
             // Recorded before it is answered, so that a retry gets the same refusal.
+            let source = outcome::Source::Refused(&error);
+            let Some(outcome) = keyed_outcome::<A>(shared, keyed, id, at, source) else {
+                let _ = reply.send(Err(unrecordable()));
+                return 0;
+            };
             keys.insert(keyed.scope);
             decisions.refused.push(Refusal {
                 reply,
-                id,
-                keyed,
-                at,
+                outcome,
                 error,
             });
             return 1;
@@ -1098,21 +1143,31 @@ fn decide<A: Aggregate>(
                 version,
                 at: meta.now,
             };
-            let after = A::apply(current, &change, stamp);
-            let keyed = match (meta.keyed, &after) {
-                (Some(keyed), Some(state)) => {
-                    keys.insert(keyed.scope);
-                    Some((keyed, state.clone(), at))
-                }
-                _ => None,
+            let Some(after) = A::apply(current, &change, stamp) else {
+                tracing::error!(%id, "a command left no state");
+                let _ = reply.send(Err(CommandError::unavailable("the command left no state")));
+                return 0;
             };
-            decisions.overlay.insert(id, after);
+            let outcome = match meta.keyed {
+                Some(keyed) => {
+                    let source = outcome::Source::Committed(&after);
+                    let Some(outcome) = keyed_outcome::<A>(shared, keyed, id, at, source) else {
+                        let _ = reply.send(Err(unrecordable()));
+                        return 0;
+                    };
+                    keys.insert(keyed.scope);
+                    Some(outcome)
+                }
+                None => None,
+            };
+            decisions.overlay.insert(id, Some(after.clone()));
             decisions.decided.push(Decided {
                 reply,
                 id,
                 payload,
                 offset: -1,
-                keyed,
+                state: after,
+                outcome,
             });
             1
         }
@@ -1124,6 +1179,26 @@ fn decide<A: Aggregate>(
             0
         }
     }
+}
+
+/// The outcome record of a keyed command; `None` (and the command refused, nothing
+/// written) when it cannot be made.
+fn keyed_outcome<A: Aggregate>(
+    shared: &Shared,
+    keyed: Keyed,
+    id: Uuid,
+    at: i64,
+    source: outcome::Source<'_, A::State>,
+) -> Option<Outcome> {
+    outcome::record::<A>(shared, keyed, id, at, source)
+        .map_err(|e| {
+            tracing::error!(%id, error = format!("{e:#}"), "an outcome cannot be recorded");
+        })
+        .ok()
+}
+
+fn unrecordable() -> CommandError {
+    CommandError::unavailable("the outcome of this command cannot be recorded")
 }
 
 /// Offsets of a transaction's outcome records, by partition and key scope.
@@ -1140,14 +1215,15 @@ struct Settling<'a> {
 
 impl Settling<'_> {
     /// Indexes the outcome of a keyed command, if it was recorded.
-    fn remember(&mut self, keyed: &Keyed, at: i64) {
-        if let Some(offset) = self.recorded.get(&(self.partition, keyed.scope)) {
+    fn remember(&mut self, outcome: &Outcome) {
+        let scope = outcome.keyed.scope;
+        if let Some(offset) = self.recorded.get(&(self.partition, scope)) {
             let entry = outcome::Entry {
-                request: keyed.request,
-                at,
+                request: outcome.keyed.request,
+                at: outcome.at,
                 offset: *offset,
             };
-            self.recent.insert(keyed.scope, entry);
+            self.recent.insert(scope, entry);
         }
     }
 }
@@ -1174,27 +1250,22 @@ fn settle<A: Aggregate>(
         };
     }
     for r in refused {
-        at.remember(&r.keyed, r.at);
+        at.remember(&r.outcome);
         let _ = r.reply.send(Err(CommandError::Domain(r.error)));
     }
     for d in decided {
-        if let Some((keyed, _, when)) = &d.keyed {
-            at.remember(keyed, *when);
+        if let Some(outcome) = &d.outcome {
+            at.remember(outcome);
         }
         log.next_offset = log.next_offset.max(d.offset + 1);
-        let answer = log
-            .states
-            .get(&d.id)
-            .cloned()
-            .map(|state| Committed {
-                state,
-                position: Position {
-                    partition,
-                    offset: d.offset,
-                },
-            })
-            .ok_or_else(|| CommandError::unavailable("state missing after commit"));
-        let _ = d.reply.send(answer);
+        // The state right after this command, not after the batch.
+        let _ = d.reply.send(Ok(Committed {
+            state: d.state,
+            position: Position {
+                partition,
+                offset: d.offset,
+            },
+        }));
     }
     read(log, reads);
     log.since_snapshot += events;

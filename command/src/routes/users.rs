@@ -71,17 +71,10 @@ pub async fn register_user(
     let id = match &meta.keyed {
         Some(keyed) => {
             let id = keyed.new_id();
-            if owner::read::<UserAggregate>(owners, id).await?.is_some() {
-                // A retry of a registration that committed: the writer answers it from
-                // its recorded outcome; nothing is claimed or created again.
-                let command = UserCommand::Register {
-                    name,
-                    email,
-                    email_claim: String::new(),
-                    password_hash: String::new(),
-                    role,
-                };
-                return Ok(owner::submit::<UserAggregate>(owners, id, command, meta).await?);
+            // A retry of a registration that was decided: the recorded answer, and nothing
+            // is claimed, hashed or created again.
+            if let Some(committed) = owner::recall::<UserAggregate>(owners, id, &meta).await? {
+                return Ok(committed);
             }
             id
         }
@@ -110,7 +103,11 @@ pub async fn register_user(
     {
         Claimed::Ours => {}
         Claimed::Taken { holder, .. } => {
-            state.shared.keys.destroy(id).await?;
+            // A keyed registration's id (and key) may be a live user's: its first attempt
+            // may have committed meanwhile.
+            if meta.keyed.is_none() {
+                state.shared.keys.destroy(id).await?;
+            }
             return Err(taken(holder));
         }
     }
@@ -121,24 +118,17 @@ pub async fn register_user(
         password_hash,
         role,
     };
-    let meta_keyed = meta.keyed;
+    let keyed = meta.keyed;
     match owner::submit::<UserAggregate>(owners, id, command, meta).await {
         Ok(committed) => {
             claims.confirm(&claim, id).await?;
             Ok(committed)
         }
         Err(failure) => {
-            // Only a registration that certainly wrote nothing gives its claim and key
-            // back: a keyed retry's claim and key may be those of the user it made.
-            let nothing_written = matches!(
-                failure,
-                owner::Submitted::NotHere
-                    | owner::Submitted::Failed(owner::CommandError::Unavailable {
-                        definitive: true,
-                        ..
-                    })
-            ) || (meta_keyed.is_none() && definitive(&failure));
-            if nothing_written {
+            // A keyed registration shares its id, key and claim with every other request
+            // of its key, one of which may have committed: it leaves them to the next
+            // owner's reconciliation (which drops what no committed user holds).
+            if keyed.is_none() && definitive(&failure) {
                 claims.abandon(&claim, id).await?;
                 state.shared.keys.destroy(id).await?;
             }
@@ -260,6 +250,9 @@ pub async fn update(
     }
     // The e-mail is claimed before the change and confirmed after its commit.
     let meta = RequestMeta::of(&req, Some(actor.id));
+    if let Some(committed) = owner::recall::<UserAggregate>(&state.owners, id, &meta).await? {
+        return Ok(answer(StatusCode::OK, &committed));
+    }
     let claims = &state.shared.claims;
     let mut new_claim = None;
     if let Some(email) = &email {
@@ -345,6 +338,10 @@ pub async fn change_password(
     if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
         return Ok(response);
     }
+    let meta = RequestMeta::of(&req, Some(actor.id));
+    if let Some(committed) = owner::recall::<UserAggregate>(&state.owners, id, &meta).await? {
+        return Ok(answer(StatusCode::NO_CONTENT, &committed));
+    }
     let user = owner::read::<UserAggregate>(&state.owners, id)
         .await?
         .filter(|u| !u.erased)
@@ -362,7 +359,7 @@ pub async fn change_password(
         verified_hash: user.password_hash.clone(),
         new_hash: state.hasher.hash(new_password).await?,
     };
-    let committed = submit_here(&state, &req, id, actor, command).await?;
+    let committed = owner::submit::<UserAggregate>(&state.owners, id, command, meta).await?;
     Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
 
