@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use newsroom::Roles;
 use newsroom_events::news::NewsEvent;
+use newsroom_events::partition::partition_of;
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec;
 use newsroom_infra::kafka::Stream;
@@ -748,6 +749,99 @@ async fn a_retry_after_a_crash_or_an_unknown_outcome_gets_the_first_answer_and_w
         second_events, 2,
         "drafted once, edited once, never published"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_partition_with_an_event_that_cannot_be_decoded_is_not_served_from_a_partial_state()
+-> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut app = TestApp::spawn_with(Roles {
+        query_api: true,
+        ..Roles::NONE
+    })
+    .await?;
+    let http = newsroom_tests::client();
+    let partitions = app.settings.kafka.partitions;
+    let mut a = only(&mut app, &http, "a", &[]).await?;
+    // Two users of different partitions, logged in.
+    let mut users: Vec<(Uuid, String)> = Vec::new();
+    while users.len() < 2 {
+        let body = new_user();
+        let (status, created) = call(
+            &http,
+            reqwest::Method::POST,
+            format!("{}/v1/users", a.url),
+            None,
+            Some(body.clone()),
+            None,
+        )
+        .await?;
+        assert_eq!(status, S::CREATED, "{created}");
+        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        let partition_of = |id: &Uuid| partition_of(id.as_bytes(), partitions);
+        if users
+            .iter()
+            .all(|(u, _)| partition_of(u) != partition_of(&id))
+        {
+            let email = body["email"].as_str().unwrap_or_default();
+            let password = body["password"].as_str().unwrap_or_default();
+            users.push((id, login(&http, &a.url, email, password).await?));
+        }
+    }
+    a.child.kill()?;
+    a.child.wait()?;
+
+    // Bytes that are no event, in the first user's partition of the users topic.
+    let poisoned = partition_of(users[0].0.as_bytes(), partitions);
+    let producer: FutureProducer =
+        newsroom_infra::kafka::best_effort_producer(&app.settings.kafka).create()?;
+    producer
+        .send(
+            FutureRecord::to(&Stream::Users.topic(&app.settings.kafka))
+                .partition(poisoned)
+                .key(users[0].0.as_bytes().as_slice())
+                .payload(&b"\x00\x00\x0f\x42\x40not an event"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+
+    // B serves every other partition, never that one: it does not rebuild past the event.
+    let b = Process::start(&app, "b")?;
+    let others = i64::from(partitions - 1);
+    until(
+        "B serves the other partitions",
+        Duration::from_secs(60),
+        || async { b.owned(&http).await == Some(others) },
+    )
+    .await?;
+    let rename = |user: Uuid, token: &str| {
+        let (http, url, token) = (http.clone(), b.url.clone(), token.to_owned());
+        async move {
+            call(
+                &http,
+                reqwest::Method::PATCH,
+                format!("{url}/v1/users/{user}"),
+                Some(&token),
+                Some(json!({"name": "Renamed"})),
+                None,
+            )
+            .await
+        }
+    };
+    let (status, body) = rename(users[1].0, &users[1].1).await?;
+    assert_eq!(status, S::OK, "another partition is served: {body}");
+    for _ in 0..5 {
+        let (status, body) = rename(users[0].0, &users[0].1).await?;
+        assert_eq!(
+            status,
+            S::SERVICE_UNAVAILABLE,
+            "a partition rebuilt without one of its events must not be served: {body}"
+        );
+        assert_eq!(b.owned(&http).await, Some(others));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! Rebuilding a partition's state from the log (read_committed, from the beginning).
+//! Rebuilding a partition's state from the log (read_committed, from the latest snapshot):
+//! every event or nothing.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -76,13 +77,14 @@ pub async fn state<A: Aggregate>(
         let Some(payload) = message.payload() else {
             continue;
         };
-        let decoded = match codec::decode(&shared.registry, payload).await {
-            Ok(decoded) => decoded,
-            Err(e) => {
-                tracing::error!(%topic, partition, offset, error = format!("{e:#}"), "undecodable event skipped in rebuild");
-                continue;
-            }
-        };
+        // A partition is never served from a state that misses an event: an event that
+        // cannot be decoded (the registry down, or bytes that are no event) fails the
+        // takeover, which is retried.
+        let decoded = codec::decode(&shared.registry, payload)
+            .await
+            .with_context(|| {
+                format!("event at {topic}/{partition}@{offset} cannot be decoded; the partition is not served")
+            })?;
         let (metadata, change) = A::decode(&decoded.name, decoded.value, &shared.keys)
             .with_context(|| format!("event at {topic}/{partition}@{offset}"))?;
         let id = metadata.aggregate_id;
