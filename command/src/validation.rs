@@ -22,17 +22,19 @@ impl<'a> Fields<'a> {
     }
 
     /// A required string, trimmed, whose length in characters is within `min..=max`.
+    /// A one-line text: no control characters at all.
     pub fn trimmed_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
         let raw = self.raw_string(field)?;
         let trimmed = raw.trim();
-        self.check_length(field, trimmed, min, max)
+        (self.check_length(field, trimmed, min, max) && self.check_controls(field, trimmed, ""))
             .then(|| trimmed.to_owned())
     }
 
-    /// A required string taken as is (passwords: spaces count), length within `min..=max`.
+    /// A required string taken as is (passwords: spaces count; contents: lines), length
+    /// within `min..=max`; tabs and line breaks are the only control characters allowed.
     pub fn exact_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
         let raw = self.raw_string(field)?;
-        self.check_length(field, raw, min, max)
+        (self.check_length(field, raw, min, max) && self.check_controls(field, raw, "\t\n\r"))
             .then(|| raw.to_owned())
     }
 
@@ -163,6 +165,11 @@ impl<'a> Fields<'a> {
                 return None;
             }
         };
+        // Bounded before anything is looked at: a 1 MiB body holds ~130,000 tags.
+        if items.len() > max_items * MAX_TAG_REPEATS {
+            self.error(field, format!("at most {max_items} distinct tags"));
+            return None;
+        }
         let mut tags: Vec<String> = Vec::with_capacity(items.len());
         for item in items {
             let Some(text) = item.as_str() else {
@@ -176,6 +183,9 @@ impl<'a> Fields<'a> {
                     field,
                     format!("each tag must be 1 to {max_len} characters long"),
                 );
+                return None;
+            }
+            if !self.check_controls(field, &tag, "") {
                 return None;
             }
             if !tags.contains(&tag) {
@@ -231,10 +241,31 @@ impl<'a> Fields<'a> {
         true
     }
 
+    /// Refuses control characters other than `allowed` (NUL and the like reach the log and
+    /// no read model can store them).
+    fn check_controls(&mut self, field: &str, value: &str, allowed: &str) -> bool {
+        if value
+            .chars()
+            .any(|c| c.is_control() && !allowed.contains(c))
+        {
+            let message = if allowed.is_empty() {
+                "must not contain control characters"
+            } else {
+                "must not contain control characters other than tabs and line breaks"
+            };
+            self.error(field, message);
+            return false;
+        }
+        true
+    }
+
     fn error(&mut self, field: &str, message: impl Into<String>) {
         self.errors.push(FieldError::new(field, message));
     }
 }
+
+/// How many times the tag limit a tag list may hold before duplicates are removed.
+const MAX_TAG_REPEATS: usize = 5;
 
 /// A pragmatic check of an addr-spec: `local@domain`, a dot-separated domain of letters,
 /// digits and hyphens with a top-level label of two or more letters, no spaces or controls.
@@ -299,6 +330,41 @@ mod tests {
         ] {
             assert!(!is_valid_email(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused_except_line_breaks_in_texts() {
+        let body = json!({
+            "title": "a\u{0}b",
+            "name": "x\u{1b}[31m",
+            "content": "line one\r\n\tline two",
+            "bad_content": "nul\u{0}",
+            "tags": ["ok", "b\u{7}ell"],
+        });
+        let mut fields = Fields::of(&body).expect("an object");
+        assert_eq!(fields.trimmed_string("title", 1, 200), None);
+        assert_eq!(fields.trimmed_string("name", 1, 100), None);
+        assert!(fields.exact_string("content", 1, 100).is_some());
+        assert_eq!(fields.exact_string("bad_content", 1, 100), None);
+        assert_eq!(fields.optional_tags("tags", 20, 50), None);
+        let Err(ApiError::Validation(errors)) = fields.finish() else {
+            panic!("refused");
+        };
+        let named: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(named, ["title", "name", "bad_content", "tags"]);
+    }
+
+    #[test]
+    fn a_huge_tag_list_is_refused_before_it_is_read() {
+        let body = json!({"tags": vec!["same"; 20 * MAX_TAG_REPEATS + 1]});
+        let mut fields = Fields::of(&body).expect("an object");
+        assert_eq!(fields.optional_tags("tags", 20, 50), None);
+        let body = json!({"tags": vec!["same"; 20 * MAX_TAG_REPEATS]});
+        let mut fields = Fields::of(&body).expect("an object");
+        assert_eq!(
+            fields.optional_tags("tags", 20, 50),
+            Some(vec!["same".to_owned()])
+        );
     }
 
     #[test]

@@ -76,8 +76,9 @@ impl Wanted {
     }
 }
 
-/// The request's token, if it has one.
-pub fn wanted(req: &HttpRequest, topic_prefix: &str) -> Result<Option<Wanted>, ApiError> {
+/// The request's token, if it has one (400 if it names a position the log does not have).
+pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wanted>, ApiError> {
+    let topic_prefix = &state.topic_prefix;
     let Some(text) = header(req, TOKEN)? else {
         return Ok(None);
     };
@@ -104,12 +105,12 @@ pub fn wanted(req: &HttpRequest, topic_prefix: &str) -> Result<Option<Wanted>, A
                 "X-Consistency-Token names an unknown stream {stream}"
             ))
         })?;
-        positions.push((
-            projection,
-            format!("{topic_prefix}.{stream}"),
-            position.partition,
-            position.offset,
-        ));
+        let topic = format!("{topic_prefix}.{stream}");
+        state
+            .log_ends
+            .check(&topic, position.partition, position.offset)
+            .await?;
+        positions.push((projection, topic, position.partition, position.offset));
     }
     Ok(Some(Wanted {
         positions,
@@ -118,8 +119,8 @@ pub fn wanted(req: &HttpRequest, topic_prefix: &str) -> Result<Option<Wanted>, A
 }
 
 /// Waits until the read models include the request's token, if it has one.
-pub async fn wait(req: &HttpRequest, pool: &PgPool, topic_prefix: &str) -> Result<(), ApiError> {
-    wait_postgres(pool, wanted(req, topic_prefix)?.as_ref()).await
+pub async fn wait(req: &HttpRequest, state: &crate::State) -> Result<(), ApiError> {
+    wait_postgres(&state.pool, wanted(req, state).await?.as_ref()).await
 }
 
 /// Waits until the active versions of the PostgreSQL read models include `wanted`.

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod consistency;
+pub mod log_ends;
 pub mod reads;
 pub mod routes;
 
@@ -31,6 +32,8 @@ pub struct State {
     pub cache: cache::Cache,
     /// How recommendations are ranked.
     pub recommend: newsroom_infra::settings::RecommendSettings,
+    /// Where the log ends (forged consistency tokens are refused).
+    pub log_ends: Arc<log_ends::LogEnds>,
 }
 
 /// The OpenAPI document of the query API.
@@ -54,6 +57,13 @@ pub async fn build(
             newsroom_infra::redis::root(&settings.kafka, "recommend"),
         )?,
         recommend: settings.recommend.clone(),
+        log_ends: log_ends::LogEnds::start(
+            &settings.kafka,
+            newsroom_infra::kafka::Stream::ALL
+                .iter()
+                .map(|s| s.topic(&settings.kafka))
+                .collect(),
+        )?,
     });
     let tokens = web::Data::new(tokens);
     let ready_state = state.clone();

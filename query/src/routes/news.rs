@@ -131,7 +131,7 @@ pub async fn get(
     caller: Caller,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let wanted = consistency::wanted(&req, &state.topic_prefix)?;
+    let wanted = consistency::wanted(&req, &state).await?;
     let row = match state.cache.article(*id, wanted.as_ref()).await {
         Some(row) => {
             answered("article", "redis");
@@ -200,9 +200,12 @@ pub fn decode_cursor(kind: &str, text: &str) -> Result<(DateTime<Utc>, Uuid), Ap
     if k != kind {
         return Err(bad());
     }
+    // Within what PostgreSQL stores (a cursor from this server is a real time).
+    const LATEST: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
     let at = micros
         .parse::<i64>()
         .ok()
+        .filter(|m| (0..=LATEST).contains(m))
         .and_then(DateTime::from_timestamp_micros)
         .ok_or_else(bad)?;
     Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
@@ -231,7 +234,7 @@ pub async fn list(
     params: web::Query<HashMap<String, String>>,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    consistency::wait(&req, &state).await?;
     let category = category(&params)?;
     let tag = match params.get("tag") {
         None => None,
@@ -326,6 +329,9 @@ mod tests {
             "!!",
             "bm90IGEgY3Vyc29y",
             &URL_SAFE_NO_PAD.encode("n1:x:y"),
+            // Times PostgreSQL cannot compare with (a 503 before).
+            &URL_SAFE_NO_PAD.encode(format!("n1:-8000000000000000:{id}")),
+            &URL_SAFE_NO_PAD.encode(format!("n1:{}:{id}", i64::MAX)),
         ] {
             assert!(decode_cursor("n1", bad).is_err(), "{bad}");
         }
@@ -356,7 +362,7 @@ pub async fn trending(
     params: web::Query<HashMap<String, String>>,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    let wanted = consistency::wanted(&req, &state.topic_prefix)?;
+    let wanted = consistency::wanted(&req, &state).await?;
     let category = category(&params)?;
     let limit = limit(&params)?;
     if let Some(list) = state

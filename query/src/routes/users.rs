@@ -30,7 +30,7 @@ pub async fn get(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = caller.required()?;
-    crate::consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    crate::consistency::wait(&req, &state).await?;
     if actor.id != *id && !actor.is_admin() {
         return Err(ApiError::Forbidden);
     }
@@ -87,7 +87,7 @@ pub async fn history(
 ) -> Result<HttpResponse, ApiError> {
     use crate::routes::news::{Page, decode_cursor, encode_cursor, limit, unavailable};
     self_or_admin(&caller, *id)?;
-    crate::consistency::wait(&req, &state.pool, &state.topic_prefix).await?;
+    crate::consistency::wait(&req, &state).await?;
     let limit = limit(&params)?;
     let after = params
         .get("cursor")
@@ -172,7 +172,7 @@ pub async fn recommendations(
     use crate::routes::news::{NewsRow, limit, unavailable};
     self_or_admin(&caller, *id)?;
     let limit = limit(&params)?;
-    let wanted = crate::consistency::wanted(&req, &state.topic_prefix)?;
+    let wanted = crate::consistency::wanted(&req, &state).await?;
     existing(&state, *id).await?;
     let half_life = state.recommend.half_life();
     let now = newsroom_events::affinity::weight(Utc::now().timestamp_micros(), half_life);
@@ -277,7 +277,7 @@ pub async fn notifications(
         .map(|c| decode_cursor("i1", c))
         .transpose()?;
     // The inbox is the notifier's; when notifications were last read is the users model's.
-    let wanted = crate::consistency::wanted(&req, &state.topic_prefix)?;
+    let wanted = crate::consistency::wanted(&req, &state).await?;
     crate::consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
     let by_notifier = wanted.map(|w| w.served_by("notify", &["users", "news"]));
     crate::consistency::wait_postgres(&state.pool, by_notifier.as_ref()).await?;

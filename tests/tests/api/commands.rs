@@ -694,3 +694,65 @@ async fn one_idempotency_key_sent_ten_times_appends_one_event_with_identical_ans
     assert_eq!(status, S::BAD_REQUEST, "a key over 255 characters");
     app.stop().await
 }
+
+#[tokio::test]
+async fn control_characters_and_huge_tag_lists_are_422_and_nothing_is_appended() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let before = app.committed_records(Stream::News)?.len();
+    let many_tags: Vec<String> = (0..5_000).map(|i| format!("tag{i}")).collect();
+    for (body, field) in [
+        (
+            json!({"category": "sports", "title": "a\u{0}b", "content": "x"}),
+            "title",
+        ),
+        (
+            json!({"category": "sports", "title": "t", "content": "nul\u{0}"}),
+            "content",
+        ),
+        (
+            json!({"category": "sports", "title": "t\u{1b}[2J", "content": "x"}),
+            "title",
+        ),
+        (
+            json!({"category": "sports", "title": "t", "content": "x", "tags": ["b\u{7}"]}),
+            "tags",
+        ),
+        (
+            json!({"category": "sports", "title": "t", "content": "x", "tags": many_tags}),
+            "tags",
+        ),
+    ] {
+        let (status, answer) = app
+            .command(
+                Method::POST,
+                "/v1/news",
+                Some(&editor.token),
+                Some(&body),
+                None,
+            )
+            .await?;
+        assert_eq!(status, S::UNPROCESSABLE_ENTITY, "{answer}");
+        assert_eq!(answer["errors"][0]["field"], field, "{answer}");
+    }
+    // Line breaks and tabs are text.
+    let body = json!({"category": "sports", "title": "t", "content": "one\r\n\ttwo"});
+    let (status, answer) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&editor.token),
+            Some(&body),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::CREATED, "{answer}");
+    let mut user = new_user();
+    user["name"] = json!("null\u{0}byte");
+    let (status, answer) = app
+        .command(Method::POST, "/v1/users", None, Some(&user), None)
+        .await?;
+    assert_eq!(status, S::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(app.committed_records(Stream::News)?.len(), before + 1);
+    app.stop().await
+}

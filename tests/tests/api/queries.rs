@@ -619,3 +619,40 @@ async fn trending_ranks_published_articles_by_their_reads_of_the_last_day() -> T
     }
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_forged_consistency_token_or_cursor_is_400_at_once() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let live = publish(&app, &editor, "sports", &[]).await?;
+    let article = format!("/v1/news/{}", live.id);
+    let (status, _) = query(&app, &article, None, Some(&live.token)).await?;
+    assert_eq!(
+        status,
+        S::OK,
+        "a token the command API issued is waited for"
+    );
+
+    // Positions no command answered: past the end of a partition, a partition the topic
+    // does not have. Each used to hold the request for the whole wait, then answer 503.
+    for forged in [
+        "v1.news~0~999999999",
+        "v1.news~9999~0",
+        "v1.users~0~4611686018427387904",
+    ] {
+        let (status, body) = query(&app, &article, None, Some(forged)).await?;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (S::BAD_REQUEST, Some("malformed_request")),
+            "{forged}: {body}"
+        );
+    }
+
+    // A cursor whose time PostgreSQL cannot compare with.
+    use base64::Engine as _;
+    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("n1:-8000000000000000:{}", Uuid::now_v7()));
+    let (status, body) = query(&app, &format!("/v1/news?cursor={cursor}"), None, None).await?;
+    assert_eq!(status, S::BAD_REQUEST, "{body}");
+    app.stop().await
+}

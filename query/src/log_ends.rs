@@ -1,0 +1,134 @@
+//! Where the log ends, as the query API needs to know it: a consistency token naming a
+//! position at or past the end of its partition was not issued by a command (it is forged
+//! or from another deployment), so it is refused with 400 at once instead of being waited
+//! for (a forged token would otherwise hold a request and poll the read models for up to
+//! 30 s).
+//!
+//! The ends are read on demand, in one request for every partition of the streams tokens
+//! name, and shared: a token ahead of what is known asks for a refresh and waits for one
+//! that began after it arrived; concurrent requests share that refresh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use newsroom_infra::http::ApiError;
+use newsroom_infra::kafka::read_committed_consumer;
+use newsroom_infra::settings::KafkaSettings;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{Notify, watch};
+
+/// How long a request waits for the ends to be read before the token is let through
+/// (Kafka slow or down: the read models' own wait decides then).
+const LOOKUP_LIMIT: Duration = Duration::from_secs(2);
+
+/// The end offsets (last stable offsets) of the streams' partitions.
+pub struct LogEnds {
+    partitions: i32,
+    ends: RwLock<HashMap<(String, i32), i64>>,
+    refreshes: watch::Receiver<u64>,
+    wanted: Arc<Notify>,
+}
+
+impl LogEnds {
+    /// Starts the refresher for `topics` (each with the deployment's partition count).
+    pub fn start(settings: &KafkaSettings, topics: Vec<String>) -> anyhow::Result<Arc<Self>> {
+        let consumer: BaseConsumer =
+            read_committed_consumer(settings, &format!("{}.query-ends", settings.topic_prefix))
+                .create()?;
+        let (done, refreshes) = watch::channel(0u64);
+        let ends = Arc::new(LogEnds {
+            partitions: settings.partitions,
+            ends: RwLock::new(HashMap::new()),
+            refreshes,
+            wanted: Arc::new(Notify::new()),
+        });
+        let (this, timeout) = (Arc::downgrade(&ends), settings.timeout());
+        let consumer = Arc::new(consumer);
+        tokio::spawn(async move {
+            let mut generation = 0u64;
+            loop {
+                let Some(wanted) = this.upgrade().map(|e| e.wanted.clone()) else {
+                    return;
+                };
+                wanted.notified().await;
+                let (consumer, topics, partitions) = (
+                    consumer.clone(),
+                    topics.clone(),
+                    this.upgrade().map(|e| e.partitions),
+                );
+                let Some(partitions) = partitions else {
+                    return;
+                };
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut latest = TopicPartitionList::new();
+                    for topic in &topics {
+                        for partition in 0..partitions {
+                            latest.add_partition_offset(topic, partition, Offset::End)?;
+                        }
+                    }
+                    consumer.offsets_for_times(latest, timeout)
+                })
+                .await;
+                match (read, this.upgrade()) {
+                    (Ok(Ok(list)), Some(ends)) => {
+                        let mut known = ends.ends.write().unwrap_or_else(|e| e.into_inner());
+                        for element in list.elements() {
+                            if let Some(end) = element.offset().to_raw().filter(|o| *o >= 0) {
+                                known
+                                    .insert((element.topic().to_owned(), element.partition()), end);
+                            }
+                        }
+                    }
+                    (Ok(Err(e)), _) => tracing::debug!(error = %e, "reading the log's ends"),
+                    (Err(e), _) => tracing::debug!(error = %e, "reading the log's ends"),
+                    (_, None) => return,
+                }
+                generation += 1;
+                if done.send(generation).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ends)
+    }
+
+    fn known(&self, topic: &str, partition: i32) -> Option<i64> {
+        let ends = self.ends.read().unwrap_or_else(|e| e.into_inner());
+        ends.get(&(topic.to_owned(), partition)).copied()
+    }
+
+    /// Refuses a position no command can have answered: a partition the topic does not
+    /// have, or an offset at or past the partition's end.
+    pub async fn check(&self, topic: &str, partition: i32, offset: i64) -> Result<(), ApiError> {
+        let forged = || {
+            ApiError::Malformed(
+                "X-Consistency-Token names a position this deployment's log does not have".into(),
+            )
+        };
+        if partition >= self.partitions {
+            return Err(forged());
+        }
+        if self.known(topic, partition).is_some_and(|end| offset < end) {
+            return Ok(());
+        }
+        // A refresh that began after this request: wait for the one running (if any) to
+        // end, and for the next.
+        let mut refreshes = self.refreshes.clone();
+        let start = *refreshes.borrow_and_update();
+        let waited = tokio::time::timeout(LOOKUP_LIMIT, async {
+            while *refreshes.borrow() < start + 2 {
+                self.wanted.notify_one();
+                if refreshes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        match self.known(topic, partition) {
+            Some(end) if offset >= end && waited.is_ok() => Err(forged()),
+            _ => Ok(()),
+        }
+    }
+}
