@@ -43,6 +43,8 @@ const STALE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Idempotency {
     pool: PgPool,
+    /// Keys the hashes of requests (their bodies hold passwords).
+    secret: std::sync::Arc<[u8]>,
 }
 
 enum Begun {
@@ -58,14 +60,35 @@ struct Attempt<'a> {
     id: uuid::Uuid,
 }
 
+/// The user a path is about (`/v1/users/{id}...`).
+fn subject(path: &str) -> Option<uuid::Uuid> {
+    let rest = path.strip_prefix("/v1/users/")?;
+    uuid::Uuid::parse_str(rest.split('/').next()?).ok()
+}
+
 fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Idempotency {
-    /// A store over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Idempotency { pool }
+    /// A store over `pool`; request hashes keyed with `secret`.
+    pub fn new(pool: PgPool, secret: Vec<u8>) -> Self {
+        Idempotency {
+            pool,
+            secret: secret.into(),
+        }
+    }
+
+    /// Forgets every outcome `user` asked for, or that is about them (at erasure: the
+    /// stored answers hold their name and e-mail).
+    pub async fn erase(&self, user: uuid::Uuid) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 OR subject = $2")
+            .bind(user.to_string())
+            .bind(user)
+            .execute(&self.pool)
+            .await
+            .context("forgetting a user's idempotency records")?;
+        Ok(())
     }
 
     async fn begin(&self, caller: &str, key: &str, hash: &str) -> Result<Begun, ApiError> {
@@ -144,10 +167,11 @@ impl Idempotency {
         status: u16,
         headers: Value,
         body: &[u8],
+        subject: Option<uuid::Uuid>,
     ) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE cmd_idempotency SET state = 'done', status = $3, headers = $4, body = $5 \
-             WHERE caller = $1 AND key = $2 AND attempt = $6",
+            "UPDATE cmd_idempotency SET state = 'done', status = $3, headers = $4, body = $5, \
+             subject = $7 WHERE caller = $1 AND key = $2 AND attempt = $6",
         )
         .bind(attempt.caller)
         .bind(attempt.key)
@@ -155,6 +179,7 @@ impl Idempotency {
         .bind(headers)
         .bind(body)
         .bind(attempt.id)
+        .bind(subject)
         .execute(&self.pool)
         .await
         .context("recording an outcome")?;
@@ -229,7 +254,7 @@ pub async fn middleware(
         }
         None => None,
     };
-    let Some(key) = key else {
+    let (Some(key), Some(store)) = (key, req.app_data::<web::Data<Idempotency>>().cloned()) else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
     let caller = req
@@ -254,15 +279,23 @@ pub async fn middleware(
         body.extend_from_slice(&chunk);
     }
     let body = body.freeze();
-    let keyed = Keyed::new(&caller, &key, req.method().as_str(), req.path(), &body);
+    let keyed = Keyed::new(
+        &store.secret,
+        &caller,
+        &key,
+        req.method().as_str(),
+        req.path(),
+        &body,
+    );
     let hash = keyed.request_hex();
     req.extensions_mut().insert(keyed);
     req.set_payload(actix_web::dev::Payload::from(body));
-    // A forwarded request is recorded by the process that received it.
-    let store = req.app_data::<web::Data<Idempotency>>().cloned();
-    let Some(store) = store.filter(|_| !forwarded) else {
+    // A forwarded request is recorded by the process that received it; an answer that
+    // holds credentials (a login's token) is never stored: its retry logs in again.
+    if forwarded || req.path().starts_with("/v1/auth/") {
         return Ok(next.call(req).await?.map_into_boxed_body());
-    };
+    }
+    let subject = subject(req.path());
 
     let attempt = match store.begin(&caller, &key, &hash).await {
         Err(error) => return Ok(req.into_response(error.error_response())),
@@ -297,8 +330,22 @@ pub async fn middleware(
     let (request, response) = response.into_parts();
     let (response, body) = response.into_parts();
     let bytes = to_bytes(body).await.unwrap_or_default();
+    // Who the stored answer is about, so that their erasure removes it.
+    let subject = subject.or_else(|| {
+        response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(self::subject)
+    });
     if let Err(e) = store
-        .finish(&attempt, status.as_u16(), Value::Object(headers), &bytes)
+        .finish(
+            &attempt,
+            status.as_u16(),
+            Value::Object(headers),
+            &bytes,
+            subject,
+        )
         .await
     {
         tracing::error!(error = format!("{e:#}"), "recording an idempotent outcome");

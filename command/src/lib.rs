@@ -127,7 +127,10 @@ pub async fn build(
         ));
     }
     let tokens = web::Data::new(state.tokens.clone());
-    let idempotency = web::Data::new(idempotency::Idempotency::new(state.pool.clone()));
+    let idempotency = web::Data::new(idempotency::Idempotency::new(
+        state.pool.clone(),
+        state.shared.claims.subkey("idempotency"),
+    ));
     tokio::spawn(expire_idempotency_keys(idempotency.clone()));
     let ready_state = state.clone();
     let ops = Ops {

@@ -43,33 +43,48 @@ const AT_HEADER: &str = "at";
 const EVENT_OFFSET_HEADER: &str = "event-offset";
 
 /// A command's `Idempotency-Key`, as the writer sees it: whose key it is, and which
-/// request it was first sent with.
+/// request it was first sent with. Both are keyed hashes (HMAC-SHA-256 with a secret of
+/// the deployment): request bodies hold passwords, and a plain hash of one stored in the
+/// log or the database could be tested against guesses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keyed {
-    /// SHA-256 of the caller and the key.
+    /// HMAC of the caller and the key.
     pub scope: [u8; 32],
-    /// SHA-256 of the method, path and body.
+    /// HMAC of the method, path and body.
     pub request: [u8; 32],
 }
 
 impl Keyed {
-    /// The key `key` of `caller` on the request `method path` with `body`.
-    pub fn new(caller: &str, key: &str, method: &str, path: &str, body: &[u8]) -> Self {
-        let scope = Sha256::new()
-            .chain_update(caller.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(key.as_bytes())
-            .finalize()
-            .into();
-        let request = Sha256::new()
-            .chain_update(method.as_bytes())
-            .chain_update(b" ")
-            .chain_update(path.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(body)
-            .finalize()
-            .into();
-        Keyed { scope, request }
+    /// The key `key` of `caller` on the request `method path` with `body`, hashed with
+    /// `secret`.
+    pub fn new(
+        secret: &[u8],
+        caller: &str,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Self {
+        use hmac::{KeyInit as _, Mac as _};
+        let mac = |parts: &[&[u8]]| -> [u8; 32] {
+            let mut mac = <hmac::Hmac<Sha256>>::new_from_slice(secret)
+                .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+            for part in parts {
+                mac.update(part);
+            }
+            mac.finalize().into_bytes().into()
+        };
+        Keyed {
+            scope: mac(&[b"scope\n", caller.as_bytes(), b"\n", key.as_bytes()]),
+            request: mac(&[
+                b"request\n",
+                method.as_bytes(),
+                b" ",
+                path.as_bytes(),
+                b"\n",
+                body,
+            ]),
+        }
     }
 
     /// The request hash in hex.
@@ -458,10 +473,20 @@ mod tests {
 
     #[test]
     fn a_retry_of_a_create_makes_the_same_id_and_another_request_another() {
-        let a = Keyed::new("caller", "k1", "POST", "/v1/news", b"{}");
-        let again = Keyed::new("caller", "k1", "POST", "/v1/news", b"{\"x\":1}");
-        let other = Keyed::new("someone else", "k1", "POST", "/v1/news", b"{}");
-        let same = Keyed::new("caller", "k1", "POST", "/v1/news", b"{}");
+        let key = |caller: &str, body: &[u8]| {
+            Keyed::new(b"secret", caller, "k1", "POST", "/v1/news", body)
+        };
+        let (a, again, other) = (
+            key("caller", b"{}"),
+            key("caller", b"{\"x\":1}"),
+            key("someone else", b"{}"),
+        );
+        let same = key("caller", b"{}");
+        assert_ne!(
+            a,
+            Keyed::new(b"another secret", "caller", "k1", "POST", "/v1/news", b"{}"),
+            "another deployment's secret, other hashes"
+        );
         assert_eq!(a.new_id(), same.new_id());
         assert_ne!(a.request, again.request);
         assert_ne!(a.new_id(), again.new_id(), "another request, another id");

@@ -407,6 +407,7 @@ pub async fn erase(
     req: HttpRequest,
     target: Target,
     state: web::Data<State>,
+    idempotency: web::Data<crate::idempotency::Idempotency>,
 ) -> Result<HttpResponse, ApiError> {
     let Target {
         actor,
@@ -424,6 +425,7 @@ pub async fn erase(
     let committed = submit_here(&state, &req, id, actor, command).await?;
     state.shared.keys.destroy(id).await?;
     state.shared.claims.release_all(id).await?;
+    idempotency.erase(id).await?;
     Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
 

@@ -756,3 +756,85 @@ async fn control_characters_and_huge_tag_lists_are_422_and_nothing_is_appended()
     assert_eq!(app.committed_records(Stream::News)?.len(), before + 1);
     app.stop().await
 }
+
+#[tokio::test]
+async fn stored_answers_hold_no_token_and_leave_with_their_user() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let pool = app.pool().await?;
+    let keyed = |method: Method, path: String, token: Option<String>, body: Value| {
+        let app = &app;
+        async move {
+            let mut request = app
+                .http
+                .request(method, format!("{}{path}", app.command_url))
+                .header("Idempotency-Key", Uuid::now_v7().to_string())
+                .json(&body);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await?;
+            anyhow::Ok(response.status())
+        }
+    };
+    // A keyed registration (anonymous: its answer is about the new user), a keyed login
+    // and a keyed change by the user themselves.
+    let user = new_user();
+    let status = keyed(Method::POST, "/v1/users".into(), None, user.clone()).await?;
+    assert_eq!(status, S::CREATED);
+    let (email, password) = (
+        user["email"].as_str().unwrap_or_default(),
+        user["password"].as_str().unwrap_or_default(),
+    );
+    let login = json!({"email": email, "password": password});
+    let status = keyed(Method::POST, "/v1/auth/token".into(), None, login).await?;
+    assert_eq!(status, S::OK);
+    let token = app
+        .login(email, password)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s}"))?;
+    let id = newsroom_tests::token_subject(&token)?;
+    let path = format!("/v1/users/{id}");
+    let status = keyed(
+        Method::PATCH,
+        path.clone(),
+        Some(token.clone()),
+        json!({"name": "Kept"}),
+    )
+    .await?;
+    assert_eq!(status, S::OK);
+
+    let rows: Vec<(String, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT request_hash, body FROM cmd_idempotency")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(rows.len(), 2, "the login's answer is not stored");
+    for (hash, body) in &rows {
+        let text = String::from_utf8_lossy(body.as_deref().unwrap_or_default());
+        assert!(!text.contains("access_token"), "{text}");
+        assert_ne!(hash.len(), 0);
+    }
+    assert!(
+        rows.iter().any(
+            |(_, body)| String::from_utf8_lossy(body.as_deref().unwrap_or_default())
+                .contains(email)
+        ),
+        "stored answers hold the e-mail until the erasure"
+    );
+
+    // Erased: no stored answer about them is left.
+    let (status, _) = app
+        .command(Method::DELETE, &path, Some(&token), None, None)
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    let left: Vec<(Option<Vec<u8>>,)> = sqlx::query_as("SELECT body FROM cmd_idempotency")
+        .fetch_all(&pool)
+        .await?;
+    assert!(
+        left.iter().all(
+            |(body,)| !String::from_utf8_lossy(body.as_deref().unwrap_or_default()).contains(email)
+        ),
+        "an answer holding the erased user's e-mail is left"
+    );
+    assert!(left.is_empty(), "{} rows left", left.len());
+    app.stop().await
+}
