@@ -13,6 +13,7 @@ pub mod keys;
 pub mod owner;
 pub mod password;
 pub mod routes;
+pub mod throttle;
 pub mod validation;
 
 use std::net::TcpListener;
@@ -50,6 +51,8 @@ pub struct State {
     pub pool: PgPool,
     /// Recently read author names.
     pub authors: routes::news::AuthorNames,
+    /// Throttles of the endpoints that hash passwords.
+    pub throttles: throttle::Throttles,
 }
 
 /// The OpenAPI document of the command API.
@@ -116,6 +119,7 @@ pub async fn build(
         tokens,
         pool,
         authors: routes::news::AuthorNames::default(),
+        throttles: throttle::Throttles::new(&settings.http)?,
     });
     if let (Some(email), Some(password)) =
         (&settings.auth.admin_email, &settings.auth.admin_password)

@@ -5,13 +5,22 @@ use argon2::password_hash::{
     PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
 };
 use argon2::{Algorithm, Argon2, Params, Version};
+use newsroom_infra::http::ApiError;
 use newsroom_infra::settings::HashingSettings;
 
-/// Hashes passwords with fixed Argon2id parameters.
+/// Hashes passwords with fixed Argon2id parameters, as many at a time as there are cores
+/// (each takes its memory cost, 19 MiB by default, while it runs); a bounded number wait,
+/// and past that a request is refused with 503 before it costs anything.
 #[derive(Clone)]
 pub struct Hasher {
     params: Params,
+    running: std::sync::Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max_waiting: usize,
 }
+
+/// Hashes waiting per core before new ones are refused.
+const WAITING_PER_CORE: usize = 64;
 
 impl Hasher {
     /// A hasher with the configured cost.
@@ -23,27 +32,67 @@ impl Hasher {
             None,
         )
         .map_err(|e| anyhow::anyhow!("invalid Argon2 parameters: {e}"))?;
-        Ok(Hasher { params })
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Ok(Hasher {
+            params,
+            running: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            waiting: std::sync::Arc::default(),
+            max_waiting: cores * WAITING_PER_CORE,
+        })
+    }
+
+    /// Runs `work` when a core is free; refused at once when too many wait already.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        use std::sync::atomic::Ordering;
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::Unavailable(
+                "too many password checks are waiting; retry shortly".into(),
+            ));
+        }
+        let waiting = Waiting(&self.waiting);
+        let permit = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the hashing semaphore closed")?;
+        drop(waiting);
+        Ok(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .context("the hashing task panicked")?)
     }
 
     /// The PHC string of `password` with a fresh random salt.
-    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
+    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
         let params = self.params.clone();
-        tokio::task::spawn_blocking(move || {
-            let salt = SaltString::generate(&mut OsRng);
-            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
-        })
-        .await
-        .context("the hashing task panicked")?
+        Ok(self
+            .bounded(move || {
+                let salt = SaltString::generate(&mut OsRng);
+                Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                    .hash_password(password.as_bytes(), &salt)
+                    .map(|h| h.to_string())
+                    .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
+            })
+            .await??)
     }
 
     /// Whether `password` matches the PHC string `hash` (an empty or invalid hash never does).
-    pub async fn verify(&self, hash: &str, password: String) -> anyhow::Result<bool> {
+    pub async fn verify(&self, hash: &str, password: String) -> Result<bool, ApiError> {
         let hash = hash.to_owned();
-        tokio::task::spawn_blocking(move || {
+        self.bounded(move || {
             PasswordHash::new(&hash)
                 .map(|parsed| {
                     Argon2::default()
@@ -53,7 +102,6 @@ impl Hasher {
                 .unwrap_or(false)
         })
         .await
-        .context("the verifying task panicked")
     }
 
     /// Spends the time of one hash, so that an unknown e-mail and a wrong password take

@@ -86,6 +86,10 @@ pub enum ApiError {
     /// 422 `idempotency_key_reused`: the key came with another request before.
     #[error("idempotency key reused")]
     IdempotencyKeyReused,
+    /// 429 `rate_limited`: too many requests of this kind from this caller or address;
+    /// retry after this many seconds.
+    #[error("rate limited")]
+    RateLimited(u64),
     /// 503 `projection_lagging`: the read models do not include the token's writes yet.
     #[error("projection lagging")]
     ProjectionLagging,
@@ -129,6 +133,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation(_) => "validation_failed",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::ProjectionLagging => "projection_lagging",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",
@@ -147,6 +152,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Validation(_) => "Validation failed",
             ApiError::IdempotencyKeyReused => "Idempotency key reused",
+            ApiError::RateLimited(_) => "Too many requests",
             ApiError::ProjectionLagging => "Read models lagging",
             ApiError::Unavailable(_) => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
@@ -170,6 +176,9 @@ impl ApiError {
                 "this Idempotency-Key was used with a different request".into()
             }
             ApiError::Internal(_) => "an unexpected error occurred; it has been logged".into(),
+            ApiError::RateLimited(seconds) => {
+                format!("too many requests of this kind; retry in {seconds} s")
+            }
             ApiError::ProjectionLagging => {
                 "the read models do not include the writes of X-Consistency-Token yet; retry shortly".into()
             }
@@ -194,6 +203,7 @@ impl ResponseError for ApiError {
             ApiError::Unavailable(_) | ApiError::ProjectionLagging => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -229,6 +239,9 @@ impl ResponseError for ApiError {
         response.content_type("application/problem+json");
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
+        if let ApiError::RateLimited(seconds) = self {
+            response.insert_header((header::RETRY_AFTER, seconds.max(&1).to_string()));
         }
         response.json(problem)
     }

@@ -319,6 +319,41 @@ pub struct HttpSettings {
         default_value_t = 0
     )]
     pub workers: usize,
+    /// The header a trusted proxy in front of the APIs puts the client's address in
+    /// (e.g. `x-real-ip`; for `x-forwarded-for`, its last entry is taken). Unset: the
+    /// connection's peer address. Never set it without such a proxy: clients could name
+    /// any address and escape the throttles.
+    #[arg(
+        global = true,
+        long = "client-address-header",
+        env = "NEWSROOM_CLIENT_ADDRESS_HEADER"
+    )]
+    pub client_address_header: Option<String>,
+    /// Failed logins per account per minute before that account's logins are refused
+    /// with 429 for the rest of the minute (0: no limit).
+    #[arg(
+        global = true,
+        long = "login-failures-per-account",
+        env = "NEWSROOM_LOGIN_FAILURES_PER_ACCOUNT",
+        default_value_t = 10
+    )]
+    pub login_failures_per_account: u32,
+    /// Failed logins per client address per minute (0: no limit).
+    #[arg(
+        global = true,
+        long = "login-failures-per-address",
+        env = "NEWSROOM_LOGIN_FAILURES_PER_ADDRESS",
+        default_value_t = 100
+    )]
+    pub login_failures_per_address: u32,
+    /// Registrations and password changes per client address per minute (0: no limit).
+    #[arg(
+        global = true,
+        long = "credential-changes-per-address",
+        env = "NEWSROOM_CREDENTIAL_CHANGES_PER_ADDRESS",
+        default_value_t = 100
+    )]
+    pub credential_changes_per_address: u32,
 }
 
 /// Argon2id parameters for password hashes (OWASP's minimum by default).

@@ -11,12 +11,47 @@ use crate::owner;
 use crate::validation::Fields;
 
 /// Exchanges e-mail and password for an access token; wrong credentials are 401 (the same
-/// answer, after the same hashing work, whether or not the address is known).
+/// answer, after the same hashing work, whether or not the address is known). Failed
+/// logins are counted per account and per client address: past the limit, 429 before any
+/// hashing, the right password included, until the minute ends.
 #[tracing::instrument(skip_all)]
 pub async fn token(
     req: HttpRequest,
     body: JsonBody,
     state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    // A forwarded login was throttled by the process that received it.
+    if state.shared.directory.forwarded(req.head()) {
+        return log_in(&req, &body, &state).await;
+    }
+    let throttles = &state.throttles;
+    let address = throttles.address(&req);
+    let account = body.value["email"]
+        .as_str()
+        .map(|email| format!("account:{}", state.shared.claims.claim_of(email)));
+    throttles.login_address.check(&address)?;
+    if let Some(account) = &account {
+        throttles.login_account.check(account)?;
+    }
+    let answer = log_in(&req, &body, &state).await;
+    let failed = match &answer {
+        Err(ApiError::Unauthenticated) => true,
+        Ok(response) => response.status() == actix_web::http::StatusCode::UNAUTHORIZED,
+        Err(_) => false,
+    };
+    if failed {
+        throttles.login_address.hit(&address);
+        if let Some(account) = &account {
+            throttles.login_account.hit(account);
+        }
+    }
+    answer
+}
+
+async fn log_in(
+    req: &HttpRequest,
+    body: &JsonBody,
+    state: &State,
 ) -> Result<HttpResponse, ApiError> {
     let mut fields = Fields::of(&body.value)?;
     let email = fields.exact_string("email", 1, 254);
@@ -33,7 +68,7 @@ pub async fn token(
         return Err(ApiError::Unauthenticated);
     };
     let partition = state.owners.partition_of(id);
-    if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
+    if let Placement::Forwarded(response) = place(state, req, &body.raw, partition).await? {
         return Ok(response);
     }
     let user = owner::read::<UserAggregate>(&state.owners, id)

@@ -88,8 +88,6 @@ pub async fn register_user(
     let partition = owners.partition_of(id);
     let claims = &state.shared.claims;
     let claim = claims.claim_of(&email);
-    let password_hash = state.hasher.hash(password).await?;
-    state.shared.keys.create(id, partition).await?;
     let taken = |holder| {
         tracing::info!(%holder, "e-mail already claimed");
         ApiError::Conflict {
@@ -97,6 +95,12 @@ pub async fn register_user(
             detail: "another user has this e-mail address".into(),
         }
     };
+    // A taken address costs no hash.
+    if let Some(holder) = claims.holder(&claim).await?.filter(|h| *h != id) {
+        return Err(taken(holder));
+    }
+    let password_hash = state.hasher.hash(password).await?;
+    state.shared.keys.create(id, partition).await?;
     match claims
         .try_claim(&claim, id, partition, meta.event_id, None)
         .await?
@@ -164,6 +168,10 @@ pub async fn register(
             "validated fields missing"
         )));
     };
+    if !state.shared.directory.forwarded(req.head()) {
+        let address = state.throttles.address(&req);
+        state.throttles.credentials.take(&address)?;
+    }
     let meta = RequestMeta::of(&req, None);
     if let Some(keyed) = &meta.keyed {
         // Every retry of the key goes to the partition of the id it derives.
@@ -333,6 +341,12 @@ pub async fn change_password(
     };
     if actor.id != id {
         return Err(ApiError::Forbidden);
+    }
+    if !state.shared.directory.forwarded(req.head()) {
+        state
+            .throttles
+            .credentials
+            .take(&state.throttles.address(&req))?;
     }
     let partition = state.owners.partition_of(id);
     if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {

@@ -838,3 +838,53 @@ async fn stored_answers_hold_no_token_and_leave_with_their_user() -> TestResult 
     assert!(left.is_empty(), "{} rows left", left.len());
     app.stop().await
 }
+
+#[tokio::test]
+async fn failed_logins_past_the_limit_are_429_with_retry_after_even_with_the_right_password()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let victim = app.reader().await?;
+    let other = app.reader().await?;
+    let attempt = |email: &str, password: &str| {
+        let body = json!({"email": email, "password": password});
+        let app = &app;
+        async move {
+            let response = app
+                .http
+                .post(format!("{}/v1/auth/token", app.command_url))
+                .json(&body)
+                .send()
+                .await?;
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            anyhow::Ok((status, retry_after, body))
+        }
+    };
+    // Ten wrong passwords (the default allowance per account and minute) are 401.
+    for _ in 0..10 {
+        let (status, ..) = attempt(&victim.email, "wrong password").await?;
+        assert_eq!(status, S::UNAUTHORIZED);
+    }
+    // Then the account is throttled, the right password included.
+    for password in ["wrong password", victim.password.as_str()] {
+        let (status, retry_after, body) = attempt(&victim.email, password).await?;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (S::TOO_MANY_REQUESTS, Some("rate_limited")),
+            "{body}"
+        );
+        assert!(
+            retry_after.is_some_and(|s| (1..=60).contains(&s)),
+            "{retry_after:?}"
+        );
+    }
+    // Another account from the same address is not.
+    let (status, ..) = attempt(&other.email, &other.password).await?;
+    assert_eq!(status, S::OK);
+    app.stop().await
+}
