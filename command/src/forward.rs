@@ -11,10 +11,20 @@ use anyhow::Context as _;
 use newsroom_infra::http::ApiError;
 use sqlx::PgPool;
 
-/// Marks a request as forwarded once: an HMAC of its method and path with a key every
-/// process of the deployment derives from its secrets, so that no outside caller can pass
-/// a request off as forwarded (a forwarded request skips the idempotency table).
+/// Marks a request as forwarded once: `<unix seconds>.<HMAC of the time, method and path>`
+/// with a key every process of the deployment derives from its secrets, valid for
+/// `MARK_LIFETIME`, so that no outside caller can pass a request off as forwarded (a
+/// forwarded request skips the idempotency table and the throttles).
 pub const FORWARDED: &str = "x-newsroom-forwarded";
+
+/// How long a forwarding mark is valid (clocks of the deployment's machines agree closer).
+const MARK_LIFETIME: Duration = Duration::from_secs(30);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Headers copied from the original request to the owner, and back.
 const REQUEST_HEADERS: [&str; 6] = [
@@ -67,18 +77,22 @@ impl Directory {
         })
     }
 
-    fn mark(&self, method: &str, path: &str) -> String {
+    fn mark(&self, at: u64, method: &str, path: &str) -> String {
         use hmac::{KeyInit as _, Mac as _};
         let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(at.to_string().as_bytes());
+        mac.update(b" ");
         mac.update(method.as_bytes());
         mac.update(b" ");
         mac.update(path.as_bytes());
-        mac.finalize()
+        let mac: String = mac
+            .finalize()
             .into_bytes()
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect()
+            .collect();
+        format!("{at}.{mac}")
     }
 
     /// Whether `req` was forwarded by a process of this deployment (its mark is valid).
@@ -87,7 +101,16 @@ impl Directory {
             return false;
         };
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let expected = self.mark(req.method.as_str(), path);
+        let Some(at) = mark
+            .split_once('.')
+            .and_then(|(at, _)| at.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        if now_secs().abs_diff(at) > MARK_LIFETIME.as_secs() {
+            return false;
+        }
+        let expected = self.mark(at, req.method.as_str(), path);
         // Compared in constant time.
         mark.len() == expected.len()
             && mark
@@ -149,7 +172,10 @@ impl Directory {
         let mut outgoing = self
             .client
             .request(method, &url)
-            .header(FORWARDED, self.mark(req.method().as_str(), path))
+            .header(
+                FORWARDED,
+                self.mark(now_secs(), req.method().as_str(), path),
+            )
             .body(body.to_vec());
         for name in REQUEST_HEADERS {
             if let Some(value) = req.headers().get(name) {

@@ -91,7 +91,16 @@ impl Idempotency {
         Ok(())
     }
 
-    async fn begin(&self, caller: &str, key: &str, hash: &str) -> Result<Begun, ApiError> {
+    /// Records `key` of `caller` as pending for the request hashed `hash` (or answers it).
+    /// `legacy` is the request's plain SHA-256, as rows written before the hashes were
+    /// keyed hold it (for the 24 hours such rows answer).
+    async fn begin(
+        &self,
+        caller: &str,
+        key: &str,
+        hash: &str,
+        legacy: &str,
+    ) -> Result<Begun, ApiError> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let attempt = uuid::Uuid::now_v7();
@@ -146,7 +155,7 @@ impl Idempotency {
                 .context("dropping a stale idempotency key")?;
                 continue;
             }
-            if stored_hash != hash {
+            if stored_hash != hash && stored_hash != legacy {
                 return Err(ApiError::IdempotencyKeyReused);
             }
             if state == "done" {
@@ -289,6 +298,7 @@ pub async fn middleware(
     );
     let hash = keyed.request_hex();
     req.extensions_mut().insert(keyed);
+    let body_for_legacy = body.clone();
     req.set_payload(actix_web::dev::Payload::from(body));
     // A forwarded request is recorded by the process that received it; an answer that
     // holds credentials (a login's token) is never stored: its retry logs in again.
@@ -297,7 +307,20 @@ pub async fn middleware(
     }
     let subject = subject(req.path());
 
-    let attempt = match store.begin(&caller, &key, &hash).await {
+    let legacy = {
+        use sha2::Digest as _;
+        sha2::Sha256::new()
+            .chain_update(req.method().as_str().as_bytes())
+            .chain_update(b" ")
+            .chain_update(req.path().as_bytes())
+            .chain_update(b"\n")
+            .chain_update(&body_for_legacy)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let attempt = match store.begin(&caller, &key, &hash, &legacy).await {
         Err(error) => return Ok(req.into_response(error.error_response())),
         Ok(Begun::Replay(response)) => return Ok(req.into_response(response)),
         Ok(Begun::First(id)) => Attempt {

@@ -106,8 +106,9 @@ impl Hasher {
 
     /// Spends the time of one hash, so that an unknown e-mail and a wrong password take
     /// as long to refuse.
-    pub async fn waste_time(&self, password: String) {
-        let _ = self.hash(password).await;
+    /// A full queue is answered as for a known address (503), so that it tells nothing.
+    pub async fn waste_time(&self, password: String) -> Result<(), ApiError> {
+        self.hash(password).await.map(drop)
     }
 }
 

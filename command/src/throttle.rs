@@ -2,9 +2,11 @@
 //! account and per client address, registrations and password changes per client
 //! address. Counted in fixed one-minute windows, in memory, per process (a client spread
 //! over several processes gets each one's allowance). Over a limit → 429 `rate_limited`
-//! with `Retry-After`, before any hashing.
+//! with `Retry-After`, before any hashing. An attempt is counted when it starts (so that
+//! concurrent attempts cannot all pass a check first) and given back when it did not fail.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,14 +16,23 @@ use newsroom_infra::settings::HttpSettings;
 
 /// The length of a window.
 const WINDOW: Duration = Duration::from_secs(60);
-/// Keys counted at most per throttle (an address-spraying client cannot grow it further:
-/// past it, windows that ended are dropped, then new keys are refused).
+/// Keys counted at most per throttle. Past it, windows that ended are dropped (at most
+/// once a second), and new keys go uncounted rather than growing memory.
 const MAX_KEYS: usize = 100_000;
+/// Failed logins an address may still try on an account that is over its own limit: the
+/// account's owner, from where they usually log in, is not locked out by someone else's
+/// guesses elsewhere.
+const PER_ACCOUNT_AND_ADDRESS: u32 = 3;
+
+struct Counts {
+    keys: HashMap<String, (Instant, u32)>,
+    swept: Instant,
+}
 
 /// Counts per key in the current window.
 pub struct Throttle {
     limit: u32,
-    counts: Mutex<HashMap<String, (Instant, u32)>>,
+    counts: Mutex<Counts>,
 }
 
 impl Throttle {
@@ -29,60 +40,79 @@ impl Throttle {
     pub fn new(limit: u32) -> Self {
         Throttle {
             limit,
-            counts: Mutex::new(HashMap::new()),
+            counts: Mutex::new(Counts {
+                keys: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
-    /// 429 if `key` used its allowance in the current window.
-    pub fn check(&self, key: &str) -> Result<(), ApiError> {
+    /// Counts an attempt for `key`; 429 (and nothing counted) if `key` used its allowance
+    /// in the current window.
+    pub fn attempt(&self, key: &str) -> Result<(), ApiError> {
         if self.limit == 0 {
             return Ok(());
         }
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        match counts.get(key) {
-            Some((start, count)) if *count >= self.limit && start.elapsed() < WINDOW => Err(
-                ApiError::RateLimited((WINDOW - start.elapsed()).as_secs() + 1),
-            ),
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts one for `key`.
-    pub fn hit(&self, key: &str) {
-        if self.limit == 0 {
-            return;
-        }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.len() >= MAX_KEYS && !counts.contains_key(key) {
-            counts.retain(|_, (start, _)| start.elapsed() < WINDOW);
-            if counts.len() >= MAX_KEYS {
-                return;
+        if counts.keys.len() >= MAX_KEYS && !counts.keys.contains_key(key) {
+            if counts.swept.elapsed() >= Duration::from_secs(1) {
+                counts.swept = Instant::now();
+                counts.keys.retain(|_, (start, _)| start.elapsed() < WINDOW);
+            }
+            if counts.keys.len() >= MAX_KEYS {
+                return Ok(());
             }
         }
-        let entry = counts.entry(key.to_owned()).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= WINDOW {
-            *entry = (Instant::now(), 0);
+        let now = Instant::now();
+        let entry = counts.keys.entry(key.to_owned()).or_insert((now, 0));
+        let age = now.saturating_duration_since(entry.0);
+        if age >= WINDOW {
+            *entry = (now, 0);
+        } else if entry.1 >= self.limit {
+            return Err(ApiError::RateLimited(
+                WINDOW.saturating_sub(age).as_secs() + 1,
+            ));
         }
         entry.1 = entry.1.saturating_add(1);
+        Ok(())
     }
 
-    /// Checks, then counts one.
-    pub fn take(&self, key: &str) -> Result<(), ApiError> {
-        self.check(key)?;
-        self.hit(key);
-        Ok(())
+    /// Gives back an attempt counted for `key` (it did not fail).
+    pub fn refund(&self, key: &str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = counts.keys.get_mut(key) {
+            entry.1 = entry.1.saturating_sub(1);
+        }
     }
 }
 
 /// The command API's throttles, and where the client's address comes from.
 pub struct Throttles {
     /// Failed logins per account.
-    pub login_account: Throttle,
+    login_account: Throttle,
+    /// Failed logins per account from one address.
+    login_pair: Throttle,
     /// Failed logins per client address.
-    pub login_address: Throttle,
+    login_address: Throttle,
     /// Registrations and password changes per client address.
     pub credentials: Throttle,
     address_header: Option<actix_web::http::header::HeaderName>,
+}
+
+/// The attempts a login counted, given back unless it failed.
+pub struct LoginAttempt<'a> {
+    keys: Vec<(&'a Throttle, String)>,
+}
+
+impl LoginAttempt<'_> {
+    /// Ends the attempt: a failed one (wrong credentials) stays counted.
+    pub fn end(self, failed: bool) {
+        if !failed {
+            for (throttle, key) in &self.keys {
+                throttle.refund(key);
+            }
+        }
+    }
 }
 
 impl Throttles {
@@ -94,16 +124,47 @@ impl Throttles {
             .map(actix_web::http::header::HeaderName::try_from)
             .transpose()
             .map_err(|e| anyhow::anyhow!("NEWSROOM_CLIENT_ADDRESS_HEADER: {e}"))?;
+        let per_account = settings.login_failures_per_account;
         Ok(Throttles {
-            login_account: Throttle::new(settings.login_failures_per_account),
+            login_account: Throttle::new(per_account),
+            login_pair: Throttle::new(if per_account == 0 {
+                0
+            } else {
+                PER_ACCOUNT_AND_ADDRESS
+            }),
             login_address: Throttle::new(settings.login_failures_per_address),
             credentials: Throttle::new(settings.credential_changes_per_address),
             address_header,
         })
     }
 
+    /// Starts a login to `account` (a key naming it) from `address`: 429 when the address
+    /// is over its limit, or the account is over its limit and this address failed on it
+    /// a few times already.
+    pub fn login(&self, account: &str, address: &str) -> Result<LoginAttempt<'_>, ApiError> {
+        self.login_address.attempt(address)?;
+        let mut keys = vec![(&self.login_address, address.to_owned())];
+        let pair = format!("{account}|{address}");
+        let by_account = self.login_account.attempt(account);
+        let by_pair = self.login_pair.attempt(&pair);
+        if by_account.is_ok() {
+            keys.push((&self.login_account, account.to_owned()));
+        }
+        if by_pair.is_ok() {
+            keys.push((&self.login_pair, pair));
+        }
+        let attempt = LoginAttempt { keys };
+        match (by_account, by_pair) {
+            (Err(refused), Err(_)) => {
+                attempt.end(false);
+                Err(refused)
+            }
+            _ => Ok(attempt),
+        }
+    }
+
     /// The client's address: from the trusted proxy's header if one is configured (its
-    /// last entry), else the connection's peer.
+    /// last entry), else the connection's peer; an IPv6 address stands for its /64.
     pub fn address(&self, req: &HttpRequest) -> String {
         let from_header = self.address_header.as_ref().and_then(|name| {
             let value = req.headers().get(name)?.to_str().ok()?;
@@ -112,7 +173,18 @@ impl Throttles {
         let address = from_header
             .or_else(|| req.peer_addr().map(|a| a.ip().to_string()))
             .unwrap_or_default();
-        format!("address:{address}")
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            Ok(IpAddr::V6(v6)) => format!(
+                "address:{}",
+                v6.to_ipv4_mapped()
+                    .map_or_else(String::new, |v4| v4.to_string())
+            ),
+            _ => format!("address:{address}"),
+        }
     }
 }
 
@@ -124,13 +196,48 @@ mod tests {
     fn a_key_over_its_allowance_is_refused_until_the_window_ends() {
         let throttle = Throttle::new(3);
         for _ in 0..3 {
-            assert!(throttle.take("a").is_ok());
+            assert!(throttle.attempt("a").is_ok());
         }
-        let Err(ApiError::RateLimited(seconds)) = throttle.take("a") else {
+        let Err(ApiError::RateLimited(seconds)) = throttle.attempt("a") else {
             panic!("the fourth is refused");
         };
         assert!((1..=60).contains(&seconds));
-        assert!(throttle.check("b").is_ok(), "another key has its own");
-        assert!(Throttle::new(0).take("a").is_ok(), "0: no limit");
+        throttle.refund("a");
+        assert!(
+            throttle.attempt("a").is_ok(),
+            "a given back attempt counts no more"
+        );
+        assert!(throttle.attempt("b").is_ok(), "another key has its own");
+        assert!(Throttle::new(0).attempt("a").is_ok(), "0: no limit");
+    }
+
+    #[test]
+    fn an_account_under_attack_elsewhere_still_lets_its_owner_try() {
+        let settings = HttpSettings {
+            command_addr: "127.0.0.1:0".parse().expect("an address"),
+            query_addr: "127.0.0.1:0".parse().expect("an address"),
+            command_advertise: None,
+            workers: 0,
+            client_address_header: None,
+            login_failures_per_account: 10,
+            login_failures_per_address: 100,
+            credential_changes_per_address: 100,
+        };
+        let throttles = Throttles::new(&settings).expect("throttles");
+        for _ in 0..10 {
+            throttles
+                .login("acct", "attacker")
+                .expect("allowed")
+                .end(true);
+        }
+        // The attacker's address is stopped: the account is over its limit, and the
+        // address failed on it more than a few times.
+        assert!(throttles.login("acct", "attacker").is_err());
+        // The owner, elsewhere, may still log in.
+        throttles
+            .login("acct", "owner")
+            .expect("the owner tries")
+            .end(false);
+        assert!(throttles.login("acct", "owner").is_ok());
     }
 }

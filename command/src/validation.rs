@@ -30,11 +30,19 @@ impl<'a> Fields<'a> {
             .then(|| trimmed.to_owned())
     }
 
-    /// A required string taken as is (passwords: spaces count; contents: lines), length
-    /// within `min..=max`; tabs and line breaks are the only control characters allowed.
+    /// A required text taken as is (contents: lines), length within `min..=max`; tabs and
+    /// line breaks are the only control characters allowed.
     pub fn exact_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
         let raw = self.raw_string(field)?;
         (self.check_length(field, raw, min, max) && self.check_controls(field, raw, "\t\n\r"))
+            .then(|| raw.to_owned())
+    }
+
+    /// A required secret taken as is, any character counting (a password is only ever
+    /// hashed; one set before control characters were refused must still log in).
+    pub fn secret_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        let raw = self.raw_string(field)?;
+        self.check_length(field, raw, min, max)
             .then(|| raw.to_owned())
     }
 
@@ -244,10 +252,14 @@ impl<'a> Fields<'a> {
     /// Refuses control characters other than `allowed` (NUL and the like reach the log and
     /// no read model can store them).
     fn check_controls(&mut self, field: &str, value: &str, allowed: &str) -> bool {
-        if value
-            .chars()
-            .any(|c| c.is_control() && !allowed.contains(c))
-        {
+        // Also the characters that reorder or break a line of text when shown: bidi
+        // overrides and isolates, line and paragraph separators.
+        let hostile = |c: char| {
+            (c.is_control() && !allowed.contains(c))
+                || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+                || (allowed.is_empty() && matches!(c, '\u{2028}' | '\u{2029}'))
+        };
+        if value.chars().any(hostile) {
             let message = if allowed.is_empty() {
                 "must not contain control characters"
             } else {
@@ -337,6 +349,8 @@ mod tests {
         let body = json!({
             "title": "a\u{0}b",
             "name": "x\u{1b}[31m",
+            "bidi": "abc\u{202E}gpj.exe",
+            "password": "pass\u{7f}word",
             "content": "line one\r\n\tline two",
             "bad_content": "nul\u{0}",
             "tags": ["ok", "b\u{7}ell"],
@@ -344,6 +358,8 @@ mod tests {
         let mut fields = Fields::of(&body).expect("an object");
         assert_eq!(fields.trimmed_string("title", 1, 200), None);
         assert_eq!(fields.trimmed_string("name", 1, 100), None);
+        assert_eq!(fields.trimmed_string("bidi", 1, 100), None);
+        assert!(fields.secret_string("password", 8, 128).is_some());
         assert!(fields.exact_string("content", 1, 100).is_some());
         assert_eq!(fields.exact_string("bad_content", 1, 100), None);
         assert_eq!(fields.optional_tags("tags", 20, 50), None);
@@ -351,7 +367,7 @@ mod tests {
             panic!("refused");
         };
         let named: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(named, ["title", "name", "bad_content", "tags"]);
+        assert_eq!(named, ["title", "name", "bidi", "bad_content", "tags"]);
     }
 
     #[test]

@@ -4,9 +4,12 @@
 //! for (a forged token would otherwise hold a request and poll the read models for up to
 //! 30 s).
 //!
-//! The ends are read on demand, in one request for every partition of the streams tokens
-//! name, and shared: a token ahead of what is known asks for a refresh and waits for one
-//! that began after it arrived; concurrent requests share that refresh.
+//! The ends are high watermarks (a committed event is below its partition's as soon as it
+//! is acknowledged, before its transaction's markers are written), read on demand in one
+//! request for every partition of the streams tokens name, and shared: a token ahead of
+//! what is known asks for a refresh and waits for one that began after it arrived;
+//! concurrent requests share that refresh. Whatever goes wrong in reading them lets the
+//! token through (the read models' own wait decides then).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -19,14 +22,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, watch};
 
-/// How long a request waits for the ends to be read before the token is let through
-/// (Kafka slow or down: the read models' own wait decides then).
+/// How long a request waits for the ends to be read before the token is let through.
 const LOOKUP_LIMIT: Duration = Duration::from_secs(2);
 
-/// The end offsets (last stable offsets) of the streams' partitions.
+/// The end offsets of the streams' partitions.
 pub struct LogEnds {
     partitions: i32,
     ends: RwLock<HashMap<(String, i32), i64>>,
+    /// How many refreshes ended.
     refreshes: watch::Receiver<u64>,
     wanted: Arc<Notify>,
 }
@@ -36,31 +39,27 @@ impl LogEnds {
     pub fn start(settings: &KafkaSettings, topics: Vec<String>) -> anyhow::Result<Arc<Self>> {
         let consumer: BaseConsumer =
             read_committed_consumer(settings, &format!("{}.query-ends", settings.topic_prefix))
+                .set("isolation.level", "read_uncommitted")
                 .create()?;
         let (done, refreshes) = watch::channel(0u64);
+        let wanted = Arc::new(Notify::new());
         let ends = Arc::new(LogEnds {
             partitions: settings.partitions,
             ends: RwLock::new(HashMap::new()),
             refreshes,
-            wanted: Arc::new(Notify::new()),
+            wanted: wanted.clone(),
         });
-        let (this, timeout) = (Arc::downgrade(&ends), settings.timeout());
+        let (this, timeout, partitions) = (
+            Arc::downgrade(&ends),
+            settings.timeout(),
+            settings.partitions,
+        );
         let consumer = Arc::new(consumer);
         tokio::spawn(async move {
             let mut generation = 0u64;
             loop {
-                let Some(wanted) = this.upgrade().map(|e| e.wanted.clone()) else {
-                    return;
-                };
                 wanted.notified().await;
-                let (consumer, topics, partitions) = (
-                    consumer.clone(),
-                    topics.clone(),
-                    this.upgrade().map(|e| e.partitions),
-                );
-                let Some(partitions) = partitions else {
-                    return;
-                };
+                let (consumer, topics) = (consumer.clone(), topics.clone());
                 let read = tokio::task::spawn_blocking(move || {
                     let mut latest = TopicPartitionList::new();
                     for topic in &topics {
@@ -71,20 +70,27 @@ impl LogEnds {
                     consumer.offsets_for_times(latest, timeout)
                 })
                 .await;
-                match (read, this.upgrade()) {
-                    (Ok(Ok(list)), Some(ends)) => {
-                        let mut known = ends.ends.write().unwrap_or_else(|e| e.into_inner());
+                let Some(ends) = this.upgrade() else {
+                    return;
+                };
+                // Only what this refresh read is known: a partition it could not read
+                // lets tokens through until one does.
+                let mut fresh = HashMap::new();
+                match read {
+                    Ok(Ok(list)) => {
                         for element in list.elements() {
-                            if let Some(end) = element.offset().to_raw().filter(|o| *o >= 0) {
-                                known
+                            if let Some(end) = element.offset().to_raw().filter(|o| *o >= 0)
+                                && element.error().is_ok()
+                            {
+                                fresh
                                     .insert((element.topic().to_owned(), element.partition()), end);
                             }
                         }
                     }
-                    (Ok(Err(e)), _) => tracing::debug!(error = %e, "reading the log's ends"),
-                    (Err(e), _) => tracing::debug!(error = %e, "reading the log's ends"),
-                    (_, None) => return,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "reading the log's ends"),
+                    Err(e) => tracing::debug!(error = %e, "reading the log's ends"),
                 }
+                *ends.ends.write().unwrap_or_else(|e| e.into_inner()) = fresh;
                 generation += 1;
                 if done.send(generation).is_err() {
                     return;
@@ -114,20 +120,24 @@ impl LogEnds {
             return Ok(());
         }
         // A refresh that began after this request: wait for the one running (if any) to
-        // end, and for the next.
+        // end, and for the next; refused only if that one read the partition's end.
         let mut refreshes = self.refreshes.clone();
         let start = *refreshes.borrow_and_update();
-        let waited = tokio::time::timeout(LOOKUP_LIMIT, async {
-            while *refreshes.borrow() < start + 2 {
+        let read = tokio::time::timeout(LOOKUP_LIMIT, async {
+            loop {
+                if *refreshes.borrow() >= start + 2 {
+                    return true;
+                }
                 self.wanted.notify_one();
                 if refreshes.changed().await.is_err() {
-                    return;
+                    return false;
                 }
             }
         })
-        .await;
+        .await
+        .unwrap_or(false);
         match self.known(topic, partition) {
-            Some(end) if offset >= end && waited.is_ok() => Err(forged()),
+            Some(end) if read && offset >= end => Err(forged()),
             _ => Ok(()),
         }
     }

@@ -12,8 +12,10 @@ use tokio::sync::watch;
 use super::writer::Group;
 use super::{Owners, Shared, give_up, take_over};
 
-/// Pause between attempts to take over a partition whose takeover failed.
+/// Pause after a failed takeover, doubled after each further failure up to `RETRY_MAX` (a
+/// partition whose log cannot be read stays unserved and says so, without a tight loop).
 const RETRY: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Reacts to assignments and revocations of the ownership group.
 pub struct MembershipContext {
@@ -42,17 +44,20 @@ impl ConsumerContext for MembershipContext {
                 let (shared, owners) = (self.shared.clone(), self.owners.clone());
                 let assignment = owners.assign(partition);
                 self.runtime.spawn(async move {
+                    let mut pause = RETRY;
                     loop {
                         match take_over(shared.clone(), owners.clone(), partition, assignment).await
                         {
                             Ok(()) => break,
                             Err(e) => {
-                                tracing::warn!(
+                                tracing::error!(
                                     partition,
                                     error = format!("{e:#}"),
-                                    "takeover failed; retrying"
+                                    retry_in_ms = pause.as_millis() as u64,
+                                    "takeover failed; the partition is not served until it succeeds"
                                 );
-                                tokio::time::sleep(RETRY).await;
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(RETRY_MAX);
                             }
                         }
                         // Stop retrying once the partition was revoked meanwhile.

@@ -28,23 +28,16 @@ pub async fn token(
     let address = throttles.address(&req);
     let account = body.value["email"]
         .as_str()
-        .map(|email| format!("account:{}", state.shared.claims.claim_of(email)));
-    throttles.login_address.check(&address)?;
-    if let Some(account) = &account {
-        throttles.login_account.check(account)?;
-    }
+        .map(|email| state.shared.claims.claim_of(email))
+        .unwrap_or_default();
+    let attempt = throttles.login(&format!("account:{account}"), &address)?;
     let answer = log_in(&req, &body, &state).await;
     let failed = match &answer {
         Err(ApiError::Unauthenticated) => true,
         Ok(response) => response.status() == actix_web::http::StatusCode::UNAUTHORIZED,
         Err(_) => false,
     };
-    if failed {
-        throttles.login_address.hit(&address);
-        if let Some(account) = &account {
-            throttles.login_account.hit(account);
-        }
-    }
+    attempt.end(failed);
     answer
 }
 
@@ -55,7 +48,7 @@ async fn log_in(
 ) -> Result<HttpResponse, ApiError> {
     let mut fields = Fields::of(&body.value)?;
     let email = fields.exact_string("email", 1, 254);
-    let password = fields.exact_string("password", 1, 128);
+    let password = fields.secret_string("password", 1, 128);
     fields.finish()?;
     let (Some(email), Some(password)) = (email, password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -64,7 +57,7 @@ async fn log_in(
     };
     let claim = state.shared.claims.claim_of(&email);
     let Some(id) = state.shared.claims.holder(&claim).await? else {
-        state.hasher.waste_time(password).await;
+        state.hasher.waste_time(password).await?;
         return Err(ApiError::Unauthenticated);
     };
     let partition = state.owners.partition_of(id);
@@ -75,7 +68,7 @@ async fn log_in(
         .await?
         .filter(|u| !u.erased);
     let Some(user) = user else {
-        state.hasher.waste_time(password).await;
+        state.hasher.waste_time(password).await?;
         return Err(ApiError::Unauthenticated);
     };
     if !state.hasher.verify(&user.password_hash, password).await? {

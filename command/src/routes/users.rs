@@ -161,7 +161,7 @@ pub async fn register(
     let mut fields = Fields::of(&body.value)?;
     let name = fields.trimmed_string("name", 1, 100);
     let email = fields.email("email");
-    let password = fields.exact_string("password", 8, 128);
+    let password = fields.secret_string("password", 8, 128);
     fields.finish()?;
     let (Some(name), Some(email), Some(password)) = (name, email, password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -170,7 +170,7 @@ pub async fn register(
     };
     if !state.shared.directory.forwarded(req.head()) {
         let address = state.throttles.address(&req);
-        state.throttles.credentials.take(&address)?;
+        state.throttles.credentials.attempt(&address)?;
     }
     let meta = RequestMeta::of(&req, None);
     if let Some(keyed) = &meta.keyed {
@@ -331,8 +331,8 @@ pub async fn change_password(
         expected_version,
     } = target;
     let mut fields = Fields::of(&body.value)?;
-    let current_password = fields.exact_string("current_password", 1, 128);
-    let new_password = fields.exact_string("new_password", 8, 128);
+    let current_password = fields.secret_string("current_password", 1, 128);
+    let new_password = fields.secret_string("new_password", 8, 128);
     fields.finish()?;
     let (Some(current_password), Some(new_password)) = (current_password, new_password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -346,7 +346,7 @@ pub async fn change_password(
         state
             .throttles
             .credentials
-            .take(&state.throttles.address(&req))?;
+            .attempt(&state.throttles.address(&req))?;
     }
     let partition = state.owners.partition_of(id);
     if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
@@ -439,7 +439,11 @@ pub async fn erase(
     let committed = submit_here(&state, &req, id, actor, command).await?;
     state.shared.keys.destroy(id).await?;
     state.shared.claims.release_all(id).await?;
-    idempotency.erase(id).await?;
+    // The erasure is committed: a failure here is logged (the rows expire within 24 h),
+    // not answered as if the erasure had failed.
+    if let Err(e) = idempotency.erase(id).await {
+        tracing::error!(user = %id, error = format!("{e:#}"), "forgetting an erased user's stored answers");
+    }
     Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
 
