@@ -235,12 +235,15 @@ impl RecommendSettings {
 /// The notifier's e-mail delivery.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NotifySettings {
-    /// SMTP server, `smtp://host:port` (plain; use a local relay for TLS).
+    /// SMTP server, `smtp://host:port` (plain; use a local relay for TLS). It may hold
+    /// credentials (`smtp://user:password@host`): logs show it without them.
     #[arg(
         global = true,
         long = "smtp-url",
         env = "NEWSROOM_SMTP_URL",
-        default_value = "smtp://127.0.0.1:2525"
+        default_value = "smtp://127.0.0.1:2525",
+        hide_env_values = true,
+        hide_default_value = true
     )]
     pub smtp_url: String,
     /// Sender of notification e-mails.
@@ -411,5 +414,35 @@ mod tests {
         assert_eq!(settings.http.command_addr.port(), 8080);
         assert_eq!(settings.http.query_addr.port(), 8081);
         assert!(settings.registry.url.starts_with("http://127.0.0.1:8085/"));
+    }
+}
+
+/// `url` without the user and password it may carry (for logs).
+pub fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url
+            .rsplit_once('@')
+            .map_or_else(|| url.to_owned(), |(_, host)| format!("***@{host}")),
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::without_credentials;
+
+    #[test]
+    fn credentials_in_a_url_are_not_shown() {
+        assert_eq!(
+            without_credentials("smtp://user:s3cret@mail.example:25"),
+            "smtp://***@mail.example:25"
+        );
+        assert_eq!(
+            without_credentials("smtp://127.0.0.1:2525"),
+            "smtp://127.0.0.1:2525"
+        );
     }
 }

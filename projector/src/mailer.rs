@@ -109,7 +109,10 @@ pub async fn run(
         open_until: None,
     };
     tokio::pin!(shutdown);
-    tracing::info!(smtp = %settings.smtp_url, "mailer started");
+    tracing::info!(
+        smtp = newsroom_infra::settings::without_credentials(&settings.smtp_url),
+        "mailer started"
+    );
     loop {
         let pause = if breaker.allows() {
             let limit = if breaker.trial() { 1 } else { LEASE };
