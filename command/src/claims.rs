@@ -191,7 +191,8 @@ impl Claims {
         Ok(row.map(|(u,)| u))
     }
 
-    /// Makes the claims (and keys) of `partition` agree with the users' committed state:
+    /// Makes the claims (and keys, and token floors) of `partition` agree with the users'
+    /// committed state:
     /// run by a new owner before it serves the partition, this settles what a crashed
     /// process left pending.
     pub async fn reconcile(
@@ -247,6 +248,17 @@ impl Claims {
                 restored = restored.rows_affected(),
                 "e-mail claims of committed users were missing; restored"
             );
+        }
+        // Token floors a crashed process may not have written.
+        let floors: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = users
+            .values()
+            .filter_map(|u| u.tokens_valid_from.map(|at| (u.id, at)))
+            .collect();
+        if !floors.is_empty() {
+            newsroom_infra::auth::Revocations::new(self.pool.clone())
+                .restore(&floors)
+                .await
+                .context("restoring token floors")?;
         }
         for user in users.values().filter(|u| u.erased) {
             if keys.get(user.id).is_some() {

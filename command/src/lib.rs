@@ -53,6 +53,8 @@ pub struct State {
     pub authors: routes::news::AuthorNames,
     /// Throttles of the endpoints that hash passwords.
     pub throttles: throttle::Throttles,
+    /// Token floors (revocations).
+    pub revocations: newsroom_infra::auth::Revocations,
 }
 
 /// The OpenAPI document of the command API.
@@ -112,6 +114,7 @@ pub async fn build(
             return Err(e);
         }
     };
+    let revocations = newsroom_infra::auth::Revocations::new(pool.clone());
     let state = web::Data::new(State {
         owners: owners.clone(),
         shared,
@@ -120,6 +123,7 @@ pub async fn build(
         pool,
         authors: routes::news::AuthorNames::default(),
         throttles: throttle::Throttles::new(&settings.http)?,
+        revocations,
     });
     if let (Some(email), Some(password)) =
         (&settings.auth.admin_email, &settings.auth.admin_password)
@@ -131,6 +135,7 @@ pub async fn build(
         ));
     }
     let tokens = web::Data::new(state.tokens.clone());
+    let revocations = web::Data::new(state.revocations.clone());
     let idempotency = web::Data::new(idempotency::Idempotency::new(
         state.pool.clone(),
         state.shared.claims.subkey("idempotency"),
@@ -159,9 +164,11 @@ pub async fn build(
     let mut server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(idempotency::middleware))
+            .wrap(from_fn(newsroom_infra::auth::authenticate))
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
             .app_data(tokens.clone())
+            .app_data(revocations.clone())
             .app_data(idempotency.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))

@@ -1,6 +1,8 @@
 //! Access tokens (JWT, HS256) and the caller of a request.
 
+use std::collections::HashMap;
 use std::future::{Ready, ready};
+use std::time::{Duration, Instant};
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -45,6 +47,10 @@ struct Claims {
     iss: String,
     iat: u64,
     exp: u64,
+    /// When it was issued, in milliseconds (revocations are that precise; tokens from
+    /// before it existed fall back to `iat`).
+    #[serde(default)]
+    iat_ms: Option<u64>,
 }
 
 /// A token as `POST /v1/auth/token` answers it.
@@ -90,13 +96,15 @@ impl Tokens {
 
     /// A token for `actor`.
     pub fn issue(&self, actor: Actor) -> anyhow::Result<IssuedToken> {
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let now = now_ms / 1000;
         let claims = Claims {
             sub: actor.id,
             role: actor.role,
             iss: ISSUER.into(),
             iat: now,
             exp: now + self.ttl_secs,
+            iat_ms: Some(now_ms),
         };
         let access_token =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
@@ -109,16 +117,175 @@ impl Tokens {
 
     /// The actor a token names, if it is valid and unexpired.
     pub fn verify(&self, token: &str) -> Option<Actor> {
+        self.verify_issued(token).map(|(actor, _)| actor)
+    }
+
+    /// The actor a token names and when it was issued (Unix milliseconds).
+    pub fn verify_issued(&self, token: &str) -> Option<(Actor, i64)> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.leeway = 0;
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .ok()
-            .map(|data| Actor {
-                id: data.claims.sub,
-                role: data.claims.role,
+            .map(|data| {
+                let issued = data.claims.iat_ms.unwrap_or(data.claims.iat * 1000);
+                let actor = Actor {
+                    id: data.claims.sub,
+                    role: data.claims.role,
+                };
+                (actor, i64::try_from(issued).unwrap_or(i64::MAX))
             })
     }
+}
+
+/// Tokens revoked by what happened to their user since they were issued (ADR 18): a
+/// password change, a role change or an erasure sets the user's floor in
+/// `cmd_token_floors`, and a token issued before it is refused with 401 by both APIs.
+/// Floors are cached per process for up to `FLOOR_FRESH`; the process that sets one knows
+/// it at once.
+#[derive(Clone)]
+pub struct Revocations {
+    pool: sqlx::PgPool,
+    floors: std::sync::Arc<std::sync::RwLock<Floors>>,
+}
+
+/// Each user's floor (none: never revoked) and when it was read.
+type Floors = HashMap<Uuid, (Option<i64>, Instant)>;
+
+/// How long a cached floor is trusted.
+const FLOOR_FRESH: Duration = Duration::from_secs(1);
+/// Users whose floors are cached at most.
+const MAX_FLOORS: usize = 100_000;
+
+impl Revocations {
+    /// The floors in `pool`.
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Revocations {
+            pool,
+            floors: std::sync::Arc::default(),
+        }
+    }
+
+    /// Revokes the tokens of `user` issued before `at` (Unix milliseconds).
+    pub async fn revoke(&self, user: Uuid, at: i64) -> anyhow::Result<()> {
+        self.remember(user, Some(at));
+        let at = chrono::DateTime::from_timestamp_millis(at).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO cmd_token_floors (user_id, valid_from) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE SET valid_from = GREATEST(cmd_token_floors.valid_from, EXCLUDED.valid_from)",
+        )
+        .bind(user)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Sets the floors of many users at once (a new owner of their partition, from their
+    /// committed states: what a crashed process may not have written).
+    pub async fn restore(
+        &self,
+        floors: &[(Uuid, chrono::DateTime<chrono::Utc>)],
+    ) -> anyhow::Result<()> {
+        let (users, ats): (Vec<Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+            floors.iter().copied().unzip();
+        sqlx::query(
+            "INSERT INTO cmd_token_floors (user_id, valid_from) \
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[]) \
+             ON CONFLICT (user_id) DO UPDATE SET valid_from = GREATEST(cmd_token_floors.valid_from, EXCLUDED.valid_from)",
+        )
+        .bind(&users)
+        .bind(&ats)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    fn remember(&self, user: Uuid, floor: Option<i64>) {
+        let mut floors = self.floors.write().unwrap_or_else(|e| e.into_inner());
+        if floors.len() >= MAX_FLOORS {
+            floors.retain(|_, (_, at)| at.elapsed() < FLOOR_FRESH);
+            if floors.len() >= MAX_FLOORS {
+                floors.clear();
+            }
+        }
+        let keep = floors.get(&user).and_then(|(f, _)| *f).max(floor);
+        floors.insert(user, (keep, Instant::now()));
+    }
+
+    /// Whether a token of `user` issued at `issued` (Unix milliseconds) was revoked.
+    pub async fn revoked(&self, user: Uuid, issued: i64) -> anyhow::Result<bool> {
+        let cached = {
+            let floors = self.floors.read().unwrap_or_else(|e| e.into_inner());
+            floors
+                .get(&user)
+                .filter(|(_, at)| at.elapsed() < FLOOR_FRESH)
+                .map(|(floor, _)| *floor)
+        };
+        let floor = match cached {
+            Some(floor) => floor,
+            None => {
+                let row: Option<(chrono::DateTime<chrono::Utc>,)> =
+                    sqlx::query_as("SELECT valid_from FROM cmd_token_floors WHERE user_id = $1")
+                        .bind(user)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                let floor = row.map(|(at,)| at.timestamp_millis());
+                self.remember(user, floor);
+                floor
+            }
+        };
+        Ok(floor.is_some_and(|floor| issued < floor))
+    }
+}
+
+/// What [`authenticate`] found of a request's token, for [`Caller`] to take.
+#[derive(Debug, Clone, Copy)]
+enum Checked {
+    /// Valid and not revoked.
+    Valid(Actor),
+    /// Valid, but issued before its user's floor.
+    Revoked,
+}
+
+/// Middleware of both APIs: checks a valid bearer token against its user's floor, so that
+/// a handler that needs the caller refuses a revoked token with 401 (as an invalid or
+/// expired one). Public endpoints stay public. If the floors cannot be read the token is
+/// taken as it is (and the failure logged): reads go on while PostgreSQL is away.
+pub async fn authenticate(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    use actix_web::HttpMessage as _;
+    let services = (
+        req.app_data::<web::Data<Tokens>>().cloned(),
+        req.app_data::<web::Data<Revocations>>().cloned(),
+    );
+    if let (Some(token), (Some(tokens), Some(revocations))) = (bearer(req.request()), services)
+        && let Some((actor, issued)) = tokens.verify_issued(&token)
+    {
+        let checked = match revocations.revoked(actor.id, issued).await {
+            Ok(false) => Checked::Valid(actor),
+            Ok(true) => Checked::Revoked,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "token floors unreadable; token taken as valid"
+                );
+                Checked::Valid(actor)
+            }
+        };
+        req.extensions_mut().insert(checked);
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim().to_owned())
 }
 
 /// The caller of a request: `None` when anonymous. A present but invalid or expired
@@ -138,6 +305,12 @@ impl FromRequest for Caller {
     type Future = Ready<Result<Caller, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        use actix_web::HttpMessage as _;
+        match req.extensions().get::<Checked>().copied() {
+            Some(Checked::Valid(actor)) => return ready(Ok(Caller(Some(actor)))),
+            Some(Checked::Revoked) => return ready(Err(ApiError::Unauthenticated)),
+            None => {}
+        }
         let Some(value) = req.headers().get(header::AUTHORIZATION) else {
             return ready(Ok(Caller(None)));
         };

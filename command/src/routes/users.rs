@@ -374,7 +374,22 @@ pub async fn change_password(
         new_hash: state.hasher.hash(new_password).await?,
     };
     let committed = owner::submit::<UserAggregate>(&state.owners, id, command, meta).await?;
+    revoke_tokens(&state, &committed).await;
     Ok(answer(StatusCode::NO_CONTENT, &committed))
+}
+
+/// Revokes the tokens a committed password change, role change or erasure left behind.
+/// A failure is logged: the next owner of the partition sets the floor from the state.
+async fn revoke_tokens(state: &State, committed: &Committed<User>) {
+    let user = &committed.state;
+    if let Some(from) = user.tokens_valid_from
+        && let Err(e) = state
+            .revocations
+            .revoke(user.id, from.timestamp_millis())
+            .await
+    {
+        tracing::error!(user = %user.id, error = format!("{e:#}"), "revoking tokens");
+    }
 }
 
 /// `PUT /v1/users/{id}/role`: admins only.
@@ -403,15 +418,13 @@ pub async fn change_role(
         expected_version,
         role,
     };
-    run(
-        &state,
-        &req,
-        &body.raw,
-        (id, actor),
-        command,
-        StatusCode::OK,
-    )
-    .await
+    let partition = state.owners.partition_of(id);
+    if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
+        return Ok(response);
+    }
+    let committed = submit_here(&state, &req, id, actor, command).await?;
+    revoke_tokens(&state, &committed).await;
+    Ok(answer(StatusCode::OK, &committed))
 }
 
 /// `DELETE /v1/users/{id}`: erasure (self or admin). The user's key is destroyed, so the
@@ -437,6 +450,7 @@ pub async fn erase(
         return Ok(response);
     }
     let committed = submit_here(&state, &req, id, actor, command).await?;
+    revoke_tokens(&state, &committed).await;
     state.shared.keys.destroy(id).await?;
     state.shared.claims.release_all(id).await?;
     // The erasure is committed: a failure here is logged (the rows expire within 24 h),

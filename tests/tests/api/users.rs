@@ -343,3 +343,132 @@ async fn projection_lag_is_published_per_projection_and_partition() -> TestResul
     }
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_password_change_a_role_change_and_an_erasure_revoke_earlier_tokens_on_both_apis()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let admin = app.admin().await?;
+    let (http, command_url, query_url) =
+        (&app.http, app.command_url.as_str(), app.query_url.as_str());
+    let command = |method: reqwest::Method, path: String, token: String, body: Value| async move {
+        let response = http
+            .request(method, format!("{command_url}{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::Ok(response.status())
+    };
+    let read = |id: uuid::Uuid, token: String| async move {
+        let response = http
+            .get(format!("{query_url}/v1/users/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        anyhow::Ok(response.status())
+    };
+
+    // A demoted admin cannot promote itself again with its old token.
+    let user = app.reader().await?;
+    let role = format!("/v1/users/{}/role", user.id);
+    let status = command(
+        reqwest::Method::PUT,
+        role.clone(),
+        admin.token.clone(),
+        json!({"role": "admin"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    let as_admin = app
+        .login(&user.email, &user.password)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s}"))?;
+    let status = command(
+        reqwest::Method::PUT,
+        role.clone(),
+        admin.token.clone(),
+        json!({"role": "reader"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    let status = command(
+        reqwest::Method::PUT,
+        role.clone(),
+        as_admin.clone(),
+        json!({"role": "admin"}),
+    )
+    .await?;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old admin token is revoked"
+    );
+    let fresh = app
+        .login(&user.email, &user.password)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s}"))?;
+    assert_eq!(
+        read(user.id, fresh.clone()).await?,
+        StatusCode::OK,
+        "a new token works"
+    );
+
+    // A password change revokes the tokens issued before it, on both APIs.
+    assert_eq!(read(user.id, fresh.clone()).await?, StatusCode::OK);
+    let password = format!("/v1/users/{}/password", user.id);
+    let change = json!({"current_password": user.password, "new_password": "another password 1"});
+    let status = command(reqwest::Method::PUT, password, fresh.clone(), change).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Another process (the query API) trusts what it read of the floor for a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while read(user.id, fresh.clone()).await? != StatusCode::UNAUTHORIZED {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the query API still takes the token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rename = format!("/v1/users/{}", user.id);
+    let status = command(
+        reqwest::Method::PATCH,
+        rename.clone(),
+        fresh,
+        json!({"name": "Old token"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "command API");
+    let newest = app
+        .login(&user.email, "another password 1")
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s}"))?;
+    let status = command(
+        reqwest::Method::PATCH,
+        rename,
+        newest.clone(),
+        json!({"name": "New token"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // An erased editor's token cannot publish.
+    let editor = app.editor().await?;
+    let status = command(
+        reqwest::Method::DELETE,
+        format!("/v1/users/{}", editor.id),
+        editor.token.clone(),
+        Value::Null,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let article = json!({"category": "sports", "title": "After erasure", "content": "x"});
+    let status = command(
+        reqwest::Method::POST,
+        "/v1/news".into(),
+        editor.token,
+        article,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.stop().await
+}

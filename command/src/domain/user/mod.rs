@@ -40,6 +40,10 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     /// Time of the last change.
     pub updated_at: DateTime<Utc>,
+    /// Tokens issued before this are revoked: the time of the last password change, role
+    /// change or erasure.
+    #[serde(default)]
+    pub tokens_valid_from: Option<DateTime<Utc>>,
 }
 
 /// What a user's command may change.
@@ -273,6 +277,7 @@ pub fn apply(state: Option<User>, change: &UserChange, stamp: Stamp) -> Option<U
             version: stamp.version,
             created_at: stamp.at,
             updated_at: stamp.at,
+            tokens_valid_from: None,
         });
     }
     let mut user = state?;
@@ -293,9 +298,16 @@ pub fn apply(state: Option<User>, change: &UserChange, stamp: Stamp) -> Option<U
                 user.email_notifications = on;
             }
         }
-        UserChange::PasswordChanged { password_hash } => user.password_hash = password_hash.clone(),
-        UserChange::RoleChanged { role } => user.role = *role,
+        UserChange::PasswordChanged { password_hash } => {
+            user.password_hash = password_hash.clone();
+            user.tokens_valid_from = Some(stamp.at);
+        }
+        UserChange::RoleChanged { role } => {
+            user.role = *role;
+            user.tokens_valid_from = Some(stamp.at);
+        }
         UserChange::Erased => {
+            user.tokens_valid_from = Some(stamp.at);
             user.erased = true;
             user.name.clear();
             user.email.clear();
