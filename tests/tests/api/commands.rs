@@ -326,7 +326,13 @@ async fn user_commands_follow_the_auth_matrix() -> TestResult {
             ],
         ),
     ];
+    let mut me = me;
     for (method, path, body, expected) in cases {
+        // A role change (the admin's, in the case before) revokes the user's tokens.
+        me.token = app
+            .login(&me.email, &me.password)
+            .await?
+            .map_err(|s| anyhow::anyhow!("login: {s}"))?;
         let callers = [
             ("anonymous", None),
             ("self", tok(&me)),
@@ -353,6 +359,10 @@ async fn user_commands_follow_the_auth_matrix() -> TestResult {
     assert_eq!(status, S::NO_CONTENT, "an admin erases");
     let (status, _) = app
         .command(Method::DELETE, &user, tok(&me).as_deref(), None, None)
+        .await?;
+    assert_eq!(status, S::UNAUTHORIZED, "an erased user's token is revoked");
+    let (status, _) = app
+        .command(Method::DELETE, &user, tok(&admin).as_deref(), None, None)
         .await?;
     assert_eq!(status, S::NOT_FOUND, "an erased user is gone");
     let (status, _) = app
