@@ -50,7 +50,7 @@ impl Claims {
     /// A store over `pool` with the configured pepper.
     pub fn new(settings: &AuthSettings, pool: PgPool) -> anyhow::Result<Self> {
         let pepper = match (&settings.email_pepper, settings.local) {
-            (Some(pepper), _) => pepper.as_bytes().to_vec(),
+            (Some(pepper), _) => pepper.expose().as_bytes().to_vec(),
             (None, true) => LOCAL_PEPPER.as_bytes().to_vec(),
             (None, false) => anyhow::bail!(
                 "NEWSROOM_EMAIL_PEPPER is not set (use --local / NEWSROOM_LOCAL=true for development)"

@@ -131,7 +131,7 @@ pub async fn build(
         tokio::spawn(bootstrap_admin(
             state.clone(),
             email.clone(),
-            password.clone(),
+            password.expose().to_owned(),
         ));
     }
     let tokens = web::Data::new(state.tokens.clone());

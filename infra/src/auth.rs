@@ -70,10 +70,10 @@ impl Tokens {
         let secret = match (&settings.jwt_secret, settings.local) {
             (Some(secret), _) => {
                 anyhow::ensure!(
-                    secret.len() >= 32,
+                    secret.expose().len() >= 32,
                     "NEWSROOM_JWT_SECRET must be at least 32 bytes long"
                 );
-                secret.as_bytes().to_vec()
+                secret.expose().as_bytes().to_vec()
             }
             (None, true) => {
                 tracing::warn!(

@@ -45,7 +45,7 @@ pub struct AuthSettings {
         env = "NEWSROOM_JWT_SECRET",
         hide_env_values = true
     )]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// Secret key of the e-mail claims (keyed hashes of addresses). Must never change once
     /// users exist. Required unless `--local`.
     #[arg(
@@ -54,7 +54,7 @@ pub struct AuthSettings {
         env = "NEWSROOM_EMAIL_PEPPER",
         hide_env_values = true
     )]
-    pub email_pepper: Option<String>,
+    pub email_pepper: Option<Secret>,
     /// Local mode: generate a token secret and use a fixed development pepper when none
     /// is configured (never in production).
     #[arg(
@@ -82,7 +82,7 @@ pub struct AuthSettings {
         env = "NEWSROOM_ADMIN_PASSWORD",
         hide_env_values = true
     )]
-    pub admin_password: Option<String>,
+    pub admin_password: Option<Secret>,
 }
 
 /// Where Kafka is and how newsroom names and uses its topics.
@@ -245,7 +245,7 @@ pub struct NotifySettings {
         hide_env_values = true,
         hide_default_value = true
     )]
-    pub smtp_url: String,
+    pub smtp_url: Secret,
     /// Sender of notification e-mails.
     #[arg(
         global = true,
@@ -417,6 +417,43 @@ mod tests {
     }
 }
 
+/// A setting that must never show: `Debug` prints `***`; [`Secret::expose`] gives it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
 /// `url` without the user and password it may carry (for logs).
 pub fn without_credentials(url: &str) -> String {
     match url.split_once("://") {
@@ -433,6 +470,13 @@ pub fn without_credentials(url: &str) -> String {
 #[cfg(test)]
 mod credential_tests {
     use super::without_credentials;
+
+    #[test]
+    fn a_secret_does_not_show_in_debug() {
+        let secret = super::Secret::from("hunter2");
+        assert_eq!(format!("{secret:?}"), "***");
+        assert_eq!(secret.expose(), "hunter2");
+    }
 
     #[test]
     fn credentials_in_a_url_are_not_shown() {

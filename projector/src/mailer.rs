@@ -94,7 +94,7 @@ pub async fn run(
     settings: NotifySettings,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&settings.smtp_url)
+    let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(settings.smtp_url.expose())
         .context("parsing NEWSROOM_SMTP_URL")?
         .timeout(Some(Duration::from_secs(10)))
         .build();
@@ -110,7 +110,7 @@ pub async fn run(
     };
     tokio::pin!(shutdown);
     tracing::info!(
-        smtp = newsroom_infra::settings::without_credentials(&settings.smtp_url),
+        smtp = newsroom_infra::settings::without_credentials(settings.smtp_url.expose()),
         "mailer started"
     );
     loop {
@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_its_ceiling() {
         let settings = NotifySettings {
-            smtp_url: String::new(),
+            smtp_url: Default::default(),
             from: String::new(),
             retry_ms: 100,
             retry_max_ms: 1000,

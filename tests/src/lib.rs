@@ -83,7 +83,7 @@ impl TestApp {
         settings.hashing.memory_kib = 1024;
         settings.hashing.iterations = 1;
         settings.auth.jwt_secret = Some(TEST_JWT_SECRET.into());
-        settings.auth.email_pepper = Some(format!("pepper-{id}"));
+        settings.auth.email_pepper = Some(format!("pepper-{id}").into());
         settings.auth.admin_email = Some(format!("admin.{id}@example.com"));
         settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
         // E-mail retries on a test's time scale.
@@ -447,11 +447,11 @@ impl TestApp {
             .env("NEWSROOM_HTTP_WORKERS", "1")
             .env(
                 "NEWSROOM_JWT_SECRET",
-                s.auth.jwt_secret.clone().unwrap_or_default(),
+                s.auth.jwt_secret.clone().unwrap_or_default().expose(),
             )
             .env(
                 "NEWSROOM_EMAIL_PEPPER",
-                s.auth.email_pepper.clone().unwrap_or_default(),
+                s.auth.email_pepper.clone().unwrap_or_default().expose(),
             )
             .env(
                 "NEWSROOM_ADMIN_EMAIL",
@@ -460,7 +460,7 @@ impl TestApp {
             .env("NEWSROOM_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("NEWSROOM_ARGON2_MEMORY_KIB", "1024")
             .env("NEWSROOM_ARGON2_ITERATIONS", "1")
-            .env("NEWSROOM_SMTP_URL", &s.notify.smtp_url)
+            .env("NEWSROOM_SMTP_URL", s.notify.smtp_url.expose())
             .env("NEWSROOM_MAIL_RETRY_MS", s.notify.retry_ms.to_string())
             .env(
                 "NEWSROOM_MAIL_RETRY_MAX_MS",
