@@ -80,11 +80,22 @@ pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .context("connecting to PostgreSQL")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .with_context(|| format!("dropping database {name}"))?;
-    Ok(())
+    // FORCE cannot end a session of another role, such as an autovacuum worker that
+    // happens to be on the database: those end by themselves, so try again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+        match dropped {
+            Ok(_) => return Ok(()),
+            Err(_) if attempt < 10 => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await
+            }
+            Err(e) => return Err(e).with_context(|| format!("dropping database {name}")),
+        }
+    }
 }
