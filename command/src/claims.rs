@@ -6,12 +6,11 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
-use hmac::{Hmac, KeyInit as _, Mac as _};
 use newsroom_infra::settings::AuthSettings;
-use sha2::Sha256;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::digest;
 use crate::domain::user::User;
 use crate::keys::Keys;
 
@@ -62,23 +61,12 @@ impl Claims {
     /// A key for another purpose, derived from the pepper (every process of a deployment
     /// has the same).
     pub fn subkey(&self, purpose: &str) -> Vec<u8> {
-        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.pepper)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-        mac.update(b"newsroom subkey: ");
-        mac.update(purpose.as_bytes());
-        mac.finalize().into_bytes().to_vec()
+        digest::hmac(&self.pepper, &[b"newsroom subkey: ", purpose.as_bytes()]).to_vec()
     }
 
     /// The claim of an address (hex HMAC-SHA256 of the normalised address).
     pub fn claim_of(&self, email: &str) -> String {
-        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.pepper)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-        mac.update(normalize(email).as_bytes());
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        digest::hex(&digest::hmac(&self.pepper, &[normalize(email).as_bytes()]))
     }
 
     /// Claims `claim` for `user` (of `partition`), pending until [`Claims::confirm`].
@@ -208,9 +196,13 @@ impl Claims {
         .fetch_all(&self.pool)
         .await
         .context("reading the partition's claims")?;
+        let mut present = std::collections::HashSet::new();
         for (claim, user, state) in rows {
             let current = users.get(&user).filter(|u| !u.erased);
             let committed = current.is_some_and(|u| u.email_claim == claim);
+            if committed {
+                present.insert(user);
+            }
             match (committed, state.as_str()) {
                 (true, "pending") => self.confirm(&claim, user).await?,
                 (true, _) => {}
@@ -228,26 +220,28 @@ impl Claims {
         // unless another user holds that address now.
         let (claims, holders): (Vec<&str>, Vec<Uuid>) = users
             .values()
-            .filter(|u| !u.erased && !u.email_claim.is_empty())
+            .filter(|u| !u.erased && !u.email_claim.is_empty() && !present.contains(&u.id))
             .map(|u| (u.email_claim.as_str(), u.id))
             .unzip();
-        let restored = sqlx::query(
-            "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state) \
-             SELECT claim, user_id, $3, user_id, 'held' FROM UNNEST($1::text[], $2::uuid[]) AS c(claim, user_id) \
-             ON CONFLICT (claim) DO NOTHING",
-        )
-        .bind(&claims)
-        .bind(&holders)
-        .bind(partition)
-        .execute(&self.pool)
-        .await
-        .context("restoring e-mail claims")?;
-        if restored.rows_affected() > 0 {
-            tracing::warn!(
-                partition,
-                restored = restored.rows_affected(),
-                "e-mail claims of committed users were missing; restored"
-            );
+        if !claims.is_empty() {
+            let restored = sqlx::query(
+                "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state) \
+                 SELECT claim, user_id, $3, user_id, 'held' FROM UNNEST($1::text[], $2::uuid[]) AS c(claim, user_id) \
+                 ON CONFLICT (claim) DO NOTHING",
+            )
+            .bind(&claims)
+            .bind(&holders)
+            .bind(partition)
+            .execute(&self.pool)
+            .await
+            .context("restoring e-mail claims")?;
+            if restored.rows_affected() > 0 {
+                tracing::warn!(
+                    partition,
+                    restored = restored.rows_affected(),
+                    "e-mail claims of committed users were missing; restored"
+                );
+            }
         }
         // Token floors a crashed process may not have written.
         let floors: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = users

@@ -78,21 +78,18 @@ impl Directory {
     }
 
     fn mark(&self, at: u64, method: &str, path: &str) -> String {
-        use hmac::{KeyInit as _, Mac as _};
-        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-        mac.update(at.to_string().as_bytes());
-        mac.update(b" ");
-        mac.update(method.as_bytes());
-        mac.update(b" ");
-        mac.update(path.as_bytes());
-        let mac: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{at}.{mac}")
+        let at_text = at.to_string();
+        let parts: [&[u8]; 5] = [
+            at_text.as_bytes(),
+            b" ",
+            method.as_bytes(),
+            b" ",
+            path.as_bytes(),
+        ];
+        format!(
+            "{at}.{}",
+            crate::digest::hex(&crate::digest::hmac(&self.key, &parts))
+        )
     }
 
     /// Whether `req` was forwarded by a process of this deployment (its mark is valid).

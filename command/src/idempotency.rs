@@ -297,8 +297,15 @@ pub async fn middleware(
         &body,
     );
     let hash = keyed.request_hex();
+    // What rows written before the hashes were keyed hold.
+    let legacy = crate::digest::hex(&crate::digest::sha256(&[
+        req.method().as_str().as_bytes(),
+        b" ",
+        req.path().as_bytes(),
+        b"\n",
+        &body,
+    ]));
     req.extensions_mut().insert(keyed);
-    let body_for_legacy = body.clone();
     req.set_payload(actix_web::dev::Payload::from(body));
     // A forwarded request is recorded by the process that received it; an answer that
     // holds credentials (a login's token) is never stored: its retry logs in again.
@@ -307,19 +314,6 @@ pub async fn middleware(
     }
     let subject = subject(req.path());
 
-    let legacy = {
-        use sha2::Digest as _;
-        sha2::Sha256::new()
-            .chain_update(req.method().as_str().as_bytes())
-            .chain_update(b" ")
-            .chain_update(req.path().as_bytes())
-            .chain_update(b"\n")
-            .chain_update(&body_for_legacy)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let attempt = match store.begin(&caller, &key, &hash, &legacy).await {
         Err(error) => return Ok(req.into_response(error.error_response())),
         Ok(Begun::Replay(response)) => return Ok(req.into_response(response)),

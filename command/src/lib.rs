@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod claims;
+pub mod digest;
 pub mod domain;
 pub mod forward;
 pub mod idempotency;

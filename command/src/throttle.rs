@@ -174,15 +174,13 @@ impl Throttles {
             .or_else(|| req.peer_addr().map(|a| a.ip().to_string()))
             .unwrap_or_default();
         match address.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
-                let s = v6.segments();
-                format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-            Ok(IpAddr::V6(v6)) => format!(
-                "address:{}",
-                v6.to_ipv4_mapped()
-                    .map_or_else(String::new, |v4| v4.to_string())
-            ),
+            Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => format!("address:{v4}"),
+                None => {
+                    let s = v6.segments();
+                    format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
             _ => format!("address:{address}"),
         }
     }

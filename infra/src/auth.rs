@@ -170,15 +170,7 @@ impl Revocations {
     pub async fn revoke(&self, user: Uuid, at: i64) -> anyhow::Result<()> {
         self.remember(user, Some(at));
         let at = chrono::DateTime::from_timestamp_millis(at).unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO cmd_token_floors (user_id, valid_from) VALUES ($1, $2) \
-             ON CONFLICT (user_id) DO UPDATE SET valid_from = GREATEST(cmd_token_floors.valid_from, EXCLUDED.valid_from)",
-        )
-        .bind(user)
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.restore(&[(user, at)]).await
     }
 
     /// Sets the floors of many users at once (a new owner of their partition, from their
@@ -192,7 +184,8 @@ impl Revocations {
         sqlx::query(
             "INSERT INTO cmd_token_floors (user_id, valid_from) \
              SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[]) \
-             ON CONFLICT (user_id) DO UPDATE SET valid_from = GREATEST(cmd_token_floors.valid_from, EXCLUDED.valid_from)",
+             ON CONFLICT (user_id) DO UPDATE SET valid_from = EXCLUDED.valid_from \
+             WHERE cmd_token_floors.valid_from < EXCLUDED.valid_from",
         )
         .bind(&users)
         .bind(&ats)

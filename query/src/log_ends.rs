@@ -28,7 +28,8 @@ const LOOKUP_LIMIT: Duration = Duration::from_secs(2);
 /// The end offsets of the streams' partitions.
 pub struct LogEnds {
     partitions: i32,
-    ends: RwLock<HashMap<(String, i32), i64>>,
+    /// Per topic, per partition (looked up by `&str`, without an allocation per token).
+    ends: RwLock<HashMap<String, HashMap<i32, i64>>>,
     /// How many refreshes ended.
     refreshes: watch::Receiver<u64>,
     wanted: Arc<Notify>,
@@ -75,7 +76,7 @@ impl LogEnds {
                 };
                 // Only what this refresh read is known: a partition it could not read
                 // lets tokens through until one does.
-                let mut fresh = HashMap::new();
+                let mut fresh: HashMap<String, HashMap<i32, i64>> = HashMap::new();
                 match read {
                     Ok(Ok(list)) => {
                         for element in list.elements() {
@@ -83,7 +84,9 @@ impl LogEnds {
                                 && element.error().is_ok()
                             {
                                 fresh
-                                    .insert((element.topic().to_owned(), element.partition()), end);
+                                    .entry(element.topic().to_owned())
+                                    .or_default()
+                                    .insert(element.partition(), end);
                             }
                         }
                     }
@@ -102,7 +105,7 @@ impl LogEnds {
 
     fn known(&self, topic: &str, partition: i32) -> Option<i64> {
         let ends = self.ends.read().unwrap_or_else(|e| e.into_inner());
-        ends.get(&(topic.to_owned(), partition)).copied()
+        ends.get(topic)?.get(&partition).copied()
     }
 
     /// Refuses a position no command can have answered: a partition the topic does not

@@ -23,11 +23,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use super::{CommandError, Committed, Shared};
 use crate::aggregate::Aggregate;
+use crate::digest;
 use crate::domain::DomainError;
 
 /// How long an outcome answers retries.
@@ -65,15 +65,7 @@ impl Keyed {
         path: &str,
         body: &[u8],
     ) -> Self {
-        use hmac::{KeyInit as _, Mac as _};
-        let mac = |parts: &[&[u8]]| -> [u8; 32] {
-            let mut mac = <hmac::Hmac<Sha256>>::new_from_slice(secret)
-                .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-            for part in parts {
-                mac.update(part);
-            }
-            mac.finalize().into_bytes().into()
-        };
+        let mac = |parts: &[&[u8]]| digest::hmac(secret, parts);
         Keyed {
             scope: mac(&[b"scope\n", caller.as_bytes(), b"\n", key.as_bytes()]),
             request: mac(&[
@@ -89,20 +81,16 @@ impl Keyed {
 
     /// The request hash in hex.
     pub fn request_hex(&self) -> String {
-        self.request.iter().map(|b| format!("{b:02x}")).collect()
+        digest::hex(&self.request)
     }
 
     /// The id of the aggregate a keyed create makes: the same for every retry (key and
     /// request), so that the retry reaches the partition holding the first attempt's
     /// outcome; another request with the key, or another caller, makes another id.
     pub fn new_id(&self) -> Uuid {
-        let digest = Sha256::new()
-            .chain_update(b"newsroom: created by key\n")
-            .chain_update(self.scope)
-            .chain_update(self.request)
-            .finalize();
+        let hash = digest::sha256(&[b"newsroom: created by key\n", &self.scope, &self.request]);
         let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&digest[..16]);
+        bytes.copy_from_slice(&hash[..16]);
         uuid::Builder::from_random_bytes(bytes).into_uuid()
     }
 }
