@@ -1,14 +1,15 @@
-//! The loop every consumer of the log shares. It assigns itself every partition of its
-//! topics from the offsets its store holds (not Kafka's), reads batches, and hands each
-//! batch to the store, which applies the events and moves the offsets in one atomic write
-//! (compare-and-set on the offsets it started from, so that two instances cannot both
-//! apply a batch). An event that cannot be decoded or applied after bounded retries is
-//! dead-lettered and later events of its aggregate are parked behind it; everything else
-//! keeps flowing.
+//! The loop every consumer of the log shares. A live consumer joins its model's Kafka
+//! consumer group, so that any number of processes share the partitions; a replay assigns
+//! itself every partition. Either reads from the offsets its store holds (not Kafka's),
+//! reads batches, and hands each batch to the store, which applies the events and moves
+//! the offsets in one atomic write (compare-and-set on the offsets it started from, so
+//! that two instances cannot both apply a batch, during a rebalance included). An event
+//! that cannot be decoded or applied after bounded retries is dead-lettered and later
+//! events of its aggregate are parked behind it; everything else keeps flowing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,8 +21,9 @@ use newsroom_infra::metrics::{CONSUMER_EVENTS, PROJECTION_LAG_EVENTS, PROJECTION
 use newsroom_infra::producer::Producer;
 use newsroom_infra::registry::Registry;
 use newsroom_infra::settings::KafkaSettings;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, RebalanceProtocol, StreamConsumer};
 use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -39,6 +41,12 @@ const ATTEMPTS: u32 = 3;
 const OUTAGE_PAUSE: Duration = Duration::from_millis(500);
 /// How often parked aggregates are checked for requests when no events arrive.
 const IDLE_TICK: Duration = Duration::from_millis(500);
+/// How often a live consumer rereads the stored offsets of the partitions other processes
+/// hold (where it starts on any of them that it is given).
+const KNOWN_REFRESH: Duration = Duration::from_secs(10);
+/// How long a live consumer's process may be silent before the group gives its
+/// partitions to the others (a kill -9 is noticed within this).
+const SESSION_TIMEOUT_MS: &str = "6000";
 
 /// A topic and partition.
 pub type Position = (String, i32);
@@ -230,17 +238,31 @@ impl<S: Store> Session<'_, S> {
             self.producer.clone(),
             dead_letter_topic(&self.context.kafka, self.store.name()),
         );
+        let holding = Arc::new(Holding::default());
         let mut worker = Worker {
             store: self.store,
             mode: self.mode,
             version,
             registry: &self.context.registry,
-            parked: parking.load().await?,
+            parked: HashSet::new(),
             parking,
-            offsets,
+            offsets: Offsets::new(),
+            held: Some(BTreeSet::new()),
             label: self.label.to_owned(),
         };
-        let consumer = worker.assign(&self.context.kafka).await?;
+        let consumer = match self.mode {
+            // A live consumer holds what its group gives it (see `follow`).
+            Mode::Live => {
+                holding.know(offsets);
+                worker.subscribe(&self.context.kafka, holding.clone())?
+            }
+            Mode::Replay(_) => {
+                worker.offsets = offsets;
+                worker.held = None;
+                worker.parked = worker.parking.load(None).await?;
+                worker.assign(&self.context.kafka, holding.clone()).await?
+            }
+        };
         self.progress
             .send_modify(|p| p.offsets.clone_from(&worker.offsets));
         tracing::info!(consumer = %self.label, version, "consumer started");
@@ -250,12 +272,18 @@ impl<S: Store> Session<'_, S> {
         };
         let mut batches = consumer.stream().ready_chunks(max);
         let mut tick = tokio::time::interval(IDLE_TICK);
+        let mut refreshed = tokio::time::Instant::now();
         loop {
             let chunk = tokio::select! {
                 () = shutdown.as_mut() => return Ok(true),
                 _ = tick.tick() => None,
                 chunk = batches.next() => chunk,
             };
+            // The group moved partitions while the consumer was polled: before anything
+            // fetched is applied, follow what this process holds now.
+            if holding.changed() && !worker.follow(&holding).await? {
+                return Ok(false);
+            }
             if !worker.requests().await? {
                 return Ok(false);
             }
@@ -263,6 +291,12 @@ impl<S: Store> Session<'_, S> {
                 // Idle: let the store check that it still holds what this consumer thinks.
                 if !worker.heartbeat().await {
                     return Ok(false);
+                }
+                if self.mode == Mode::Live && refreshed.elapsed() >= KNOWN_REFRESH {
+                    refreshed = tokio::time::Instant::now();
+                    if !worker.refresh(&holding).await? {
+                        return Ok(false);
+                    }
                 }
                 continue;
             };
@@ -284,10 +318,125 @@ impl<S: Store> Session<'_, S> {
             if !worker.batch(records).await? {
                 return Ok(false);
             }
+            holding.know_held(&worker.offsets);
             self.progress.send_modify(|p| {
                 p.offsets.clone_from(&worker.offsets);
                 p.events += count;
             });
+        }
+    }
+}
+
+/// What a live consumer's group has given its process, shared between the rebalance
+/// callback (which runs while the consumer is polled) and the loop.
+#[derive(Default)]
+struct Holding(Mutex<HoldingState>);
+
+#[derive(Default)]
+struct HoldingState {
+    /// The stored offsets as last read: where fetching starts on an assigned partition.
+    known: Offsets,
+    /// The partitions held, each with the offset its fetching started from (`None`: the
+    /// beginning).
+    held: BTreeMap<Position, Option<i64>>,
+    /// Whether `held` changed since the loop last looked.
+    changed: bool,
+}
+
+impl Holding {
+    fn state(&self) -> std::sync::MutexGuard<'_, HoldingState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces what is known of the stored offsets.
+    fn know(&self, stored: Offsets) {
+        self.state().known = stored;
+    }
+
+    /// Records the offsets this process committed on the partitions it holds.
+    fn know_held(&self, committed: &Offsets) {
+        let mut state = self.state();
+        for (position, next) in committed {
+            state.known.insert(position.clone(), *next);
+        }
+    }
+
+    fn changed(&self) -> bool {
+        std::mem::take(&mut self.state().changed)
+    }
+
+    fn held(&self) -> BTreeMap<Position, Option<i64>> {
+        self.state().held.clone()
+    }
+
+    /// Carries out a rebalance: assigned partitions start at their known stored offsets.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<ConsumerState>,
+        label: &str,
+        err: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        let positions: Vec<Position> = list
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let mut state = self.state();
+        state.changed = true;
+        let (what, result) = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                for (topic, partition) in &positions {
+                    let start = state.known.get(&(topic.clone(), *partition)).copied();
+                    let offset = start.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(e) = list.set_partition_offset(topic, *partition, offset) {
+                        tracing::error!(consumer = %label, %topic, partition, error = %e, "cannot set where a partition starts");
+                    }
+                    state.held.insert((topic.clone(), *partition), start);
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(list)
+                } else {
+                    consumer.assign(list)
+                };
+                ("partitions assigned", result)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                for position in &positions {
+                    state.held.remove(position);
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                };
+                ("partitions revoked", result)
+            }
+            other => {
+                tracing::error!(consumer = %label, error = ?other, "rebalance failed; holding nothing");
+                state.held.clear();
+                ("partitions dropped", consumer.unassign())
+            }
+        };
+        let named = |positions: &mut dyn Iterator<Item = &Position>| {
+            positions
+                .map(|(t, p)| format!("{t}:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let partitions = named(&mut positions.iter());
+        let holding = named(&mut state.held.keys());
+        match result {
+            // A cooperative rebalance that moved nothing here.
+            Ok(()) if positions.is_empty() => {}
+            Ok(()) => tracing::info!(consumer = %label, %partitions, %holding, "{what}"),
+            Err(e) => {
+                tracing::error!(consumer = %label, %partitions, error = %e, "{what}, but librdkafka refused")
+            }
         }
     }
 }
@@ -307,7 +456,10 @@ struct Worker<'a, S> {
     registry: &'a Registry,
     parking: Parking,
     parked: HashSet<Aggregate>,
+    /// The next offset to apply on each held partition (absent: its beginning).
     offsets: Offsets,
+    /// The partitions held (`None`: every one, as a replay).
+    held: Option<BTreeSet<Position>>,
     label: String,
 }
 
@@ -317,14 +469,31 @@ enum Decoding {
 }
 
 impl<S: Store> Worker<'_, S> {
-    async fn assign(&self, kafka: &KafkaSettings) -> anyhow::Result<StreamConsumer<LagContext>> {
+    fn consumer(
+        &self,
+        kafka: &KafkaSettings,
+        holding: Arc<Holding>,
+    ) -> anyhow::Result<StreamConsumer<ConsumerState>> {
         let group = format!("{}.{}", kafka.topic_prefix, self.label);
-        let consumer: StreamConsumer<LagContext> = read_committed_consumer(kafka, &group)
+        read_committed_consumer(kafka, &group)
             .set("statistics.interval.ms", "1000")
-            .create_with_context(LagContext {
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", SESSION_TIMEOUT_MS)
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(ConsumerState {
                 consumer: self.label.clone(),
+                holding,
             })
-            .context("creating the consumer")?;
+            .context("creating the consumer")
+    }
+
+    /// A replay's consumer: every partition, from the stored offsets.
+    async fn assign(
+        &self,
+        kafka: &KafkaSettings,
+        holding: Arc<Holding>,
+    ) -> anyhow::Result<StreamConsumer<ConsumerState>> {
+        let consumer = self.consumer(kafka, holding)?;
         let mut assignment = TopicPartitionList::new();
         for topic in self.store.topics() {
             for partition in partitions_of(&consumer, &topic).await? {
@@ -341,6 +510,66 @@ impl<S: Store> Worker<'_, S> {
             .assign(&assignment)
             .context("assigning partitions")?;
         Ok(consumer)
+    }
+
+    /// A live consumer: a member of its model's group, holding what the group gives it.
+    fn subscribe(
+        &self,
+        kafka: &KafkaSettings,
+        holding: Arc<Holding>,
+    ) -> anyhow::Result<StreamConsumer<ConsumerState>> {
+        let consumer = self.consumer(kafka, holding)?;
+        let topics = self.store.topics();
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .context("joining the consumer group")?;
+        Ok(consumer)
+    }
+
+    /// Follows a rebalance: reads the stored offsets of the partitions now held and their
+    /// parked aggregates. `false` when the consumer must reopen: the version switched, or
+    /// fetching started past what the store holds (the store lost data).
+    async fn follow(&mut self, holding: &Holding) -> anyhow::Result<bool> {
+        let held = holding.held();
+        let (version, stored) = self.store.open(self.mode).await?;
+        if version != self.version {
+            return Ok(false);
+        }
+        for (position, start) in &held {
+            if let Some(start) = start
+                && stored.get(position).is_none_or(|s| s < start)
+            {
+                tracing::warn!(consumer = %self.label, topic = %position.0, partition = position.1, "the store is behind where fetching started; reopening");
+                return Ok(false);
+            }
+        }
+        let held: BTreeSet<Position> = held.into_keys().collect();
+        self.offsets = stored
+            .iter()
+            .filter(|(p, _)| held.contains(*p))
+            .map(|(p, o)| (p.clone(), *o))
+            .collect();
+        holding.know(stored);
+        self.parked = self.parking.load(Some(&held)).await?;
+        self.held = Some(held);
+        Ok(true)
+    }
+
+    /// Rereads the stored offsets (where partitions the group may give this process
+    /// later start); `false` when the consumer must reopen.
+    async fn refresh(&self, holding: &Holding) -> anyhow::Result<bool> {
+        let (version, stored) = self.store.open(self.mode).await?;
+        if version != self.version {
+            return Ok(false);
+        }
+        holding.know(stored);
+        holding.know_held(&self.offsets);
+        Ok(true)
+    }
+
+    fn holds(&self, position: &Position) -> bool {
+        self.held.as_ref().is_none_or(|h| h.contains(position))
     }
 
     async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, Decoding> {
@@ -361,21 +590,24 @@ impl<S: Store> Worker<'_, S> {
 
     /// Applies one batch; `false` when the consumer must reopen.
     async fn batch(&mut self, records: Vec<Record>) -> anyhow::Result<bool> {
-        // After a reopen, records fetched before it may still arrive: skip what is applied.
+        // Only partitions held now, and only what is not applied yet: after a reopen or a
+        // rebalance, records fetched before it may still arrive, and a partition given
+        // back may be fetched again from where the store was.
+        let mut to = self.offsets.clone();
         let records: Vec<Record> = records
             .into_iter()
             .filter(|r| {
-                self.offsets
-                    .get(&(r.topic.to_string(), r.partition))
-                    .is_none_or(|next| r.offset >= *next)
+                let position = (r.topic.to_string(), r.partition);
+                if !self.holds(&position) || to.get(&position).is_some_and(|next| r.offset < *next)
+                {
+                    return false;
+                }
+                to.insert(position, r.offset + 1);
+                true
             })
             .collect();
         if records.is_empty() {
             return Ok(true);
-        }
-        let mut to = self.offsets.clone();
-        for r in &records {
-            to.insert((r.topic.to_string(), r.partition), r.offset + 1);
         }
         let mut fates = vec![Fate::Apply; records.len()];
         let mut failures = 0u32;
@@ -481,7 +713,11 @@ impl<S: Store> Worker<'_, S> {
             return Ok(true);
         }
         let none = Offsets::new();
-        for (topic, aggregate, action) in self.parking.requests().await? {
+        for (topic, partition, aggregate, action) in self.parking.requests().await? {
+            // Another process holds that partition and carries the request out.
+            if !self.holds(&(topic.clone(), partition)) {
+                continue;
+            }
             let mut events = self.parking.events(&topic, &aggregate).await?.into_iter();
             if action == "skip"
                 && let Some(head) = events.next()
@@ -555,12 +791,14 @@ impl<S: Store> Worker<'_, S> {
     }
 }
 
-/// Publishes librdkafka's per-partition consumer lag as `newsroom_projection_lag_events`.
-pub struct LagContext {
+/// A consumer's callbacks: librdkafka's per-partition consumer lag, published as
+/// `newsroom_projection_lag_events`, and the rebalances of a live consumer's group.
+pub struct ConsumerState {
     consumer: String,
+    holding: Arc<Holding>,
 }
 
-impl rdkafka::ClientContext for LagContext {
+impl rdkafka::ClientContext for ConsumerState {
     fn stats(&self, statistics: rdkafka::Statistics) {
         for topic in statistics.topics.values() {
             for (partition, stats) in &topic.partitions {
@@ -582,7 +820,16 @@ impl rdkafka::ClientContext for LagContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for LagContext {}
+impl rdkafka::consumer::ConsumerContext for ConsumerState {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        self.holding.rebalance(consumer, &self.consumer, err, list);
+    }
+}
 
 /// The partitions of `topic` (waits up to 30 s for it to exist).
 pub async fn partitions_of<C: rdkafka::consumer::ConsumerContext>(

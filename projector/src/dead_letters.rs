@@ -7,14 +7,14 @@
 //! on the rows: the consumer that parked them carries it out between two batches, so that
 //! nothing else ever writes its read model.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use anyhow::Context as _;
 use newsroom_infra::producer::{self, Producer};
 use rdkafka::message::{Header, OwnedHeaders};
 use sqlx::PgPool;
 
-use crate::consumer::Record;
+use crate::consumer::{Position, Record};
 
 /// A parked aggregate: the topic it comes from and its key.
 pub type Aggregate = (String, String);
@@ -59,17 +59,26 @@ impl Parking {
         }
     }
 
-    /// The aggregates parked now.
-    pub async fn load(&self) -> anyhow::Result<HashSet<Aggregate>> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT DISTINCT topic, aggregate FROM dead_letters WHERE consumer = $1 AND version = $2",
+    /// The aggregates parked now in `held` partitions (`None`: in any).
+    pub async fn load(
+        &self,
+        held: Option<&BTreeSet<Position>>,
+    ) -> anyhow::Result<HashSet<Aggregate>> {
+        let rows: Vec<(String, i32, String)> = sqlx::query_as(
+            "SELECT DISTINCT topic, partition, aggregate FROM dead_letters WHERE consumer = $1 AND version = $2",
         )
         .bind(self.consumer)
         .bind(self.version)
         .fetch_all(&self.pool)
         .await
         .context("reading the parked aggregates")?;
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .filter(|(topic, partition, _)| {
+                held.is_none_or(|h| h.contains(&(topic.clone(), *partition)))
+            })
+            .map(|(topic, _, aggregate)| (topic, aggregate))
+            .collect())
     }
 
     /// Parks `record`: with a `reason` it is the event that failed (copied to the
@@ -147,10 +156,10 @@ impl Parking {
         Ok(())
     }
 
-    /// Aggregates with a pending `retry` or `skip`.
-    pub async fn requests(&self) -> anyhow::Result<Vec<(String, String, String)>> {
+    /// Aggregates with a pending `retry` or `skip`: topic, partition, aggregate, action.
+    pub async fn requests(&self) -> anyhow::Result<Vec<(String, i32, String, String)>> {
         sqlx::query_as(
-            "SELECT topic, aggregate, min(action) FROM dead_letters \
+            "SELECT topic, min(partition), aggregate, min(action) FROM dead_letters \
              WHERE consumer = $1 AND version = $2 AND action IS NOT NULL GROUP BY topic, aggregate",
         )
         .bind(self.consumer)

@@ -632,36 +632,47 @@ where
 }
 
 /// A `newsroom <role>` child process with a test app's settings, killed when dropped.
-pub struct ChildRole(std::process::Child);
+pub struct ChildRole {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
 
 impl ChildRole {
     /// Starts `newsroom <role>`; `run` tells its log files apart.
     pub fn start(app: &TestApp, role: &str, run: usize) -> anyhow::Result<ChildRole> {
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
+        let log = std::env::temp_dir().join(format!(
             "newsroom-{role}-{}-{run}.log",
             app.settings.kafka.topic_prefix
-        )))?;
+        ));
         let child = app
             .newsroom(&format!("{role}-{run}"))?
             .arg(role)
             .stdout(std::process::Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        Ok(ChildRole(child))
+        Ok(ChildRole { child, log })
+    }
+
+    /// Each JSON line it logged so far.
+    pub fn logged(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(std::fs::read_to_string(&self.log)?
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .collect())
     }
 
     /// SIGKILL, and wait until it is gone.
     pub fn kill(mut self) -> anyhow::Result<()> {
-        self.0.kill()?;
-        self.0.wait()?;
+        self.child.kill()?;
+        self.child.wait()?;
         Ok(())
     }
 }
 
 impl Drop for ChildRole {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

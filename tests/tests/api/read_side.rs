@@ -340,100 +340,103 @@ async fn a_replay_builds_identical_read_models_while_readers_see_no_error_and_no
     app.stop().await
 }
 
-#[tokio::test]
-async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal_to_a_fresh_replay()
--> TestResult {
-    let app = TestApp::spawn_with(newsroom::Roles {
-        command_api: true,
-        query_api: true,
-        ..newsroom::Roles::NONE
-    })
-    .await?;
-    let (editor, reader) = (app.editor().await?, app.reader().await?);
-    let mut projector = ChildRole::start(&app, "project", 0)?;
+/// An editor drafting, editing and publishing, and a reader reading what was published,
+/// until stopped; counts the reads the query API answered.
+struct EditorialLoad {
+    stop: Arc<AtomicBool>,
+    found: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<anyhow::Result<u64>>,
+}
 
-    // Load: an editor drafts, edits and publishes; a reader reads what was published.
-    let stop = Arc::new(AtomicBool::new(false));
-    let found = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let load = {
-        let (stop, found) = (stop.clone(), found.clone());
+impl EditorialLoad {
+    async fn start(app: &TestApp) -> anyhow::Result<EditorialLoad> {
+        let (editor, reader) = (app.editor().await?, app.reader().await?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let found = Arc::new(AtomicU64::new(0));
         let (http, command, query) = (
             app.http.clone(),
             app.command_url.clone(),
             app.query_url.clone(),
         );
         let (editor, reader) = (editor.token.clone(), reader.token.clone());
-        tokio::spawn(async move {
-            let mut drafted = 0u64;
-            let mut published: Vec<String> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let body = json!({"category": "sports", "title": format!("Match {drafted}"), "content": "Text.", "tags": ["live"]});
-                let created: Value = http
-                    .post(format!("{command}/v1/news"))
-                    .bearer_auth(&editor)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let id = created["id"].as_str().unwrap_or_default().to_owned();
-                drafted += 1;
-                let edited = http
-                    .patch(format!("{command}/v1/news/{id}"))
-                    .bearer_auth(&editor)
-                    .json(&json!({"title": format!("Match {drafted}, updated")}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(edited.status() == S::OK, "edit: {}", edited.status());
-                let publication = http
-                    .post(format!("{command}/v1/news/{id}/publish"))
-                    .bearer_auth(&editor)
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    publication.status() == S::OK,
-                    "publish: {}",
-                    publication.status()
-                );
-                published.push(id);
-                for _ in 0..3 {
-                    let id = &published[random_below(published.len() as u64) as usize];
-                    // 404 while the projector is down is fine; a read is recorded on 200.
-                    let read = http
-                        .get(format!("{query}/v1/news/{id}"))
-                        .bearer_auth(&reader)
+        let task = {
+            let (stop, found) = (stop.clone(), found.clone());
+            tokio::spawn(async move {
+                let mut drafted = 0u64;
+                let mut published: Vec<String> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({"category": "sports", "title": format!("Match {drafted}"), "content": "Text.", "tags": ["live"]});
+                    let created: Value = http
+                        .post(format!("{command}/v1/news"))
+                        .bearer_auth(&editor)
+                        .json(&body)
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let id = created["id"].as_str().unwrap_or_default().to_owned();
+                    drafted += 1;
+                    let edited = http
+                        .patch(format!("{command}/v1/news/{id}"))
+                        .bearer_auth(&editor)
+                        .json(&json!({"title": format!("Match {drafted}, updated")}))
                         .send()
                         .await?;
-                    if read.status() == S::OK {
-                        found.fetch_add(1, Ordering::Relaxed);
+                    anyhow::ensure!(edited.status() == S::OK, "edit: {}", edited.status());
+                    let publication = http
+                        .post(format!("{command}/v1/news/{id}/publish"))
+                        .bearer_auth(&editor)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        publication.status() == S::OK,
+                        "publish: {}",
+                        publication.status()
+                    );
+                    published.push(id);
+                    for _ in 0..3 {
+                        let id = &published[random_below(published.len() as u64) as usize];
+                        // 404 while no projector is up is fine; a read is recorded on 200.
+                        let read = http
+                            .get(format!("{query}/v1/news/{id}"))
+                            .bearer_auth(&reader)
+                            .send()
+                            .await?;
+                        if read.status() == S::OK {
+                            found.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-            Ok(drafted)
-        })
-    };
-    for run in 1..=10 {
-        tokio::time::sleep(Duration::from_millis(300 + random_below(700))).await;
-        projector.kill()?;
-        projector = ChildRole::start(&app, "project", run)?;
+                Ok(drafted)
+            })
+        };
+        Ok(EditorialLoad { stop, found, task })
     }
-    // Some more load with the last projector up, until readers found articles (under a
-    // loaded test run the last projector may take a while to catch up).
-    let since = found.load(Ordering::Relaxed);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    while found.load(Ordering::Relaxed) < since + 10 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let drafted = load.await??;
-    assert!(
-        drafted > 10,
-        "events flowed while the projector was killed ({drafted} drafts)"
-    );
 
+    /// Some more load, until readers found articles (under a loaded test run the last
+    /// projector may take a while to catch up); then stops, and says how many articles
+    /// were drafted.
+    async fn finish(self) -> anyhow::Result<u64> {
+        let since = self.found.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        while self.found.load(Ordering::Relaxed) < since + 10
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let drafted = self.task.await??;
+        anyhow::ensure!(drafted > 10, "too little load ({drafted} drafts)");
+        Ok(drafted)
+    }
+}
+
+/// Every read counted once (PostgreSQL and Redis), every article there, and the same read
+/// models as a replay from scratch builds, row for row and key for key (the live
+/// projector keeps running during the replays).
+async fn read_models_equal_a_fresh_replay(app: &TestApp, drafted: u64) -> TestResult {
     let before = app.settled_read_models(Duration::from_secs(60)).await?;
-    // Exactly once: every read counted once, in PostgreSQL and in Redis.
     let reads = app.committed_records(Stream::Reads)?.len();
     assert!(reads > 0, "reads were recorded");
     let pool = app.pool().await?;
@@ -444,7 +447,7 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
     .fetch_one(&pool)
     .await?;
     pool.close().await;
-    eprintln!("{drafted} articles, {reads} reads, projector killed 10 times");
+    eprintln!("{drafted} articles, {reads} reads");
     assert_eq!(counted as usize, reads, "read counts in PostgreSQL");
     assert_eq!(history as usize, reads, "reading history");
     assert_eq!(news as u64, drafted, "articles");
@@ -454,9 +457,6 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
         .map(|(_, v)| v[0].parse::<usize>().unwrap_or(0))
         .sum();
     assert_eq!(redis_counted, reads, "read counts in Redis");
-
-    // And the same models as a replay from scratch builds, row for row and key for key
-    // (the last projector keeps running as the live consumer during the replays).
     for projection in ["users", "news", "reads", "cache"] {
         app.newsroom_cli(&["replay", projection, "--quiet"]).await?;
     }
@@ -473,6 +473,94 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
             "{key} differs from a fresh replay"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal_to_a_fresh_replay()
+-> TestResult {
+    let app = TestApp::spawn_with(newsroom::Roles {
+        command_api: true,
+        query_api: true,
+        ..newsroom::Roles::NONE
+    })
+    .await?;
+    let mut projector = ChildRole::start(&app, "project", 0)?;
+    let load = EditorialLoad::start(&app).await?;
+    for run in 1..=10 {
+        tokio::time::sleep(Duration::from_millis(300 + random_below(700))).await;
+        projector.kill()?;
+        projector = ChildRole::start(&app, "project", run)?;
+    }
+    let drafted = load.finish().await?;
+    read_models_equal_a_fresh_replay(&app, drafted).await?;
     drop(projector);
+    app.stop().await
+}
+
+/// The partitions of `consumer` that `projector` said it holds last, if it said.
+fn holding(projector: &ChildRole, consumer: &str) -> anyhow::Result<Option<Vec<String>>> {
+    Ok(projector
+        .logged()?
+        .iter()
+        .rfind(|f| f["consumer"] == consumer && f["holding"].is_string())
+        .map(|f| {
+            f["holding"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }))
+}
+
+#[tokio::test]
+async fn two_projectors_share_the_partitions_and_one_takes_all_when_the_other_is_killed()
+-> TestResult {
+    let app = TestApp::spawn_with(newsroom::Roles {
+        command_api: true,
+        query_api: true,
+        ..newsroom::Roles::NONE
+    })
+    .await?;
+    let partitions = app.settings.kafka.partitions as usize;
+    let load = EditorialLoad::start(&app).await?;
+    let (first, second) = (
+        ChildRole::start(&app, "project", 0)?,
+        ChildRole::start(&app, "project", 1)?,
+    );
+    // Each model's group shares out its partitions: both hold some, none is held twice.
+    for consumer in ["users", "news", "reads", "cache"] {
+        newsroom_tests::until(
+            &format!("the {consumer} partitions shared by two projectors"),
+            Duration::from_secs(60),
+            || async {
+                let (Some(a), Some(b)) = (holding(&first, consumer)?, holding(&second, consumer)?)
+                else {
+                    return Ok(false);
+                };
+                let all: HashSet<&String> = a.iter().chain(&b).collect();
+                Ok(!a.is_empty() && !b.is_empty() && all.len() == a.len() + b.len())
+            },
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    first.kill()?;
+    // The group notices the silence and gives the survivor every partition.
+    for (consumer, topics) in [("users", 1), ("news", 1), ("reads", 1), ("cache", 3)] {
+        newsroom_tests::until(
+            &format!("the survivor holding every {consumer} partition"),
+            Duration::from_secs(60),
+            || async {
+                Ok(holding(&second, consumer)?.is_some_and(|h| h.len() == topics * partitions))
+            },
+        )
+        .await?;
+    }
+    let drafted = load.finish().await?;
+    read_models_equal_a_fresh_replay(&app, drafted).await?;
+    drop(second);
     app.stop().await
 }
