@@ -4,6 +4,11 @@ use clap::{Parser, Subcommand};
 use newsroom::Roles;
 use newsroom_infra::Settings;
 
+/// mimalloc instead of the system allocator: glibc's malloc and free were a third of the
+/// query API's CPU when it answers lists (per-thread arenas, consolidation; ADR 20).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// newsroom — event-sourced CQRS news portal back end on Apache Kafka.
 ///
 /// Every setting is also read from its NEWSROOM_* environment variable; the defaults

@@ -89,6 +89,35 @@ pub async fn redis_hgetall(
     .await)
 }
 
+/// `user`'s recommendations (20) ranked on every request, as the query API ranks them when
+/// it keeps no ranking (ADR 20): in this process, without HTTP.
+pub async fn recommendations_ranked(
+    settings: &Settings,
+    user: Uuid,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    let cache = newsroom_query::cache::Cache::new(
+        &settings.redis,
+        newsroom_infra::redis::root(&settings.kafka, "cache"),
+        newsroom_infra::redis::root(&settings.kafka, "recommend"),
+        0,
+    )?;
+    let candidates = settings.recommend.candidates;
+    Ok(load::closed(clients, duration, None, move |_| {
+        let cache = cache.clone();
+        async move {
+            let items = cache
+                .recommendations(user, 20, candidates, None)
+                .await
+                .context("Redis did not answer")?;
+            anyhow::ensure!(items.len() == 20, "{} recommendations", items.len());
+            Ok(())
+        }
+    })
+    .await)
+}
+
 /// What producing the backlog measured.
 pub struct Produced {
     /// Events per second.

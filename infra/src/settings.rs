@@ -223,6 +223,15 @@ pub struct RecommendSettings {
         default_value_t = 1000
     )]
     pub candidates: u32,
+    /// Users whose last ranking each query API process keeps (about 20 KB each), answered
+    /// again while nothing it was computed from changed; 0 ranks every request.
+    #[arg(
+        global = true,
+        long = "recommend-kept-users",
+        env = "NEWSROOM_RECOMMEND_KEPT_USERS",
+        default_value_t = 2000
+    )]
+    pub kept_users: usize,
 }
 
 impl RecommendSettings {

@@ -44,13 +44,17 @@ local function index_keys(doc)
   end
   return keys
 end
+-- `listing` counts the changes to these indexes (a ranking computed before the last
+-- change is stale).
 local function list(doc, member, score)
   redis.call('HSET', doc, '_listed', score)
   for _, k in ipairs(index_keys(doc)) do redis.call('ZADD', k, score, member) end
+  redis.call('INCR', prefix .. 'listing')
 end
 local function withdraw(doc, member)
   if redis.call('HDEL', doc, '_listed') == 1 then
     for _, k in ipairs(index_keys(doc)) do redis.call('ZREM', k, member) end
+    redis.call('INCR', prefix .. 'listing')
   end
 end
 local i = first + 3 * n

@@ -16,13 +16,11 @@ use redis::{Script, Value};
 use uuid::Uuid;
 
 use crate::consistency::Wanted;
+use crate::recommend::{self, KEPT, Ranked, Rankings};
 use crate::routes::news::NewsRow;
 
 static TRENDING: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("cache_trending.lua")));
-static ARTICLES: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("cache_articles.lua")));
-static RECOMMEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("recommend.lua")));
 /// The streams each Redis model reads (the projection names consistency tokens map to).
 const CACHE_STREAMS: [&str; 3] = ["users", "news", "reads"];
 const RECOMMEND_STREAMS: [&str; 2] = ["news", "reads"];
@@ -45,25 +43,21 @@ pub struct Cache {
     recommend_root: String,
     /// The `cache` model's version this process last saw active (checked by every read).
     active: Arc<Mutex<Option<String>>>,
-}
-
-/// A recommendation as the recommender's model ranks it.
-pub struct Ranked {
-    /// The article.
-    pub id: Uuid,
-    /// Σ of the affinities it matches, relative to the model's epoch.
-    pub raw_score: f64,
-    /// The tags and category that matched, strongest first.
-    pub reasons: Vec<String>,
+    /// The same for the `recommend` model.
+    recommend_active: Arc<Mutex<Option<String>>>,
+    /// Each user's last ranking.
+    rankings: Rankings,
 }
 
 impl Cache {
     /// Reads the `cache` model under `root` and the `recommend` model under
-    /// `recommend_root` from the Redis of `settings`.
+    /// `recommend_root` from the Redis of `settings`, keeping the last ranking of up to
+    /// `kept_users` users.
     pub fn new(
         settings: &RedisSettings,
         root: String,
         recommend_root: String,
+        kept_users: usize,
     ) -> anyhow::Result<Self> {
         Ok(Cache {
             health: Health::watch(connect(settings)?, Duration::from_millis(500)),
@@ -71,6 +65,8 @@ impl Cache {
             root,
             recommend_root,
             active: Arc::default(),
+            recommend_active: Arc::default(),
+            rankings: Rankings::new(kept_users),
         })
     }
 
@@ -130,11 +126,22 @@ impl Cache {
     }
 
     /// The article `id` with its author's name and read count.
+    pub async fn article(&self, id: Uuid, wanted: Option<&Wanted>) -> Option<NewsRow> {
+        self.articles(&[id], true, wanted).await?.pop()
+    }
+
+    /// The articles `ids`, in that order, each with its author's name and read count, with
+    /// their content or (for lists) without it; `None` unless every one is cached.
     ///
     /// One MULTI/EXEC of plain reads against the version this process last saw active
     /// (checked in the same transaction), not a script: passing the article through Lua
     /// cost Redis three times the HGETALL itself (profile in ADR 13).
-    pub async fn article(&self, id: Uuid, wanted: Option<&Wanted>) -> Option<NewsRow> {
+    pub async fn articles(
+        &self,
+        ids: &[Uuid],
+        content: bool,
+        wanted: Option<&Wanted>,
+    ) -> Option<Vec<NewsRow>> {
         if !self.health.is_up() {
             return None;
         }
@@ -150,41 +157,39 @@ impl Cache {
         let mut version = self.active.lock().ok()?.clone();
         loop {
             let Some(v) = version else {
-                let active: Option<String> = self.query(redis::cmd("GET").arg(&active_key)).await?;
-                // Never built (or Redis lost it): PostgreSQL answers.
-                version = Some(active?);
-                *self.active.lock().ok()? = version.clone();
+                version = self.find_active(&self.active, &active_key).await?;
                 continue;
             };
             let prefix = format!("{}:v{v}:", self.root);
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .get(&active_key)
-                .hgetall(format!("{prefix}news:{id}"))
-                .get(format!("{prefix}reads:{id}"));
+            pipe.atomic().get(&active_key);
             if !fields.is_empty() {
                 pipe.cmd("HMGET")
                     .arg(format!("{prefix}offsets"))
                     .arg(&fields);
             }
-            let answer: Vec<Value> = match pipe.query_async(&mut redis).await {
-                Ok(answer) => answer,
-                Err(e) => {
-                    self.health.failed(&e);
-                    return None;
+            for id in ids {
+                let key = format!("{prefix}news:{id}");
+                if content {
+                    pipe.hgetall(key);
+                } else {
+                    pipe.cmd("HMGET").arg(key).arg(&LISTED[..]);
                 }
-            };
-            let [active, article, reads, rest @ ..] = &answer[..] else {
-                return None;
-            };
-            let active = (*active != Value::Nil).then(|| text(active));
-            if active.as_deref() != Some(v.as_str()) {
-                // A replay switched versions (or Redis lost the model): read the new one.
-                *self.active.lock().ok()? = active.clone();
-                version = Some(active?);
+                pipe.get(format!("{prefix}reads:{id}"));
+            }
+            let answer = self.run(&pipe, &mut redis).await?;
+            let (active, rest) = answer.split_first()?;
+            if !still_active(&self.active, active, &v)? {
+                // A replay switched versions: read the new one.
+                version = self.active.lock().ok()?.clone();
                 continue;
             }
-            if let Some(Value::Array(offsets)) = rest.first() {
+            let rest = if fields.is_empty() {
+                rest
+            } else {
+                let (Value::Array(offsets), rest) = rest.split_first()? else {
+                    return None;
+                };
                 let behind = offsets
                     .iter()
                     .zip(&least)
@@ -197,37 +202,66 @@ impl Cache {
                     }
                     return None;
                 }
-            }
-            let Value::Array(pairs) = article else {
-                return None;
+                rest
             };
-            if pairs.is_empty() {
-                return None;
-            }
-            let field = |name: &str| {
-                pairs
-                    .chunks(2)
-                    .find(|kv| text(&kv[0]) == name)
-                    .and_then(|kv| kv.get(1))
-                    .cloned()
-            };
-            // A model built before articles carried their author's name: look it up.
-            let name = match field("author_name") {
-                Some(name) => name,
-                None => {
-                    let author = field("author").map(|a| text(&a)).unwrap_or_default();
-                    let key = format!("{prefix}name:{author}");
-                    self.query(redis::cmd("HGET").arg(key).arg("name"))
-                        .await
-                        .unwrap_or(Value::Nil)
+            let mut rows = Vec::with_capacity(ids.len());
+            for pair in rest.chunks(2) {
+                let [article, reads] = pair else {
+                    return None;
+                };
+                let Value::Array(values) = article else {
+                    return None;
+                };
+                // HGETALL: field, value, …; HMGET: the values of LISTED (nil if missing).
+                let fields: HashMap<&str, String> = if content {
+                    values
+                        .chunks(2)
+                        .filter_map(|kv| match kv {
+                            [k, v] => Some((field_name(k)?, text(v))),
+                            _ => None,
+                        })
+                        .collect()
+                } else {
+                    LISTED
+                        .iter()
+                        .zip(values)
+                        .filter(|(_, v)| **v != Value::Nil)
+                        .map(|(k, v)| (*k, text(v)))
+                        .collect()
+                };
+                if fields.is_empty() {
+                    return None;
                 }
-            };
-            return parse_row(&[article.clone(), name, reads.clone()])
-                .inspect_err(|e| {
-                    tracing::warn!(error = format!("{e:#}"), "an unreadable cached article")
-                })
-                .ok();
+                // A model built before articles carried their author's name: look it up.
+                let name = match fields.get("author_name") {
+                    Some(name) => name.clone(),
+                    None => {
+                        let author = fields.get("author").cloned().unwrap_or_default();
+                        let key = format!("{prefix}name:{author}");
+                        self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg("name"))
+                            .await
+                            .flatten()
+                            .unwrap_or_default()
+                    }
+                };
+                let row = row(&fields, content, name, text(reads).parse().unwrap_or(0))
+                    .inspect_err(|e| {
+                        tracing::warn!(error = format!("{e:#}"), "an unreadable cached article")
+                    })
+                    .ok()?;
+                rows.push(row);
+            }
+            return Some(rows);
         }
+    }
+
+    /// Reads which version of a model is active and notes it in `slot`; `None` when none
+    /// is (never built, or Redis lost it: PostgreSQL answers).
+    async fn find_active(&self, slot: &Mutex<Option<String>>, key: &str) -> Option<Option<String>> {
+        let active: Option<String> = self.query(redis::cmd("GET").arg(key)).await?;
+        let active = Some(active?);
+        *slot.lock().ok()? = active.clone();
+        Some(active)
     }
 
     /// Runs one command; `None` (and Redis marked down) when it fails.
@@ -273,7 +307,8 @@ impl Cache {
 }
 
 impl Cache {
-    /// `user`'s ranked recommendations, with the articles from the cache model.
+    /// `user`'s ranked recommendations (at most `limit`), with the articles from the cache
+    /// model.
     pub async fn recommendations(
         &self,
         user: Uuid,
@@ -281,53 +316,218 @@ impl Cache {
         candidates: u32,
         wanted: Option<&Wanted>,
     ) -> Option<Vec<(Ranked, NewsRow)>> {
-        let args = vec![
-            self.recommend_root.clone(),
-            user.to_string(),
-            limit.to_string(),
-            candidates.to_string(),
-        ];
-        let wanted = wanted.map(|w| (w, &RECOMMEND_STREAMS[..]));
-        let answer = self.ask(&RECOMMEND, args, wanted).await?;
-        let Some(Value::Array(items)) = answer.get(1) else {
-            return None;
-        };
-        let mut ranked = Vec::with_capacity(items.len());
-        for item in items {
-            let Value::Array(parts) = item else {
-                return None;
-            };
-            let id = Uuid::parse_str(&text(parts.first()?)).ok()?;
-            let raw_score = text(parts.get(1)?).parse().ok()?;
-            let reasons = match parts.get(2) {
-                Some(Value::Array(names)) => names.iter().map(text).collect(),
-                _ => Vec::new(),
-            };
-            ranked.push(Ranked {
-                id,
-                raw_score,
-                reasons,
-            });
-        }
+        let ranking = self.ranking(user, candidates, wanted).await?;
+        let ranked: Vec<&Ranked> = ranking
+            .iter()
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
         if ranked.is_empty() {
             return Some(Vec::new());
         }
-        let mut args = vec![self.root.clone()];
-        args.extend(ranked.iter().map(|r| r.id.to_string()));
-        let answer = self.ask(&ARTICLES, args, None).await?;
-        let Some(Value::Array(rows)) = answer.get(1) else {
-            return None;
-        };
+        let ids: Vec<Uuid> = ranked
+            .iter()
+            .map(|r| Uuid::parse_str(&r.id).ok())
+            .collect::<Option<_>>()?;
         // Every article must be in the cache; otherwise PostgreSQL answers.
-        let mut out = Vec::with_capacity(ranked.len());
-        for (r, row) in ranked.into_iter().zip(rows) {
-            let Value::Array(parts) = row else {
+        let rows = self.articles(&ids, false, None).await?;
+        Some(ranked.into_iter().cloned().zip(rows).collect())
+    }
+
+    /// `user`'s ranking (the first [`KEPT`]) from the recommender's model: the ranking this
+    /// process computed last if the model's version, its published index and the user's
+    /// affinities and reads are as they were then (one atomic read), or else a new one
+    /// from one atomic read of its inputs, ranked here rather than in Redis (ADR 20).
+    async fn ranking(
+        &self,
+        user: Uuid,
+        candidates: u32,
+        wanted: Option<&Wanted>,
+    ) -> Option<Arc<Vec<Ranked>>> {
+        if !self.health.is_up() {
+            return None;
+        }
+        let token = wanted
+            .map(|w| w.redis_args(&RECOMMEND_STREAMS))
+            .unwrap_or_default();
+        let (fields, least): (Vec<&String>, Vec<i64>) = token
+            .chunks(2)
+            .map(|pair| (&pair[0], pair[1].parse().unwrap_or(i64::MAX)))
+            .unzip();
+        let root = &self.recommend_root;
+        let active_key = format!("{root}:active");
+        let mut redis = self.redis()?;
+        let mut version = self.recommend_active.lock().ok()?.clone();
+        loop {
+            let Some(v) = version else {
+                version = self
+                    .find_active(&self.recommend_active, &active_key)
+                    .await?;
+                continue;
+            };
+            let prefix = format!("{root}:v{v}:");
+            let (aff, read) = (
+                format!("{prefix}aff:{user}"),
+                format!("{prefix}read:{user}"),
+            );
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .get(&active_key)
+                .get(format!("{prefix}listing"))
+                .hgetall(&aff)
+                .scard(&read);
+            if !fields.is_empty() {
+                pipe.cmd("HMGET")
+                    .arg(format!("{prefix}offsets"))
+                    .arg(&fields);
+            }
+            let answer: Vec<Value> = self.run(&pipe, &mut redis).await?;
+            let [active, listing, affinities, reads, rest @ ..] = &answer[..] else {
                 return None;
             };
-            out.push((r, parse_row(parts).ok()?));
+            if !still_active(&self.recommend_active, active, &v)? {
+                version = self.recommend_active.lock().ok()?.clone();
+                continue;
+            }
+            if let Some(Value::Array(offsets)) = rest.first() {
+                let behind = offsets
+                    .iter()
+                    .zip(&least)
+                    .any(|(offset, least)| text(offset).parse().unwrap_or(0) < *least);
+                if behind {
+                    if wanted.is_some_and(|w| tokio::time::Instant::now() < w.deadline) {
+                        tokio::time::sleep(POLL).await;
+                        version = Some(v);
+                        continue;
+                    }
+                    return None;
+                }
+            }
+            let kept = basis(&v, listing, affinities, reads, candidates)
+                .and_then(|b| self.rankings.get(user, &b));
+            if let Some(ranking) = kept {
+                return Some(ranking);
+            }
+            // The inputs, read at once: the windows of the affinities just read.
+            let keys = hash(affinities);
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .get(&active_key)
+                .get(format!("{prefix}listing"))
+                .hgetall(&aff)
+                .smembers(&read);
+            for (key, _) in &keys {
+                pipe.zrevrange_withscores(format!("{prefix}by:{key}"), 0, candidates as isize - 1);
+            }
+            pipe.zrevrange_withscores(format!("{prefix}published"), 0, candidates as isize - 1);
+            let answer: Vec<Value> = self.run(&pipe, &mut redis).await?;
+            let [active, listing, affinities, members, windows @ ..] = &answer[..] else {
+                return None;
+            };
+            if !still_active(&self.recommend_active, active, &v)? || hash(affinities) != keys {
+                // A switch, or a read that changed the affinities meanwhile: again.
+                version = self.recommend_active.lock().ok()?.clone();
+                continue;
+            }
+            let read: std::collections::HashSet<String> = match members {
+                Value::Array(ids) => ids.iter().map(text).collect(),
+                _ => return None,
+            };
+            let weights: Vec<(String, f64)> = keys
+                .iter()
+                .map(|(k, w)| Some((k.clone(), w.parse().ok()?)))
+                .collect::<Option<_>>()?;
+            let scored: Vec<Vec<(String, f64)>> = windows
+                .iter()
+                .map(|w| {
+                    pairs(w)
+                        .into_iter()
+                        .map(|(id, score)| Some((id, score.parse().ok()?)))
+                        .collect::<Option<_>>()
+                })
+                .collect::<Option<_>>()?;
+            let (recent, windows) = scored.split_last()?;
+            let ranking = Arc::new(recommend::rank(&weights, &read, windows, recent, KEPT));
+            let reads = Value::Int(read.len() as i64);
+            if let Some(basis) = basis(&v, listing, affinities, &reads, candidates) {
+                self.rankings.keep(user, basis, ranking.clone());
+            }
+            return Some(ranking);
         }
-        Some(out)
     }
+
+    /// Runs an atomic pipeline; `None` (and Redis marked down) when it fails.
+    async fn run(
+        &self,
+        pipe: &redis::Pipeline,
+        redis: &mut ConnectionManager,
+    ) -> Option<Vec<Value>> {
+        match pipe.query_async(redis).await {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                self.health.failed(&e);
+                None
+            }
+        }
+    }
+}
+
+/// Whether version `v` of a model is still the active one (`active`, as just read); if not,
+/// notes the new one in `slot` (`None`: the model is gone).
+fn still_active(slot: &Mutex<Option<String>>, active: &Value, v: &str) -> Option<bool> {
+    let active = (*active != Value::Nil).then(|| text(active));
+    if active.as_deref() == Some(v) {
+        return Some(true);
+    }
+    let gone = active.is_none();
+    *slot.lock().ok()? = active;
+    (!gone).then_some(false)
+}
+
+/// A `WITHSCORES` reply (or a hash, in Redis's order) as (member, score) pairs.
+fn pairs(value: &Value) -> Vec<(String, String)> {
+    match value {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|kv| match kv {
+                [k, v] => Some((text(k), text(v))),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(map) => map.iter().map(|(k, v)| (text(k), text(v))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A hash as (field, value) pairs sorted by field.
+fn hash(value: &Value) -> Vec<(String, String)> {
+    let mut fields = pairs(value);
+    fields.sort();
+    fields
+}
+
+/// The basis of a ranking, if the model keeps count of changes to its published index (a
+/// model built before it did is ranked every time).
+fn basis(
+    version: &str,
+    listing: &Value,
+    affinities: &Value,
+    reads: &Value,
+    candidates: u32,
+) -> Option<recommend::Basis> {
+    if *listing == Value::Nil {
+        return None;
+    }
+    Some(recommend::Basis {
+        version: version.to_owned(),
+        listing: text(listing),
+        affinities: hash(affinities),
+        reads: usize::try_from(match reads {
+            Value::Int(n) => *n,
+            _ => return None,
+        })
+        .ok()?,
+        candidates,
+    })
 }
 
 fn text(value: &Value) -> String {
@@ -344,13 +544,61 @@ fn parse_row(parts: &[Value]) -> anyhow::Result<NewsRow> {
     let Some(Value::Array(pairs)) = parts.first() else {
         return Err(anyhow!("no article hash"));
     };
-    let fields: HashMap<String, String> = pairs
+    let fields: HashMap<&str, String> = pairs
         .chunks(2)
         .filter_map(|kv| match kv {
-            [k, v] => Some((text(k), text(v))),
+            [k, v] => Some((field_name(k)?, text(v))),
             _ => None,
         })
         .collect();
+    let reads = parts
+        .get(2)
+        .map(text)
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    row(
+        &fields,
+        true,
+        parts.get(1).map(text).unwrap_or_default(),
+        reads,
+    )
+}
+
+/// The fields of a cached article a list shows (all but its content).
+const LISTED: [&str; 11] = [
+    "id",
+    "category",
+    "title",
+    "tags",
+    "author",
+    "author_name",
+    "status",
+    "version",
+    "created",
+    "updated",
+    "published",
+];
+
+/// A field's name as one of the fields articles have (others are ignored).
+fn field_name(value: &Value) -> Option<&'static str> {
+    let Value::BulkString(bytes) = value else {
+        return None;
+    };
+    LISTED
+        .iter()
+        .chain(&["content"])
+        .find(|name| name.as_bytes() == bytes.as_slice())
+        .copied()
+}
+
+/// A row from a cached article's `fields` (`content`: whether they hold it).
+fn row(
+    fields: &HashMap<&str, String>,
+    content: bool,
+    author_name: String,
+    read_count: i64,
+) -> anyhow::Result<NewsRow> {
     let field = |name: &str| {
         fields
             .get(name)
@@ -373,20 +621,19 @@ fn parse_row(parts: &[Value]) -> anyhow::Result<NewsRow> {
         id: Uuid::parse_str(&field("id")?)?,
         category: field("category")?,
         title: field("title")?,
-        content: field("content")?,
+        content: if content {
+            field("content")?
+        } else {
+            String::new()
+        },
         tags: serde_json::from_str(&field("tags")?).context("tags")?,
         author_id: Uuid::parse_str(&field("author")?)?,
-        author_name: parts.get(1).map(text).unwrap_or_default(),
+        author_name,
         status: field("status")?,
         version: field("version")?.parse()?,
         created_at: micros("created")?.context("no creation time")?,
         updated_at: micros("updated")?.context("no update time")?,
         published_at: micros("published")?,
-        read_count: parts
-            .get(2)
-            .map(text)
-            .unwrap_or_default()
-            .parse()
-            .unwrap_or(0),
+        read_count,
     })
 }

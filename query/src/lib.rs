@@ -6,6 +6,7 @@ pub mod cache;
 pub mod consistency;
 pub mod log_ends;
 pub mod reads;
+pub mod recommend;
 pub mod routes;
 
 use std::net::TcpListener;
@@ -55,6 +56,7 @@ pub async fn build(
             &settings.redis,
             newsroom_infra::redis::root(&settings.kafka, "cache"),
             newsroom_infra::redis::root(&settings.kafka, "recommend"),
+            settings.recommend.kept_users,
         )?,
         recommend: settings.recommend.clone(),
         log_ends: log_ends::LogEnds::start(

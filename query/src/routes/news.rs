@@ -173,6 +173,13 @@ pub async fn get(
         .json(row.view(true)))
 }
 
+/// A whole list (the answer of lists without pages).
+#[derive(Serialize)]
+pub struct Items<T> {
+    /// The items.
+    pub items: Vec<T>,
+}
+
 /// A page of a list.
 #[derive(Serialize)]
 pub struct Page<T> {
@@ -378,7 +385,7 @@ pub async fn trending(
                 reads,
             })
             .collect();
-        return Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })));
+        return Ok(HttpResponse::Ok().json(Items { items }));
     }
     answered("trending", "postgres");
     consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
@@ -404,7 +411,7 @@ pub async fn trending(
             reads: r.reads,
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
+    Ok(HttpResponse::Ok().json(Items { items }))
 }
 
 /// `category`: one of the three, if given.

@@ -184,6 +184,7 @@ async fn recommendations_rank_unread_articles_by_the_tags_and_category_a_reader_
     );
 
     // Unpublishing removes an article at once (with the command's token).
+    let from_postgres = app.query_answers("recommendations", "postgres").await?;
     let token = transition(&app, &editor, &football_sports, "unpublish").await?;
     let items = recommendations(&app, &reader, Some(&token)).await?;
     assert!(
@@ -192,6 +193,31 @@ async fn recommendations_rank_unread_articles_by_the_tags_and_category_a_reader_
             .all(|i| i["news"]["id"] != football_sports.as_str())
     );
     assert_eq!(items.len(), 3);
+
+    // A further read leaves the list as soon as the recommender has it (the ranking this
+    // process kept is for the reads before it).
+    let response = app
+        .http
+        .get(format!("{}/v1/news/{tennis}", app.query_url))
+        .bearer_auth(&reader.token)
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::OK);
+    until(
+        "the further read to leave the recommendations",
+        WAIT,
+        || async {
+            let items = recommendations(&app, &reader, None).await?;
+            Ok(items.len() == 2 && items.iter().all(|i| i["news"]["id"] != tennis.as_str()))
+        },
+    )
+    .await?;
+    // Every ranking since came from Redis.
+    assert!(app.query_answers("recommendations", "redis").await? > 0);
+    assert_eq!(
+        app.query_answers("recommendations", "postgres").await?,
+        from_postgres
+    );
 
     // Self or admin only; another user is refused; unknown parameters are checked.
     let path = format!("/v1/users/{}/recommendations", reader.id);
