@@ -47,6 +47,8 @@ pub struct Cache {
     recommend_active: Arc<Mutex<Option<String>>>,
     /// Each user's last ranking.
     rankings: Rankings,
+    /// Rankings computed at once.
+    ranking_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Cache {
@@ -67,6 +69,9 @@ impl Cache {
             active: Arc::default(),
             recommend_active: Arc::default(),
             rankings: Rankings::new(kept_users),
+            ranking_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         })
     }
 
@@ -402,9 +407,16 @@ impl Cache {
                     return None;
                 }
             }
-            let kept = basis(&v, listing, affinities, reads, candidates)
-                .and_then(|b| self.rankings.get(user, &b));
-            if let Some(ranking) = kept {
+            let before = basis(&v, listing, affinities, reads, candidates);
+            let kept = || before.as_ref().and_then(|b| self.rankings.get(user, b));
+            if let Some(ranking) = kept() {
+                return Some(ranking);
+            }
+            // Ranking is CPU work here and a large read for Redis: a few at a time, so that
+            // a burst of them queues instead of timing out; the same user's ranking made
+            // while this one waited is used as is.
+            let _permit = self.ranking_permits.acquire().await.ok()?;
+            if let Some(ranking) = kept() {
                 return Some(ranking);
             }
             // The inputs, read at once: the windows of the affinities just read.
