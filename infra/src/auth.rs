@@ -237,8 +237,17 @@ impl Revocations {
 enum Checked {
     /// Valid and not revoked.
     Valid(Actor),
+    /// Valid; whether it was revoked is not known (the floors could not be read).
+    Unverified(Actor),
     /// Valid, but issued before its user's floor.
     Revoked,
+}
+
+/// Whether the request's token was checked against its user's floor and found current
+/// (so its user exists and was not erased, as of the floors' cache).
+pub fn verified(req: &HttpRequest) -> bool {
+    use actix_web::HttpMessage as _;
+    matches!(req.extensions().get::<Checked>(), Some(Checked::Valid(_)))
 }
 
 /// Middleware of both APIs: checks a valid bearer token against its user's floor, so that
@@ -265,7 +274,7 @@ pub async fn authenticate(
                     error = format!("{e:#}"),
                     "token floors unreadable; token taken as valid"
                 );
-                Checked::Valid(actor)
+                Checked::Unverified(actor)
             }
         };
         req.extensions_mut().insert(checked);
@@ -300,7 +309,9 @@ impl FromRequest for Caller {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         use actix_web::HttpMessage as _;
         match req.extensions().get::<Checked>().copied() {
-            Some(Checked::Valid(actor)) => return ready(Ok(Caller(Some(actor)))),
+            Some(Checked::Valid(actor) | Checked::Unverified(actor)) => {
+                return ready(Ok(Caller(Some(actor))));
+            }
             Some(Checked::Revoked) => return ready(Err(ApiError::Unauthenticated)),
             None => {}
         }

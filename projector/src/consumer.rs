@@ -537,10 +537,14 @@ impl<S: Store> Worker<'_, S> {
             return Ok(false);
         }
         for (position, start) in &held {
-            if let Some(start) = start
-                && stored.get(position).is_none_or(|s| s < start)
+            // Fetching is past what the store holds when the store lost data (PostgreSQL
+            // commits asynchronously, Redis keeps snapshots), either since the partition
+            // was assigned or since this process applied more of it: read it again.
+            let past = self.offsets.get(position).copied().max(*start);
+            if let Some(past) = past
+                && stored.get(position).is_none_or(|s| *s < past)
             {
-                tracing::warn!(consumer = %self.label, topic = %position.0, partition = position.1, "the store is behind where fetching started; reopening");
+                tracing::warn!(consumer = %self.label, topic = %position.0, partition = position.1, "the store is behind where fetching is; reopening");
                 return Ok(false);
             }
         }

@@ -25,6 +25,8 @@ static TRENDING: LazyLock<Script> =
 const CACHE_STREAMS: [&str; 3] = ["users", "news", "reads"];
 const RECOMMEND_STREAMS: [&str; 2] = ["news", "reads"];
 const POLL: Duration = Duration::from_millis(5);
+/// Longest wait for a turn to rank (ADR 20).
+const RANKING_WAIT: Duration = Duration::from_millis(500);
 
 thread_local! {
     /// Each thread's own connections (by URL). An HTTP worker runs on a single-threaded
@@ -415,7 +417,12 @@ impl Cache {
             // Ranking is CPU work here and a large read for Redis: a few at a time, so that
             // a burst of them queues instead of timing out; the same user's ranking made
             // while this one waited is used as is.
-            let _permit = self.ranking_permits.acquire().await.ok()?;
+            let Ok(Ok(_permit)) =
+                tokio::time::timeout(RANKING_WAIT, self.ranking_permits.acquire()).await
+            else {
+                // A queue longer than this: PostgreSQL answers instead.
+                return None;
+            };
             if let Some(ranking) = kept() {
                 return Some(ranking);
             }

@@ -173,9 +173,10 @@ pub async fn recommendations(
     self_or_admin(&caller, *id)?;
     let limit = limit(&params)?;
     let wanted = crate::consistency::wanted(&req, &state).await?;
-    // A user's own token says they exist and were not erased (erasure revokes it, ADR 18):
-    // only an admin asking about someone costs a database lookup.
-    if caller.required()?.id != *id {
+    // A user's own token, checked against their floor, says they exist and were not
+    // erased (erasure revokes it, ADR 18): only an admin asking about someone, or a token
+    // whose floor could not be read, costs a database lookup.
+    if caller.required()?.id != *id || !newsroom_infra::auth::verified(&req) {
         existing(&state, *id).await?;
     }
     let half_life = state.recommend.half_life();
