@@ -294,7 +294,7 @@ impl<S: Store> Session<'_, S> {
                 }
                 if self.mode == Mode::Live && refreshed.elapsed() >= KNOWN_REFRESH {
                     refreshed = tokio::time::Instant::now();
-                    if !worker.refresh(&holding).await? {
+                    if !worker.refresh(&holding).await {
                         return Ok(false);
                     }
                 }
@@ -561,15 +561,22 @@ impl<S: Store> Worker<'_, S> {
     }
 
     /// Rereads the stored offsets (where partitions the group may give this process
-    /// later start); `false` when the consumer must reopen.
-    async fn refresh(&self, holding: &Holding) -> anyhow::Result<bool> {
-        let (version, stored) = self.store.open(self.mode).await?;
-        if version != self.version {
-            return Ok(false);
+    /// later start); `false` when the consumer must reopen. A store that does not answer
+    /// leaves what is known as it is (leaving the group over it would move every
+    /// partition of every process).
+    async fn refresh(&self, holding: &Holding) -> bool {
+        match self.store.open(self.mode).await {
+            Ok((version, _)) if version != self.version => false,
+            Ok((_, stored)) => {
+                holding.know(stored);
+                holding.know_held(&self.offsets);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %self.label, error = format!("{e:#}"), "cannot reread the stored offsets");
+                true
+            }
         }
-        holding.know(stored);
-        holding.know_held(&self.offsets);
-        Ok(true)
     }
 
     fn holds(&self, position: &Position) -> bool {
