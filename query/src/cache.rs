@@ -28,6 +28,59 @@ const POLL: Duration = Duration::from_millis(5);
 /// Longest wait for a turn to rank (ADR 20).
 const RANKING_WAIT: Duration = Duration::from_millis(500);
 
+/// What a consistency token asks of a Redis model read with plain commands: the least
+/// next offset of each of its offset fields.
+struct Least {
+    fields: Vec<String>,
+    least: Vec<i64>,
+}
+
+impl Least {
+    fn of(wanted: Option<&Wanted>, streams: &[&str]) -> Least {
+        let token = wanted.map(|w| w.redis_args(streams)).unwrap_or_default();
+        let (fields, least) = token
+            .chunks(2)
+            .map(|pair| (pair[0].clone(), pair[1].parse().unwrap_or(i64::MAX)))
+            .unzip();
+        Least { fields, least }
+    }
+
+    /// Adds the read of the model's offsets under `prefix` to `pipe`, if the token asks.
+    fn read(&self, pipe: &mut redis::Pipeline, prefix: &str) {
+        if !self.fields.is_empty() {
+            pipe.cmd("HMGET")
+                .arg(format!("{prefix}offsets"))
+                .arg(&self.fields);
+        }
+    }
+
+    /// Splits the answer of [`Least::read`] off `rest`: whether the model is behind the
+    /// token, and what follows it.
+    fn behind<'a>(&self, rest: &'a [Value]) -> Option<(bool, &'a [Value])> {
+        if self.fields.is_empty() {
+            return Some((false, rest));
+        }
+        let (Value::Array(offsets), rest) = rest.split_first()? else {
+            return None;
+        };
+        let behind = offsets
+            .iter()
+            .zip(&self.least)
+            .any(|(offset, least)| text(offset).parse().unwrap_or(0) < *least);
+        Some((behind, rest))
+    }
+}
+
+/// After a model was found behind a consistency token: waits a moment and says whether to
+/// look again (`false`: no token, or its deadline passed).
+async fn again(wanted: Option<&Wanted>) -> bool {
+    if wanted.is_some_and(|w| tokio::time::Instant::now() < w.deadline) {
+        tokio::time::sleep(POLL).await;
+        return true;
+    }
+    false
+}
+
 thread_local! {
     /// Each thread's own connections (by URL). An HTTP worker runs on a single-threaded
     /// runtime: with a connection of its own, the connection's task runs there too and a
@@ -122,11 +175,7 @@ impl Cache {
             };
             match answer.first().map(text).as_deref() {
                 Some("ok") => return Some(answer),
-                Some("behind")
-                    if wanted.is_some_and(|w| tokio::time::Instant::now() < w.deadline) =>
-                {
-                    tokio::time::sleep(POLL).await;
-                }
+                Some("behind") if again(wanted).await => {}
                 _ => return None,
             }
         }
@@ -152,13 +201,7 @@ impl Cache {
         if !self.health.is_up() {
             return None;
         }
-        let token = wanted
-            .map(|w| w.redis_args(&CACHE_STREAMS))
-            .unwrap_or_default();
-        let (fields, least): (Vec<&String>, Vec<i64>) = token
-            .chunks(2)
-            .map(|pair| (&pair[0], pair[1].parse().unwrap_or(i64::MAX)))
-            .unzip();
+        let least = Least::of(wanted, &CACHE_STREAMS);
         let mut redis = self.redis()?;
         let active_key = format!("{}:active", self.root);
         let mut version = self.active.lock().ok()?.clone();
@@ -170,11 +213,7 @@ impl Cache {
             let prefix = format!("{}:v{v}:", self.root);
             let mut pipe = redis::pipe();
             pipe.atomic().get(&active_key);
-            if !fields.is_empty() {
-                pipe.cmd("HMGET")
-                    .arg(format!("{prefix}offsets"))
-                    .arg(&fields);
-            }
+            least.read(&mut pipe, &prefix);
             for id in ids {
                 let key = format!("{prefix}news:{id}");
                 if content {
@@ -191,26 +230,14 @@ impl Cache {
                 version = self.active.lock().ok()?.clone();
                 continue;
             }
-            let rest = if fields.is_empty() {
-                rest
-            } else {
-                let (Value::Array(offsets), rest) = rest.split_first()? else {
-                    return None;
-                };
-                let behind = offsets
-                    .iter()
-                    .zip(&least)
-                    .any(|(offset, least)| text(offset).parse().unwrap_or(0) < *least);
-                if behind {
-                    if wanted.is_some_and(|w| tokio::time::Instant::now() < w.deadline) {
-                        tokio::time::sleep(POLL).await;
-                        version = Some(v);
-                        continue;
-                    }
-                    return None;
+            let (behind, rest) = least.behind(rest)?;
+            if behind {
+                if again(wanted).await {
+                    version = Some(v);
+                    continue;
                 }
-                rest
-            };
+                return None;
+            }
             let mut rows = Vec::with_capacity(ids.len());
             for pair in rest.chunks(2) {
                 let [article, reads] = pair else {
@@ -353,13 +380,7 @@ impl Cache {
         if !self.health.is_up() {
             return None;
         }
-        let token = wanted
-            .map(|w| w.redis_args(&RECOMMEND_STREAMS))
-            .unwrap_or_default();
-        let (fields, least): (Vec<&String>, Vec<i64>) = token
-            .chunks(2)
-            .map(|pair| (&pair[0], pair[1].parse().unwrap_or(i64::MAX)))
-            .unzip();
+        let least = Least::of(wanted, &RECOMMEND_STREAMS);
         let root = &self.recommend_root;
         let active_key = format!("{root}:active");
         let mut redis = self.redis()?;
@@ -382,11 +403,7 @@ impl Cache {
                 .get(format!("{prefix}listing"))
                 .hgetall(&aff)
                 .scard(&read);
-            if !fields.is_empty() {
-                pipe.cmd("HMGET")
-                    .arg(format!("{prefix}offsets"))
-                    .arg(&fields);
-            }
+            least.read(&mut pipe, &prefix);
             let answer: Vec<Value> = self.run(&pipe, &mut redis).await?;
             let [active, listing, affinities, reads, rest @ ..] = &answer[..] else {
                 return None;
@@ -395,19 +412,12 @@ impl Cache {
                 version = self.recommend_active.lock().ok()?.clone();
                 continue;
             }
-            if let Some(Value::Array(offsets)) = rest.first() {
-                let behind = offsets
-                    .iter()
-                    .zip(&least)
-                    .any(|(offset, least)| text(offset).parse().unwrap_or(0) < *least);
-                if behind {
-                    if wanted.is_some_and(|w| tokio::time::Instant::now() < w.deadline) {
-                        tokio::time::sleep(POLL).await;
-                        version = Some(v);
-                        continue;
-                    }
-                    return None;
+            if least.behind(rest)?.0 {
+                if again(wanted).await {
+                    version = Some(v);
+                    continue;
                 }
+                return None;
             }
             let before = basis(&v, listing, affinities, reads, candidates);
             let kept = || before.as_ref().and_then(|b| self.rankings.get(user, b));
