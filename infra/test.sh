@@ -14,6 +14,7 @@ esac
 started=$SECONDS
 infra/local.sh up
 cargo fmt --all -- --check
+infra/unused-deps.sh
 cargo clippy --workspace --all-targets -- -D warnings
 # The ownership tests start the newsroom binary as separate processes; the benchmark's
 # smoke run below uses the bench binary.

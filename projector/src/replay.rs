@@ -82,16 +82,78 @@ fn log_end(context: &Context, topics: &[String]) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-fn show(name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+/// How a replay shows its progress: nothing (`--quiet`), a bar on a terminal, or one plain
+/// line a second when stderr is a file or a pipe (logs, CI).
+enum Shown {
+    Nothing,
+    Bar(indicatif::ProgressBar),
+    Lines(Instant),
+}
+
+impl Shown {
+    fn new(quiet: bool, total: i64) -> Self {
+        use std::io::IsTerminal as _;
+        if quiet {
+            Shown::Nothing
+        } else if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total.max(0) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:40}] {percent:>3}% {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            Shown::Bar(bar)
+        } else {
+            // The first line comes after a second, like every other.
+            Shown::Lines(Instant::now())
+        }
+    }
+
+    /// Shows where the replay stands (a line at most once a second; the bar always).
+    fn update(&mut self, name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+        match self {
+            Shown::Nothing => {}
+            Shown::Bar(bar) => {
+                let (done, rate, _) = measure(progress, total, started);
+                bar.set_prefix(format!("replay {name} v{new}"));
+                bar.set_position(done.clamp(0, total.max(0)) as u64);
+                bar.set_message(format!("{} events, {rate:.0} events/s", progress.events));
+            }
+            Shown::Lines(last) => {
+                if last.elapsed() >= Duration::from_secs(1) {
+                    line(name, new, progress, total, started);
+                    *last = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// The last word: the bar is cleared and one plain line stays either way.
+    fn finish(self, name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+        match self {
+            Shown::Nothing => return,
+            Shown::Bar(bar) => bar.finish_and_clear(),
+            Shown::Lines(_) => {}
+        }
+        line(name, new, progress, total, started);
+    }
+}
+
+/// (offsets done, events per second, seconds left if known).
+fn measure(progress: &Progress, total: i64, started: Instant) -> (i64, f64, Option<f64>) {
     let elapsed = started.elapsed().as_secs_f64().max(1e-3);
     let rate = progress.events as f64 / elapsed;
     let done: i64 = progress.offsets.values().sum();
     let left = (total - done).max(0);
-    let eta = if rate > 0.0 {
-        format!("{:.0} s", left as f64 / rate)
-    } else {
-        "unknown".to_owned()
-    };
+    let eta = (rate > 0.0).then(|| left as f64 / rate);
+    (done, rate, eta)
+}
+
+fn line(name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+    let (done, rate, eta) = measure(progress, total, started);
+    let eta = eta.map_or_else(|| "unknown".to_owned(), |s| format!("{s:.0} s"));
     let percent = if total > 0 {
         (done as f64 * 100.0 / total as f64).min(100.0)
     } else {
@@ -136,7 +198,7 @@ pub async fn replay<S: Versioned>(
             consumer::run(Shared(store), Mode::Replay(new), context, progress_tx, stop).await
         })
     };
-    let mut last_shown = Instant::now();
+    let mut shown = Shown::new(quiet, total);
     let outcome: anyhow::Result<()> = async {
         loop {
             // Catch up with the live consumer first, while it keeps serving.
@@ -148,10 +210,7 @@ pub async fn replay<S: Versioned>(
                 if covers(&progress.borrow().offsets, &live) {
                     break;
                 }
-                if !quiet && last_shown.elapsed() >= Duration::from_secs(1) {
-                    show(name, new, &progress.borrow(), total, started);
-                    last_shown = Instant::now();
-                }
+                shown.update(name, new, &progress.borrow(), total, started);
                 let _ = tokio::time::timeout(Duration::from_millis(100), progress.changed()).await;
             }
             // Hold the live consumer, reach exactly its offsets, switch.
@@ -176,6 +235,9 @@ pub async fn replay<S: Versioned>(
         Err(e) => Err(e),
     };
     if let Err(e) = finished {
+        if let Shown::Bar(bar) = &shown {
+            bar.abandon();
+        }
         let _ = store.release_live().await;
         let _ = store.drop_version(new).await;
         return Err(e.context(format!(
@@ -189,8 +251,8 @@ pub async fn replay<S: Versioned>(
         elapsed: started.elapsed(),
     };
     store.drop_version(old).await?;
+    shown.finish(name, new, &progress.borrow(), total, started);
     if !quiet {
-        show(name, new, &progress.borrow(), total, started);
         eprintln!(
             "replay {name}: version {new} serves now ({} events in {:.1} s, {:.0} events/s); version {old} dropped",
             report.events,
