@@ -249,6 +249,42 @@ pub async fn replay(
     name: &str,
     quiet: bool,
 ) -> anyhow::Result<projector::replay::Report> {
+    match rebuild(settings, name, quiet, Rebuild::Replay).await? {
+        Rebuilt::Replayed(report) => Ok(report),
+        Rebuilt::Verified(_) => unreachable!("a replay was asked for"),
+    }
+}
+
+/// Builds read model `name` afresh from the log beside the version that serves and
+/// compares the two at the live consumer's offsets; the fresh copy is dropped.
+pub async fn verify(
+    settings: &Settings,
+    name: &str,
+    quiet: bool,
+) -> anyhow::Result<projector::replay::Verdict> {
+    match rebuild(settings, name, quiet, Rebuild::Verify).await? {
+        Rebuilt::Verified(verdict) => Ok(verdict),
+        Rebuilt::Replayed(_) => unreachable!("a verify was asked for"),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rebuild {
+    Replay,
+    Verify,
+}
+
+enum Rebuilt {
+    Replayed(projector::replay::Report),
+    Verified(projector::replay::Verdict),
+}
+
+async fn rebuild(
+    settings: &Settings,
+    name: &str,
+    quiet: bool,
+    how: Rebuild,
+) -> anyhow::Result<Rebuilt> {
     ensure_topics(&settings.kafka).await?;
     let pool = newsroom_infra::db::connect(&settings.postgres).await?;
     newsroom_infra::db::migrate(&pool).await?;
@@ -258,14 +294,30 @@ pub async fn replay(
         settings,
         pool: &pool,
     };
-    use projector::replay::replay;
+    async fn one<S: projector::replay::Versioned>(
+        store: S,
+        context: projector::consumer::Context,
+        pool: &sqlx::PgPool,
+        quiet: bool,
+        how: Rebuild,
+    ) -> anyhow::Result<Rebuilt> {
+        use projector::replay;
+        Ok(match how {
+            Rebuild::Replay => {
+                Rebuilt::Replayed(replay::replay(store, context, pool, quiet).await?)
+            }
+            Rebuild::Verify => {
+                Rebuilt::Verified(replay::verify(store, context, pool, quiet).await?)
+            }
+        })
+    }
     match name {
-        "users" => replay(stores.users(), context, &pool, quiet).await,
-        "news" => replay(stores.news(), context, &pool, quiet).await,
-        "reads" => replay(stores.reads(), context, &pool, quiet).await,
-        "cache" => replay(stores.cache()?, context, &pool, quiet).await,
-        "recommend" => replay(stores.recommend()?, context, &pool, quiet).await,
-        "notify" => replay(stores.notify(), context, &pool, quiet).await,
+        "users" => one(stores.users(), context, &pool, quiet, how).await,
+        "news" => one(stores.news(), context, &pool, quiet, how).await,
+        "reads" => one(stores.reads(), context, &pool, quiet, how).await,
+        "cache" => one(stores.cache()?, context, &pool, quiet, how).await,
+        "recommend" => one(stores.recommend()?, context, &pool, quiet, how).await,
+        "notify" => one(stores.notify(), context, &pool, quiet, how).await,
         other => anyhow::bail!(
             "no read model named {other}; choose one of {}",
             PROJECTIONS.join(", ")

@@ -49,6 +49,18 @@ enum Role {
         #[arg(long)]
         quiet: bool,
     },
+    /// Build a read model afresh from the log beside the version that serves, compare the
+    /// two row by row (key by key) at the live consumer's offsets, print every difference
+    /// and drop the fresh copy. Exits with status 1 when they differ. The live consumer is
+    /// held only for the last short round of the build and the comparison (at most 30 s).
+    Verify {
+        /// The read model: users, news, reads, cache (Redis), recommend (Redis) or notify.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(newsroom::PROJECTIONS))]
+        projection: String,
+        /// Print no progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Events a consumer could not apply, and the ones parked behind them.
     DeadLetters {
         #[command(subcommand)]
@@ -117,6 +129,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Role::Replay { projection, quiet } => {
             newsroom::replay(&cli.settings, &projection, quiet).await?;
+            return Ok(());
+        }
+        Role::Verify { projection, quiet } => {
+            let verdict = newsroom::verify(&cli.settings, &projection, quiet).await?;
+            let found = &verdict.differences;
+            for line in &found.named {
+                println!("{line}");
+            }
+            if found.count > found.named.len() as u64 {
+                println!("... and {} more", found.count - found.named.len() as u64);
+            }
+            println!(
+                "verify {projection}: version {} {} a fresh build of {} events ({} rows or keys compared, {} differences, {:.1} s)",
+                verdict.active,
+                if found.count == 0 {
+                    "equals"
+                } else {
+                    "differs from"
+                },
+                verdict.events,
+                found.compared,
+                found.count,
+                verdict.elapsed.as_secs_f64()
+            );
+            // Written before the process ends with a status that says they differ.
+            newsroom_infra::telemetry::flush();
+            if found.count > 0 {
+                std::process::exit(1);
+            }
             return Ok(());
         }
         Role::DeadLetters { action } => {

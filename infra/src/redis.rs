@@ -77,6 +77,22 @@ impl Health {
     }
 }
 
+/// One SCAN step over the keys matching `pattern`: the next cursor (0 at the end) and keys.
+async fn scan(
+    redis: &mut impl ::redis::aio::ConnectionLike,
+    pattern: &str,
+    cursor: u64,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    Ok(::redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(redis)
+        .await?)
+}
+
 /// Unlinks every key matching `pattern`, a thousand at a time.
 pub async fn unlink_matching(
     redis: &mut impl ::redis::aio::ConnectionLike,
@@ -84,14 +100,7 @@ pub async fn unlink_matching(
 ) -> anyhow::Result<()> {
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
+        let (next, keys) = scan(redis, pattern, cursor).await?;
         if !keys.is_empty() {
             let (): () = ::redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
         }
@@ -100,4 +109,77 @@ pub async fn unlink_matching(
         }
         cursor = next;
     }
+}
+
+/// Every key under `prefix` (named without it) with its value in a canonical form that two
+/// copies of a read model agree on: a hash as sorted `field=value`, a sorted set as
+/// `member`, `score` pairs in rank order, a set sorted, a list in order, a string alone.
+pub async fn dump(
+    redis: &mut impl ::redis::aio::ConnectionLike,
+    prefix: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch) = scan(redis, &pattern, cursor).await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    let mut dumped = std::collections::BTreeMap::new();
+    for chunk in keys.chunks(500) {
+        let mut types = ::redis::pipe();
+        for key in chunk {
+            types.cmd("TYPE").arg(key);
+        }
+        let kinds: Vec<String> = types.query_async(redis).await?;
+        let mut values = ::redis::pipe();
+        for (key, kind) in chunk.iter().zip(&kinds) {
+            match kind.as_str() {
+                "hash" => values.cmd("HGETALL").arg(key),
+                "zset" => values
+                    .cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES"),
+                "set" => values.cmd("SMEMBERS").arg(key),
+                "list" => values.cmd("LRANGE").arg(key).arg(0).arg(-1),
+                _ => values.cmd("GET").arg(key),
+            };
+        }
+        let answers: Vec<::redis::Value> = values.query_async(redis).await?;
+        for ((key, kind), answer) in chunk.iter().zip(&kinds).zip(answers) {
+            let value: Vec<String> = match kind.as_str() {
+                "hash" => {
+                    let map: std::collections::BTreeMap<String, String> =
+                        ::redis::from_redis_value(answer)?;
+                    map.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+                }
+                "set" => {
+                    let mut members: Vec<String> = ::redis::from_redis_value(answer)?;
+                    members.sort();
+                    members
+                }
+                // A key deleted between SCAN and TYPE reads as none.
+                "none" => continue,
+                "zset" | "list" => ::redis::from_redis_value(answer)?,
+                _ => vec![::redis::from_redis_value(answer)?],
+            };
+            dumped.insert(key[prefix.len()..].to_owned(), value);
+        }
+    }
+    Ok(dumped)
 }

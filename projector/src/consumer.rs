@@ -184,6 +184,33 @@ pub async fn run<S: Store>(
     progress: watch::Sender<Progress>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_within(store, mode, None, context, progress, shutdown).await
+}
+
+/// Builds version `version` of `store`'s read model (as a replay does) from the offsets it
+/// has stored, applying only the records below `ceiling` on each partition (none of a
+/// partition it does not name), until `shutdown` resolves. What it stops short of is read
+/// again by the next run from the stored offsets.
+pub async fn run_below<S: Store>(
+    store: S,
+    version: i32,
+    ceiling: &Offsets,
+    context: Context,
+    progress: watch::Sender<Progress>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mode = Mode::Replay(version);
+    run_within(store, mode, Some(ceiling), context, progress, shutdown).await
+}
+
+async fn run_within<S: Store>(
+    store: S,
+    mode: Mode,
+    ceiling: Option<&Offsets>,
+    context: Context,
+    progress: watch::Sender<Progress>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let producer = Producer::new(&best_effort_producer(&context.kafka))
         .context("creating the dead-letter producer")?;
     let label = match mode {
@@ -195,6 +222,7 @@ pub async fn run<S: Store>(
         let session = Session {
             store: &store,
             mode,
+            ceiling,
             context: &context,
             producer: &producer,
             progress: &progress,
@@ -218,6 +246,7 @@ pub async fn run<S: Store>(
 struct Session<'a, S> {
     store: &'a S,
     mode: Mode,
+    ceiling: Option<&'a Offsets>,
     context: &'a Context,
     producer: &'a Producer,
     progress: &'a watch::Sender<Progress>,
@@ -242,6 +271,7 @@ impl<S: Store> Session<'_, S> {
         let mut worker = Worker {
             store: self.store,
             mode: self.mode,
+            ceiling: self.ceiling,
             version,
             registry: &self.context.registry,
             parked: HashSet::new(),
@@ -460,6 +490,8 @@ struct Worker<'a, S> {
     offsets: Offsets,
     /// The partitions held (`None`: every one, as a replay).
     held: Option<BTreeSet<Position>>,
+    /// The offsets a bounded build stops below (see [`run_below`]).
+    ceiling: Option<&'a Offsets>,
     label: String,
 }
 
@@ -609,7 +641,11 @@ impl<S: Store> Worker<'_, S> {
             .into_iter()
             .filter(|r| {
                 let position = (r.topic.to_string(), r.partition);
-                if !self.holds(&position) || to.get(&position).is_some_and(|next| r.offset < *next)
+                if !self.holds(&position)
+                    || to.get(&position).is_some_and(|next| r.offset < *next)
+                    || self
+                        .ceiling
+                        .is_some_and(|c| r.offset >= c.get(&position).copied().unwrap_or(0))
                 {
                     return false;
                 }

@@ -19,7 +19,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use crate::consumer::{Batch, Committed, Failure, Mode, Offsets, Store};
-use crate::replay::{HOLD, Versioned};
+use crate::replay::{Differences, HOLD, Versioned};
 
 static BATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis_batch.lua")));
 
@@ -305,6 +305,32 @@ impl<M: Model> Versioned for RedisStore<M> {
             self.name()
         );
         Ok(())
+    }
+
+    async fn differences(&self, a: i32, b: i32) -> anyhow::Result<Differences> {
+        let mut redis = self.redis.clone();
+        let first = newsroom_infra::redis::dump(&mut redis, &self.key(&format!("v{a}:"))).await?;
+        let second = newsroom_infra::redis::dump(&mut redis, &self.key(&format!("v{b}:"))).await?;
+        let mut found = Differences {
+            compared: first.len() as u64,
+            ..Differences::default()
+        };
+        for (key, value) in &first {
+            match second.get(key) {
+                None => found.note(1, [format!("{key}: only in version {a}: {value:?}")]),
+                Some(other) if other != value => found.note(
+                    1,
+                    [format!(
+                        "{key}: version {a} has {value:?}, version {b} has {other:?}"
+                    )],
+                ),
+                Some(_) => {}
+            }
+        }
+        for (key, value) in second.iter().filter(|(k, _)| !first.contains_key(*k)) {
+            found.note(1, [format!("{key}: only in version {b}: {value:?}")]);
+        }
+        Ok(found)
     }
 
     async fn drop_version(&self, version: i32) -> anyhow::Result<()> {

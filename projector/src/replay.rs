@@ -32,6 +32,35 @@ pub trait Versioned: Store + Sized + 'static {
     fn switch(&self, old: i32, new: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Removes a version's data, offsets and dead letters.
     fn drop_version(&self, version: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Compares versions `a` and `b` row by row (key by key).
+    fn differences(
+        &self,
+        a: i32,
+        b: i32,
+    ) -> impl Future<Output = anyhow::Result<Differences>> + Send;
+}
+
+/// How many differences a comparison names (it counts them all).
+const NAMED: usize = 50;
+
+/// What a comparison of two versions of a read model found.
+#[derive(Debug, Default, Clone)]
+pub struct Differences {
+    /// Rows (keys) compared, counted in the first version.
+    pub compared: u64,
+    /// Rows (keys) in one version and not, or not the same, in the other.
+    pub count: u64,
+    /// The first [`NAMED`] of them, each in a line.
+    pub named: Vec<String>,
+}
+
+impl Differences {
+    /// Counts `count` differences, naming those of `named` there is room for.
+    pub fn note(&mut self, count: u64, named: impl IntoIterator<Item = String>) {
+        self.count += count;
+        let room = NAMED.saturating_sub(self.named.len());
+        self.named.extend(named.into_iter().take(room));
+    }
 }
 
 /// What a replay did.
@@ -165,6 +194,20 @@ fn line(name: &str, new: i32, progress: &Progress, total: i64, started: Instant)
     );
 }
 
+/// The session lock that keeps two rebuilds (replay or verify) of one read model apart; it
+/// is held while the connection is, which is taken out of the pool and closed when dropped.
+async fn lock(pool: &PgPool, name: &str) -> anyhow::Result<sqlx::PgConnection> {
+    let mut lock = pool.acquire().await.context("connecting to PostgreSQL")?;
+    let (locked,): (bool,) =
+        sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('newsroom replay ' || $1))")
+            .bind(name)
+            .fetch_one(&mut *lock)
+            .await
+            .context("taking the replay lock")?;
+    anyhow::ensure!(locked, "another replay or verify of {name} is running");
+    Ok(lock.detach())
+}
+
 /// Replays `store`'s read model into a new version and switches to it. `pool` holds the
 /// lock that keeps two replays of one read model apart.
 pub async fn replay<S: Versioned>(
@@ -174,14 +217,7 @@ pub async fn replay<S: Versioned>(
     quiet: bool,
 ) -> anyhow::Result<Report> {
     let name = store.name();
-    let mut lock = pool.acquire().await.context("connecting to PostgreSQL")?;
-    let (locked,): (bool,) =
-        sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('newsroom replay ' || $1))")
-            .bind(name)
-            .fetch_one(&mut *lock)
-            .await
-            .context("taking the replay lock")?;
-    anyhow::ensure!(locked, "another replay of {name} is running");
+    let _lock = lock(pool, name).await?;
     let (old, new) = store.prepare().await?;
     tracing::info!(projection = name, old, new, "replay started");
     let total = log_end(&context, &store.topics())?;
@@ -268,6 +304,133 @@ pub async fn replay<S: Versioned>(
         "replay switched"
     );
     Ok(report)
+}
+
+/// What `newsroom verify` found.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The version that serves, which was checked.
+    pub active: i32,
+    /// Events the fresh build applied.
+    pub events: u64,
+    /// The comparison at the live consumer's offsets.
+    pub differences: Differences,
+    /// Time from start to verdict.
+    pub elapsed: Duration,
+}
+
+/// A round of the fresh build shorter than this ends the rounds run beside the live
+/// consumer; the last one runs while the live consumer is held.
+const SHORT_ROUND: Duration = Duration::from_secs(1);
+
+/// Builds a fresh copy of `store`'s read model from the log into a shadow version and
+/// compares it with the version that serves, at exactly the offsets the live consumer has
+/// applied; the shadow is dropped whatever happens. The live consumer keeps serving while
+/// the shadow catches up in rounds (each stops below what the live consumer had applied
+/// when it began), and is held only for the last short round and the comparison.
+pub async fn verify<S: Versioned>(
+    store: S,
+    context: Context,
+    pool: &PgPool,
+    quiet: bool,
+) -> anyhow::Result<Verdict> {
+    let name = store.name();
+    let _lock = lock(pool, name).await?;
+    let (active, shadow) = store.prepare().await?;
+    tracing::info!(projection = name, active, shadow, "verify started");
+    let total = log_end(&context, &store.topics())?;
+    let started = Instant::now();
+    let store = std::sync::Arc::new(store);
+    let mut shown = Shown::new(quiet, total);
+    let mut events = 0;
+    let outcome: anyhow::Result<Differences> = async {
+        loop {
+            let (_, live) = store.open(Mode::Live).await?;
+            let round = Instant::now();
+            events += build_below(&store, shadow, &live, &context, &mut |p| {
+                shown.update(name, shadow, p, total, started);
+            })
+            .await?;
+            if round.elapsed() < SHORT_ROUND {
+                break;
+            }
+        }
+        store.hold_live(shadow).await?;
+        let (version, live) = store.open(Mode::Live).await?;
+        anyhow::ensure!(
+            version == active,
+            "{name} switched to version {version} while it was verified"
+        );
+        events += build_below(&store, shadow, &live, &context, &mut |_| {}).await?;
+        // A fresh hold for the comparison; the live consumer must not have moved under it.
+        store.hold_live(shadow).await?;
+        let differences = store.differences(active, shadow).await?;
+        let (_, after) = store.open(Mode::Live).await?;
+        anyhow::ensure!(
+            after == live,
+            "the live consumer moved during the comparison (it outlasted the hold of {} s); run verify again",
+            HOLD.as_secs()
+        );
+        Ok(differences)
+    }
+    .await;
+    let released = store.release_live().await;
+    let dropped = store.drop_version(shadow).await;
+    if let Shown::Bar(bar) = &shown {
+        bar.finish_and_clear();
+    }
+    let differences = outcome.context(format!("verify of {name} failed"))?;
+    released?;
+    dropped?;
+    let verdict = Verdict {
+        active,
+        events,
+        differences,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        projection = name,
+        active,
+        events,
+        compared = verdict.differences.compared,
+        differences = verdict.differences.count,
+        "verify finished"
+    );
+    Ok(verdict)
+}
+
+/// Runs the shadow's consumer from its stored offsets until it has applied everything
+/// below `ceiling`; returns the events it applied.
+async fn build_below<S: Versioned>(
+    store: &std::sync::Arc<S>,
+    shadow: i32,
+    ceiling: &Offsets,
+    context: &Context,
+    shown: &mut impl FnMut(&Progress),
+) -> anyhow::Result<u64> {
+    let (tx, mut progress) = watch::channel(Progress::default());
+    let mut watched = progress.clone();
+    let reached = async move {
+        let _ = watched.wait_for(|p| covers(&p.offsets, ceiling)).await;
+    };
+    let run = consumer::run_below(
+        Shared(store.clone()),
+        shadow,
+        ceiling,
+        context.clone(),
+        tx,
+        reached,
+    );
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            finished = &mut run => {
+                finished?;
+                return Ok(progress.borrow().events);
+            }
+            _ = progress.changed() => shown(&progress.borrow_and_update()),
+        }
+    }
 }
 
 /// A store shared between the replay's consumer and its driver.
@@ -431,6 +594,66 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
         .await?;
         tx.commit().await.context("switching versions")?;
         Ok(())
+    }
+
+    async fn differences(&self, a: i32, b: i32) -> anyhow::Result<Differences> {
+        let pool = self.pool();
+        let (first, second) = (schema(self.name(), a), schema(self.name(), b));
+        let (in_first, in_second) = (
+            tables_of(pool, &first).await?,
+            tables_of(pool, &second).await?,
+        );
+        let mut found = Differences::default();
+        for table in in_second.iter().filter(|t| !in_first.contains(t)) {
+            found.note(1, [format!("table {table}: only in version {b}")]);
+        }
+        for table in &in_first {
+            if !in_second.contains(table) {
+                found.note(1, [format!("table {table}: only in version {a}")]);
+                continue;
+            }
+            let (rows,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {}.{}",
+                quoted(&first),
+                quoted(table)
+            )))
+            .fetch_one(pool)
+            .await
+            .context("counting rows")?;
+            found.compared += rows as u64;
+            for ((this, this_version), (other, _)) in
+                [((&first, a), (&second, b)), ((&second, b), (&first, a))]
+            {
+                // Whole rows as JSON, so every column counts and a row's multiplicity too.
+                let only = format!(
+                    "SELECT to_jsonb(t) AS r FROM {this}.{table} t EXCEPT ALL SELECT to_jsonb(t) FROM {other}.{table} t",
+                    this = quoted(this),
+                    other = quoted(other),
+                    table = quoted(table)
+                );
+                let (count,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM ({only}) d"
+                )))
+                .fetch_one(pool)
+                .await
+                .context("comparing a table")?;
+                if count == 0 {
+                    continue;
+                }
+                let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT r::text FROM ({only}) d ORDER BY 1 LIMIT {NAMED}"
+                )))
+                .fetch_all(pool)
+                .await
+                .context("naming a table's differences")?;
+                found.note(
+                    count as u64,
+                    rows.into_iter()
+                        .map(|(r,)| format!("{table}: only in version {this_version}: {r}")),
+                );
+            }
+        }
+        Ok(found)
     }
 
     async fn drop_version(&self, version: i32) -> anyhow::Result<()> {

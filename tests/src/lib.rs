@@ -539,53 +539,8 @@ impl TestApp {
                 .query_async(&mut redis)
                 .await?;
             let prefix = format!("{root}:v{}:", active.unwrap_or_default());
-            let mut keys = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(format!("{prefix}*"))
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut redis)
-                    .await?;
-                keys.extend(batch);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-            for key in keys {
-                let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await?;
-                let value: Vec<String> = match kind.as_str() {
-                    "hash" => {
-                        let map: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
-                            .arg(&key)
-                            .query_async(&mut redis)
-                            .await?;
-                        map.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
-                    }
-                    "zset" => {
-                        redis::cmd("ZRANGE")
-                            .arg(&key)
-                            .arg(0)
-                            .arg(-1)
-                            .arg("WITHSCORES")
-                            .query_async(&mut redis)
-                            .await?
-                    }
-                    "set" => {
-                        let mut members: Vec<String> = redis::cmd("SMEMBERS")
-                            .arg(&key)
-                            .query_async(&mut redis)
-                            .await?;
-                        members.sort();
-                        members
-                    }
-                    _ => vec![redis::cmd("GET").arg(&key).query_async(&mut redis).await?],
-                };
-                models.insert(format!("redis:{model}:{}", &key[prefix.len()..]), value);
+            for (key, value) in newsroom_infra::redis::dump(&mut redis, &prefix).await? {
+                models.insert(format!("redis:{model}:{key}"), value);
             }
         }
         Ok(models)

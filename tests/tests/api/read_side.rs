@@ -457,6 +457,11 @@ async fn read_models_equal_a_fresh_replay(app: &TestApp, drafted: u64) -> TestRe
         .map(|(_, v)| v[0].parse::<usize>().unwrap_or(0))
         .sum();
     assert_eq!(redis_counted, reads, "read counts in Redis");
+    // `newsroom verify` agrees, with the live projector running.
+    for projection in ["users", "news", "reads", "cache"] {
+        let said = app.newsroom_cli(&["verify", projection, "--quiet"]).await?;
+        assert!(said.contains(" equals a fresh build"), "{said}");
+    }
     for projection in ["users", "news", "reads", "cache"] {
         app.newsroom_cli(&["replay", projection, "--quiet"]).await?;
     }
@@ -474,6 +479,90 @@ async fn read_models_equal_a_fresh_replay(app: &TestApp, drafted: u64) -> TestRe
         );
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn verify_names_a_row_and_a_key_that_differ_from_a_fresh_build_and_leaves_nothing_behind()
+-> TestResult {
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let mut last = None;
+    for i in 0..4 {
+        let category = ["famous", "politics", "sports"][i % 3];
+        last = Some(publish(&app, &editor, category, &["verified"]).await?);
+    }
+    let last = last.expect("published");
+    let (status, _) = query(
+        &app,
+        &format!("/v1/news/{}", last.id),
+        None,
+        Some(&last.token),
+    )
+    .await?;
+    assert_eq!(status, S::OK);
+    app.settled_read_models(Duration::from_secs(30)).await?;
+    for projection in ["news", "cache"] {
+        let said = app.newsroom_cli(&["verify", projection, "--quiet"]).await?;
+        assert!(said.contains("version 1 equals a fresh build"), "{said}");
+    }
+
+    // Someone edits the read models by hand.
+    let pool = app.pool().await?;
+    let tampered = sqlx::query("UPDATE news SET title = 'tampered' WHERE id = $1")
+        .bind(last.id)
+        .execute(&pool)
+        .await?
+        .rows_affected();
+    assert_eq!(tampered, 1);
+    let mut redis = redis::Client::open(app.settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let root = newsroom_infra::redis::root(&app.settings.kafka, "cache");
+    let (): () = redis::cmd("SET")
+        .arg(format!("{root}:v1:stray"))
+        .arg("left by hand")
+        .query_async(&mut redis)
+        .await?;
+
+    for (projection, named) in [("news", "tampered"), ("cache", "stray: only in version 1")] {
+        let mut command = app.newsroom("cli")?;
+        command.args(["verify", projection, "--quiet"]);
+        let output = tokio::task::spawn_blocking(move || command.output()).await??;
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(1), "verify {projection}: {said}");
+        assert!(
+            said.contains(named),
+            "verify {projection} names the difference: {said}"
+        );
+        assert!(
+            said.contains("version 1 differs from a fresh build"),
+            "{said}"
+        );
+    }
+    // Nothing of the fresh builds is left, and version 1 still serves.
+    let (building,): (Option<i32>,) =
+        sqlx::query_as("SELECT building FROM projection_versions WHERE projection = 'news'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(building, None);
+    let (schemas,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'news\\_v%'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(schemas, 1, "only news_v1 remains");
+    let shadow_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{root}:v2:*"))
+        .query_async(&mut redis)
+        .await?;
+    assert!(shadow_keys.is_empty(), "{shadow_keys:?}");
+    let building: Option<String> = redis::cmd("GET")
+        .arg(format!("{root}:building"))
+        .query_async(&mut redis)
+        .await?;
+    assert_eq!(building, None);
+    pool.close().await;
+    app.stop().await
 }
 
 #[tokio::test]
