@@ -323,6 +323,10 @@ pub struct Verdict {
 /// consumer; the last one runs while the live consumer is held.
 const SHORT_ROUND: Duration = Duration::from_secs(1);
 
+/// At most this many rounds beside the live consumer (one that outpaces the build keeps
+/// every round long); the held round then covers what is left.
+const ROUNDS: usize = 10;
+
 /// Builds a fresh copy of `store`'s read model from the log into a shadow version and
 /// compares it with the version that serves, at exactly the offsets the live consumer has
 /// applied; the shadow is dropped whatever happens. The live consumer keeps serving while
@@ -344,7 +348,7 @@ pub async fn verify<S: Versioned>(
     let mut shown = Shown::new(quiet, total);
     let mut events = 0;
     let outcome: anyhow::Result<Differences> = async {
-        loop {
+        for _ in 0..ROUNDS {
             let (_, live) = store.open(Mode::Live).await?;
             let round = Instant::now();
             events += build_below(&store, shadow, &live, &context, &mut |p| {
