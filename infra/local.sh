@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Local infrastructure for newsroom without Docker: Apache Kafka (KRaft, single node),
+# Local infrastructure for newsroom without Docker: Apache Kafka (KRaft, single node; a
+# three-node cluster on demand),
 # Apicurio Registry (Confluent-compatible API), PostgreSQL, Redis and an SMTP server that
 # keeps what it receives (infra/smtp_capture.py), all on loopback,
 # with their data under .local/ in the project. Idempotent: `up` installs what is
@@ -32,6 +33,9 @@ Commands:
   status            list each service, its address and whether it answers
   deps              install the Debian packages and Maven artifacts only
   reset             stop everything and delete $STATE (all data, downloaded jars)
+  cluster ACTION    a 3-node Kafka cluster (KRaft, replication 3, min.insync.replicas 2)
+                    beside the single broker, data in $STATE/cluster:
+                    up | down | status | brokers | start N | stop N | kill N (kill -9) | reset
   -h, --help        show this help
 
 Services: postgres, redis, kafka, registry, smtp (default: all, started in that order).
@@ -42,6 +46,7 @@ Environment (defaults in brackets):
   NEWSROOM_REGISTRY_PORT [8085]  NEWSROOM_REGISTRY_MANAGEMENT_PORT [9085]
   NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]  NEWSROOM_SMTP_PORT [2525]
   NEWSROOM_STATE_DIR [$ROOT/.local]  NEWSROOM_JAVA21_HOME [first JDK >= 21 found]
+  NEWSROOM_CLUSTER_PORT_BASE [9200]: cluster node N serves on BASE+N, its controller on BASE+10+N
 EOF
 }
 
@@ -220,35 +225,61 @@ stop_redis() {
 
 # --- Kafka --------------------------------------------------------------------
 
-kafka_ready() { port_open "$KAFKA_PORT" && grep -q "Kafka Server started" "$STATE/kafka/server.log"; }
+# A Kafka node (broker and controller in one process) lives in a folder of its own:
+# server.properties, data/, server.log, kafka.pid.
+kafka_node_ready() { port_open "$2" && grep -q "Kafka Server started" "$1/server.log"; }
 
+# write_kafka_config DIR NODE_ID PORT CONTROLLER_PORT VOTERS REPLICATION MIN_ISR
 write_kafka_config() {
-  cat >"$STATE/kafka/server.properties" <<EOF
+  local dir=$1 node=$2 port=$3 controller=$4 voters=$5 rf=$6 isr=$7
+  cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+node.id=$node
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://$HOST:$port,CONTROLLER://$HOST:$controller
+advertised.listeners=PLAINTEXT://$HOST:$port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-log.dirs=$STATE/kafka/data
+log.dirs=$dir/data
 num.partitions=3
-default.replication.factor=1
-offsets.topic.replication.factor=1
+default.replication.factor=$rf
+min.insync.replicas=$isr
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=10
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
 transaction.state.log.num.partitions=10
 # A transaction a dead writer left open is aborted within a second of its timeout.
 transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 log.retention.ms=-1
 EOF
 }
+
+# start_kafka_node NAME DIR PORT HEAP [CLUSTER_ID]: formats the storage once (with
+# CLUSTER_ID, or a fresh one), starts the node and waits until it serves.
+start_kafka_node() {
+  local name=$1 dir=$2 port=$3 heap=$4 cluster_id=${5:-}
+  local cp="$STATE/kafka/lib/*"
+  local java=(java -Xms128m "-Xmx$heap" -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties"
+    -Dkafka.logs.dir="$dir" -cp "$cp")
+  if [[ ! -f $dir/data/meta.properties ]]; then
+    log "formatting Kafka storage in $dir/data"
+    [[ -n $cluster_id ]] || cluster_id=$("${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" \
+      -g >"$dir/format.log" 2>&1 || die "kafka storage format failed (see $dir/format.log)"
+  fi
+  : >"$dir/server.log"
+  nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >>"$dir/server.log" 2>&1 &
+  echo $! >"$dir/kafka.pid"
+  wait_for "$name" 120 kafka_node_ready "$dir" "$port"
+}
+
+kafka_ready() { kafka_node_ready "$STATE/kafka" "$KAFKA_PORT"; }
 
 start_kafka() {
   if pid_alive "$STATE/kafka/kafka.pid" && port_open "$KAFKA_PORT"; then
@@ -258,25 +289,97 @@ start_kafka() {
   port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by a process this script did not start"
   install_kafka
   mkdir -p "$STATE/kafka/data"
-  write_kafka_config
-  local cp="$STATE/kafka/lib/*"
-  local java=(java -Xms256m -Xmx1g -Dlog4j2.configurationFile="$ROOT/infra/kafka/log4j2.properties"
-    -Dkafka.logs.dir="$STATE/kafka" -cp "$cp")
-  if [[ ! -f $STATE/kafka/data/meta.properties ]]; then
-    log "formatting Kafka storage in $STATE/kafka/data"
-    local cluster_id
-    cluster_id=$("${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
-    "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$STATE/kafka/server.properties" \
-      -g >"$STATE/kafka/format.log" 2>&1 || die "kafka storage format failed (see $STATE/kafka/format.log)"
-  fi
-  : >"$STATE/kafka/server.log"
-  nohup "${java[@]}" kafka.Kafka "$STATE/kafka/server.properties" >>"$STATE/kafka/server.log" 2>&1 &
-  echo $! >"$STATE/kafka/kafka.pid"
-  wait_for kafka 120 kafka_ready
+  write_kafka_config "$STATE/kafka" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
+    "1@$HOST:$KAFKA_CONTROLLER_PORT" 1 1
+  start_kafka_node kafka "$STATE/kafka" "$KAFKA_PORT" 1g
 }
 
 stop_kafka() {
   stop_pidfile "$STATE/kafka/kafka.pid" kafka 60
+}
+
+# --- Kafka cluster (three KRaft nodes, for the chaos run) -------------------------
+
+CLUSTER_PORT_BASE="${NEWSROOM_CLUSTER_PORT_BASE:-9200}"
+CLUSTER_DIR="$STATE/cluster"
+CLUSTER_NODES=(1 2 3)
+
+cluster_port() { echo $((CLUSTER_PORT_BASE + $1)); }
+cluster_controller_port() { echo $((CLUSTER_PORT_BASE + 10 + $1)); }
+cluster_brokers() {
+  local n out=()
+  for n in "${CLUSTER_NODES[@]}"; do out+=("$HOST:$(cluster_port "$n")"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+# cluster_node_start N [nowait]: a node of a fresh cluster serves only once a quorum of
+# controllers is up, so `up` starts all three in the background, then waits for them.
+cluster_node_start() {
+  local n=$1 dir="$CLUSTER_DIR/k$1" port
+  port=$(cluster_port "$n")
+  if pid_alive "$dir/kafka.pid" && port_open "$port"; then
+    log "cluster node $n already answers on $HOST:$port"
+    return 0
+  fi
+  port_open "$port" && die "port $port is taken by a process this script did not start"
+  mkdir -p "$dir/data"
+  local voters=() m
+  for m in "${CLUSTER_NODES[@]}"; do voters+=("$m@$HOST:$(cluster_controller_port "$m")"); done
+  write_kafka_config "$dir" "$n" "$port" "$(cluster_controller_port "$n")" \
+    "$(IFS=,; echo "${voters[*]}")" 3 2
+  # A broker killed with -9 is fenced and its partitions' leaders move after this long.
+  printf 'broker.session.timeout.ms=3000\nbroker.heartbeat.interval.ms=500\n' >>"$dir/server.properties"
+  start_kafka_node "cluster node $n" "$dir" "$port" 512m "$(cat "$CLUSTER_DIR/cluster.id")"
+}
+
+cmd_cluster() {
+  local action=${1:-} n=${2:-} m
+  case $action in
+    up)
+      mkdir -p "$CLUSTER_DIR"
+      install_kafka
+      [[ -s $CLUSTER_DIR/cluster.id ]] || java -cp "$STATE/kafka/lib/*" kafka.tools.StorageTool \
+        random-uuid 2>/dev/null | tail -n 1 >"$CLUSTER_DIR/cluster.id"
+      local pids=()
+      for m in "${CLUSTER_NODES[@]}"; do
+        cluster_node_start "$m" &
+        pids+=($!)
+      done
+      for m in "${pids[@]}"; do wait "$m" || die "a cluster node did not start (logs in $CLUSTER_DIR/k*/)"; done
+      log "cluster up: NEWSROOM_KAFKA_BROKERS=$(cluster_brokers) NEWSROOM_TOPIC_REPLICATION=3"
+      cmd_cluster status
+      ;;
+    down)
+      for m in "${CLUSTER_NODES[@]}"; do stop_pidfile "$CLUSTER_DIR/k$m/kafka.pid" "cluster node $m" 60; done
+      ;;
+    start | stop | kill)
+      [[ $n =~ ^[123]$ ]] || die "cluster $action needs a node: 1, 2 or 3"
+      case $action in
+        start) cluster_node_start "$n" ;;
+        stop) stop_pidfile "$CLUSTER_DIR/k$n/kafka.pid" "cluster node $n" 60 ;;
+        kill)
+          if pid_alive "$CLUSTER_DIR/k$n/kafka.pid"; then kill -9 "$(cat "$CLUSTER_DIR/k$n/kafka.pid")"; fi
+          rm -f "$CLUSTER_DIR/k$n/kafka.pid"
+          ;;
+      esac
+      ;;
+    brokers) cluster_brokers ;;
+    status)
+      local ok=0 port
+      for m in "${CLUSTER_NODES[@]}"; do
+        port=$(cluster_port "$m")
+        if port_open "$port"; then printf 'node %s  %s:%s  up\n' "$m" "$HOST" "$port"
+        else printf 'node %s  %s:%s  down\n' "$m" "$HOST" "$port"; ok=1; fi
+      done
+      return $ok
+      ;;
+    reset)
+      cmd_cluster down
+      rm -rf "$CLUSTER_DIR"
+      log "removed $CLUSTER_DIR"
+      ;;
+    *) die "cluster needs one of: up, down, status, brokers, start N, stop N, kill N, reset" ;;
+  esac
 }
 
 # stop_pidfile FILE NAME SECONDS: SIGTERM, wait, then SIGKILL.
@@ -310,13 +413,20 @@ start_registry() {
   install_registry
   local jhome
   jhome=$(java21_home) || die "Apicurio Registry needs Java >= 21 (run infra/local.sh deps)"
-  # Schemas are stored in PostgreSQL so that the ids inside events survive restarts.
+  # Schemas are stored in PostgreSQL so that the ids inside events survive restarts; pooled
+  # connections are checked before use, so that a PostgreSQL restart does not leave the
+  # registry failing on dead ones.
   nohup "$jhome/bin/java" -Xms128m -Xmx512m \
     -Dquarkus.http.host="$HOST" -Dquarkus.http.port="$REGISTRY_PORT" \
     -Dquarkus.management.host="$HOST" -Dquarkus.management.port="$REGISTRY_MANAGEMENT_PORT" \
     -Dapicurio.storage.kind=sql -Dapicurio.storage.sql.kind=postgresql \
     -Dapicurio.datasource.url="jdbc:postgresql://$HOST:$PG_PORT/apicurio" \
     -Dapicurio.datasource.username=newsroom -Dapicurio.datasource.password=newsroom \
+    -Dapicurio.datasource.jdbc.initial-size=2 -Dapicurio.datasource.jdbc.min-size=2 \
+    -Dapicurio.datasource.jdbc.max-size=20 \
+    -Dquarkus.datasource.postgresql.jdbc.validate-on-borrow=true \
+    -Dquarkus.datasource.postgresql.jdbc.validation-query-sql="SELECT 1" \
+    -Dquarkus.datasource.postgresql.jdbc.background-validation-interval=5S \
     -Dapicurio.rest.deletion.artifact.enabled=true \
     -Dapicurio.rest.deletion.artifact-version.enabled=true \
     -jar "$STATE/registry/app/quarkus-run.jar" >"$STATE/registry/registry.log" 2>&1 &
@@ -372,7 +482,9 @@ cmd_up() {
     for s in "${SERVICES[@]}"; do "start_$s"; done
   fi
   log "up in $((SECONDS - started))s"
-  cmd_status
+  # One service brought up answers for itself (start_* waited for it); the others' state
+  # is shown, not judged.
+  if [[ -n ${1:-} ]]; then cmd_status || true; else cmd_status; fi
 }
 
 cmd_down() {
@@ -408,7 +520,8 @@ case ${1:-} in
   down) cmd_down "${2:-}" ;;
   status) cmd_status ;;
   deps) mkdir -p "$STATE" && install_deps ;;
-  reset) cmd_down && rm -rf "$STATE" && log "removed $STATE" ;;
+  cluster) cmd_cluster "${2:-}" "${3:-}" ;;
+  reset) cmd_cluster down && cmd_down && rm -rf "$STATE" && log "removed $STATE" ;;
   -h | --help | help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # smoke run below uses the bench binary.
 cargo build --bin newsroom
 cargo build -p bench
+cargo build -p newsroom-tests --bin chaos
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
@@ -31,6 +32,12 @@ set -e
 if [[ $status -eq 0 && -z ${NEWSROOM_SKIP_BENCH_SMOKE:-} ]]; then
   echo "[test] benchmark smoke run (bench --quick)"
   target/debug/bench --quick --out target/bench-quick.json >/dev/null || status=$?
+fi
+# The chaos run's short pass: every role as its own process on a three-node Kafka cluster,
+# faults of every kind at random under a recorded workload, then the checker (issue 14).
+if [[ $status -eq 0 && -z ${NEWSROOM_SKIP_CHAOS:-} ]]; then
+  echo "[test] chaos short pass (chaos --quick)"
+  target/debug/chaos --quick --out target/chaos-quick.json >/dev/null || status=$?
 fi
 echo "[test] done in $((SECONDS - started))s"
 # One closing line for the whole suite (cargo prints one per test binary).

@@ -192,7 +192,7 @@ async fn round(
         match outcome {
             Ok(()) => {
                 breaker.succeeded();
-                mark(pool, &mail, Some(()), "").await?;
+                mark_sent(pool, &mail).await?;
                 EMAILS.with_label_values(&["sent"]).inc();
             }
             Err(e) => {
@@ -229,6 +229,7 @@ fn compose(
         address.parse().context("the address")?,
     );
     Message::builder()
+        .message_id(Some(message_id(mail)))
         .from(from.clone())
         .to(to)
         .subject(format!("New in {}: {}", mail.category, mail.title))
@@ -237,6 +238,34 @@ fn compose(
             mail.category, mail.title, mail.news_id, mail.category
         ))
         .context("composing the e-mail")
+}
+
+/// Marks a sent e-mail, retrying while PostgreSQL does not answer for most of the lease:
+/// giving up at once would leave the row due, and the e-mail would be sent again once the
+/// lease ran out. Only a crash between the SMTP server's acceptance and this mark can send
+/// an e-mail twice; both copies carry the same Message-ID, so receivers can fold them.
+async fn mark_sent(pool: &PgPool, mail: &Due) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(LEASE_SECS * 0.8);
+    loop {
+        match mark(pool, mail, Some(()), "").await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(user = %mail.user_id, news = %mail.news_id, error = format!("{e:#}"),
+                    "marking a sent e-mail failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.context("the e-mail was sent; it may be sent again")),
+        }
+    }
+}
+
+/// The Message-ID of the one e-mail about `news` to `user`: the same on every attempt.
+fn message_id(mail: &Due) -> String {
+    format!(
+        "<{}.{}@newsroom>",
+        mail.news_id.simple(),
+        mail.user_id.simple()
+    )
 }
 
 /// Marks an e-mail done: sent, or given up with `why`.

@@ -3,6 +3,8 @@
 //! and its own PostgreSQL database, so tests run in parallel without seeing each other.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
+
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -67,6 +69,15 @@ impl TestApp {
 
     /// Starts `roles` on fresh topics and a fresh database.
     pub async fn spawn_with(roles: Roles) -> anyhow::Result<TestApp> {
+        Self::spawn_adjusted(roles, |_| {}).await
+    }
+
+    /// Starts `roles` on fresh topics and a fresh database, with the test settings as
+    /// `adjust` leaves them (`Roles::NONE`: a deployment for child processes only).
+    pub async fn spawn_adjusted(
+        roles: Roles,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<TestApp> {
         if std::env::var_os("NEWSROOM_LOG").is_some() {
             newsroom_infra::telemetry::init();
         }
@@ -92,6 +103,7 @@ impl TestApp {
         settings.notify.breaker_failures = 3;
         settings.notify.breaker_cooldown_ms = 1000;
 
+        adjust(&mut settings);
         let admin_url = settings.postgres.url.clone();
         let database = format!("t_{id}");
         settings.postgres.url = newsroom_infra::db::create_database(&admin_url, &database).await?;
@@ -119,6 +131,9 @@ impl TestApp {
         } else {
             &self.command_url
         };
+        if base.is_empty() {
+            return Ok(());
+        }
         let url = format!("{base}/readyz");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -362,7 +377,7 @@ impl TestApp {
         let mut position: std::collections::HashMap<i32, i64> =
             ends.iter().map(|(p, _)| (*p, -1)).collect();
         let mut records = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         // With read_committed, transaction markers and aborted records are skipped, so
         // "done" is: every partition's position reached its high watermark, or no message
         // arrives for a while after the log was read.
@@ -425,11 +440,15 @@ impl TestApp {
     /// A `newsroom` command (the binary beside the test binaries) with this app's
     /// settings in its environment; `instance` names it in Kafka and in logs.
     pub fn newsroom(&self, instance: &str) -> anyhow::Result<std::process::Command> {
-        let binary = std::env::current_exe()?
-            .parent()
-            .and_then(|deps| deps.parent())
+        // Beside a binary (target/debug/chaos), or one folder up from a test (deps/).
+        let exe = std::env::current_exe()?;
+        let binary = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
             .map(|dir| dir.join("newsroom"))
-            .ok_or_else(|| anyhow::anyhow!("no target folder"))?;
+            .find(|b| b.exists())
+            .unwrap_or_else(|| exe.with_file_name("newsroom"));
         anyhow::ensure!(
             binary.exists(),
             "{} is missing: run `cargo build --bin newsroom` first",
@@ -438,6 +457,11 @@ impl TestApp {
         let s = &self.settings;
         let mut command = std::process::Command::new(binary);
         command
+            .env("NEWSROOM_KAFKA_BROKERS", &s.kafka.brokers)
+            .env(
+                "NEWSROOM_TOPIC_REPLICATION",
+                s.kafka.replication.to_string(),
+            )
             .env("NEWSROOM_TOPIC_PREFIX", &s.kafka.topic_prefix)
             .env("NEWSROOM_TOPIC_PARTITIONS", s.kafka.partitions.to_string())
             .env("NEWSROOM_INSTANCE_ID", instance)
@@ -646,12 +670,22 @@ pub struct Mail {
     pub to: Vec<String>,
     /// The Subject header.
     pub subject: String,
+    /// The Message-ID header.
+    pub message_id: String,
     /// The body as sent.
     pub body: String,
 }
 
 /// Every message the local SMTP server received for `address`.
 pub fn mails_to(address: &str) -> anyhow::Result<Vec<Mail>> {
+    Ok(mails()?
+        .into_iter()
+        .filter(|m| m.to.iter().any(|t| t.eq_ignore_ascii_case(address)))
+        .collect())
+}
+
+/// Every message the local SMTP server received, oldest first.
+pub fn mails() -> anyhow::Result<Vec<Mail>> {
     let state = std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local"),
         std::path::PathBuf::from,
@@ -671,21 +705,24 @@ pub fn mails_to(address: &str) -> anyhow::Result<Vec<Mail>> {
             .or_else(|| text.split_once("\n\n"))
             .unwrap_or((text.as_str(), ""));
         let mut to = Vec::new();
-        let mut subject = String::new();
+        let (mut subject, mut message_id) = (String::new(), String::new());
         for line in head.lines() {
             if let Some(rcpt) = line.strip_prefix("X-Envelope-To: ") {
                 to.push(rcpt.trim().to_owned());
             } else if let Some(s) = line.strip_prefix("Subject: ") {
                 subject = s.trim().to_owned();
+            } else if let Some((name, value)) = line.split_once(": ")
+                && name.eq_ignore_ascii_case("message-id")
+            {
+                message_id = value.trim().to_owned();
             }
         }
-        if to.iter().any(|t| t.eq_ignore_ascii_case(address)) {
-            mails.push(Mail {
-                to,
-                subject,
-                body: body.replace("=\r\n", "").replace("\r\n", "\n"),
-            });
-        }
+        mails.push(Mail {
+            to,
+            subject,
+            message_id,
+            body: body.replace("=\r\n", "").replace("\r\n", "\n"),
+        });
     }
     Ok(mails)
 }
@@ -713,11 +750,14 @@ pub fn infra_script() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/local.sh")
 }
 
-/// Runs `infra/local.sh <args>` and fails if it fails.
+/// Runs `infra/local.sh <args>` and fails if it fails; what it prints goes to stderr.
 pub fn infra(args: &[&str]) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
     let status = std::process::Command::new("bash")
         .arg(infra_script())
         .args(args)
+        .stdout(stderr)
         .status()
         .context("running infra/local.sh")?;
     anyhow::ensure!(status.success(), "infra/local.sh {args:?} failed: {status}");
