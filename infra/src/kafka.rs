@@ -139,6 +139,39 @@ pub fn dead_letter_topic(settings: &KafkaSettings, consumer: &str) -> String {
     format!("{}.{consumer}.dead-letters", settings.topic_prefix)
 }
 
+/// Every topic of the deployment: the event topics, the ownership and outcomes topics, and
+/// the dead-letter topics.
+pub fn deployment_topics(settings: &KafkaSettings) -> Vec<String> {
+    let mut names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
+    names.push(ownership_topic(settings));
+    names.extend(CONSUMERS.iter().map(|c| dead_letter_topic(settings, c)));
+    names.push(outcomes_topic(settings));
+    names
+}
+
+/// Deletes every topic of the deployment (those that exist): what a throwaway deployment,
+/// such as a test's, leaves behind otherwise keeps the broker's files open for good.
+pub async fn delete_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let admin: AdminClient<DefaultClientContext> = base(settings)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let names = deployment_topics(settings);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .delete_topics(&names, &options)
+        .await
+        .context("deleting the deployment's topics")?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => anyhow::bail!("deleting topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
 /// Creates the event topics (and the ownership, outcomes and dead-letter topics) that do
 /// not exist yet; events are kept forever, outcomes 25 hours.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
@@ -146,11 +179,8 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = base(settings)
         .create()
         .context("creating the Kafka admin client")?;
-    let mut names: Vec<String> = Stream::ALL.iter().map(|s| s.topic(settings)).collect();
-    names.push(ownership_topic(settings));
-    names.extend(CONSUMERS.iter().map(|c| dead_letter_topic(settings, c)));
+    let names = deployment_topics(settings);
     let outcomes = outcomes_topic(settings);
-    names.push(outcomes.clone());
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {

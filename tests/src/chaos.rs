@@ -620,7 +620,16 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     if let Some(out) = &options.out {
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
     }
+    // Every process stops; a clean run's deployment goes, a failed one stays to be read.
     drop(procs);
+    if !report.clean() {
+        eprintln!(
+            "[chaos] deployment {} (topics, database {}) kept for inspection",
+            app.settings.kafka.topic_prefix, app.settings.postgres.url
+        );
+    } else if let Ok(app) = Arc::try_unwrap(app) {
+        app.stop().await?;
+    }
     Ok(report)
 }
 

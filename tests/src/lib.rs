@@ -426,12 +426,22 @@ impl TestApp {
         Ok(records)
     }
 
-    /// Stops every role and drops the test database.
+    /// Stops every role, drops the test database and deletes the test's topics and Redis
+    /// keys (a broker that keeps every test's topics runs out of open files).
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(running) = self.running.take() {
             running.stop().await?;
         }
         newsroom_infra::db::drop_database(&self.admin_url, &self.database).await?;
+        newsroom_infra::kafka::delete_topics(&self.settings.kafka).await?;
+        let mut redis = redis::Client::open(self.settings.redis.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        newsroom_infra::redis::unlink_matching(
+            &mut redis,
+            &format!("{}:*", self.settings.kafka.topic_prefix),
+        )
+        .await?;
         Ok(())
     }
 }

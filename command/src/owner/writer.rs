@@ -890,6 +890,17 @@ impl Thread {
         settle::<NewsAggregate>(&mut at, &mut held.news, batch.news);
     }
 
+    /// Waits for `delivery` until `deadline`; past it, the record counts as timed out.
+    fn delivered(&self, delivery: Delivery, deadline: Instant) -> producer::Delivered {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        // The timer is made inside the runtime: this thread is not one of its own.
+        self.runtime
+            .block_on(async move { tokio::time::timeout_at(deadline, delivery).await })
+            .unwrap_or(Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )))
+    }
+
     /// Begins, produces the events, waits for their acknowledgements, produces the
     /// outcome records `outcomes` makes of their offsets and waits for those, commits the
     /// ownership offsets with the group metadata (the zombie fence), commits. Returns the
@@ -944,9 +955,13 @@ impl Thread {
         // Every record must be in the log before the ownership check: a process that
         // passed it and was frozen before producing could otherwise append behind the
         // log end its successor rebuilt from.
+        // Acknowledgements are awaited until the Kafka timeout and no longer: an idempotent
+        // producer never times out a record already sent, so a broker that stops answering
+        // would otherwise hold this writer, and every request queued behind it, for minutes.
+        let acknowledged_by = start + timeout;
         let mut offsets = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            match futures::executor::block_on(delivery) {
+            match self.delivered(delivery, acknowledged_by) {
                 Ok((_, offset)) => offsets.push(offset),
                 Err(error) => return Err(abort(error)),
             }
@@ -971,7 +986,7 @@ impl Thread {
             deliveries.push(((partition, outcome.keyed.scope), delivery));
         }
         for (key, delivery) in deliveries {
-            match futures::executor::block_on(delivery) {
+            match self.delivered(delivery, acknowledged_by) {
                 Ok((_, offset)) => recorded.insert(key, offset),
                 Err(error) => return Err(abort(error)),
             };
