@@ -35,7 +35,8 @@ Commands:
   reset             stop everything and delete $STATE (all data, downloaded jars)
   cluster ACTION    a 3-node Kafka cluster (KRaft, replication 3, min.insync.replicas 2)
                     beside the single broker, data in $STATE/cluster:
-                    up | down | status | brokers | start N | stop N | kill N (kill -9) | reset
+                    up | down | status | brokers | start N | stop N | kill N (kill -9) |
+                    pause N (SIGSTOP) | resume N | reset
   -h, --help        show this help
 
 Services: postgres, redis, kafka, registry, smtp (default: all, started in that order).
@@ -318,6 +319,8 @@ cluster_node_start() {
   local n=$1 dir="$CLUSTER_DIR/k$1" port
   port=$(cluster_port "$n")
   if pid_alive "$dir/kafka.pid" && port_open "$port"; then
+    # A node paused (SIGSTOP) still accepts connections: let it run again.
+    kill -CONT "$(cat "$dir/kafka.pid")" 2>/dev/null || true
     log "cluster node $n already answers on $HOST:$port"
     return 0
   fi
@@ -352,9 +355,14 @@ cmd_cluster() {
     down)
       for m in "${CLUSTER_NODES[@]}"; do stop_pidfile "$CLUSTER_DIR/k$m/kafka.pid" "cluster node $m" 60; done
       ;;
-    start | stop | kill)
+    start | stop | kill | pause | resume)
       [[ $n =~ ^[123]$ ]] || die "cluster $action needs a node: 1, 2 or 3"
       case $action in
+        pause | resume)
+          pid_alive "$CLUSTER_DIR/k$n/kafka.pid" || die "cluster node $n is not running"
+          if [[ $action == pause ]]; then kill -STOP "$(cat "$CLUSTER_DIR/k$n/kafka.pid")"
+          else kill -CONT "$(cat "$CLUSTER_DIR/k$n/kafka.pid")"; fi
+          ;;
         start) cluster_node_start "$n" ;;
         stop) stop_pidfile "$CLUSTER_DIR/k$n/kafka.pid" "cluster node $n" 60 ;;
         kill)
@@ -378,7 +386,7 @@ cmd_cluster() {
       rm -rf "$CLUSTER_DIR"
       log "removed $CLUSTER_DIR"
       ;;
-    *) die "cluster needs one of: up, down, status, brokers, start N, stop N, kill N, reset" ;;
+    *) die "cluster needs one of: up, down, status, brokers, start N, stop N, kill N, pause N, resume N, reset" ;;
   esac
 }
 

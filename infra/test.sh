@@ -13,6 +13,8 @@ case ${1:-} in
 esac
 started=$SECONDS
 infra/local.sh up
+# The cluster tests and the chaos pass run on a three-node Kafka cluster of their own.
+infra/local.sh cluster up
 cargo fmt --all -- --check
 infra/unused-deps.sh
 cargo clippy --workspace --all-targets -- -D warnings

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fails when a workspace member names a dependency in its Cargo.toml that none of its Rust
 # sources refers to (the same heuristic as cargo-machete, without building anything).
+# It reads the `[dependencies]`, `[dev-dependencies]` and `[build-dependencies]` tables;
+# `[dependencies.name]` and `[target.*]` tables are not used in this workspace.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case ${1:-} in

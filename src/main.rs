@@ -52,7 +52,8 @@ enum Role {
     /// Build a read model afresh from the log beside the version that serves, compare the
     /// two row by row (key by key) at the live consumer's offsets, print every difference
     /// and drop the fresh copy. Exits with status 1 when they differ. The live consumer is
-    /// held only for the last short round of the build and the comparison (at most 30 s).
+    /// held only for the last short round of the build (at most 15 s) and the comparison
+    /// (at most 30 s more).
     Verify {
         /// The read model: users, news, reads, cache (Redis), recommend (Redis) or notify.
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(newsroom::PROJECTIONS))]
@@ -141,14 +142,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("... and {} more", found.count - found.named.len() as u64);
             }
             println!(
-                "verify {projection}: version {} {} a fresh build of {} events ({} rows or keys compared, {} differences, {:.1} s)",
+                "verify {projection}: version {} {} a fresh build from the log ({} rows or keys compared, {} differences, {:.1} s)",
                 verdict.active,
                 if found.count == 0 {
                     "equals"
                 } else {
                     "differs from"
                 },
-                verdict.events,
                 found.compared,
                 found.count,
                 verdict.elapsed.as_secs_f64()

@@ -159,6 +159,7 @@ async fn round(
     .fetch_all(pool)
     .await
     .context("leasing due e-mails")?;
+    let leased_at = Instant::now();
     let count = due.len();
     // Compose each, then send up to SENDING at once over the transport's pooled
     // connections; outcomes are handled as they come.
@@ -192,8 +193,12 @@ async fn round(
         match outcome {
             Ok(()) => {
                 breaker.succeeded();
-                mark_sent(pool, &mail).await?;
                 EMAILS.with_label_values(&["sent"]).inc();
+                // The others sent in this round are marked all the same.
+                if let Err(e) = mark_sent(pool, &mail, leased_at).await {
+                    tracing::error!(user = %mail.user_id, news = %mail.news_id, error = format!("{e:#}"),
+                        "a sent e-mail could not be marked; it will be sent again");
+                }
             }
             Err(e) => {
                 breaker.failed();
@@ -240,12 +245,14 @@ fn compose(
         .context("composing the e-mail")
 }
 
-/// Marks a sent e-mail, retrying while PostgreSQL does not answer for most of the lease:
-/// giving up at once would leave the row due, and the e-mail would be sent again once the
-/// lease ran out. Only a crash between the SMTP server's acceptance and this mark can send
-/// an e-mail twice; both copies carry the same Message-ID, so receivers can fold them.
-async fn mark_sent(pool: &PgPool, mail: &Due) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs_f64(LEASE_SECS * 0.8);
+/// Marks a sent e-mail, retrying while PostgreSQL does not answer until most of the lease
+/// taken at `leased_at` is used: giving up at once would leave the row due, and the e-mail
+/// would be sent again once the lease ran out (by this or another notifier). Only a crash
+/// between the SMTP server's acceptance and this mark, or an outage longer than the lease,
+/// can send an e-mail twice; both copies carry the same Message-ID, so receivers can fold
+/// them.
+async fn mark_sent(pool: &PgPool, mail: &Due, leased_at: Instant) -> anyhow::Result<()> {
+    let deadline = leased_at + Duration::from_secs_f64(LEASE_SECS * 0.8);
     loop {
         match mark(pool, mail, Some(()), "").await {
             Ok(()) => return Ok(()),

@@ -115,12 +115,13 @@ fn log_end(context: &Context, topics: &[String]) -> anyhow::Result<i64> {
 /// line a second when stderr is a file or a pipe (logs, CI).
 enum Shown {
     Nothing,
-    Bar(indicatif::ProgressBar),
-    Lines(Instant),
+    Bar(indicatif::ProgressBar, &'static str),
+    Lines(Instant, &'static str),
 }
 
 impl Shown {
-    fn new(quiet: bool, total: i64) -> Self {
+    /// `verb` names the work: replay or verify.
+    fn new(quiet: bool, total: i64, verb: &'static str) -> Self {
         use std::io::IsTerminal as _;
         if quiet {
             Shown::Nothing
@@ -133,10 +134,10 @@ impl Shown {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            Shown::Bar(bar)
+            Shown::Bar(bar, verb)
         } else {
             // The first line comes after a second, like every other.
-            Shown::Lines(Instant::now())
+            Shown::Lines(Instant::now(), verb)
         }
     }
 
@@ -144,15 +145,15 @@ impl Shown {
     fn update(&mut self, name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
         match self {
             Shown::Nothing => {}
-            Shown::Bar(bar) => {
+            Shown::Bar(bar, verb) => {
                 let (done, rate, _) = measure(progress, total, started);
-                bar.set_prefix(format!("replay {name} v{new}"));
+                bar.set_prefix(format!("{verb} {name} v{new}"));
                 bar.set_position(done.clamp(0, total.max(0)) as u64);
                 bar.set_message(format!("{} events, {rate:.0} events/s", progress.events));
             }
-            Shown::Lines(last) => {
+            Shown::Lines(last, verb) => {
                 if last.elapsed() >= Duration::from_secs(1) {
-                    line(name, new, progress, total, started);
+                    line(verb, name, new, progress, total, started);
                     *last = Instant::now();
                 }
             }
@@ -161,12 +162,22 @@ impl Shown {
 
     /// The last word: the bar is cleared and one plain line stays either way.
     fn finish(self, name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
-        match self {
+        let verb = match self {
             Shown::Nothing => return,
-            Shown::Bar(bar) => bar.finish_and_clear(),
-            Shown::Lines(_) => {}
+            Shown::Bar(bar, verb) => {
+                bar.finish_and_clear();
+                verb
+            }
+            Shown::Lines(_, verb) => verb,
+        };
+        line(verb, name, new, progress, total, started);
+    }
+
+    /// Clears a bar, leaving the terminal as it was.
+    fn clear(&self) {
+        if let Shown::Bar(bar, _) = self {
+            bar.finish_and_clear();
         }
-        line(name, new, progress, total, started);
     }
 }
 
@@ -180,7 +191,7 @@ fn measure(progress: &Progress, total: i64, started: Instant) -> (i64, f64, Opti
     (done, rate, eta)
 }
 
-fn line(name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
+fn line(verb: &str, name: &str, new: i32, progress: &Progress, total: i64, started: Instant) {
     let (done, rate, eta) = measure(progress, total, started);
     let eta = eta.map_or_else(|| "unknown".to_owned(), |s| format!("{s:.0} s"));
     let percent = if total > 0 {
@@ -189,7 +200,7 @@ fn line(name: &str, new: i32, progress: &Progress, total: i64, started: Instant)
         100.0
     };
     eprintln!(
-        "replay {name} v{new}: {} events, {percent:.0}% of the log, {rate:.0} events/s, ETA {eta}",
+        "{verb} {name} v{new}: {} events, {percent:.0}% of the log, {rate:.0} events/s, ETA {eta}",
         progress.events
     );
 }
@@ -234,7 +245,7 @@ pub async fn replay<S: Versioned>(
             consumer::run(Shared(store), Mode::Replay(new), context, progress_tx, stop).await
         })
     };
-    let mut shown = Shown::new(quiet, total);
+    let mut shown = Shown::new(quiet, total, "replay");
     let outcome: anyhow::Result<()> = async {
         loop {
             // Catch up with the live consumer first, while it keeps serving.
@@ -271,7 +282,7 @@ pub async fn replay<S: Versioned>(
         Err(e) => Err(e),
     };
     if let Err(e) = finished {
-        if let Shown::Bar(bar) = &shown {
+        if let Shown::Bar(bar, _) = &shown {
             bar.abandon();
         }
         let _ = store.release_live().await;
@@ -311,7 +322,7 @@ pub async fn replay<S: Versioned>(
 pub struct Verdict {
     /// The version that serves, which was checked.
     pub active: i32,
-    /// Events the fresh build applied.
+    /// Records the fresh build read (fetched again by each round, so an upper bound).
     pub events: u64,
     /// The comparison at the live consumer's offsets.
     pub differences: Differences,
@@ -345,7 +356,7 @@ pub async fn verify<S: Versioned>(
     let total = log_end(&context, &store.topics())?;
     let started = Instant::now();
     let store = std::sync::Arc::new(store);
-    let mut shown = Shown::new(quiet, total);
+    let mut shown = Shown::new(quiet, total, "verify");
     let mut events = 0;
     let outcome: anyhow::Result<Differences> = async {
         for _ in 0..ROUNDS {
@@ -365,9 +376,25 @@ pub async fn verify<S: Versioned>(
             version == active,
             "{name} switched to version {version} while it was verified"
         );
-        events += build_below(&store, shadow, &live, &context, &mut |_| {}).await?;
-        // A fresh hold for the comparison; the live consumer must not have moved under it.
+        // The held round is bounded as a replay's is; then a fresh hold for the
+        // comparison, and the live consumer must not have moved under either.
+        events += tokio::time::timeout(
+            HOLD / 2,
+            build_below(&store, shadow, &live, &context, &mut |_| {}),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the last round outlasted {} s while the live consumer was held; run verify again",
+                (HOLD / 2).as_secs()
+            )
+        })??;
         store.hold_live(shadow).await?;
+        let (_, held) = store.open(Mode::Live).await?;
+        anyhow::ensure!(
+            held == live,
+            "the live consumer moved while it was held; run verify again"
+        );
         let differences = store.differences(active, shadow).await?;
         let (_, after) = store.open(Mode::Live).await?;
         anyhow::ensure!(
@@ -380,9 +407,7 @@ pub async fn verify<S: Versioned>(
     .await;
     let released = store.release_live().await;
     let dropped = store.drop_version(shadow).await;
-    if let Shown::Bar(bar) = &shown {
-        bar.finish_and_clear();
-    }
+    shown.clear();
     let differences = outcome.context(format!("verify of {name} failed"))?;
     released?;
     dropped?;
@@ -625,37 +650,30 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
             .await
             .context("counting rows")?;
             found.compared += rows as u64;
-            for ((this, this_version), (other, _)) in
-                [((&first, a), (&second, b)), ((&second, b), (&first, a))]
-            {
-                // Whole rows as JSON, so every column counts and a row's multiplicity too.
-                let only = format!(
-                    "SELECT to_jsonb(t) AS r FROM {this}.{table} t EXCEPT ALL SELECT to_jsonb(t) FROM {other}.{table} t",
-                    this = quoted(this),
-                    other = quoted(other),
-                    table = quoted(table)
-                );
-                let (count,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT count(*) FROM ({only}) d"
-                )))
-                .fetch_one(pool)
-                .await
-                .context("comparing a table")?;
-                if count == 0 {
-                    continue;
-                }
-                let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT r::text FROM ({only}) d ORDER BY 1 LIMIT {NAMED}"
-                )))
-                .fetch_all(pool)
-                .await
-                .context("naming a table's differences")?;
-                found.note(
-                    count as u64,
-                    rows.into_iter()
-                        .map(|(r,)| format!("{table}: only in version {this_version}: {r}")),
-                );
-            }
+            // One pass over both: whole rows as JSON, so every column counts, each row
+            // +1 in the first version and -1 in the second; what does not sum to zero
+            // differs (n > 0: only in the first, n times; n < 0: only in the second).
+            let differing: Vec<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "WITH d AS (SELECT r, sum(n)::bigint AS n FROM ( \
+                   SELECT to_jsonb(t) AS r, 1 AS n FROM {first}.{table} t \
+                   UNION ALL SELECT to_jsonb(t), -1 FROM {second}.{table} t) x \
+                 GROUP BY r HAVING sum(n) <> 0) \
+                 SELECT r::text, n, sum(abs(n)) OVER ()::bigint FROM d ORDER BY r LIMIT {NAMED}",
+                first = quoted(&first),
+                second = quoted(&second),
+                table = quoted(table)
+            )))
+            .fetch_all(pool)
+            .await
+            .context("comparing a table")?;
+            let total = differing.first().map_or(0, |(_, _, total)| *total);
+            found.note(
+                total as u64,
+                differing.into_iter().map(|(row, n, _)| {
+                    let version = if n > 0 { a } else { b };
+                    format!("{table}: only in version {version} ({}x): {row}", n.abs())
+                }),
+            );
         }
         Ok(found)
     }

@@ -76,6 +76,14 @@ pub struct Report {
     pub written_by_rejected: u64,
     /// Missing versions inside an aggregate's history.
     pub gaps: u64,
+    /// Events written by a request that was answered 5xx "nothing was written".
+    pub written_after_refusal: u64,
+    /// Events no recorded request wrote (the bootstrap admin's aside).
+    pub unexplained_events: u64,
+    /// Whether every read model the query API serves included every acknowledged write.
+    pub converged: bool,
+    /// Events the consumers parked as dead letters.
+    pub dead_letters: u64,
     /// Differences `newsroom verify` found, by read model.
     pub read_model_differences: BTreeMap<String, u64>,
     /// Inbox entries of an e-mail subscriber without exactly one e-mail (one Message-ID).
@@ -97,7 +105,12 @@ pub struct Report {
 impl Report {
     /// Whether the checker found nothing wrong.
     pub fn clean(&self) -> bool {
-        self.lost == 0
+        self.acknowledged > 0
+            && self.converged
+            && self.written_after_refusal == 0
+            && self.unexplained_events == 0
+            && self.dead_letters == 0
+            && self.lost == 0
             && self.doubled == 0
             && self.written_by_rejected == 0
             && self.gaps == 0
@@ -216,10 +229,18 @@ enum Outcome {
     Unanswered,
 }
 
+/// One HTTP attempt of a command: its request id, and what it said about the write.
+#[derive(Debug, Clone)]
+struct Attempt {
+    request_id: String,
+    /// Answered 5xx saying "nothing was written".
+    refused: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Cmd {
     what: String,
-    request_ids: Vec<String>,
+    attempts: Vec<Attempt>,
     outcome: Outcome,
 }
 
@@ -235,6 +256,8 @@ struct History {
     faults: Vec<(String, Instant, Instant)>,
     /// Each registered user's e-mail.
     emails: HashMap<Uuid, String>,
+    /// Every position an acknowledged command wrote (merged consistency tokens).
+    written: newsroom_events::consistency::ConsistencyToken,
 }
 
 #[derive(Clone)]
@@ -274,11 +297,10 @@ impl Client {
     ) -> (Outcome, Value) {
         let key = Uuid::now_v7().to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut request_ids = Vec::new();
+        let mut attempts = Vec::new();
         let mut attempt = 0usize;
         let (outcome, answer) = loop {
             let request_id = Uuid::now_v7().to_string();
-            request_ids.push(request_id.clone());
             let url = &self.command_urls[attempt % self.command_urls.len()];
             attempt += 1;
             let mut request = self
@@ -299,17 +321,36 @@ impl Client {
             let answered = match request.send().await {
                 Ok(response) => {
                     let status = response.status();
+                    let token = response
+                        .headers()
+                        .get("x-consistency-token")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|t| {
+                            newsroom_events::consistency::ConsistencyToken::parse(t).ok()
+                        });
                     let body: Value = response.json().await.unwrap_or(Value::Null);
-                    Some((status, body))
+                    Some((status, body, token))
                 }
                 Err(_) => None,
             };
+            attempts.push(Attempt {
+                request_id: request_id.clone(),
+                refused: answered.as_ref().is_some_and(|(status, body, _)| {
+                    status.is_server_error()
+                        && body["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.ends_with("nothing was written"))
+                }),
+            });
             let decided = {
                 let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
                 history.attempts += 1;
                 match answered {
-                    Some((status, body)) if status.is_success() => {
+                    Some((status, body, token)) if status.is_success() => {
                         history.acknowledged_at.push(Instant::now());
+                        for (stream, position) in token.iter().flat_map(|t| t.positions()) {
+                            history.written.add(stream, position);
+                        }
                         let aggregate = body["id"]
                             .as_str()
                             .and_then(|id| Uuid::parse_str(id).ok())
@@ -317,7 +358,7 @@ impl Client {
                         let version = body["version"].as_i64().unwrap_or(-1);
                         Some((Outcome::Ok { aggregate, version }, body))
                     }
-                    Some((status, body))
+                    Some((status, body, _))
                         if status.is_client_error()
                             && status != reqwest::StatusCode::TOO_MANY_REQUESTS =>
                     {
@@ -343,7 +384,7 @@ impl Client {
             .commands
             .push(Cmd {
                 what: what.to_owned(),
-                request_ids,
+                attempts,
                 outcome: outcome.clone(),
             });
         (outcome, answer)
@@ -420,6 +461,8 @@ struct Desk {
 /// Runs the whole chaos run and returns its report (also written to `options.out`).
 pub async fn run(options: Options) -> anyhow::Result<Report> {
     let started = Instant::now();
+    // Whatever an interrupted run left stopped comes back first.
+    infra(&["up"])?;
     infra(&["cluster", "up"])?;
     let brokers = cluster_brokers()?;
     let app = TestApp::spawn_adjusted(newsroom::Roles::NONE, |s| {
@@ -557,14 +600,15 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                 let kind = KINDS[turn % KINDS.len()];
                 turn += 1;
                 let began = Instant::now();
-                if let Err(e) = inject(kind, &mut dice, &procs, &app, &broker_down).await {
-                    eprintln!("[chaos] fault {kind} failed to inject: {e:#}");
+                match inject(kind, &mut dice, &procs, &app, &broker_down).await {
+                    Ok(()) => history
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .faults
+                        .push((kind.to_owned(), began, Instant::now())),
+                    // Not counted: a fault that did not happen proves nothing.
+                    Err(e) => eprintln!("[chaos] fault {kind} failed to inject: {e:#}"),
                 }
-                history
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .faults
-                    .push((kind.to_owned(), began, Instant::now()));
                 let pause = every.as_millis() as u64 / 2 + dice.below(every.as_millis() as u64 + 1);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
@@ -613,7 +657,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         }
     }
     let history = std::mem::take(&mut *client.history.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut report = check(&app, history).await?;
+    let mut report = check(&app, &client, &admin, history).await?;
     report.elapsed_s = started.elapsed().as_secs_f64();
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
@@ -817,7 +861,8 @@ async fn inject(
     Ok(())
 }
 
-fn cluster_brokers() -> anyhow::Result<String> {
+/// The bootstrap servers of the local three-node cluster (`infra/local.sh cluster brokers`).
+pub fn cluster_brokers() -> anyhow::Result<String> {
     let output = Command::new("bash")
         .arg(crate::infra_script())
         .args(["cluster", "brokers"])
@@ -856,7 +901,13 @@ async fn events_in_log(app: &TestApp) -> anyhow::Result<Vec<(Uuid, i64, String)>
 
 /// The checker: the log against the answers, the read models against fresh builds, the
 /// inbox against the e-mails.
-async fn check(app: &TestApp, history: History) -> anyhow::Result<Report> {
+async fn check(
+    app: &TestApp,
+    client: &Client,
+    admin: &str,
+    history: History,
+) -> anyhow::Result<Report> {
+    let admin_id = token_subject(admin)?;
     let mut report = Report {
         commands: history.commands.len() as u64,
         attempts: history.attempts,
@@ -884,8 +935,54 @@ async fn check(app: &TestApp, history: History) -> anyhow::Result<Report> {
         *entry = (*entry).max(longest);
     }
 
-    // Wait until the log is readable and the consumers caught up (the outbox drained).
+    // First every read model the query API serves must include every acknowledged write:
+    // the query API waits for the merged consistency token (a stalled consumer would
+    // otherwise pass verify, which compares at its own offsets).
+    let token = history.written.to_string();
+    let converged_by = Instant::now() + Duration::from_secs(180);
+    'converging: loop {
+        let mut behind = None;
+        for path in [
+            "/v1/news?limit=1".to_owned(),
+            "/v1/news/trending?limit=1".to_owned(),
+            format!("/v1/users/{admin_id}"),
+            format!("/v1/users/{admin_id}/notifications?limit=1"),
+            format!("/v1/users/{admin_id}/recommendations?limit=1"),
+        ] {
+            let answer = client
+                .http
+                .get(format!("{}{path}", client.query_url))
+                .bearer_auth(admin)
+                .header("x-consistency-token", &token)
+                .header("x-consistency-timeout-ms", "30000")
+                .timeout(Duration::from_secs(40))
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => behind = Some(format!("{path}: {}", r.status())),
+                Err(e) => behind = Some(format!("{path}: {e}")),
+            }
+        }
+        match behind {
+            None => {
+                report.converged = true;
+                break 'converging;
+            }
+            Some(why) if Instant::now() >= converged_by => {
+                report.problem(format!("the read models never included every write: {why}"));
+                break 'converging;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
+
+    // Then the consumers' side effects: the outbox drained, no dead letters.
     let pool = app.pool().await?;
+    let (dead,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters")
+        .fetch_one(&pool)
+        .await?;
+    report.dead_letters = dead as u64;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let pending: Result<(i64,), _> =
@@ -923,12 +1020,40 @@ async fn check(app: &TestApp, history: History) -> anyhow::Result<Report> {
             report.problem(format!("aggregate {aggregate}: versions {list:?}"));
         }
     }
+    // Every event is some recorded attempt's (the bootstrap admin's own aggregate aside),
+    // and none is an attempt's that was answered "nothing was written".
+    let attempts: HashMap<&str, &Attempt> = history
+        .commands
+        .iter()
+        .flat_map(|c| c.attempts.iter().map(|a| (a.request_id.as_str(), a)))
+        .collect();
+    for (aggregate, version, correlation) in &events {
+        match attempts.get(correlation.as_str()) {
+            Some(attempt) if attempt.refused => {
+                report.written_after_refusal += 1;
+                report.problem(format!(
+                    "{aggregate} v{version} written by a request answered \"nothing was written\""
+                ));
+            }
+            Some(_) => {}
+            None if *aggregate == admin_id => {}
+            None => {
+                report.unexplained_events += 1;
+                report.problem(format!("{aggregate} v{version}: no request wrote it"));
+            }
+        }
+    }
     // Each command against its answer.
     for command in &history.commands {
         let written: Vec<(Uuid, i64)> = command
-            .request_ids
+            .attempts
             .iter()
-            .flat_map(|id| by_correlation.get(id.as_str()).cloned().unwrap_or_default())
+            .flat_map(|a| {
+                by_correlation
+                    .get(a.request_id.as_str())
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .collect();
         match &command.outcome {
             Outcome::Ok { aggregate, version } => {

@@ -244,10 +244,15 @@ impl Writer {
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
         let gate = Arc::new(Gate::default());
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .context("building the writer's clock")?;
         let thread = Thread {
             gate: gate.clone(),
             shared: shared.clone(),
             runtime: Handle::current(),
+            clock,
             sender: sender.clone(),
             transactional_id,
             connection: Some(connection),
@@ -554,6 +559,9 @@ struct Thread {
     gate: Arc<Gate>,
     shared: Arc<Shared>,
     runtime: Handle,
+    /// A runtime of this thread's own, whose clock bounds the waits for acknowledgements
+    /// (the process's runtime drives its timers only from its own threads).
+    clock: tokio::runtime::Runtime,
     sender: std_mpsc::SyncSender<Message>,
     transactional_id: String,
     connection: Option<Connection>,
@@ -893,8 +901,7 @@ impl Thread {
     /// Waits for `delivery` until `deadline`; past it, the record counts as timed out.
     fn delivered(&self, delivery: Delivery, deadline: Instant) -> producer::Delivered {
         let deadline = tokio::time::Instant::from_std(deadline);
-        // The timer is made inside the runtime: this thread is not one of its own.
-        self.runtime
+        self.clock
             .block_on(async move { tokio::time::timeout_at(deadline, delivery).await })
             .unwrap_or(Err(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageTimedOut,
@@ -958,7 +965,7 @@ impl Thread {
         // Acknowledgements are awaited until the Kafka timeout and no longer: an idempotent
         // producer never times out a record already sent, so a broker that stops answering
         // would otherwise hold this writer, and every request queued behind it, for minutes.
-        let acknowledged_by = start + timeout;
+        let acknowledged_by = Instant::now() + timeout;
         let mut offsets = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             match self.delivered(delivery, acknowledged_by) {
@@ -985,6 +992,7 @@ impl Thread {
             let delivery = producer.send(record).map_err(abort)?;
             deliveries.push(((partition, outcome.keyed.scope), delivery));
         }
+        let acknowledged_by = Instant::now() + timeout;
         for (key, delivery) in deliveries {
             match self.delivered(delivery, acknowledged_by) {
                 Ok((_, offset)) => recorded.insert(key, offset),
