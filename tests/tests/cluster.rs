@@ -1,8 +1,9 @@
 //! On the local three-node Kafka cluster (`infra/local.sh cluster up`): a broker that stops
 //! answering (SIGSTOP, so its connections stay open) holds no command for long, and writes
-//! resume. The chaos run found a command process whose writer waited minutes for
-//! acknowledgements that never came (an idempotent producer does not time out a record it
-//! has sent), with every request behind it. Its own test binary: it freezes a broker.
+//! resume. The chaos run once saw a command process's writer sit 160 s in one transaction
+//! after broker kills; this test bounds every answer while a broker is frozen, but it does
+//! not reproduce that stall (it passes with the writer's unbounded acknowledgement waits
+//! too), so the chaos run stays the check for it. Its own test binary: it freezes a broker.
 
 use std::time::{Duration, Instant};
 
