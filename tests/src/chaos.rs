@@ -137,6 +137,8 @@ struct Proc {
     child: Option<Child>,
     runs: usize,
     logs: PathBuf,
+    /// Kept down by a fault until then (the supervisor leaves it alone).
+    down_until: Option<Instant>,
 }
 
 impl Proc {
@@ -162,6 +164,7 @@ impl Proc {
             child: None,
             runs: 0,
             logs: logs.to_owned(),
+            down_until: None,
         })
     }
 
@@ -169,7 +172,20 @@ impl Proc {
         format!("http://127.0.0.1:{}", self.port.unwrap_or_default())
     }
 
+    /// Whether the process is not running (never started, killed, or exited by itself).
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// Starts the process unless it runs.
     fn start(&mut self, app: &TestApp) -> anyhow::Result<()> {
+        if !self.exited() {
+            return Ok(());
+        }
+        self.down_until = None;
         self.runs += 1;
         let log =
             std::fs::File::create(self.logs.join(format!("{}-{}.log", self.name, self.runs)))?;
@@ -614,6 +630,26 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             }
         }));
     }
+    // A supervisor, as a deployment has one: a process that exited by itself (a role
+    // refuses to start while PostgreSQL is down, for one) is started again.
+    let supervisor = {
+        let (procs, app, stop) = (procs.clone(), app.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut procs = procs.lock().await;
+                for proc in procs.iter_mut() {
+                    let held = proc.down_until.is_some_and(|t| Instant::now() < t);
+                    if !held && proc.exited() {
+                        eprintln!("[chaos] {} exited by itself; starting it again", proc.name);
+                        if let Err(e) = proc.start(&app) {
+                            eprintln!("[chaos] starting {} failed: {e:#}", proc.name);
+                        }
+                    }
+                }
+            }
+        })
+    };
     let mut last_note = Instant::now();
     while started.elapsed() < options.duration {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -633,6 +669,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     for injector in injectors {
         injector.await?;
     }
+    supervisor.await?;
     for worker in workers {
         worker.await??;
     }
@@ -647,13 +684,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         let mut procs = procs.lock().await;
         for proc in procs.iter_mut() {
             proc.signal("-CONT")?;
-            let exited = match proc.child.as_mut() {
-                Some(child) => child.try_wait()?.is_some(),
-                None => true,
-            };
-            if exited {
-                proc.start(&app)?;
-            }
+            proc.start(&app)?;
         }
     }
     let history = std::mem::take(&mut *client.history.lock().unwrap_or_else(|e| e.into_inner()));
@@ -824,6 +855,7 @@ async fn inject(
                 let i = dice.below(procs.len() as u64) as usize;
                 eprintln!("[chaos] kill -9 {}", procs[i].name);
                 procs[i].kill();
+                procs[i].down_until = Some(Instant::now() + wait);
                 i
             };
             tokio::time::sleep(wait).await;
