@@ -319,21 +319,13 @@ impl Client {
             let request_id = Uuid::now_v7().to_string();
             let url = &self.command_urls[attempt % self.command_urls.len()];
             attempt += 1;
-            let mut request = self
+            let request = self
                 .http
                 .request(method.clone(), format!("{url}{path}"))
                 .timeout(Duration::from_secs(10))
                 .header("idempotency-key", &key)
                 .header("x-request-id", &request_id);
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
-            }
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            if let Some(version) = if_match {
-                request = request.header("if-match", format!("\"{version}\""));
-            }
+            let request = crate::command_parts(request, token, body, if_match);
             let answered = match request.send().await {
                 Ok(response) => {
                     let status = response.status();

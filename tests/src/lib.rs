@@ -295,19 +295,10 @@ impl TestApp {
         body: Option<&Value>,
         if_match: Option<i64>,
     ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
-        let mut request = self
+        let request = self
             .http
             .request(method, format!("{}{path}", self.command_url));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        if let Some(version) = if_match {
-            request = request.header("if-match", format!("\"{version}\""));
-        }
-        let response = request.send().await?;
+        let response = command_parts(request, token, body, if_match).send().await?;
         let status = response.status();
         let text = response.text().await?;
         let value = if text.is_empty() {
@@ -668,6 +659,26 @@ impl Drop for ChildRole {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `request` with what a command may carry: the caller's token, a JSON body and an
+/// `If-Match` version, each when given.
+pub fn command_parts(
+    mut request: reqwest::RequestBuilder,
+    token: Option<&str>,
+    body: Option<&Value>,
+    if_match: Option<i64>,
+) -> reqwest::RequestBuilder {
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    if let Some(version) = if_match {
+        request = request.header("if-match", format!("\"{version}\""));
+    }
+    request
 }
 
 /// A number from 0 to `bound` (exclusive), different on each call.

@@ -105,17 +105,10 @@ async fn call(
     body: Option<Value>,
     if_match: Option<i64>,
 ) -> anyhow::Result<(S, Value)> {
-    let mut request = http.request(method, url).timeout(Duration::from_secs(60));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    if let Some(v) = if_match {
-        request = request.header("if-match", format!("\"{v}\""));
-    }
-    let response = request.send().await?;
+    let request = http.request(method, url).timeout(Duration::from_secs(60));
+    let response = newsroom_tests::command_parts(request, token, body.as_ref(), if_match)
+        .send()
+        .await?;
     let status = response.status();
     let text = response.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
