@@ -286,7 +286,11 @@ async fn rebuild(
     how: Rebuild,
 ) -> anyhow::Result<Rebuilt> {
     ensure_topics(&settings.kafka).await?;
-    let pool = newsroom_infra::db::connect(&settings.postgres).await?;
+    // A rebuild's statements (a comparison over a whole read model) may outlast the
+    // serving processes' statement timeout.
+    let mut postgres = settings.postgres.clone();
+    postgres.statement_timeout_ms = 0;
+    let pool = newsroom_infra::db::connect(&postgres).await?;
     newsroom_infra::db::migrate(&pool).await?;
     newsroom_infra::db::check_deployment(&pool, &settings.kafka.topic_prefix).await?;
     let context = consumer_context(settings, &pool).await?;

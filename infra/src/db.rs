@@ -1,27 +1,45 @@
 //! PostgreSQL connection pools.
 
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::settings::PostgresSettings;
 
-/// Opens a pool; fails if the database does not answer within a few seconds.
+/// Opens a pool whose connections cancel any statement that runs past the settings'
+/// statement timeout; fails if the database does not answer within a few seconds.
 pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<PgPool> {
+    let mut options =
+        PgConnectOptions::from_str(&settings.url).context("reading the database URL")?;
+    if settings.statement_timeout_ms > 0 {
+        options = options.options([(
+            "statement_timeout",
+            settings.statement_timeout_ms.to_string(),
+        )]);
+    }
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(3))
-        .connect(&settings.url)
+        .connect_with(options)
         .await
         .context("connecting to PostgreSQL")
 }
 
-/// Applies every migration of `infra/migrations` (read models and command-side tables).
+/// Applies every migration of `infra/migrations` (read models and command-side tables), on
+/// a connection of its own without the statement timeout (an index built on a large read
+/// model may take longer), which is closed afterwards.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    let mut connection = pool.acquire().await.context("connecting to migrate")?;
+    connection.close_on_drop();
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *connection)
+        .await
+        .context("lifting the statement timeout to migrate")?;
     sqlx::migrate!("./migrations")
-        .run(pool)
+        .run(&mut *connection)
         .await
         .context("applying the database migrations")?;
     Ok(())

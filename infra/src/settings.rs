@@ -187,6 +187,17 @@ pub struct PostgresSettings {
         default_value_t = 16
     )]
     pub max_connections: u32,
+    /// Longest a statement of a serving process may run before PostgreSQL cancels it
+    /// (milliseconds; 0: no limit). A server that stops answering, or a plan gone wrong,
+    /// then fails the request or the batch instead of holding a connection for good.
+    /// Migrations, `replay` and `verify` run without it.
+    #[arg(
+        global = true,
+        long = "database-statement-timeout-ms",
+        env = "NEWSROOM_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub statement_timeout_ms: u64,
 }
 
 /// The Redis read-model store (article cache, trending, counters).

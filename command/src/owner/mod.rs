@@ -16,6 +16,7 @@ pub mod writer;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use newsroom_events::consistency::Position;
 use newsroom_events::partition::partition_of;
@@ -402,6 +403,22 @@ pub enum Submitted {
     Failed(CommandError),
 }
 
+/// How long one step of a takeover that talks to PostgreSQL or Redis may take: a store
+/// that stops answering in the middle of a query (a restart, a frozen server) must fail the
+/// step, so that the takeover is retried, instead of leaving the partition unserved.
+const TAKEOVER_STEP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `step` of a takeover within [`TAKEOVER_STEP`].
+async fn bounded<T>(
+    what: &'static str,
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(TAKEOVER_STEP, step).await {
+        Ok(result) => result.context(what),
+        Err(_) => anyhow::bail!("{what}: no answer within {} s", TAKEOVER_STEP.as_secs()),
+    }
+}
+
 /// Rebuilds `partition` of both aggregate topics and has the writer serve it.
 pub(crate) async fn take_over(
     shared: Arc<Shared>,
@@ -416,22 +433,33 @@ pub(crate) async fn take_over(
         }
         owners.set(partition, Some(Slot::Starting));
     }
-    shared.keys.load_partition(partition).await?;
+    bounded(
+        "loading the partition's token keys",
+        shared.keys.load_partition(partition),
+    )
+    .await?;
     let still_owned: writer::StillOwned = {
         let owners = owners.clone();
         Arc::new(move || owners.holds(partition, assignment))
     };
     // The directory points here before anything is served, so that forwarded requests
     // find this process as soon as it serves.
-    shared.directory.announce(partition).await?;
+    bounded(
+        "announcing the partition",
+        shared.directory.announce(partition),
+    )
+    .await?;
     let Some(user_states) = owners.writer.take(partition, still_owned).await? else {
         tracing::info!(partition, "revoked during its takeover; not serving it");
         return Ok(());
     };
-    shared
-        .claims
-        .reconcile(partition, &user_states, &shared.keys)
-        .await?;
+    bounded(
+        "reconciling the partition's e-mail claims",
+        shared
+            .claims
+            .reconcile(partition, &user_states, &shared.keys),
+    )
+    .await?;
     drop(user_states);
     {
         // Checked and published under the assignment lock: a revocation that came during

@@ -653,3 +653,47 @@ async fn two_projectors_share_the_partitions_and_one_takes_all_when_the_other_is
     drop(second);
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_statement_that_outlasts_the_statement_timeout_is_cancelled_but_a_migration_is_not_bound_by_it()
+-> TestResult {
+    let mut postgres = newsroom_infra::Settings::local_defaults().postgres;
+    let admin_url = postgres.url.clone();
+    let database = format!("test_timeout_{}", Uuid::now_v7().simple());
+    postgres.url = newsroom_infra::db::create_database(&admin_url, &database).await?;
+    postgres.statement_timeout_ms = 300;
+    let checked = async {
+        let pool = newsroom_infra::db::connect(&postgres).await?;
+        // Migrations run on a connection of their own, without the limit; this database is
+        // empty, so they create every table (more than 300 ms of work on a busy machine is
+        // not what is checked: only that they are not cancelled).
+        newsroom_infra::db::migrate(&pool).await?;
+        let (limit,): (String,) = sqlx::query_as("SHOW statement_timeout")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::ensure!(limit == "300ms", "statement_timeout is {limit}");
+        let started = std::time::Instant::now();
+        let slow = sqlx::query("SELECT pg_sleep(5)").execute(&pool).await;
+        let Err(sqlx::Error::Database(error)) = slow else {
+            anyhow::bail!("a 5 s statement was not cancelled: {slow:?}");
+        };
+        anyhow::ensure!(
+            error.code().as_deref() == Some("57014"),
+            "cancelled with {:?}: {error}",
+            error.code()
+        );
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "the cancellation took {:?}",
+            started.elapsed()
+        );
+        // The pool goes on serving after a cancellation.
+        let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&pool).await?;
+        anyhow::ensure!(one == 1);
+        pool.close().await;
+        Ok(())
+    }
+    .await;
+    newsroom_infra::db::drop_database(&admin_url, &database).await?;
+    checked
+}
