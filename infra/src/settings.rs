@@ -168,7 +168,7 @@ pub struct RegistrySettings {
 }
 
 /// The PostgreSQL read-model store.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct PostgresSettings {
     /// Connection URL.
     #[arg(
@@ -201,7 +201,7 @@ pub struct PostgresSettings {
 }
 
 /// The Redis read-model store (article cache, trending, counters).
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct RedisSettings {
     /// Connection URL.
     #[arg(
@@ -474,6 +474,25 @@ impl From<String> for Secret {
     }
 }
 
+// The store URLs may carry passwords: their `Debug` shows them without.
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &without_credentials(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &without_credentials(&self.url))
+            .finish()
+    }
+}
+
 /// `url` without the user and password it may carry (for logs).
 pub fn without_credentials(url: &str) -> String {
     match url.split_once("://") {
@@ -490,6 +509,17 @@ pub fn without_credentials(url: &str) -> String {
 #[cfg(test)]
 mod credential_tests {
     use super::without_credentials;
+
+    #[test]
+    fn store_urls_show_without_their_passwords() {
+        let mut settings = crate::Settings::local_defaults();
+        settings.postgres.url = "postgres://app:pg-hunter2@db.internal:5432/newsroom".into();
+        settings.redis.url = "redis://:redis-hunter2@cache.internal:6379/".into();
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("db.internal:5432/newsroom"), "{shown}");
+        assert!(shown.contains("cache.internal:6379"), "{shown}");
+    }
 
     #[test]
     fn a_secret_does_not_show_in_debug() {
