@@ -509,3 +509,151 @@ async fn a_notifier_killed_ten_times_while_articles_are_published_leaves_one_ent
     drop(notifier);
     app.stop().await
 }
+
+/// Where `needles` occur (as text, or as the hex of their bytes, as a `bytea` column shows
+/// them) in every row of every table of the database, every Redis key of the deployment and
+/// every record (key, value, headers) of every topic of the deployment.
+async fn personal_data_left(app: &TestApp, needles: &[String]) -> anyhow::Result<Vec<String>> {
+    let patterns: Vec<String> = needles
+        .iter()
+        .flat_map(|n| {
+            let hex: String = n.bytes().map(|b| format!("{b:02x}")).collect();
+            [n.to_lowercase(), hex]
+        })
+        .collect();
+    let hit = |text: &str| {
+        let text = text.to_lowercase();
+        patterns.iter().any(|p| text.contains(p.as_str()))
+    };
+    let mut found = Vec::new();
+    let pool = app.pool().await?;
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema::text, table_name::text FROM information_schema.tables \
+         WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for (schema, table) in tables {
+        let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT to_jsonb(t)::text FROM \"{schema}\".\"{table}\" t"
+        )))
+        .fetch_all(&pool)
+        .await?;
+        found.extend(
+            rows.into_iter()
+                .filter(|(row,)| hit(row))
+                .map(|(row,)| format!("postgres {schema}.{table}: {row}")),
+        );
+    }
+    pool.close().await;
+    let mut redis = redis::Client::open(app.settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let prefix = format!("{}:", app.settings.kafka.topic_prefix);
+    for (key, values) in newsroom_infra::redis::dump(&mut redis, &prefix).await? {
+        if hit(&key) || values.iter().any(|v| hit(v)) {
+            found.push(format!("redis {key}: {values:?}"));
+        }
+    }
+    for topic in newsroom_infra::kafka::deployment_topics(&app.settings.kafka) {
+        for record in app.records_of(&topic)? {
+            let text = format!(
+                "{} {} {:?}",
+                String::from_utf8_lossy(&record.key),
+                String::from_utf8_lossy(&record.payload),
+                record.headers
+            );
+            let hex: String = record.payload.iter().map(|b| format!("{b:02x}")).collect();
+            if hit(&text) || hit(&hex) {
+                found.push(format!("kafka {topic}: {text}"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test]
+async fn after_erasure_no_store_yields_the_name_or_the_email() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let (editor, admin) = (app.editor().await?, app.admin().await?);
+    let tag = Uuid::now_v7().simple().to_string();
+    let name = format!("Zebulon Quirk {}", &tag[20..]);
+    let email = format!("zebulon.{tag}@example.com");
+    let password = "a long enough password";
+    // Registered with an Idempotency-Key, so that its outcome is recorded in the log too.
+    let response = app
+        .http
+        .post(format!("{}/v1/users", app.command_url))
+        .header("Idempotency-Key", Uuid::now_v7().to_string())
+        .json(&json!({"name": name, "email": email, "password": password}))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == S::CREATED, "{}", response.status());
+    let created: Value = response.json().await?;
+    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+    let token = app
+        .login(&email, password)
+        .await?
+        .map_err(|s| anyhow::anyhow!("login: {s}"))?;
+    let user = TestUser {
+        id,
+        email: email.clone(),
+        password: password.into(),
+        token,
+    };
+    // Everything a user leaves behind: follows, an inbox entry and an e-mail, reads.
+    follow(&app, &user, &["sports"]).await?;
+    let (article, published) =
+        publish(&app, &editor, "sports", "Before erasure", &["erasure"]).await?;
+    let (status, _) = query(
+        &app,
+        &format!("/v1/news/{article}"),
+        Some(&user.token),
+        Some(&published),
+    )
+    .await?;
+    anyhow::ensure!(status == S::OK, "read: {status}");
+    until("the e-mail to go out", WAIT, || async {
+        Ok(!mails_to(&email)?.is_empty())
+    })
+    .await?;
+    anyhow::ensure!(
+        !personal_data_left(&app, std::slice::from_ref(&email))
+            .await?
+            .is_empty(),
+        "the scan finds the address before erasure"
+    );
+
+    let (status, _) = app
+        .command(
+            Method::DELETE,
+            &format!("/v1/users/{id}"),
+            Some(&user.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    let path = format!("/v1/users/{id}");
+    until("the erasure to reach the read side", WAIT, || async {
+        let (status, _) = query(&app, &path, Some(&admin.token), None).await?;
+        Ok(status == S::NOT_FOUND)
+    })
+    .await?;
+    // The read models settle; the writer's forced snapshot is written in the background.
+    app.settled_read_models(WAIT).await?;
+    let needles = [email.clone(), name.clone()];
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = personal_data_left(&app, &needles).await?;
+        if left.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the erased user's name or e-mail is still in: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    app.stop().await
+}
