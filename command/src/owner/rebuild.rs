@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use newsroom_infra::codec;
 use newsroom_infra::kafka::read_committed_consumer;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
@@ -71,6 +73,12 @@ pub async fn state<A: Aggregate>(
         let message = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
         {
             Err(_) => continue,
+            // librdkafka reports a broken connection and goes on (reconnecting, or reading
+            // from the partition's new leader): so does the rebuild, within its deadline.
+            Ok(Err(error)) if transient(&error) => {
+                tracing::debug!(%topic, partition, %error, "the rebuild's consumer goes on after");
+                continue;
+            }
             Ok(message) => message.context("reading the partition")?,
         };
         let offset = message.offset();
@@ -106,6 +114,22 @@ pub async fn state<A: Aggregate>(
     Ok((states, high))
 }
 
+/// An error the consumer recovers from by itself (a connection lost, a leader moving).
+fn transient(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+        )
+    )
+}
+
 fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> i64 {
     let Ok(list) = consumer.position() else {
         return 0;
@@ -113,4 +137,27 @@ fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> i64 {
     list.find_partition(topic, partition)
         .and_then(|p| p.offset().to_raw())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn a_lost_connection_is_gone_past_and_a_missing_partition_is_not() {
+        let consuming = |code| KafkaError::MessageConsumption(code);
+        assert!(super::transient(&consuming(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(super::transient(&consuming(
+            RDKafkaErrorCode::NotLeaderForPartition
+        )));
+        assert!(!super::transient(&consuming(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        assert!(!super::transient(&consuming(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+    }
 }
