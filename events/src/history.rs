@@ -43,6 +43,15 @@ mod tests {
 
         let today = schema_of("newsroom.reads.NewsRead").expect("today's schema");
         let value = wire::decode(&v1, today, &body).expect("resolves to today's schema");
+        let body_reader = wire::BodyReader::new(v1.clone(), today).expect("a body reader");
+        assert!(body_reader.resolves());
+        let read_once = body_reader
+            .read(&body)
+            .expect("a body reader resolves it too");
+        assert_eq!(
+            read_once, value,
+            "a body reader resolves an older writer schema"
+        );
         let ReadEvent::Read(read) =
             ReadEvent::from_avro("newsroom.reads.NewsRead", value).expect("decodes");
         assert_eq!((read.metadata.aggregate_id, read.news_id), (reader, news));

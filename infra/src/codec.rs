@@ -31,12 +31,21 @@ pub struct Decoded {
 /// Decodes a framed record: looks up the writer schema by id, resolves to our reader schema.
 pub async fn decode(registry: &Registry, bytes: &[u8]) -> anyhow::Result<Decoded> {
     let (id, body) = wire::unframe(bytes)?;
-    let writer = registry.schema(id).await?;
-    let name = match writer.as_ref() {
+    let (name, reader) = registry.body_reader(id).await?;
+    let value = reader.read(body)?;
+    Ok(Decoded {
+        name: name.to_string(),
+        value,
+    })
+}
+
+/// The full name of the record type of `writer` and the reader of its bodies.
+pub(crate) fn body_reader(id: u32, writer: &Schema) -> anyhow::Result<(String, wire::BodyReader)> {
+    let name = match writer {
         Schema::Record(record) => record.name.fullname(None),
         _ => return Err(anyhow!("schema {id} is not a record")),
     };
     let reader = schema_of(&name).with_context(|| format!("unknown event type {name}"))?;
-    let value = wire::decode(&writer, reader, body)?;
-    Ok(Decoded { name, value })
+    let body = wire::BodyReader::new(writer.clone(), reader)?;
+    Ok((name, body))
 }

@@ -14,12 +14,17 @@ use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSche
 
 use crate::settings::RegistrySettings;
 
+/// An event type's full name and the reader of its bodies.
+pub type Readable = (Arc<str>, Arc<newsroom_events::wire::BodyReader>);
+
 /// A registry client with the ids of newsroom's own schemas and a cache of writer schemas.
 #[derive(Clone)]
 pub struct Registry {
     settings: Arc<SrSettings>,
     own: Arc<HashMap<&'static str, u32>>,
     by_id: Arc<RwLock<HashMap<u32, Arc<Schema>>>>,
+    /// The reader of each writer schema's bodies, with its record's full name.
+    readers: Arc<RwLock<HashMap<u32, Readable>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -114,6 +119,7 @@ impl Registry {
             settings: Arc::new(sr),
             own: Arc::new(own),
             by_id: Arc::new(RwLock::new(HashMap::new())),
+            readers: Arc::new(RwLock::new(HashMap::new())),
         })
     }
 
@@ -138,6 +144,29 @@ impl Registry {
             cache.insert(id, schema.clone());
         }
         Ok(schema)
+    }
+
+    /// The full name of the event type registered under `id` and the reader of its bodies
+    /// (built once per id).
+    pub async fn body_reader(&self, id: u32) -> anyhow::Result<Readable> {
+        if let Some(known) = self.readers.read().ok().and_then(|r| r.get(&id).cloned()) {
+            return Ok(known);
+        }
+        let schema = self.schema(id).await?;
+        let (name, reader) = crate::codec::body_reader(id, &schema)?;
+        tracing::info!(
+            id,
+            name,
+            resolved = reader.resolves(),
+            "reading a writer schema (resolved: to the schema of this build)"
+        );
+        let readable: Readable = (Arc::from(name), Arc::new(reader));
+        if let Ok(mut readers) = self.readers.write() {
+            // A reader built meanwhile by another task stays (its writer schema is leaked
+            // either way; at most once per task racing on a new id).
+            return Ok(readers.entry(id).or_insert(readable).clone());
+        }
+        Ok(readable)
     }
 
     fn cached(&self, id: u32) -> Option<Arc<Schema>> {
