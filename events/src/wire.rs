@@ -1,6 +1,9 @@
 //! The Confluent wire format: `0x00`, a 4-byte big-endian schema id, the Avro binary body.
 //! The only place in newsroom that knows how events look as bytes.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
@@ -41,15 +44,40 @@ pub fn encode<E: Event>(schema_id: u32, schema: &Schema, event: &E) -> Result<Ve
     Ok(out)
 }
 
-/// Encodes `event` with its own schema and the id `id_of` gives for its full name.
+/// Encodes `event` with its own schema and the id `id_of` gives for its full name, with a
+/// datum writer built once per event type (building one resolves the schema's names).
 pub fn encode_event<E: Event>(
     event: &E,
     id_of: impl Fn(&str) -> Option<u32>,
 ) -> Result<Vec<u8>, WireError> {
-    let schema =
-        crate::schemas::schema_of(E::FULL_NAME).ok_or(WireError::Unregistered(E::FULL_NAME))?;
+    type Writers = HashMap<&'static str, Arc<GenericDatumWriter<'static>>>;
+    static WRITERS: LazyLock<RwLock<Writers>> = LazyLock::new(RwLock::default);
     let id = id_of(E::FULL_NAME).ok_or(WireError::Unregistered(E::FULL_NAME))?;
-    encode(id, schema, event)
+    let known = WRITERS
+        .read()
+        .ok()
+        .and_then(|writers| writers.get(E::FULL_NAME).cloned());
+    let writer = match known {
+        Some(writer) => writer,
+        None => {
+            let schema = crate::schemas::schema_of(E::FULL_NAME)
+                .ok_or(WireError::Unregistered(E::FULL_NAME))?;
+            let built = Arc::new(
+                GenericDatumWriter::builder(schema)
+                    .human_readable(true)
+                    .build()?,
+            );
+            match WRITERS.write() {
+                Ok(mut writers) => writers.entry(E::FULL_NAME).or_insert(built).clone(),
+                Err(_) => built,
+            }
+        }
+    };
+    let mut out = Vec::with_capacity(256);
+    out.push(MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    writer.write_ser(&mut out, event)?;
+    Ok(out)
 }
 
 /// Splits a framed record into its schema id and Avro body.
@@ -206,6 +234,23 @@ mod tests {
                 Err(WireError::TrailingBytes(1))
             ));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_cached_writer_writes_what_a_fresh_one_writes() -> Result<(), Box<dyn std::error::Error>> {
+        let schema = schema_of(UserRegistered::FULL_NAME).ok_or("no schema")?;
+        for _ in 0..2 {
+            let event = registered();
+            assert_eq!(
+                encode_event(&event, |_| Some(9))?,
+                encode(9, schema, &event)?
+            );
+        }
+        assert!(matches!(
+            encode_event(&registered(), |_| None),
+            Err(WireError::Unregistered(_))
+        ));
         Ok(())
     }
 

@@ -10,12 +10,7 @@ use crate::registry::Registry;
 
 /// Encodes `event` in the Confluent wire format with its registered schema id.
 pub fn encode<E: Event>(registry: &Registry, event: &E) -> anyhow::Result<Vec<u8>> {
-    let id = registry
-        .id_of(E::FULL_NAME)
-        .ok_or_else(|| anyhow!("schema of {} is not registered", E::FULL_NAME))?;
-    let schema =
-        schema_of(E::FULL_NAME).ok_or_else(|| anyhow!("no schema for {}", E::FULL_NAME))?;
-    Ok(wire::encode(id, schema, event)?)
+    Ok(wire::encode_event(event, |name| registry.id_of(name))?)
 }
 
 /// A record read back: the event type's full name and its value, resolved to the schema
