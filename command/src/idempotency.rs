@@ -206,14 +206,25 @@ impl Idempotency {
         Ok(())
     }
 
-    /// Drops records older than 24 hours.
+    /// Drops records older than 24 hours, a bounded chunk per statement: an hour of keys
+    /// under load is millions of rows, which one statement would not delete within the
+    /// statement timeout (and, cancelled, would leave for the next hour, doubled).
     pub async fn expire(&self) -> anyhow::Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM cmd_idempotency WHERE created_at < now() - interval '24 hours'",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        const CHUNK: u64 = 10_000;
+        let mut expired = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM cmd_idempotency WHERE ctid IN (SELECT ctid FROM cmd_idempotency \
+                 WHERE created_at < now() - interval '24 hours' LIMIT $1)",
+            )
+            .bind(CHUNK as i64)
+            .execute(&self.pool)
+            .await?;
+            expired += done.rows_affected();
+            if done.rows_affected() < CHUNK {
+                return Ok(expired);
+            }
+        }
     }
 }
 

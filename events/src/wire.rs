@@ -2,7 +2,7 @@
 //! The only place in newsroom that knows how events look as bytes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
@@ -55,8 +55,9 @@ pub fn encode_event<E: Event>(
     let id = id_of(E::FULL_NAME).ok_or(WireError::Unregistered(E::FULL_NAME))?;
     let known = WRITERS
         .read()
-        .ok()
-        .and_then(|writers| writers.get(E::FULL_NAME).cloned());
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(E::FULL_NAME)
+        .cloned();
     let writer = match known {
         Some(writer) => writer,
         None => {
@@ -67,10 +68,12 @@ pub fn encode_event<E: Event>(
                     .human_readable(true)
                     .build()?,
             );
-            match WRITERS.write() {
-                Ok(mut writers) => writers.entry(E::FULL_NAME).or_insert(built).clone(),
-                Err(_) => built,
-            }
+            WRITERS
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(E::FULL_NAME)
+                .or_insert(built)
+                .clone()
         }
     };
     let mut out = Vec::with_capacity(256);
@@ -101,18 +104,24 @@ pub struct BodyReader {
 
 impl BodyReader {
     /// A reader of bodies written with `writer`, resolved to `reader` unless the two are the
-    /// same schema (every attribute alike, not only their canonical forms). The writer
-    /// schema is leaked: the caller builds one per schema id it ever reads.
+    /// same schema (every attribute alike, not only their canonical forms). A writer schema
+    /// that differs is leaked: the caller builds one reader per schema id it ever reads.
     pub fn new(writer: Schema, reader: &'static Schema) -> Result<Self, WireError> {
-        let writer: &'static Schema = Box::leak(Box::new(writer));
-        let same = match (serde_json::to_value(writer), serde_json::to_value(reader)) {
+        let same = match (serde_json::to_value(&writer), serde_json::to_value(reader)) {
             (Ok(w), Ok(r)) => w == r,
             _ => false,
         };
-        let reader = GenericDatumReader::builder(writer)
-            .maybe_reader_schema((!same).then_some(reader))
-            .human_readable(true)
-            .build()?;
+        let reader = if same {
+            GenericDatumReader::builder(reader)
+                .human_readable(true)
+                .build()?
+        } else {
+            let writer: &'static Schema = Box::leak(Box::new(writer));
+            GenericDatumReader::builder(writer)
+                .reader_schema(reader)
+                .human_readable(true)
+                .build()?
+        };
         Ok(BodyReader {
             reader,
             resolves: !same,

@@ -12,14 +12,13 @@ use crate::settings::PostgresSettings;
 /// Opens a pool whose connections cancel any statement that runs past the settings'
 /// statement timeout; fails if the database does not answer within a few seconds.
 pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<PgPool> {
-    let mut options =
-        PgConnectOptions::from_str(&settings.url).context("reading the database URL")?;
-    if settings.statement_timeout_ms > 0 {
-        options = options.options([(
+    // Sent even when 0, so that 0 means no limit whatever the role or server default.
+    let options = PgConnectOptions::from_str(&settings.url)
+        .context("reading the database URL")?
+        .options([(
             "statement_timeout",
             settings.statement_timeout_ms.to_string(),
         )]);
-    }
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(3))

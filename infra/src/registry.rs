@@ -149,7 +149,13 @@ impl Registry {
     /// The full name of the event type registered under `id` and the reader of its bodies
     /// (built once per id).
     pub async fn body_reader(&self, id: u32) -> anyhow::Result<Readable> {
-        if let Some(known) = self.readers.read().ok().and_then(|r| r.get(&id).cloned()) {
+        let known = self
+            .readers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        if let Some(known) = known {
             return Ok(known);
         }
         let schema = self.schema(id).await?;
@@ -161,12 +167,15 @@ impl Registry {
             "reading a writer schema (resolved: to the schema of this build)"
         );
         let readable: Readable = (Arc::from(name), Arc::new(reader));
-        if let Ok(mut readers) = self.readers.write() {
-            // A reader built meanwhile by another task stays (its writer schema is leaked
-            // either way; at most once per task racing on a new id).
-            return Ok(readers.entry(id).or_insert(readable).clone());
-        }
-        Ok(readable)
+        // A reader built meanwhile by another task stays (a differing writer schema is
+        // leaked either way: at most once per task racing on a new id).
+        Ok(self
+            .readers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id)
+            .or_insert(readable)
+            .clone())
     }
 
     fn cached(&self, id: u32) -> Option<Arc<Schema>> {

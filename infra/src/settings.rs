@@ -154,7 +154,7 @@ impl KafkaSettings {
 }
 
 /// The Confluent-API schema registry.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct RegistrySettings {
     /// Base URL of the Confluent-compatible API (Apicurio: `.../apis/ccompat/v7`).
     #[arg(
@@ -474,11 +474,28 @@ impl From<String> for Secret {
     }
 }
 
-// The store URLs may carry passwords: their `Debug` shows them without.
+// The store and registry URLs may carry passwords (in the user part, or as a parameter of
+// the query: `?password=`): their `Debug` shows them without either.
+fn shown(url: &str) -> String {
+    let bare = without_credentials(url);
+    match bare.split_once('?') {
+        Some((base, _)) => format!("{base}?***"),
+        None => bare,
+    }
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("url", &shown(&self.url))
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresSettings")
-            .field("url", &without_credentials(&self.url))
+            .field("url", &shown(&self.url))
             .field("max_connections", &self.max_connections)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .finish()
@@ -488,7 +505,7 @@ impl std::fmt::Debug for PostgresSettings {
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &without_credentials(&self.url))
+            .field("url", &shown(&self.url))
             .finish()
     }
 }
@@ -515,10 +532,17 @@ mod credential_tests {
         let mut settings = crate::Settings::local_defaults();
         settings.postgres.url = "postgres://app:pg-hunter2@db.internal:5432/newsroom".into();
         settings.redis.url = "redis://:redis-hunter2@cache.internal:6379/".into();
+        settings.registry.url = "https://reg:registry-hunter2@registry.internal/apis".into();
         let shown = format!("{settings:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("db.internal:5432/newsroom"), "{shown}");
         assert!(shown.contains("cache.internal:6379"), "{shown}");
+        assert!(shown.contains("registry.internal/apis"), "{shown}");
+        settings.postgres.url =
+            "postgres://db.internal/newsroom?user=app&password=q-hunter2".into();
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("db.internal/newsroom?***"), "{shown}");
     }
 
     #[test]

@@ -403,10 +403,11 @@ pub enum Submitted {
     Failed(CommandError),
 }
 
-/// How long one step of a takeover that talks to PostgreSQL or Redis may take: a store
-/// that stops answering in the middle of a query (a restart, a frozen server) must fail the
-/// step, so that the takeover is retried, instead of leaving the partition unserved.
-const TAKEOVER_STEP: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long one step of a takeover that talks to PostgreSQL may take in all: a server that
+/// stops answering in the middle of a query (frozen: its statement timeout cannot fire)
+/// must fail the step, so that the takeover is retried, instead of leaving the partition
+/// unserved. Generous: a large partition's keys and claims take a while on a busy machine.
+const TAKEOVER_STEP: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Runs `step` of a takeover within [`TAKEOVER_STEP`].
 async fn bounded<T>(
@@ -415,7 +416,7 @@ async fn bounded<T>(
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(TAKEOVER_STEP, step).await {
         Ok(result) => result.context(what),
-        Err(_) => anyhow::bail!("{what}: no answer within {} s", TAKEOVER_STEP.as_secs()),
+        Err(_) => anyhow::bail!("{what}: not done within {} s", TAKEOVER_STEP.as_secs()),
     }
 }
 

@@ -62,13 +62,16 @@ pub async fn state<A: Aggregate>(
     consumer.assign(&assignment)?;
     let deadline = tokio::time::Instant::now() + REBUILD_DEADLINE;
     let mut events = 0u64;
+    let mut last_error: Option<String> = None;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         if position(&consumer, &topic, partition) >= high {
             break;
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "rebuilding {topic}/{partition} took too long"
+            "rebuilding {topic}/{partition} took too long (last Kafka error: {})",
+            last_error.as_deref().unwrap_or("none")
         );
         let message = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
         {
@@ -76,7 +79,11 @@ pub async fn state<A: Aggregate>(
             // librdkafka reports a broken connection and goes on (reconnecting, or reading
             // from the partition's new leader): so does the rebuild, within its deadline.
             Ok(Err(error)) if transient(&error) => {
-                tracing::debug!(%topic, partition, %error, "the rebuild's consumer goes on after");
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(%topic, partition, %error, "rebuilding a partition: Kafka error; going on");
+                }
+                last_error = Some(error.to_string());
                 continue;
             }
             Ok(message) => message.context("reading the partition")?,

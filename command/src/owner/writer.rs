@@ -999,9 +999,18 @@ impl Thread {
                 Err(error) => return Err(abort(error)),
             };
         }
-        // Every record is acknowledged: the commit's own flush finds nothing to wait for.
-        // (A loop of short flushes here cost each transaction a millisecond or two: a
-        // flush polls for the whole of its timeout.)
+        // librdkafka counts a record in flight until the event that reported it is freed,
+        // a moment after its report woke this thread. Wait for that here in short sleeps:
+        // the commit's own flush, finding anything in flight, would poll for 100 ms, and a
+        // loop of short flushes (each polling for the whole of its timeout) cost every
+        // transaction a millisecond or two.
+        let settled_by = Instant::now() + timeout;
+        while producer.in_flight_count() > 0 {
+            if Instant::now() >= settled_by {
+                return Err(abort(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut)));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
         let produced = start.elapsed();
         producer
             .send_offsets_to_transaction(&owned, &group, timeout)
