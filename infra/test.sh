@@ -13,6 +13,13 @@ case ${1:-} in
 esac
 started=$SECONDS
 infra/local.sh up
+# The tests read the local SMTP server's captured mail; what earlier runs left there (a
+# long chaos run leaves hundreds of thousands) would make every look take seconds.
+state=${NEWSROOM_STATE_DIR:-$ROOT/.local}
+if [[ -d $state/smtp/mail ]]; then
+  echo "[test] clearing $(find "$state/smtp/mail" -name '*.eml' | wc -l) captured mails of earlier runs"
+  find "$state/smtp/mail" -name '*.eml' -delete
+fi
 # The cluster tests and the chaos pass run on a three-node Kafka cluster of their own.
 infra/local.sh cluster up
 cargo fmt --all -- --check
