@@ -34,13 +34,22 @@ pub enum WireError {
 
 /// Encodes `event` with `schema` (registered under `schema_id`) into a framed record.
 pub fn encode<E: Event>(schema_id: u32, schema: &Schema, event: &E) -> Result<Vec<u8>, WireError> {
+    let writer = GenericDatumWriter::builder(schema)
+        .human_readable(true)
+        .build()?;
+    framed(schema_id, &writer, event)
+}
+
+/// The framed record of `event`, written by `writer` under `schema_id`.
+fn framed<E: Event>(
+    schema_id: u32,
+    writer: &GenericDatumWriter<'_>,
+    event: &E,
+) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(256);
     out.push(MAGIC);
     out.extend_from_slice(&schema_id.to_be_bytes());
-    GenericDatumWriter::builder(schema)
-        .human_readable(true)
-        .build()?
-        .write_ser(&mut out, event)?;
+    writer.write_ser(&mut out, event)?;
     Ok(out)
 }
 
@@ -76,11 +85,7 @@ pub fn encode_event<E: Event>(
                 .clone()
         }
     };
-    let mut out = Vec::with_capacity(256);
-    out.push(MAGIC);
-    out.extend_from_slice(&id.to_be_bytes());
-    writer.write_ser(&mut out, event)?;
-    Ok(out)
+    framed(id, &writer, event)
 }
 
 /// Splits a framed record into its schema id and Avro body.
