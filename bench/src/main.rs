@@ -144,6 +144,8 @@ impl Deployment {
         settings.http.query_addr = "127.0.0.1:0".parse()?;
         // The load generators register from one address, far above what a person does.
         settings.http.credential_changes_per_address = 0;
+        // And every request too (one address, one token for thousands a second).
+        settings.http.requests_per_second_per_client = 0;
         settings.auth.local = true;
         settings.auth.admin_email = Some(format!("admin.{id}@bench.local"));
         settings.auth.admin_password = Some(ADMIN_PASSWORD.into());

@@ -142,6 +142,12 @@ pub async fn build(
         state.shared.claims.subkey("idempotency"),
     ));
     tokio::spawn(expire_idempotency_keys(idempotency.clone()));
+    // Requests forwarded by another command process were counted where they came in.
+    let directory = state.shared.directory.clone();
+    let limiter = web::Data::new(newsroom_infra::limit::Limiter::new(
+        &settings.http,
+        Some(Box::new(move |head| directory.forwarded(head))),
+    )?);
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
@@ -165,12 +171,14 @@ pub async fn build(
     let mut server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(idempotency::middleware))
+            .wrap(from_fn(newsroom_infra::limit::middleware))
             .wrap(from_fn(newsroom_infra::auth::authenticate))
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
             .app_data(tokens.clone())
             .app_data(revocations.clone())
             .app_data(idempotency.clone())
+            .app_data(limiter.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users", web::post().to(routes::users::register))

@@ -6,12 +6,12 @@
 //! concurrent attempts cannot all pass a check first) and given back when it did not fail.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 use newsroom_infra::http::ApiError;
+use newsroom_infra::limit::ClientAddress;
 use newsroom_infra::settings::HttpSettings;
 
 /// The length of a window.
@@ -96,7 +96,7 @@ pub struct Throttles {
     login_address: Throttle,
     /// Registrations and password changes per client address.
     pub credentials: Throttle,
-    address_header: Option<actix_web::http::header::HeaderName>,
+    address: ClientAddress,
 }
 
 /// The attempts a login counted, given back unless it failed.
@@ -118,12 +118,6 @@ impl LoginAttempt<'_> {
 impl Throttles {
     /// The throttles `settings` configure.
     pub fn new(settings: &HttpSettings) -> anyhow::Result<Self> {
-        let address_header = settings
-            .client_address_header
-            .as_deref()
-            .map(actix_web::http::header::HeaderName::try_from)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("NEWSROOM_CLIENT_ADDRESS_HEADER: {e}"))?;
         let per_account = settings.login_failures_per_account;
         Ok(Throttles {
             login_account: Throttle::new(per_account),
@@ -134,7 +128,7 @@ impl Throttles {
             }),
             login_address: Throttle::new(settings.login_failures_per_address),
             credentials: Throttle::new(settings.credential_changes_per_address),
-            address_header,
+            address: ClientAddress::new(settings)?,
         })
     }
 
@@ -163,26 +157,9 @@ impl Throttles {
         }
     }
 
-    /// The client's address: from the trusted proxy's header if one is configured (its
-    /// last entry), else the connection's peer; an IPv6 address stands for its /64.
+    /// The client's address (see [`ClientAddress`]).
     pub fn address(&self, req: &HttpRequest) -> String {
-        let from_header = self.address_header.as_ref().and_then(|name| {
-            let value = req.headers().get(name)?.to_str().ok()?;
-            Some(value.rsplit(',').next()?.trim().to_owned())
-        });
-        let address = from_header
-            .or_else(|| req.peer_addr().map(|a| a.ip().to_string()))
-            .unwrap_or_default();
-        match address.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => format!("address:{v4}"),
-                None => {
-                    let s = v6.segments();
-                    format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-                }
-            },
-            _ => format!("address:{address}"),
-        }
+        self.address.of(req)
     }
 }
 
@@ -220,6 +197,7 @@ mod tests {
             login_failures_per_account: 10,
             login_failures_per_address: 100,
             credential_changes_per_address: 100,
+            requests_per_second_per_client: 0,
         };
         let throttles = Throttles::new(&settings).expect("throttles");
         for _ in 0..10 {

@@ -282,6 +282,15 @@ pub async fn authenticate(
     Ok(next.call(req).await?.map_into_boxed_body())
 }
 
+/// The user whose valid token the request carries (revoked or not checked yet: `None`).
+pub fn caller_id(req: &HttpRequest) -> Option<Uuid> {
+    use actix_web::HttpMessage as _;
+    match req.extensions().get::<Checked>() {
+        Some(Checked::Valid(actor) | Checked::Unverified(actor)) => Some(actor.id),
+        _ => None,
+    }
+}
+
 fn bearer(req: &HttpRequest) -> Option<String> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value

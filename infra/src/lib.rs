@@ -12,6 +12,7 @@ pub mod codec;
 pub mod db;
 pub mod http;
 pub mod kafka;
+pub mod limit;
 pub mod metrics;
 pub mod producer;
 pub mod redis;

@@ -377,6 +377,16 @@ pub struct HttpSettings {
         default_value_t = 100
     )]
     pub credential_changes_per_address: u32,
+    /// Requests a second per client address, and per user for requests with a valid
+    /// token, with bursts of one second's worth, before 429 (0: no limit). Counted per
+    /// process, on every endpoint of both APIs.
+    #[arg(
+        global = true,
+        long = "requests-per-second-per-client",
+        env = "NEWSROOM_REQUESTS_PER_SECOND_PER_CLIENT",
+        default_value_t = 1000
+    )]
+    pub requests_per_second_per_client: u32,
 }
 
 /// Argon2id parameters for password hashes (OWASP's minimum by default).

@@ -69,6 +69,7 @@ pub async fn build(
     });
     let tokens = web::Data::new(tokens);
     let revocations = web::Data::new(newsroom_infra::auth::Revocations::new(state.pool.clone()));
+    let limiter = web::Data::new(newsroom_infra::limit::Limiter::new(&settings.http, None)?);
     let ready_state = state.clone();
     let ops = Ops {
         service: "query-api",
@@ -85,11 +86,13 @@ pub async fn build(
     };
     let mut server = HttpServer::new(move || {
         App::new()
+            .wrap(from_fn(newsroom_infra::limit::middleware))
             .wrap(from_fn(newsroom_infra::auth::authenticate))
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())
             .app_data(tokens.clone())
             .app_data(revocations.clone())
+            .app_data(limiter.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             // Scopes with static prefixes first: a request is matched against the few

@@ -192,8 +192,9 @@ impl Proc {
         let mut command = app.newsroom(&self.name)?;
         command
             .arg(self.role)
-            // Every client comes from 127.0.0.1: registrations are not throttled here.
+            // Every client comes from 127.0.0.1: registrations and requests are not throttled here.
             .env("NEWSROOM_CREDENTIAL_CHANGES_PER_ADDRESS", "0")
+            .env("NEWSROOM_REQUESTS_PER_SECOND_PER_CLIENT", "0")
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(port) = self.port {

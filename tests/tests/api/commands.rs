@@ -909,3 +909,90 @@ async fn failed_logins_past_the_limit_are_429_with_retry_after_even_with_the_rig
     assert_eq!(status, S::OK);
     app.stop().await
 }
+
+#[tokio::test]
+async fn every_endpoint_is_limited_per_client_address_and_per_user() -> TestResult {
+    const RATE: usize = 20;
+    let app = TestApp::spawn_adjusted(newsroom::Roles::ALL, |s| {
+        s.http.requests_per_second_per_client = RATE as u32;
+        // The addresses come from this header, so that one test can be many clients.
+        s.http.client_address_header = Some("x-real-ip".into());
+    })
+    .await?;
+    let reader = app.reader().await?;
+    // 60 requests at once, each from `address(i)`, with `token` if any: how many were
+    // answered (any status but 429), and whether every 429 is a problem with Retry-After.
+    let burst = |url: String, address: &'static str, spread: bool, token: Option<String>| {
+        let app = &app;
+        async move {
+            let answers = join_all((0..60).map(|i| {
+                let mut request = app.http.get(&url).header(
+                    "x-real-ip",
+                    if spread {
+                        format!("{address}.{i}")
+                    } else {
+                        format!("{address}.1")
+                    },
+                );
+                if let Some(token) = &token {
+                    request = request.bearer_auth(token);
+                }
+                async move {
+                    let response = request.send().await?;
+                    let status = response.status();
+                    let retry_after = response.headers().contains_key("retry-after");
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    anyhow::Ok((status, retry_after, body))
+                }
+            }))
+            .await;
+            let mut answered = 0;
+            for answer in answers {
+                let (status, retry_after, body) = answer?;
+                if status == S::TOO_MANY_REQUESTS {
+                    assert!(retry_after, "a 429 says when to come back");
+                    assert_eq!(body["code"], "rate_limited", "{body}");
+                } else {
+                    answered += 1;
+                }
+            }
+            anyhow::Ok(answered)
+        }
+    };
+    let trending = format!("{}/v1/news/trending", app.query_url);
+    // One address, anonymous: its burst, and (within the burst's time) hardly more.
+    let answered = burst(trending.clone(), "10.0.0", false, None).await?;
+    assert!(
+        (RATE..RATE + 5).contains(&answered),
+        "one address got {answered} of 60"
+    );
+    // Sixty addresses, anonymous: each has its own allowance.
+    assert_eq!(burst(trending.clone(), "10.1.0", true, None).await?, 60);
+    // Sixty addresses with one user's token: the user's own allowance.
+    let mine = format!("{}/v1/users/{}", app.query_url, reader.id);
+    let answered = burst(mine, "10.2.0", true, Some(reader.token.clone())).await?;
+    assert!(
+        (RATE..RATE + 5).contains(&answered),
+        "one user over many addresses got {answered} of 60"
+    );
+    // The command API too (an unknown route is an endpoint like any other).
+    let answered = burst(
+        format!("{}/v1/nothing", app.command_url),
+        "10.3.0",
+        false,
+        None,
+    )
+    .await?;
+    assert!(
+        (RATE..RATE + 5).contains(&answered),
+        "the command API let {answered} of 60 through"
+    );
+    // A second later, the address is served again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let answered = burst(trending, "10.0.0", false, None).await?;
+    assert!(
+        answered >= RATE,
+        "after a second the address got {answered}"
+    );
+    app.stop().await
+}
