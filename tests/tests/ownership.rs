@@ -24,6 +24,7 @@ use uuid::Uuid;
 struct Process {
     child: Child,
     url: String,
+    log: std::path::PathBuf,
 }
 
 impl Process {
@@ -35,9 +36,8 @@ impl Process {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("newsroom-{name}-{port}.log")),
-        )?;
+        let log_path = std::env::temp_dir().join(format!("newsroom-{name}-{port}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let child = app
             .newsroom(name)?
             .arg("command-api")
@@ -49,7 +49,16 @@ impl Process {
         Ok(Process {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            log: log_path,
         })
+    }
+
+    /// Each JSON line it logged so far.
+    fn logged(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(std::fs::read_to_string(&self.log)?
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .collect())
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
@@ -838,6 +847,189 @@ async fn a_partition_with_an_event_that_cannot_be_decoded_is_not_served_from_a_p
         assert_eq!(b.owned(&http).await, Some(others));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    Ok(())
+}
+
+/// A TCP proxy the test can cut: while cut, every connection is dropped, those already
+/// open included (as when the machine behind it goes away).
+struct Cut {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cut {
+    async fn to(target: String) -> anyhow::Result<Cut> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                if !*watch.borrow() {
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Ok(Cut { port, open, task })
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_while_the_registry_is_unreachable_fails_and_is_retried_until_it_serves_the_whole_state()
+-> anyhow::Result<()> {
+    let app = TestApp::spawn_with(Roles {
+        query_api: true,
+        ..Roles::NONE
+    })
+    .await?;
+    let http = newsroom_tests::client();
+    let partitions = app.settings.kafka.partitions;
+    let a = Process::start(&app, "a")?;
+    // B reaches the registry through a proxy the test cuts.
+    let registry = reqwest::Url::parse(&app.settings.registry.url)?;
+    let cut = Cut::to(format!(
+        "{}:{}",
+        registry.host_str().unwrap_or("127.0.0.1"),
+        registry.port_or_known_default().unwrap_or(80)
+    ))
+    .await?;
+    let mut through_cut = registry.clone();
+    through_cut
+        .set_port(Some(cut.port))
+        .map_err(|()| anyhow::anyhow!("no port"))?;
+    let b = Process::start_with(
+        &app,
+        "b",
+        &[("NEWSROOM_REGISTRY_URL", through_cut.as_str())],
+    )?;
+    until(
+        "A and B share the partitions",
+        Duration::from_secs(90),
+        || async {
+            let (x, y) = (a.owned(&http).await, b.owned(&http).await);
+            matches!((x, y), (Some(x), Some(y)) if x > 0 && y > 0 && x + y == i64::from(partitions))
+        },
+    )
+    .await?;
+    let pool = app.pool().await?;
+    let a_address = a.url.trim_start_matches("http://").to_owned();
+    let of_a: Vec<i32> =
+        sqlx::query_scalar("SELECT partition FROM cmd_partition_owners WHERE address = $1")
+            .bind(&a_address)
+            .fetch_all(&pool)
+            .await?;
+    anyhow::ensure!(!of_a.is_empty(), "the directory names no partition of A");
+
+    // A user of one of A's partitions, renamed: B never decoded such an event, so it has
+    // to ask the registry for its schema when it takes the partition over.
+    let (user, email, password, token) = loop {
+        let body = new_user();
+        let (status, created) = call(
+            &http,
+            reqwest::Method::POST,
+            format!("{}/v1/users", a.url),
+            None,
+            Some(body.clone()),
+            None,
+        )
+        .await?;
+        assert_eq!(status, S::CREATED, "{created}");
+        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        if of_a.contains(&partition_of(id.as_bytes(), partitions)) {
+            let email = body["email"].as_str().unwrap_or_default().to_owned();
+            let password = body["password"].as_str().unwrap_or_default().to_owned();
+            let token = login(&http, &a.url, &email, &password).await?;
+            break (id, email, password, token);
+        }
+    };
+    let partition = partition_of(user.as_bytes(), partitions);
+    let rename = |url: &str, name: &str| {
+        call(
+            &http,
+            reqwest::Method::PATCH,
+            format!("{url}/v1/users/{user}"),
+            Some(&token),
+            Some(json!({"name": name})),
+            None,
+        )
+    };
+    let (status, body) = rename(&a.url, "Renamed once").await?;
+    assert_eq!(status, S::OK, "{body}");
+
+    // The registry goes away for B, and A dies: B is given A's partitions.
+    cut.set_open(false);
+    let mut a = a;
+    a.child.kill()?;
+    a.child.wait()?;
+    let failed = |b: &Process| -> anyhow::Result<bool> {
+        Ok(b.logged()?.iter().any(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("takeover failed"))
+                && line["partition"] == partition
+        }))
+    };
+    until(
+        "B's takeover of the user's partition fails",
+        Duration::from_secs(90),
+        || async { failed(&b).unwrap_or(false) },
+    )
+    .await?;
+    // Not served from a partial state: every command on it is refused, nothing written.
+    for _ in 0..3 {
+        let (status, body) = rename(&b.url, "Renamed from a partial state").await?;
+        assert_eq!(status, S::SERVICE_UNAVAILABLE, "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(b.owned(&http).await < Some(i64::from(partitions)));
+
+    // The registry is back: a retry takes the partition over with its whole state.
+    cut.set_open(true);
+    until(
+        "B serves every partition",
+        Duration::from_secs(90),
+        || async { b.owned(&http).await == Some(i64::from(partitions)) },
+    )
+    .await?;
+    let (status, body) = rename(&b.url, "Renamed twice").await?;
+    assert_eq!(status, S::OK, "{body}");
+    assert_eq!(body["version"], 3, "registered, renamed, renamed: {body}");
+    // The e-mail claim was reconciled from the whole state: the user still logs in, and
+    // nobody else can take the address.
+    login(&http, &b.url, &email, &password).await?;
+    let mut taker = new_user();
+    taker["email"] = json!(email);
+    let (status, body) = call(
+        &http,
+        reqwest::Method::POST,
+        format!("{}/v1/users", b.url),
+        None,
+        Some(taker),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CONFLICT, "{body}");
     Ok(())
 }
 
