@@ -88,6 +88,9 @@ enum Phase {
     Queries,
     /// Produce, project and replay a backlog, with the produce and INSERT baselines.
     Backlog,
+    /// Readers' latency while one client floods logins with wrong passwords, on a
+    /// deployment with the product's limits.
+    Flood,
 }
 
 /// One line of the report.
@@ -136,6 +139,15 @@ const ADMIN_PASSWORD: &str = "bench admin password";
 
 impl Deployment {
     async fn start(base: &Settings, roles: Roles) -> anyhow::Result<Deployment> {
+        Self::start_with(base, roles, |_| {}).await
+    }
+
+    /// Starts `roles` with the bench's settings as `adjust` leaves them.
+    async fn start_with(
+        base: &Settings,
+        roles: Roles,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Deployment> {
         let id = Uuid::now_v7().simple().to_string();
         let mut settings = base.clone();
         settings.kafka.topic_prefix = format!("bench_{id}");
@@ -149,6 +161,7 @@ impl Deployment {
         settings.auth.local = true;
         settings.auth.admin_email = Some(format!("admin.{id}@bench.local"));
         settings.auth.admin_password = Some(ADMIN_PASSWORD.into());
+        adjust(&mut settings);
         let admin_url = settings.postgres.url.clone();
         let database = format!("bench_{id}");
         settings.postgres.url = newsroom_infra::db::create_database(&admin_url, &database).await?;
@@ -597,6 +610,10 @@ async fn main() -> anyhow::Result<()> {
         create_stats = Some(create);
     }
 
+    if wants(Phase::Flood) {
+        figures.extend(login_flood(&args, &http, phase).await?);
+    }
+
     if wants(Phase::Backlog) {
         // 3, 4 and 6: a backlog produced with rdkafka transactions (the raw produce baseline),
         // projected and replayed; PostgreSQL batched inserts of the same rows beside them.
@@ -819,6 +836,168 @@ async fn against_peer(args: &Args) -> anyhow::Result<Vec<Figure>> {
         system.stop().await?;
     }
     Ok(figures)
+}
+
+/// Readers at a fixed rate, each from an address of their own, alone and then while one
+/// client floods logins with wrong passwords from another address, at a fixed rate twice
+/// the per-client request limit (a closed loop on this machine would measure how its
+/// cores are shared with the attacker's own client): the readers' p99 both times, what
+/// the flood was answered, and this process's peak memory. On a deployment with the product's throttles and request limit (the
+/// addresses come from a trusted header, so that one machine can be many clients).
+async fn login_flood(
+    args: &Args,
+    http: &reqwest::Client,
+    phase: Duration,
+) -> anyhow::Result<Vec<Figure>> {
+    const READERS_PER_SECOND: u32 = 1_000;
+    const GUESSES_PER_SECOND: u32 = 2_000;
+    eprintln!("bench: login flood (a deployment with the product's limits)");
+    let defaults = Settings::local_defaults().http;
+    let system = Deployment::start_with(&args.settings, Roles::ALL, |s| {
+        s.http.requests_per_second_per_client = defaults.requests_per_second_per_client;
+        s.http.credential_changes_per_address = defaults.credential_changes_per_address;
+        s.http.client_address_header = Some("x-real-ip".into());
+    })
+    .await?;
+    let admin_email = system.settings.auth.admin_email.clone().unwrap_or_default();
+    let admin = system.token(http, &admin_email, ADMIN_PASSWORD).await?;
+    let created: Value = expect(
+        http.post(format!("{}/v1/news", system.command))
+            .bearer_auth(&admin)
+            .json(&article(0))
+            .send()
+            .await?,
+        StatusCode::CREATED,
+    )
+    .await?
+    .json()
+    .await?;
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    expect(
+        http.post(format!("{}/v1/news/{id}/publish", system.command))
+            .bearer_auth(&admin)
+            .send()
+            .await?,
+        StatusCode::OK,
+    )
+    .await?;
+    let victim = format!("victim.{}@bench.local", Uuid::now_v7().simple());
+    expect(
+        http.post(format!("{}/v1/users", system.command))
+            .json(&json!({"name": "Victim", "email": victim, "password": "correct horse battery"}))
+            .send()
+            .await?,
+        StatusCode::CREATED,
+    )
+    .await?;
+    settle(Duration::from_secs(60)).await;
+    let readers = || {
+        let (http, url) = (http.clone(), format!("{}/v1/news/{id}", system.query));
+        load::open(READERS_PER_SECOND, phase, move |i| {
+            let request = http
+                .get(&url)
+                .header("x-real-ip", format!("198.51.{}.{}", i % 200 / 100, i % 100));
+            async move {
+                let started = Instant::now();
+                read_ok(request).await?;
+                Ok(started.elapsed().as_micros() as u64)
+            }
+        })
+    };
+    let quiet = readers().await;
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = {
+        let (http, url, refused) = (
+            http.clone(),
+            format!("{}/v1/auth/token", system.command),
+            refused.clone(),
+        );
+        load::open(GUESSES_PER_SECOND, phase, move |i| {
+            let request = http
+                .post(&url)
+                .header("x-real-ip", "203.0.113.7")
+                .json(&json!({"email": victim, "password": format!("guess {i}")}));
+            let refused = refused.clone();
+            async move {
+                let started = Instant::now();
+                let status = request.send().await?.status();
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                anyhow::ensure!(
+                    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::UNAUTHORIZED,
+                    "a guess was answered {status}"
+                );
+                Ok(started.elapsed().as_micros() as u64)
+            }
+        })
+    };
+    // The peak from here on (Linux resets the high-water mark on this write).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before_mib = memory_mib("VmRSS:");
+    let (flooded, flood) = tokio::join!(readers(), flood);
+    let peak_mib = memory_mib("VmHWM:");
+    system.stop().await?;
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "bench: readers p99 {:.1} ms alone, {:.1} ms under a login flood ({:.0} guesses/s, {refused} refused with 429, {} other errors); memory {before_mib:.0} MiB before, peak {peak_mib:.0} MiB",
+        quiet.p99_ms, flooded.p99_ms, flood.per_second, flood.errors
+    );
+    let quiet_figure = Figure {
+        name: format!("readers alone, {READERS_PER_SECOND}/s (p99)"),
+        value: quiet.p99_ms,
+        unit: "ms",
+        stats: Some(quiet.clone()),
+        baseline: None,
+        ratio: None,
+        target: None,
+    };
+    Ok(vec![
+        Figure {
+            name: format!(
+                "readers, {READERS_PER_SECOND}/s, while one client guesses passwords {GUESSES_PER_SECOND}/s (p99)"
+            ),
+            value: flooded.p99_ms,
+            unit: "ms",
+            stats: Some(flooded),
+            baseline: None,
+            ratio: None,
+            target: Some("<= 2x alone, 0 errors".into()),
+        }
+        .against(&quiet_figure),
+        quiet_figure,
+        Figure {
+            name: "wrong-password logins answered 429 (share)".into(),
+            value: refused as f64 / (flood.ok + flood.errors).max(1) as f64,
+            unit: "",
+            stats: Some(flood),
+            baseline: None,
+            ratio: None,
+            target: Some("all but the allowance".into()),
+        },
+        Figure {
+            name: "peak memory during the flood (the bench process, every role in it)".into(),
+            value: peak_mib,
+            unit: "MiB",
+            stats: None,
+            baseline: None,
+            ratio: None,
+            target: Some(format!("bounded ({before_mib:.0} MiB before)")),
+        },
+    ])
+}
+
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:`, `VmHWM:`), MiB.
+fn memory_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Waits (at most `limit`) until every consumer of this process has applied the whole log,

@@ -8,7 +8,8 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use newsroom_infra::http::ApiError;
 use newsroom_infra::settings::HashingSettings;
 
-/// Hashes passwords with fixed Argon2id parameters, as many at a time as there are cores
+/// Hashes passwords with fixed Argon2id parameters, on half the cores by default (the other
+/// half keeps serving everything else while logins flood in)
 /// (each takes its memory cost, 19 MiB by default, while it runs); a bounded number wait,
 /// and past that a request is refused with 503 before it costs anything.
 #[derive(Clone)]
@@ -33,9 +34,13 @@ impl Hasher {
         )
         .map_err(|e| anyhow::anyhow!("invalid Argon2 parameters: {e}"))?;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = match settings.threads {
+            0 => (cores / 2).max(1),
+            threads => threads,
+        };
         Ok(Hasher {
             params,
-            running: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            running: std::sync::Arc::new(tokio::sync::Semaphore::new(threads)),
             waiting: std::sync::Arc::default(),
             max_waiting: cores * WAITING_PER_CORE,
         })
@@ -123,6 +128,7 @@ mod tests {
             memory_kib: 1024,
             iterations: 1,
             parallelism: 1,
+            threads: 0,
         };
         let hash = Hasher::new(&settings)?.hash("correct horse".into()).await?;
         let parsed = PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -47,7 +47,29 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("client.id", format!("newsroom-{}", settings.instance_id))
         .set("socket.connection.setup.timeout.ms", "2000")
         .set("reconnect.backoff.max.ms", "1000")
-        .set("log_level", "4");
+        .set("log_level", "4")
+        .set("security.protocol", &settings.security_protocol);
+    if settings.security_protocol.starts_with("sasl_") {
+        config.set("sasl.mechanisms", &settings.sasl_mechanism);
+        if let Some(username) = &settings.sasl_username {
+            config.set("sasl.username", username);
+        }
+        if let Some(password) = &settings.sasl_password {
+            config.set("sasl.password", password.expose());
+        }
+    }
+    for (key, value) in [
+        ("ssl.ca.location", &settings.ssl_ca_location),
+        (
+            "ssl.certificate.location",
+            &settings.ssl_certificate_location,
+        ),
+        ("ssl.key.location", &settings.ssl_key_location),
+    ] {
+        if let Some(value) = value {
+            config.set(key, value);
+        }
+    }
     // NEWSROOM_KAFKA_DEBUG=eos,broker,... turns on librdkafka's debug contexts.
     if let Ok(contexts) = std::env::var("NEWSROOM_KAFKA_DEBUG") {
         config.set("debug", contexts).set("log_level", "7");

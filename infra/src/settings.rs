@@ -144,6 +144,63 @@ pub struct KafkaSettings {
         default_value = "0"
     )]
     pub instance_id: String,
+    /// How newsroom talks to the brokers: `plaintext`, `ssl`, `sasl_plaintext` or
+    /// `sasl_ssl` (librdkafka's `security.protocol`).
+    #[arg(
+        global = true,
+        long = "kafka-security-protocol",
+        env = "NEWSROOM_KAFKA_SECURITY_PROTOCOL",
+        default_value = "plaintext",
+        value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+    )]
+    pub security_protocol: String,
+    /// PEM file of the CA that signed the brokers' certificates (unset: the system's).
+    #[arg(
+        global = true,
+        long = "kafka-ssl-ca",
+        env = "NEWSROOM_KAFKA_SSL_CA_LOCATION"
+    )]
+    pub ssl_ca_location: Option<String>,
+    /// PEM certificate and key files of this client, for brokers that require one.
+    #[arg(
+        global = true,
+        long = "kafka-ssl-certificate",
+        env = "NEWSROOM_KAFKA_SSL_CERTIFICATE_LOCATION",
+        requires = "ssl_key_location"
+    )]
+    pub ssl_certificate_location: Option<String>,
+    /// The key of `--kafka-ssl-certificate`.
+    #[arg(
+        global = true,
+        long = "kafka-ssl-key",
+        env = "NEWSROOM_KAFKA_SSL_KEY_LOCATION",
+        requires = "ssl_certificate_location"
+    )]
+    pub ssl_key_location: Option<String>,
+    /// SASL mechanism with `sasl_*` protocols: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[arg(
+        global = true,
+        long = "kafka-sasl-mechanism",
+        env = "NEWSROOM_KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512",
+        value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    )]
+    pub sasl_mechanism: String,
+    /// SASL user name.
+    #[arg(
+        global = true,
+        long = "kafka-sasl-username",
+        env = "NEWSROOM_KAFKA_SASL_USERNAME"
+    )]
+    pub sasl_username: Option<String>,
+    /// SASL password.
+    #[arg(
+        global = true,
+        long = "kafka-sasl-password",
+        env = "NEWSROOM_KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub sasl_password: Option<Secret>,
 }
 
 impl KafkaSettings {
@@ -416,6 +473,15 @@ pub struct HashingSettings {
         default_value_t = 1
     )]
     pub parallelism: u32,
+    /// Passwords hashed at once (0: half the cores, at least one). Each holds its memory
+    /// cost while it runs; the cores left over keep serving readers during a login flood.
+    #[arg(
+        global = true,
+        long = "hashing-threads",
+        env = "NEWSROOM_HASHING_THREADS",
+        default_value_t = 0
+    )]
+    pub threads: usize,
 }
 
 impl Settings {

@@ -996,3 +996,127 @@ async fn every_endpoint_is_limited_per_client_address_and_per_user() -> TestResu
     );
     app.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_is_refused_with_429_while_readers_are_served() -> TestResult {
+    let app = TestApp::spawn_adjusted(newsroom::Roles::ALL, |s| {
+        s.http.client_address_header = Some("x-real-ip".into());
+    })
+    .await?;
+    let victim = app.reader().await?;
+    let editor = app.editor().await?;
+    let id = draft(&app, &editor).await?;
+    let (status, body) = app
+        .command(
+            Method::POST,
+            &format!("/v1/news/{id}/publish"),
+            Some(&editor.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::OK, "{body}");
+    let response = app
+        .get_eventually(
+            &format!("/v1/news/{id}"),
+            &editor.token,
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+    assert_eq!(response.status(), S::OK);
+    let article = format!("{}/v1/news/{id}", app.query_url);
+    let rss_mib = || -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let before = rss_mib();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Eight clients guessing the victim's password from one address, as fast as they can.
+    let guesses = (0..8).map(|n| {
+        let (http, url, email) = (
+            app.http.clone(),
+            format!("{}/v1/auth/token", app.command_url),
+            victim.email.clone(),
+        );
+        tokio::spawn(async move {
+            let mut answers: HashMap<u16, u64> = HashMap::new();
+            let mut i = 0;
+            while tokio::time::Instant::now() < until {
+                let response = http
+                    .post(&url)
+                    .header("x-real-ip", "203.0.113.7")
+                    .json(&json!({"email": email, "password": format!("guess {n}.{i}")}))
+                    .send()
+                    .await?;
+                *answers.entry(response.status().as_u16()).or_default() += 1;
+                i += 1;
+            }
+            anyhow::Ok(answers)
+        })
+    });
+    // Four readers, each from an address of its own.
+    let readers = (0..4).map(|n| {
+        let (http, url) = (app.http.clone(), article.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut other) = (0u64, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let response = http
+                    .get(&url)
+                    .header("x-real-ip", format!("198.51.100.{n}"))
+                    .send()
+                    .await?;
+                if response.status() == S::OK {
+                    ok += 1;
+                } else {
+                    other.push(response.status());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            anyhow::Ok((ok, other))
+        })
+    });
+    let (guesses, readers) = tokio::join!(join_all(guesses), join_all(readers));
+    let mut answers: HashMap<u16, u64> = HashMap::new();
+    for guess in guesses {
+        for (status, count) in guess?? {
+            *answers.entry(status).or_default() += count;
+        }
+    }
+    let refused = answers.get(&429).copied().unwrap_or(0);
+    let failed = answers.get(&401).copied().unwrap_or(0);
+    assert_eq!(
+        answers.len(),
+        2,
+        "guesses are answered 401 or 429 only: {answers:?}"
+    );
+    // The account's allowance (10 a minute), plus the ones that were already running.
+    assert!(failed <= 10 + 8, "{failed} guesses were checked");
+    assert!(
+        refused > 100 * failed,
+        "{refused} refused, {failed} checked"
+    );
+    for reader in readers {
+        let (ok, other) = reader??;
+        assert!(other.is_empty(), "a reader was answered {other:?}");
+        assert!(ok > 100, "a reader was served {ok} times in 10 s");
+    }
+    let grown = rss_mib() - before;
+    assert!(grown < 256.0, "memory grew by {grown:.0} MiB");
+    // The owner still logs in from elsewhere.
+    let response = app
+        .http
+        .post(format!("{}/v1/auth/token", app.command_url))
+        .header("x-real-ip", "192.0.2.1")
+        .json(&json!({"email": victim.email, "password": victim.password}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::OK);
+    app.stop().await
+}
