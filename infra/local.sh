@@ -17,6 +17,12 @@ REGISTRY_MANAGEMENT_PORT="${NEWSROOM_REGISTRY_MANAGEMENT_PORT:-9085}"
 PG_PORT="${NEWSROOM_PG_PORT:-5432}"
 REDIS_PORT="${NEWSROOM_REDIS_PORT:-6379}"
 SMTP_PORT="${NEWSROOM_SMTP_PORT:-2525}"
+# The same stores behind TLS (and Kafka behind SASL over TLS), for trying and testing
+# newsroom's TLS settings: a PostgreSQL cluster that refuses plain connections, a Redis
+# with no plain port, and a SASL_SSL listener of the single broker.
+KAFKA_SASL_SSL_PORT="${NEWSROOM_KAFKA_SASL_SSL_PORT:-9094}"
+PG_TLS_PORT="${NEWSROOM_PG_TLS_PORT:-5442}"
+REDIS_TLS_PORT="${NEWSROOM_REDIS_TLS_PORT:-6380}"
 APICURIO_VERSION="${NEWSROOM_APICURIO_VERSION:-3.3.3}"
 PG_VERSION="${NEWSROOM_PG_VERSION:-15}"
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
@@ -39,8 +45,11 @@ Commands:
                     pause N (SIGSTOP) | resume N | reset
   -h, --help        show this help
 
-Services: postgres, redis, kafka, registry, smtp (default: all, started in that order).
+Services: postgres, redis, kafka, registry, smtp, tls (default: all, started in that order).
 The SMTP server keeps every message it receives in $STATE/smtp/mail/.
+tls: a CA and a server certificate for 127.0.0.1 in $STATE/tls/ (ca.pem), a PostgreSQL
+cluster that takes TLS connections only, a Redis with a TLS port only, and the single
+broker's SASL_SSL listener (PLAIN, user newsroom, password in $STATE/tls/kafka-password).
 
 Environment (defaults in brackets):
   NEWSROOM_KAFKA_PORT [9092]  NEWSROOM_KAFKA_CONTROLLER_PORT [9093]
@@ -48,6 +57,7 @@ Environment (defaults in brackets):
   NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]  NEWSROOM_SMTP_PORT [2525]
   NEWSROOM_STATE_DIR [$ROOT/.local]  NEWSROOM_JAVA21_HOME [first JDK >= 21 found]
   NEWSROOM_CLUSTER_PORT_BASE [9200]: cluster node N serves on BASE+N, its controller on BASE+10+N
+  NEWSROOM_KAFKA_SASL_SSL_PORT [9094]  NEWSROOM_PG_TLS_PORT [5442]  NEWSROOM_REDIS_TLS_PORT [6380]
 EOF
 }
 
@@ -109,7 +119,7 @@ java21_home() {
 
 install_deps() {
   apt_install ca-certificates curl maven openjdk-17-jre-headless \
-    "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev build-essential kcat \
+    "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev openssl build-essential kcat \
     python3 python3-aiosmtpd
   if ! java21_home >/dev/null; then
     # Apicurio Registry 3.x needs Java 21+. Debian 12 ships 17 only; try newer packages.
@@ -230,18 +240,20 @@ stop_redis() {
 # server.properties, data/, server.log, kafka.pid.
 kafka_node_ready() { port_open "$2" && grep -q "Kafka Server started" "$1/server.log"; }
 
-# write_kafka_config DIR NODE_ID PORT CONTROLLER_PORT VOTERS REPLICATION MIN_ISR
+# write_kafka_config DIR NODE_ID PORT CONTROLLER_PORT VOTERS REPLICATION MIN_ISR [SASL_SSL_PORT]
 write_kafka_config() {
-  local dir=$1 node=$2 port=$3 controller=$4 voters=$5 rf=$6 isr=$7
+  local dir=$1 node=$2 port=$3 controller=$4 voters=$5 rf=$6 isr=$7 sasl_ssl=${8:-}
+  local listeners="PLAINTEXT://$HOST:$port" map="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  [[ -z $sasl_ssl ]] || { listeners+=",SASL_SSL://$HOST:$sasl_ssl"; map+=",SASL_SSL:SASL_SSL"; }
   cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=$node
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://$HOST:$port,CONTROLLER://$HOST:$controller
-advertised.listeners=PLAINTEXT://$HOST:$port
+listeners=$listeners,CONTROLLER://$HOST:$controller
+advertised.listeners=$listeners
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$map
 log.dirs=$dir/data
 num.partitions=3
 default.replication.factor=$rf
@@ -259,6 +271,14 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 log.retention.ms=-1
 EOF
+  if [[ -n $sasl_ssl ]]; then
+    cat >>"$dir/server.properties" <<EOF
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_newsroom="$(cat "$STATE/tls/kafka-password")";
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$STATE/tls/server-bundle.pem
+EOF
+  fi
 }
 
 # start_kafka_node NAME DIR PORT HEAP [CLUSTER_ID]: formats the storage once (with
@@ -284,14 +304,20 @@ kafka_ready() { kafka_node_ready "$STATE/kafka" "$KAFKA_PORT"; }
 
 start_kafka() {
   if pid_alive "$STATE/kafka/kafka.pid" && port_open "$KAFKA_PORT"; then
-    log "kafka already answers on $HOST:$KAFKA_PORT"
-    return 0
+    if port_open "$KAFKA_SASL_SSL_PORT"; then
+      log "kafka already answers on $HOST:$KAFKA_PORT"
+      return 0
+    fi
+    # Started by an older version of this script: restarted with the SASL_SSL listener.
+    log "kafka has no SASL_SSL listener on $HOST:$KAFKA_SASL_SSL_PORT; restarting it with one"
+    stop_kafka
   fi
   port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by a process this script did not start"
   install_kafka
   mkdir -p "$STATE/kafka/data"
+  ensure_tls_files
   write_kafka_config "$STATE/kafka" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
-    "1@$HOST:$KAFKA_CONTROLLER_PORT" 1 1
+    "1@$HOST:$KAFKA_CONTROLLER_PORT" 1 1 "$KAFKA_SASL_SSL_PORT"
   start_kafka_node kafka "$STATE/kafka" "$KAFKA_PORT" 1g
 }
 
@@ -448,6 +474,93 @@ start_registry() {
 
 stop_registry() { stop_pidfile "$STATE/registry/registry.pid" registry 30; }
 
+# --- TLS -------------------------------------------------------------------------
+
+# A CA, a server certificate for 127.0.0.1 and localhost signed by it, and the Kafka
+# listener's password; made once.
+ensure_tls_files() {
+  local dir="$STATE/tls"
+  [[ -f $dir/.complete ]] && return 0
+  log "making a CA and a server certificate in $dir"
+  rm -rf "$dir" && mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=newsroom local CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/san.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$dir/san.ext" -out "$dir/server.pem" 2>/dev/null
+  # Kafka's PEM key store: the unencrypted PKCS#8 key, then the chain.
+  openssl pkcs8 -topk8 -nocrypt -in "$dir/server.key" -out "$dir/server-pkcs8.key"
+  cat "$dir/server-pkcs8.key" "$dir/server.pem" >"$dir/server-bundle.pem"
+  openssl rand -hex 16 >"$dir/kafka-password"
+  chmod 600 "$dir"/*.key "$dir/server-bundle.pem" "$dir/kafka-password"
+  touch "$dir/.complete"
+}
+
+pg_tls_ready() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_TLS_PORT"; }
+redis_tls_ready() {
+  [[ $(redis-cli --tls --cacert "$STATE/tls/ca.pem" -h "$HOST" -p "$REDIS_TLS_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+start_tls() {
+  ensure_tls_files
+  local dir="$STATE/postgres-tls" data="$STATE/postgres-tls/data"
+  if pg_tls_ready; then
+    log "postgres (TLS) already answers on $HOST:$PG_TLS_PORT"
+  else
+    mkdir -p "$dir"
+    [[ $(id -u) -ne 0 ]] || chown postgres: "$dir"
+    if [[ ! -f $data/PG_VERSION ]]; then
+      log "initialising a PostgreSQL cluster for TLS in $data"
+      as_pg_owner "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust --auth-host=reject \
+        -E UTF8 --locale=C.UTF-8 >/dev/null
+      # TLS connections only (no plain `host` line), with a password.
+      printf 'local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n' >"$data/pg_hba.conf"
+      install -m 600 "$STATE/tls/server.key" "$data/server.key"
+      install -m 644 "$STATE/tls/server.pem" "$data/server.crt"
+      [[ $(id -u) -ne 0 ]] || chown postgres: "$data/pg_hba.conf" "$data/server.key" "$data/server.crt"
+    fi
+    as_pg_owner "$PG_BIN/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start \
+      -o "-c listen_addresses=$HOST -c port=$PG_TLS_PORT -c unix_socket_directories=$dir -c ssl=on -c max_connections=60 -c shared_buffers=16MB" \
+      >/dev/null
+    wait_for postgres-tls 60 pg_tls_ready
+    as_pg_owner "$PG_BIN/psql" -q -h "$dir" -p "$PG_TLS_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'newsroom') THEN
+    CREATE ROLE newsroom LOGIN CREATEDB PASSWORD 'newsroom';
+  END IF;
+END $$;
+SQL
+    if ! as_pg_owner "$PG_BIN/psql" -h "$dir" -p "$PG_TLS_PORT" -U postgres -d postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = 'newsroom'" | grep -q 1; then
+      as_pg_owner "$PG_BIN/psql" -q -h "$dir" -p "$PG_TLS_PORT" -U postgres -d postgres \
+        -c "CREATE DATABASE newsroom OWNER newsroom" >/dev/null
+    fi
+  fi
+  if redis_tls_ready; then
+    log "redis (TLS) already answers on $HOST:$REDIS_TLS_PORT"
+  else
+    mkdir -p "$STATE/redis-tls"
+    redis-server --bind "$HOST" --port 0 --tls-port "$REDIS_TLS_PORT" --daemonize yes \
+      --tls-cert-file "$STATE/tls/server.pem" --tls-key-file "$STATE/tls/server.key" \
+      --tls-ca-cert-file "$STATE/tls/ca.pem" --tls-auth-clients no --dir "$STATE/redis-tls" \
+      --pidfile "$STATE/redis-tls/redis.pid" --logfile "$STATE/redis-tls/redis.log" \
+      --appendonly no --save "" --protected-mode yes
+    wait_for redis-tls 30 redis_tls_ready
+  fi
+  # The broker's SASL_SSL listener comes with it (start_kafka).
+  port_open "$KAFKA_SASL_SSL_PORT" ||
+    log "kafka has no SASL_SSL listener on $HOST:$KAFKA_SASL_SSL_PORT yet: infra/local.sh up kafka"
+}
+
+stop_tls() {
+  if [[ -f $STATE/postgres-tls/data/postmaster.pid ]]; then
+    as_pg_owner "$PG_BIN/pg_ctl" -D "$STATE/postgres-tls/data" -m fast -w stop >/dev/null || true
+  fi
+  stop_pidfile "$STATE/redis-tls/redis.pid" redis-tls 10
+}
+
 # --- SMTP (capturing) -----------------------------------------------------------
 
 smtp_ready() { port_open "$SMTP_PORT"; }
@@ -470,11 +583,11 @@ stop_smtp() { stop_pidfile "$STATE/smtp/smtp.pid" smtp 10; }
 
 # --- commands -----------------------------------------------------------------
 
-SERVICES=(postgres redis kafka registry smtp)
+SERVICES=(postgres redis kafka registry smtp tls)
 
 check_service() {
   case $1 in
-    postgres | redis | kafka | registry | smtp) ;;
+    postgres | redis | kafka | registry | smtp | tls) ;;
     *) die "unknown service '$1' (one of: ${SERVICES[*]})" ;;
   esac
 }
@@ -520,6 +633,14 @@ cmd_status() {
     ok=1
   fi
   if smtp_ready; then row smtp "$HOST:$SMTP_PORT" up; else row smtp "$HOST:$SMTP_PORT" down; ok=1; fi
+  if pg_tls_ready; then row pg-tls "$HOST:$PG_TLS_PORT" up; else row pg-tls "$HOST:$PG_TLS_PORT" down; ok=1; fi
+  if redis_tls_ready; then row redis-tls "$HOST:$REDIS_TLS_PORT" up; else row redis-tls "$HOST:$REDIS_TLS_PORT" down; ok=1; fi
+  if port_open "$KAFKA_SASL_SSL_PORT"; then
+    row kafka-tls "$HOST:$KAFKA_SASL_SSL_PORT" up
+  else
+    row kafka-tls "$HOST:$KAFKA_SASL_SSL_PORT" down
+    ok=1
+  fi
   return $ok
 }
 

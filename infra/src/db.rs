@@ -74,7 +74,12 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
         name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
         "not a plain database name: {name}"
     );
-    let Some((base, _)) = admin_url.rsplit_once('/') else {
+    // The connection parameters after `?` (TLS ones among them) stay.
+    let (path, query) = match admin_url.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (admin_url, String::new()),
+    };
+    let Some((base, _)) = path.rsplit_once('/') else {
         anyhow::bail!("the database URL has no database name");
     };
     let mut admin = sqlx::PgConnection::connect(admin_url)
@@ -84,7 +89,7 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
         .execute(&mut admin)
         .await
         .with_context(|| format!("creating database {name}"))?;
-    Ok(format!("{base}/{name}"))
+    Ok(format!("{base}/{name}{query}"))
 }
 
 /// Drops database `name` (made by [`create_database`]), closing its connections.

@@ -465,6 +465,11 @@ impl TestApp {
         command
             .env("NEWSROOM_KAFKA_BROKERS", &s.kafka.brokers)
             .env(
+                "NEWSROOM_KAFKA_SECURITY_PROTOCOL",
+                &s.kafka.security_protocol,
+            )
+            .env("NEWSROOM_KAFKA_SASL_MECHANISM", &s.kafka.sasl_mechanism)
+            .env(
                 "NEWSROOM_TOPIC_REPLICATION",
                 s.kafka.replication.to_string(),
             )
@@ -504,6 +509,25 @@ impl TestApp {
                 "NEWSROOM_MAIL_BREAKER_COOLDOWN_MS",
                 s.notify.breaker_cooldown_ms.to_string(),
             );
+        let password = s
+            .kafka
+            .sasl_password
+            .as_ref()
+            .map(|p| p.expose().to_owned());
+        for (name, value) in [
+            ("NEWSROOM_KAFKA_SSL_CA_LOCATION", &s.kafka.ssl_ca_location),
+            (
+                "NEWSROOM_KAFKA_SSL_CERTIFICATE_LOCATION",
+                &s.kafka.ssl_certificate_location,
+            ),
+            ("NEWSROOM_KAFKA_SSL_KEY_LOCATION", &s.kafka.ssl_key_location),
+            ("NEWSROOM_KAFKA_SASL_USERNAME", &s.kafka.sasl_username),
+            ("NEWSROOM_KAFKA_SASL_PASSWORD", &password),
+        ] {
+            if let Some(value) = value {
+                command.env(name, value);
+            }
+        }
         Ok(command)
     }
 
