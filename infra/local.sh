@@ -120,7 +120,7 @@ java21_home() {
 install_deps() {
   apt_install ca-certificates curl maven openjdk-17-jre-headless \
     "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev openssl build-essential kcat \
-    python3 python3-aiosmtpd
+    python3 python3-aiosmtpd python3-venv
   if ! java21_home >/dev/null; then
     # Apicurio Registry 3.x needs Java 21+. Debian 12 ships 17 only; try newer packages.
     apt_install openjdk-21-jre-headless 2>/dev/null || apt_install openjdk-25-jre-headless 2>/dev/null ||
@@ -128,6 +128,21 @@ install_deps() {
   fi
   install_kafka
   install_registry
+  install_fuzzer
+}
+
+# schemathesis, the schema-driven fuzzer of tests/tests/fuzz.rs, in a virtualenv of its
+# own (Debian's Python).
+SCHEMATHESIS_VERSION=4.32.5
+install_fuzzer() {
+  local dir="$STATE/fuzz" python=/usr/bin/python3
+  [[ -f $dir/.complete-$SCHEMATHESIS_VERSION ]] && return 0
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $dir/venv ($("$python" --version))"
+  rm -rf "$dir" && mkdir -p "$dir"
+  "$python" -m venv "$dir/venv" >"$dir/pip.log" 2>&1 &&
+    "$dir/venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION" >>"$dir/pip.log" 2>&1 ||
+    die "installing schemathesis failed (see $dir/pip.log)"
+  touch "$dir/.complete-$SCHEMATHESIS_VERSION"
 }
 
 install_kafka() {
