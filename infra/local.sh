@@ -19,7 +19,7 @@ REDIS_PORT="${NEWSROOM_REDIS_PORT:-6379}"
 SMTP_PORT="${NEWSROOM_SMTP_PORT:-2525}"
 # The same stores behind TLS (and Kafka behind SASL over TLS), for trying and testing
 # newsroom's TLS settings: a PostgreSQL cluster that refuses plain connections, a Redis
-# with no plain port, and a SASL_SSL listener of the single broker.
+# with no plain port, and a SASL_SSL listener of the single broker (port 0: none).
 KAFKA_SASL_SSL_PORT="${NEWSROOM_KAFKA_SASL_SSL_PORT:-9094}"
 PG_TLS_PORT="${NEWSROOM_PG_TLS_PORT:-5442}"
 REDIS_TLS_PORT="${NEWSROOM_REDIS_TLS_PORT:-6380}"
@@ -57,7 +57,8 @@ Environment (defaults in brackets):
   NEWSROOM_PG_PORT [5432]  NEWSROOM_REDIS_PORT [6379]  NEWSROOM_SMTP_PORT [2525]
   NEWSROOM_STATE_DIR [$ROOT/.local]  NEWSROOM_JAVA21_HOME [first JDK >= 21 found]
   NEWSROOM_CLUSTER_PORT_BASE [9200]: cluster node N serves on BASE+N, its controller on BASE+10+N
-  NEWSROOM_KAFKA_SASL_SSL_PORT [9094]  NEWSROOM_PG_TLS_PORT [5442]  NEWSROOM_REDIS_TLS_PORT [6380]
+  NEWSROOM_KAFKA_SASL_SSL_PORT [9094; 0: no such listener]  NEWSROOM_PG_TLS_PORT [5442]
+  NEWSROOM_REDIS_TLS_PORT [6380]
 EOF
 }
 
@@ -139,10 +140,15 @@ install_fuzzer() {
   [[ -f $dir/.complete-$SCHEMATHESIS_VERSION ]] && return 0
   log "installing schemathesis $SCHEMATHESIS_VERSION into $dir/venv ($("$python" --version))"
   rm -rf "$dir" && mkdir -p "$dir"
-  "$python" -m venv "$dir/venv" >"$dir/pip.log" 2>&1 &&
-    "$dir/venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION" >>"$dir/pip.log" 2>&1 ||
-    die "installing schemathesis failed (see $dir/pip.log)"
-  touch "$dir/.complete-$SCHEMATHESIS_VERSION"
+  # Its dependencies pinned as they were tested (infra/fuzz-constraints.txt). Without
+  # PyPI the rest of the infrastructure still comes up; only the fuzz test fails.
+  if "$python" -m venv "$dir/venv" >"$dir/pip.log" 2>&1 &&
+    "$dir/venv/bin/pip" install -q -c "$ROOT/infra/fuzz-constraints.txt" \
+      "schemathesis==$SCHEMATHESIS_VERSION" >>"$dir/pip.log" 2>&1; then
+    touch "$dir/.complete-$SCHEMATHESIS_VERSION"
+  else
+    log "warning: installing schemathesis failed (see $dir/pip.log); the fuzz test will fail"
+  fi
 }
 
 install_kafka() {
@@ -293,6 +299,7 @@ listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.p
 listener.name.sasl_ssl.ssl.keystore.type=PEM
 listener.name.sasl_ssl.ssl.keystore.location=$STATE/tls/server-bundle.pem
 EOF
+    chmod 600 "$dir/server.properties" # it holds the listener's password
   fi
 }
 
@@ -319,7 +326,7 @@ kafka_ready() { kafka_node_ready "$STATE/kafka" "$KAFKA_PORT"; }
 
 start_kafka() {
   if pid_alive "$STATE/kafka/kafka.pid" && port_open "$KAFKA_PORT"; then
-    if port_open "$KAFKA_SASL_SSL_PORT"; then
+    if [[ $KAFKA_SASL_SSL_PORT == 0 ]] || grep -q "^listeners=.*SASL_SSL://$HOST:$KAFKA_SASL_SSL_PORT," "$STATE/kafka/server.properties"; then
       log "kafka already answers on $HOST:$KAFKA_PORT"
       return 0
     fi
@@ -330,9 +337,13 @@ start_kafka() {
   port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by a process this script did not start"
   install_kafka
   mkdir -p "$STATE/kafka/data"
-  ensure_tls_files
+  local sasl_ssl=""
+  if [[ $KAFKA_SASL_SSL_PORT != 0 ]]; then
+    ensure_tls_files
+    sasl_ssl=$KAFKA_SASL_SSL_PORT
+  fi
   write_kafka_config "$STATE/kafka" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" \
-    "1@$HOST:$KAFKA_CONTROLLER_PORT" 1 1 "$KAFKA_SASL_SSL_PORT"
+    "1@$HOST:$KAFKA_CONTROLLER_PORT" 1 1 "$sasl_ssl"
   start_kafka_node kafka "$STATE/kafka" "$KAFKA_PORT" 1g
 }
 
@@ -532,10 +543,12 @@ start_tls() {
         -E UTF8 --locale=C.UTF-8 >/dev/null
       # TLS connections only (no plain `host` line), with a password.
       printf 'local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n' >"$data/pg_hba.conf"
-      install -m 600 "$STATE/tls/server.key" "$data/server.key"
-      install -m 644 "$STATE/tls/server.pem" "$data/server.crt"
-      [[ $(id -u) -ne 0 ]] || chown postgres: "$data/pg_hba.conf" "$data/server.key" "$data/server.crt"
+      [[ $(id -u) -ne 0 ]] || chown postgres: "$data/pg_hba.conf"
     fi
+    # The certificate of this run's CA (it may have been made again since).
+    install -m 600 "$STATE/tls/server.key" "$data/server.key"
+    install -m 644 "$STATE/tls/server.pem" "$data/server.crt"
+    [[ $(id -u) -ne 0 ]] || chown postgres: "$data/server.key" "$data/server.crt"
     as_pg_owner "$PG_BIN/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start \
       -o "-c listen_addresses=$HOST -c port=$PG_TLS_PORT -c unix_socket_directories=$dir -c ssl=on -c max_connections=60 -c shared_buffers=16MB" \
       >/dev/null
@@ -565,7 +578,7 @@ SQL
     wait_for redis-tls 30 redis_tls_ready
   fi
   # The broker's SASL_SSL listener comes with it (start_kafka).
-  port_open "$KAFKA_SASL_SSL_PORT" ||
+  [[ $KAFKA_SASL_SSL_PORT == 0 ]] || port_open "$KAFKA_SASL_SSL_PORT" ||
     log "kafka has no SASL_SSL listener on $HOST:$KAFKA_SASL_SSL_PORT yet: infra/local.sh up kafka"
 }
 

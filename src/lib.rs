@@ -86,7 +86,7 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
         membership: None,
         stop,
     };
-    let pool = newsroom_infra::db::connect(&settings.postgres).await?;
+    let pool = newsroom_infra::db::connect_waiting(&settings.postgres).await?;
     newsroom_infra::db::migrate(&pool).await?;
     newsroom_infra::db::check_deployment(&pool, &settings.kafka.topic_prefix).await?;
     // One token service for every API of the process (in local mode its secret is random).

@@ -20,8 +20,8 @@ pub struct Hasher {
     max_waiting: usize,
 }
 
-/// Hashes waiting per core before new ones are refused.
-const WAITING_PER_CORE: usize = 64;
+/// Hashes waiting per hashing thread before new ones are refused.
+const WAITING_PER_THREAD: usize = 64;
 
 impl Hasher {
     /// A hasher with the configured cost.
@@ -42,7 +42,7 @@ impl Hasher {
             params,
             running: std::sync::Arc::new(tokio::sync::Semaphore::new(threads)),
             waiting: std::sync::Arc::default(),
-            max_waiting: cores * WAITING_PER_CORE,
+            max_waiting: threads * WAITING_PER_THREAD,
         })
     }
 

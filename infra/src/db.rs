@@ -12,19 +12,85 @@ use crate::settings::PostgresSettings;
 /// Opens a pool whose connections cancel any statement that runs past the settings'
 /// statement timeout; fails if the database does not answer within a few seconds.
 pub async fn connect(settings: &PostgresSettings) -> anyhow::Result<PgPool> {
-    // Sent even when 0, so that 0 means no limit whatever the role or server default.
-    let options = PgConnectOptions::from_str(&settings.url)
+    pool_options(settings)
+        .connect_with(connect_options(settings)?)
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// [`connect`] for a serving role, which may start before its database: while PostgreSQL
+/// cannot be reached (or is still starting), tries again every second for up to the
+/// settings' startup wait, saying so every 10 s. A wrong URL, password or database name
+/// fails at once.
+pub async fn connect_waiting(settings: &PostgresSettings) -> anyhow::Result<PgPool> {
+    let options = connect_options(settings)?;
+    let started = std::time::Instant::now();
+    let wait = Duration::from_secs(settings.startup_wait_secs);
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        let error = match pool_options(settings).connect_with(options.clone()).await {
+            Ok(pool) => {
+                if said.is_some() {
+                    tracing::info!("PostgreSQL answers; starting");
+                }
+                return Ok(pool);
+            }
+            Err(error) => error,
+        };
+        if !unreachable(&error) {
+            return Err(anyhow::Error::new(error).context("connecting to PostgreSQL"));
+        }
+        if started.elapsed() >= wait {
+            return Err(anyhow::Error::new(error).context(format!(
+                "PostgreSQL could not be reached within {} s",
+                wait.as_secs()
+            )));
+        }
+        if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!(
+                error = %error,
+                waited_s = started.elapsed().as_secs(),
+                wait_s = wait.as_secs(),
+                "PostgreSQL cannot be reached yet; waiting for it"
+            );
+            said = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Whether `error` says the server cannot be reached or is not ready yet (not that
+/// newsroom is misconfigured).
+fn unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        // A connection closed in the middle of the handshake reads as a protocol error.
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // Starting up, shutting down, or too many connections for now.
+        sqlx::Error::Database(e) => {
+            matches!(e.code().as_deref(), Some("57P03" | "57P01" | "53300"))
+        }
+        _ => false,
+    }
+}
+
+fn pool_options(settings: &PostgresSettings) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+}
+
+/// The URL's options, with the statement timeout (sent even when 0, so that 0 means no
+/// limit whatever the role or server default).
+fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(&settings.url)
         .context("reading the database URL")?
         .options([(
             "statement_timeout",
             settings.statement_timeout_ms.to_string(),
-        )]);
-    PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_with(options)
-        .await
-        .context("connecting to PostgreSQL")
+        )]))
 }
 
 /// Applies every migration of `infra/migrations` (read models and command-side tables), on
@@ -79,7 +145,10 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
         Some((path, query)) => (path, format!("?{query}")),
         None => (admin_url, String::new()),
     };
-    let Some((base, _)) = path.rsplit_once('/') else {
+    let Some((base, _)) = path
+        .rsplit_once('/')
+        .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
+    else {
         anyhow::bail!("the database URL has no database name");
     };
     let mut admin = sqlx::PgConnection::connect(admin_url)

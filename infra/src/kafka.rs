@@ -49,7 +49,11 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("reconnect.backoff.max.ms", "1000")
         .set("log_level", "4")
         .set("security.protocol", &settings.security_protocol);
-    if settings.security_protocol.starts_with("sasl_") {
+    if settings
+        .security_protocol
+        .to_ascii_lowercase()
+        .starts_with("sasl_")
+    {
         config.set("sasl.mechanisms", &settings.sasl_mechanism);
         if let Some(username) = &settings.sasl_username {
             config.set("sasl.username", username);

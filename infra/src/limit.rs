@@ -40,11 +40,12 @@ impl ClientAddress {
     }
 
     /// The client's address as a key (`address:…`): from the trusted proxy's header if
-    /// one is configured (its last entry), else the connection's peer; an IPv6 address
+    /// one is configured (the last entry of its last line: what the nearest proxy wrote,
+    /// whatever the client sent before it), else the connection's peer; an IPv6 address
     /// stands for its /64 (one host usually has a whole /64).
     pub fn of(&self, req: &HttpRequest) -> String {
         let from_header = self.header.as_ref().and_then(|name| {
-            let value = req.headers().get(name)?.to_str().ok()?;
+            let value = req.headers().get_all(name).last()?.to_str().ok()?;
             Some(value.rsplit(',').next()?.trim().to_owned())
         });
         let address = from_header
@@ -108,6 +109,34 @@ impl RateLimit {
         })
     }
 
+    /// Counts a request of each of `keys` at `now`, or of none: the seconds to wait if
+    /// one of them is over its rate. (Checked, then counted, one lock at a time: requests
+    /// racing on the same keys may pass a check together, each still counted.)
+    pub fn admit(&self, keys: &[&str], now: Instant) -> Result<(), u64> {
+        for key in keys {
+            self.wait(key, now)?;
+        }
+        for key in keys {
+            // A race lost since the check is let through (counted if it fits).
+            let _ = self.check(key, now);
+        }
+        Ok(())
+    }
+
+    /// The seconds `key` has to wait at `now` (nothing counted).
+    fn wait(&self, key: &str, now: Instant) -> Result<(), u64> {
+        let shard = self.shards[shard_of(key)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match shard.due.get(key) {
+            Some(due) if due.saturating_duration_since(now) > self.tolerance => {
+                let wait = due.saturating_duration_since(now) - self.tolerance;
+                Err(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Counts a request of `key` at `now`; the seconds to wait if it is over its rate
     /// (nothing counted then).
     pub fn check(&self, key: &str, now: Instant) -> Result<(), u64> {
@@ -164,25 +193,26 @@ impl Limiter {
         })
     }
 
-    /// Counts `req` against its address and its user; the seconds to wait if either is
-    /// over its rate.
+    /// Counts `req` against its address and its user, or against neither: the seconds
+    /// to wait if either is over its rate. The ops endpoints are not counted: a load
+    /// balancer's probes must not be refused because its clients are busy.
     fn admit(&self, req: &HttpRequest) -> Result<(), u64> {
         let Some(rate) = &self.rate else {
             return Ok(());
         };
-        if self
-            .exempt
-            .as_ref()
-            .is_some_and(|exempt| exempt(req.head()))
+        if matches!(req.path(), "/healthz" | "/readyz" | "/metrics")
+            || self
+                .exempt
+                .as_ref()
+                .is_some_and(|exempt| exempt(req.head()))
         {
             return Ok(());
         }
-        let now = Instant::now();
-        rate.check(&self.address.of(req), now)?;
-        if let Some(user) = crate::auth::caller_id(req) {
-            rate.check(&format!("user:{user}"), now)?;
+        let address = self.address.of(req);
+        match crate::auth::caller_id(req) {
+            Some(user) => rate.admit(&[&address, &format!("user:{user}")], Instant::now()),
+            None => rate.admit(&[&address], Instant::now()),
         }
-        Ok(())
     }
 }
 
@@ -240,6 +270,21 @@ mod tests {
         }
         // Half a second on, one request's worth came back, whatever was refused.
         assert!(limit.check("a", start + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn a_request_refused_for_one_key_counts_against_none() {
+        let limit = RateLimit::new(2).expect("a limit");
+        let start = Instant::now();
+        assert!(limit.admit(&["user"], start).is_ok());
+        assert!(limit.admit(&["user"], start).is_ok());
+        // The user is over; the address it comes from is not charged for the refusal.
+        for _ in 0..10 {
+            assert!(limit.admit(&["address", "user"], start).is_err());
+        }
+        assert!(limit.admit(&["address"], start).is_ok());
+        assert!(limit.admit(&["address"], start).is_ok());
+        assert!(limit.admit(&["address"], start).is_err());
     }
 
     #[test]

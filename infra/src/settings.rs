@@ -151,7 +151,8 @@ pub struct KafkaSettings {
         long = "kafka-security-protocol",
         env = "NEWSROOM_KAFKA_SECURITY_PROTOCOL",
         default_value = "plaintext",
-        value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+        value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
+        ignore_case = true
     )]
     pub security_protocol: String,
     /// PEM file of the CA that signed the brokers' certificates (unset: the system's).
@@ -255,6 +256,15 @@ pub struct PostgresSettings {
         default_value_t = 30_000
     )]
     pub statement_timeout_ms: u64,
+    /// How long a serving role started before its database waits for it (seconds; 0:
+    /// not at all), trying every second and saying so in its log every 10 s.
+    #[arg(
+        global = true,
+        long = "database-startup-wait-secs",
+        env = "NEWSROOM_DATABASE_STARTUP_WAIT_SECS",
+        default_value_t = 120
+    )]
+    pub startup_wait_secs: u64,
 }
 
 /// The Redis read-model store (article cache, trending, counters).
@@ -574,6 +584,7 @@ impl std::fmt::Debug for PostgresSettings {
             .field("url", &shown(&self.url))
             .field("max_connections", &self.max_connections)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("startup_wait_secs", &self.startup_wait_secs)
             .finish()
     }
 }

@@ -59,9 +59,9 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
         None,
     )
     .await?;
-    let admin = app.admin().await?;
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/schemathesis.toml");
-    // Requests both APIs served (one process, one registry of metrics), from /metrics.
+    // Requests both APIs served, how many of them 2xx and how many 401 (one process, one
+    // registry of metrics), from /metrics.
     let served = || async {
         let text = app
             .http
@@ -70,25 +70,67 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
             .await?
             .text()
             .await?;
-        anyhow::Ok(
-            text.lines()
-                .filter(|l| l.starts_with("newsroom_http_requests_total{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64,
-        )
+        let (mut all, mut ok, mut unauthorized) = (0u64, 0u64, 0u64);
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("newsroom_http_requests_total{"))
+        {
+            let count = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            all += count;
+            if line.contains("status=\"2") {
+                ok += count;
+            }
+            if line.contains("status=\"401\"") {
+                unauthorized += count;
+            }
+        }
+        anyhow::Ok((all, ok, unauthorized))
     };
+    // The operations by which the caller can demote, lock out or erase itself (it learns
+    // its own id from the articles it writes) run last: until then it stays an admin.
+    const SELF_HARM: [&str; 3] = [
+        "PUT /v1/users/{id}/role",
+        "PUT /v1/users/{id}/password",
+        "DELETE /v1/users/{id}",
+    ];
+    let filter = |flag: &str| -> Vec<String> {
+        SELF_HARM
+            .iter()
+            .flat_map(|name| [flag.to_owned(), (*name).to_owned()])
+            .collect()
+    };
+    let runs: [(&str, &String, Vec<String>); 3] = [
+        ("command", &app.command_url, filter("--exclude-name")),
+        ("query", &app.query_url, Vec::new()),
+        (
+            "command (self-harm)",
+            &app.command_url,
+            filter("--include-name"),
+        ),
+    ];
+    // One token for all runs (the generated requests may change the admin's e-mail, so
+    // it might not log in again).
+    let admin = app.admin().await?;
     let mut failures = Vec::new();
-    for (api, url) in [("command", &app.command_url), ("query", &app.query_url)] {
+    for (api, url, operations) in runs {
         let reports = std::env::temp_dir().join(format!(
-            "newsroom-fuzz-{api}-{}",
+            "newsroom-fuzz-{}-{}",
+            api.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
             app.settings.kafka.topic_prefix
         ));
         let mut command = tokio::process::Command::new(venv.join("st"));
         command
+            // Its own files (.schemathesis/) go beside the reports, not into the tree.
+            .current_dir(std::env::temp_dir())
             .args(["--config-file", config, "run"])
             .arg(format!("{url}/openapi.json"))
             .args(["--url", url])
             .args(["-H", &format!("Authorization: Bearer {}", admin.token)])
+            .args(&operations)
             .args([
                 "--checks",
                 "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
@@ -104,7 +146,11 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
             .kill_on_drop(true);
         let before = served().await?;
         let output = command.output().await?;
-        let requests = served().await?.saturating_sub(before + 1);
+        let after = served().await?;
+        // Less the look at the metrics itself.
+        let requests = after.0.saturating_sub(before.0 + 1);
+        let succeeded = after.1.saturating_sub(before.1 + 1);
+        let unauthorized = after.2 - before.2;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let cases = stdout
             .lines()
@@ -112,9 +158,26 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
             .find(|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains(" generated"))
             .unwrap_or("no count printed");
         eprintln!(
-            "fuzz: {api} API, seed {seed}, {examples} examples: {cases}; {requests} requests (report in {})",
+            "fuzz: {api} API, seed {seed}, {examples} examples: {cases}; {requests} requests, {succeeded} answered 2xx, {unauthorized} 401 (report in {})",
             reports.display()
         );
+        let still = app
+            .http
+            .get(format!("{}/v1/users/{}", app.query_url, admin.id))
+            .bearer_auth(&admin.token)
+            .send()
+            .await?
+            .status();
+        eprintln!("fuzz: the admin's token after the {api} API's run: {still}");
+        // Generated requests that reach the logic, not only its refusals: some succeed,
+        // and the caller stays a caller (an admin that erased itself would leave 401s).
+        if operations.iter().all(|o| o != "--include-name")
+            && (succeeded == 0 || unauthorized * 2 > requests)
+        {
+            failures.push(format!(
+                "{api} API: {succeeded} of {requests} requests answered 2xx, {unauthorized} 401"
+            ));
+        }
         if !output.status.success() {
             let tail: Vec<&str> = stdout.lines().rev().take(80).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();

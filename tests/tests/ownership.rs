@@ -15,7 +15,7 @@ use newsroom_events::users::UserEvent;
 use newsroom_infra::codec;
 use newsroom_infra::kafka::Stream;
 use newsroom_infra::registry::Registry;
-use newsroom_tests::{ADMIN_PASSWORD, TestApp, new_user, token_subject};
+use newsroom_tests::{ADMIN_PASSWORD, Cut, TestApp, new_user, token_subject};
 use reqwest::StatusCode as S;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -850,51 +850,6 @@ async fn a_partition_with_an_event_that_cannot_be_decoded_is_not_served_from_a_p
     Ok(())
 }
 
-/// A TCP proxy the test can cut: while cut, every connection is dropped, those already
-/// open included (as when the machine behind it goes away).
-struct Cut {
-    port: u16,
-    open: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Cut {
-    async fn to(target: String) -> anyhow::Result<Cut> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (open, watch) = tokio::sync::watch::channel(true);
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut watch = watch.clone();
-                if !*watch.borrow() {
-                    continue;
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = watch.wait_for(|open| !*open) => {}
-                    }
-                });
-            }
-        });
-        Ok(Cut { port, open, task })
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.send_replace(open);
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_while_the_registry_is_unreachable_fails_and_is_retried_until_it_serves_the_whole_state()
 -> anyhow::Result<()> {
@@ -1002,7 +957,11 @@ async fn a_takeover_while_the_registry_is_unreachable_fails_and_is_retried_until
         assert_eq!(status, S::SERVICE_UNAVAILABLE, "{body}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(b.owned(&http).await < Some(i64::from(partitions)));
+    let owned = b.owned(&http).await;
+    assert!(
+        owned.is_some_and(|n| n < i64::from(partitions)),
+        "B answers and does not serve the user's partition: {owned:?}"
+    );
 
     // The registry is back: a retry takes the partition over with its whole state.
     cut.set_open(true);

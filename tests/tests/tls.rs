@@ -18,6 +18,14 @@ fn state_dir() -> PathBuf {
     )
 }
 
+/// The port of a TLS store, as infra/local.sh was told (`variable`) or its default.
+fn port(variable: &str, default: u16) -> u16 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(default)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_works_over_tls_to_kafka_postgresql_and_redis() -> anyhow::Result<()> {
     let tls = state_dir().join("tls");
@@ -25,17 +33,22 @@ async fn every_role_works_over_tls_to_kafka_postgresql_and_redis() -> anyhow::Re
     let kafka_password = std::fs::read_to_string(tls.join("kafka-password"))
         .map_err(|e| anyhow::anyhow!("no TLS files ({e}): run infra/local.sh up tls"))?;
     let ca_for_settings = ca.clone();
+    let (kafka, postgres, redis) = (
+        port("NEWSROOM_KAFKA_SASL_SSL_PORT", 9094),
+        port("NEWSROOM_PG_TLS_PORT", 5442),
+        port("NEWSROOM_REDIS_TLS_PORT", 6380),
+    );
     let mut app = TestApp::spawn_adjusted(Roles::NONE, move |s| {
-        s.kafka.brokers = "127.0.0.1:9094".into();
+        s.kafka.brokers = format!("127.0.0.1:{kafka}");
         s.kafka.security_protocol = "sasl_ssl".into();
         s.kafka.sasl_mechanism = "PLAIN".into();
         s.kafka.sasl_username = Some("newsroom".into());
         s.kafka.sasl_password = Some(kafka_password.trim().parse().unwrap_or_default());
         s.kafka.ssl_ca_location = Some(ca_for_settings.clone());
         s.postgres.url = format!(
-            "postgres://newsroom:newsroom@127.0.0.1:5442/postgres?sslmode=verify-full&sslrootcert={ca_for_settings}"
+            "postgres://newsroom:newsroom@127.0.0.1:{postgres}/postgres?sslmode=verify-full&sslrootcert={ca_for_settings}"
         );
-        s.redis.url = "rediss://127.0.0.1:6380/".into();
+        s.redis.url = format!("rediss://127.0.0.1:{redis}/");
     })
     .await?;
     let ports = [0u16; 2].map(|_| {

@@ -247,8 +247,10 @@ pub async fn list(
         None => None,
         Some(t) => {
             let tag = t.trim().to_lowercase();
-            if tag.is_empty() || tag.chars().count() > 50 {
-                return Err(ApiError::Malformed("tag must be 1 to 50 characters".into()));
+            if tag.is_empty() || tag.chars().count() > 50 || tag.chars().any(char::is_control) {
+                return Err(ApiError::Malformed(
+                    "tag must be 1 to 50 characters, none of them a control character".into(),
+                ));
             }
             Some(tag)
         }

@@ -920,76 +920,113 @@ async fn every_endpoint_is_limited_per_client_address_and_per_user() -> TestResu
     })
     .await?;
     let reader = app.reader().await?;
-    // 60 requests at once, each from `address(i)`, with `token` if any: how many were
-    // answered (any status but 429), and whether every 429 is a problem with Retry-After.
-    let burst = |url: String, address: &'static str, spread: bool, token: Option<String>| {
-        let app = &app;
-        async move {
-            let answers = join_all((0..60).map(|i| {
-                let mut request = app.http.get(&url).header(
-                    "x-real-ip",
-                    if spread {
-                        format!("{address}.{i}")
+    // 60 requests at once, each from `address(i)` (after a forged line, when `forged`),
+    // with `token` if any: how many were answered (any status but 429) and how long the
+    // burst took; every 429 must be a problem with Retry-After.
+    let burst =
+        |url: String, address: &'static str, spread: bool, token: Option<String>, forged: bool| {
+            let app = &app;
+            async move {
+                let started = std::time::Instant::now();
+                let answers = join_all((0..60).map(|i| {
+                    let mut request = app.http.get(&url);
+                    if forged {
+                        // A client's own line, before the one the proxy appends.
+                        request = request.header("x-real-ip", format!("192.0.2.{i}"));
+                    }
+                    request = request.header(
+                        "x-real-ip",
+                        if spread {
+                            format!("{address}.{i}")
+                        } else {
+                            format!("{address}.1")
+                        },
+                    );
+                    if let Some(token) = &token {
+                        request = request.bearer_auth(token);
+                    }
+                    async move {
+                        let response = request.send().await?;
+                        let status = response.status();
+                        let retry_after = response.headers().contains_key("retry-after");
+                        let body: Value = response.json().await.unwrap_or(Value::Null);
+                        anyhow::Ok((status, retry_after, body))
+                    }
+                }))
+                .await;
+                let elapsed = started.elapsed();
+                let mut answered = 0;
+                for answer in answers {
+                    let (status, retry_after, body) = answer?;
+                    if status == S::TOO_MANY_REQUESTS {
+                        assert!(retry_after, "a 429 says when to come back");
+                        assert_eq!(body["code"], "rate_limited", "{body}");
                     } else {
-                        format!("{address}.1")
-                    },
-                );
-                if let Some(token) = &token {
-                    request = request.bearer_auth(token);
+                        answered += 1;
+                    }
                 }
-                async move {
-                    let response = request.send().await?;
-                    let status = response.status();
-                    let retry_after = response.headers().contains_key("retry-after");
-                    let body: Value = response.json().await.unwrap_or(Value::Null);
-                    anyhow::Ok((status, retry_after, body))
-                }
-            }))
-            .await;
-            let mut answered = 0;
-            for answer in answers {
-                let (status, retry_after, body) = answer?;
-                if status == S::TOO_MANY_REQUESTS {
-                    assert!(retry_after, "a 429 says when to come back");
-                    assert_eq!(body["code"], "rate_limited", "{body}");
-                } else {
-                    answered += 1;
-                }
+                anyhow::Ok((answered, elapsed))
             }
-            anyhow::Ok(answered)
-        }
+        };
+    // One key's burst, and what its rate gave back while the burst lasted.
+    let one_key = |(answered, elapsed): (usize, std::time::Duration), what: &str| {
+        let most = RATE + (elapsed.as_secs_f64() * RATE as f64).ceil() as usize + 1;
+        assert!(
+            (RATE..=most).contains(&answered),
+            "{what}: {answered} of 60 answered in {elapsed:?} (allowed {RATE} to {most})"
+        );
     };
     let trending = format!("{}/v1/news/trending", app.query_url);
-    // One address, anonymous: its burst, and (within the burst's time) hardly more.
-    let answered = burst(trending.clone(), "10.0.0", false, None).await?;
-    assert!(
-        (RATE..RATE + 5).contains(&answered),
-        "one address got {answered} of 60"
+    one_key(
+        burst(trending.clone(), "10.0.0", false, None, false).await?,
+        "one address, anonymous",
     );
     // Sixty addresses, anonymous: each has its own allowance.
-    assert_eq!(burst(trending.clone(), "10.1.0", true, None).await?, 60);
+    assert_eq!(
+        burst(trending.clone(), "10.1.0", true, None, false)
+            .await?
+            .0,
+        60
+    );
     // Sixty addresses with one user's token: the user's own allowance.
     let mine = format!("{}/v1/users/{}", app.query_url, reader.id);
-    let answered = burst(mine, "10.2.0", true, Some(reader.token.clone())).await?;
-    assert!(
-        (RATE..RATE + 5).contains(&answered),
-        "one user over many addresses got {answered} of 60"
+    one_key(
+        burst(mine, "10.2.0", true, Some(reader.token.clone()), false).await?,
+        "one user over many addresses",
+    );
+    // Lines a client forged before the proxy's own count for nothing.
+    one_key(
+        burst(trending.clone(), "10.4.0", false, None, true).await?,
+        "one address behind forged lines",
     );
     // The command API too (an unknown route is an endpoint like any other).
-    let answered = burst(
-        format!("{}/v1/nothing", app.command_url),
-        "10.3.0",
-        false,
-        None,
-    )
-    .await?;
-    assert!(
-        (RATE..RATE + 5).contains(&answered),
-        "the command API let {answered} of 60 through"
+    one_key(
+        burst(
+            format!("{}/v1/nothing", app.command_url),
+            "10.3.0",
+            false,
+            None,
+            false,
+        )
+        .await?,
+        "the command API",
+    );
+    // A load balancer's probes are never refused.
+    assert_eq!(
+        burst(
+            format!("{}/readyz", app.command_url),
+            "10.5.0",
+            false,
+            None,
+            false
+        )
+        .await?
+        .0,
+        60
     );
     // A second later, the address is served again.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let answered = burst(trending, "10.0.0", false, None).await?;
+    let (answered, _) = burst(trending, "10.0.0", false, None, false).await?;
     assert!(
         answered >= RATE,
         "after a second the address got {answered}"
@@ -1096,8 +1133,9 @@ async fn a_login_flood_is_refused_with_429_while_readers_are_served() -> TestRes
         2,
         "guesses are answered 401 or 429 only: {answers:?}"
     );
-    // The account's allowance (10 a minute), plus the ones that were already running.
-    assert!(failed <= 10 + 8, "{failed} guesses were checked");
+    // The account's allowance (10 a minute; the flood may span two of its windows), plus
+    // the ones that were already running.
+    assert!(failed <= 2 * 10 + 8, "{failed} guesses were checked");
     assert!(
         refused > 100 * failed,
         "{refused} refused, {failed} checked"
