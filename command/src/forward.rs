@@ -11,10 +11,12 @@ use anyhow::Context as _;
 use newsroom_infra::http::ApiError;
 use sqlx::PgPool;
 
-/// Marks a request as forwarded once: `<unix seconds>.<HMAC of the time, method and path>`
-/// with a key every process of the deployment derives from its secrets, valid for
-/// `MARK_LIFETIME`, so that no outside caller can pass a request off as forwarded (a
-/// forwarded request skips the idempotency table and the throttles).
+/// Marks a request as forwarded once: `<unix seconds>.<HMAC>` with a key every process of
+/// the deployment derives from its secrets, valid for `MARK_LIFETIME`, so that no outside
+/// caller can pass a request off as forwarded (a forwarded request skips the idempotency
+/// table and the throttles). The HMAC covers the time, method and path, the caller's
+/// `Authorization`, `Idempotency-Key` and `If-Match`, and the body's length: a mark seen on
+/// the wire cannot carry another caller's request, key or precondition.
 pub const FORWARDED: &str = "x-newsroom-forwarded";
 
 /// How long a forwarding mark is valid (clocks of the deployment's machines agree closer).
@@ -25,6 +27,9 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// Headers of the original request a forwarding mark vouches for.
+const BOUND_HEADERS: [&str; 3] = ["authorization", "idempotency-key", "if-match"];
 
 /// Headers copied from the original request to the owner, and back.
 const REQUEST_HEADERS: [&str; 6] = [
@@ -77,15 +82,29 @@ impl Directory {
         })
     }
 
-    fn mark(&self, at: u64, method: &str, path: &str) -> String {
-        let at_text = at.to_string();
-        let parts: [&[u8]; 5] = [
+    fn mark(
+        &self,
+        at: u64,
+        method: &str,
+        path: &str,
+        headers: &actix_web::http::header::HeaderMap,
+        length: usize,
+    ) -> String {
+        let (at_text, length_text) = (at.to_string(), length.to_string());
+        let mut parts: Vec<&[u8]> = vec![
             at_text.as_bytes(),
             b" ",
             method.as_bytes(),
             b" ",
             path.as_bytes(),
+            b" ",
+            length_text.as_bytes(),
         ];
+        // Header values hold no line breaks: the parts cannot run into each other.
+        for name in BOUND_HEADERS {
+            parts.push(b"\n");
+            parts.push(headers.get(name).map_or(&b""[..], |v| v.as_bytes()));
+        }
         format!(
             "{at}.{}",
             crate::digest::hex(&crate::digest::hmac(&self.key, &parts))
@@ -107,7 +126,13 @@ impl Directory {
         if now_secs().abs_diff(at) > MARK_LIFETIME.as_secs() {
             return false;
         }
-        let expected = self.mark(at, req.method.as_str(), path);
+        let length = req
+            .headers
+            .get(actix_web::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let expected = self.mark(at, req.method.as_str(), path, &req.headers, length);
         // Compared in constant time.
         mark.len() == expected.len()
             && mark
@@ -171,7 +196,13 @@ impl Directory {
             .request(method, &url)
             .header(
                 FORWARDED,
-                self.mark(now_secs(), req.method().as_str(), path),
+                self.mark(
+                    now_secs(),
+                    req.method().as_str(),
+                    path,
+                    req.headers(),
+                    body.len(),
+                ),
             )
             .body(body.to_vec());
         for name in REQUEST_HEADERS {
@@ -193,5 +224,85 @@ impl Directory {
         }
         let bytes = answer.bytes().await.map_err(|_| moving())?;
         Ok(response.body(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn directory() -> Directory {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        Directory::new(
+            pool,
+            "a".into(),
+            "127.0.0.1:1".into(),
+            Duration::from_secs(1),
+            b"forwarding key".to_vec(),
+        )
+        .expect("a directory")
+    }
+
+    /// A request to the owner as `forward` builds it: the mark and the copied headers.
+    fn forwarded(
+        directory: &Directory,
+        token: &str,
+        key: &str,
+        body: &str,
+    ) -> (String, TestRequest) {
+        let original = TestRequest::post()
+            .uri("/v1/news")
+            .insert_header(("authorization", token))
+            .insert_header(("idempotency-key", key))
+            .to_http_request();
+        let mark = directory.mark(
+            now_secs(),
+            "POST",
+            "/v1/news",
+            original.headers(),
+            body.len(),
+        );
+        let request = TestRequest::post()
+            .uri("/v1/news")
+            .insert_header((FORWARDED, mark.as_str()))
+            .insert_header(("authorization", token))
+            .insert_header(("idempotency-key", key))
+            .insert_header(("content-length", body.len().to_string()));
+        (mark, request)
+    }
+
+    #[actix_web::test]
+    async fn a_mark_vouches_for_its_caller_key_and_body_length_only() {
+        let directory = directory();
+        let (mark, request) = forwarded(&directory, "Bearer a", "k1", "{\"x\":1}");
+        assert!(directory.forwarded(request.to_http_request().head()));
+        // The same mark on a request of another caller, key or length: not forwarded.
+        for (token, key, length) in [
+            ("Bearer b", "k1", 7),
+            ("Bearer a", "k2", 7),
+            ("Bearer a", "k1", 8),
+        ] {
+            let replayed = TestRequest::post()
+                .uri("/v1/news")
+                .insert_header((FORWARDED, mark.as_str()))
+                .insert_header(("authorization", token))
+                .insert_header(("idempotency-key", key))
+                .insert_header(("content-length", length.to_string()))
+                .to_http_request();
+            assert!(
+                !directory.forwarded(replayed.head()),
+                "{token} {key} {length}"
+            );
+        }
+        // Nor one from a deployment with another key.
+        let other = Directory {
+            key: b"another key".to_vec(),
+            ..directory.clone()
+        };
+        let (_, request) = forwarded(&directory, "Bearer a", "k1", "{}");
+        assert!(!other.forwarded(request.to_http_request().head()));
     }
 }

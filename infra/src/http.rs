@@ -262,6 +262,9 @@ impl From<JsonPayloadError> for ApiError {
     }
 }
 
+/// How long a request body may take to arrive, once its head has (actix bounds the head).
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A JSON request body, kept both raw (to forward it unchanged) and parsed. Extracting it
 /// applies API.md's rules: `application/json` (415), at most 1 MiB (413), valid JSON (400).
 #[derive(Debug, Clone)]
@@ -296,16 +299,29 @@ impl actix_web::FromRequest for JsonBody {
             if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
                 return Err(ApiError::PayloadTooLarge);
             }
-            let mut raw = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk
-                    .map_err(|e| ApiError::Malformed(format!("the body could not be read: {e}")))?;
-                if raw.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(ApiError::PayloadTooLarge);
+            let read = async {
+                let mut raw = web::BytesMut::new();
+                while let Some(chunk) = payload.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        ApiError::Malformed(format!("the body could not be read: {e}"))
+                    })?;
+                    if raw.len() + chunk.len() > MAX_BODY_BYTES {
+                        return Err(ApiError::PayloadTooLarge);
+                    }
+                    raw.extend_from_slice(&chunk);
                 }
-                raw.extend_from_slice(&chunk);
-            }
-            let raw = raw.freeze();
+                Ok(raw)
+            };
+            // A body trickled in would hold its connection and its worker's attention.
+            let raw = tokio::time::timeout(BODY_DEADLINE, read)
+                .await
+                .map_err(|_| {
+                    ApiError::Malformed(format!(
+                        "the body did not arrive within {} s",
+                        BODY_DEADLINE.as_secs()
+                    ))
+                })??
+                .freeze();
             let value = serde_json::from_slice(&raw)
                 .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))?;
             Ok(JsonBody { raw, value })

@@ -1158,3 +1158,41 @@ async fn a_login_flood_is_refused_with_429_while_readers_are_served() -> TestRes
     assert_eq!(response.status(), S::OK);
     app.stop().await
 }
+
+#[tokio::test]
+async fn a_body_trickled_in_is_refused_after_the_body_deadline() -> TestResult {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = TestApp::spawn_with(newsroom::Roles {
+        command_api: true,
+        ..newsroom::Roles::NONE
+    })
+    .await?;
+    let address = app.command_url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    // The head and a few bytes of the 100 it announces; then nothing.
+    stream
+        .write_all(
+            b"POST /v1/users HTTP/1.1\r\nHost: newsroom\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"name\"",
+        )
+        .await?;
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buffer).await?;
+            answer.extend_from_slice(&buffer[..n]);
+            if n == 0 || String::from_utf8_lossy(&answer).contains("}") {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await;
+    anyhow::ensure!(read.is_ok(), "no answer within 30 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within 10 s"), "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(9));
+    app.stop().await
+}
