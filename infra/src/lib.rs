@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod limit;
 pub mod metrics;
 pub mod producer;
+pub mod read_models;
 pub mod redis;
 pub mod registry;
 pub mod settings;

@@ -12,6 +12,7 @@ use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec::Decoded;
+use newsroom_infra::read_models as rm;
 use newsroom_infra::views::DELETED_AUTHOR;
 use sqlx::PgPool;
 
@@ -43,7 +44,7 @@ impl Model for Cache {
             let meta = event.metadata().clone();
             let (version, key) = (
                 meta.aggregate_version,
-                format!("news:{}", meta.aggregate_id),
+                rm::key(rm::cache::ARTICLE, meta.aggregate_id),
             );
             let at = meta.occurred_at.to_string();
             match event {
@@ -69,9 +70,9 @@ impl Model for Cache {
                     out.join(
                         &key,
                         "author_name",
-                        &format!("name:{author}"),
+                        &rm::key(rm::cache::AUTHOR_NAME, author),
                         "name",
-                        &format!("authored:{author}"),
+                        &rm::key(rm::cache::AUTHORED, author),
                     );
                 }
                 NewsEvent::Edited(e) => {
@@ -138,16 +139,26 @@ impl Model for Cache {
                 _ => (None, false),
             };
             if create || name.is_some() {
-                let key = format!("name:{id}");
-                out.hash(&key, version, create, &[("name", name.unwrap_or_default())]);
-                out.propagate(&key, "name", "author_name", &format!("authored:{id}"));
+                let name_key = rm::key(rm::cache::AUTHOR_NAME, id);
+                out.hash(
+                    &name_key,
+                    version,
+                    create,
+                    &[("name", name.unwrap_or_default())],
+                );
+                out.propagate(
+                    &name_key,
+                    "name",
+                    "author_name",
+                    &rm::key(rm::cache::AUTHORED, id),
+                );
             }
         } else {
             let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
             let hour = read.metadata.occurred_at.div_euclid(3_600_000_000) * 3600;
             let news = read.news_id.to_string();
-            out.incr(&format!("reads:{news}"));
-            out.count_until(&format!("trending:{hour}"), &news, hour + 25 * 3600);
+            out.incr(&rm::key(rm::cache::READS, &news));
+            out.count_until(&rm::key(rm::cache::TRENDING, hour), &news, hour + 25 * 3600);
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ use newsroom_events::affinity::weight;
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
 use newsroom_infra::codec::Decoded;
+use newsroom_infra::read_models as rm;
 
 use crate::redis_store::{Model, Writes};
 
@@ -46,7 +47,7 @@ impl Model for Recommender {
             let event = NewsEvent::from_avro(&event.name, event.value)?;
             let meta = event.metadata().clone();
             let (id, version) = (meta.aggregate_id.to_string(), meta.aggregate_version);
-            let key = format!("art:{id}");
+            let key = rm::key(rm::recommend::ARTICLE, &id);
             match event {
                 NewsEvent::Drafted(e) => out.hash(
                     &key,
@@ -75,14 +76,21 @@ impl Model for Recommender {
         } else if event.name.starts_with("newsroom.reads.") {
             let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
             let user = read.metadata.aggregate_id;
-            out.set_add(&format!("read:{user}"), &read.news_id.to_string());
+            out.set_add(
+                &rm::key(rm::recommend::USER_READS, user),
+                &read.news_id.to_string(),
+            );
             // Reads recorded before schema version 2 do not say what was read.
             if let (Some(category), Some(tags)) = (read.category, read.tags) {
                 let w = weight(read.metadata.occurred_at, self.half_life);
-                let key = format!("aff:{user}");
-                out.add_float(&key, &format!("cat:{}", category.as_str()), w);
+                let key = rm::key(rm::recommend::AFFINITIES, user);
+                out.add_float(
+                    &key,
+                    &format!("{}{}", rm::recommend::CATEGORY, category.as_str()),
+                    w,
+                );
                 for tag in tags {
-                    out.add_float(&key, &format!("tag:{tag}"), w);
+                    out.add_float(&key, &format!("{}{tag}", rm::recommend::TAG), w);
                 }
             }
         }

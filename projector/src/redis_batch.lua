@@ -37,10 +37,10 @@ local now = tonumber(redis.call('TIME')[1])
 -- indexed by publication time in `published`, `by:cat:<category>` and `by:tag:<tag>`.
 local function index_keys(doc)
   local f = redis.call('HMGET', doc, 'category', 'tags')
-  local keys = { prefix .. 'published' }
-  if f[1] then keys[#keys + 1] = prefix .. 'by:cat:' .. f[1] end
+  local keys = { prefix .. '{{PUBLISHED}}' }
+  if f[1] then keys[#keys + 1] = prefix .. '{{BY}}{{CATEGORY}}' .. f[1] end
   if f[2] then
-    for _, t in ipairs(cjson.decode(f[2])) do keys[#keys + 1] = prefix .. 'by:tag:' .. t end
+    for _, t in ipairs(cjson.decode(f[2])) do keys[#keys + 1] = prefix .. '{{BY}}{{TAG}}' .. t end
   end
   return keys
 end
@@ -49,12 +49,12 @@ end
 local function list(doc, member, score)
   redis.call('HSET', doc, '_listed', score)
   for _, k in ipairs(index_keys(doc)) do redis.call('ZADD', k, score, member) end
-  redis.call('INCR', prefix .. 'listing')
+  redis.call('INCR', prefix .. '{{LISTING}}')
 end
 local function withdraw(doc, member)
   if redis.call('HDEL', doc, '_listed') == 1 then
     for _, k in ipairs(index_keys(doc)) do redis.call('ZREM', k, member) end
-    redis.call('INCR', prefix .. 'listing')
+    redis.call('INCR', prefix .. '{{LISTING}}')
   end
 end
 local i = first + 3 * n

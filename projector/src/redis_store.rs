@@ -21,7 +21,11 @@ use redis::aio::ConnectionManager;
 use crate::consumer::{Batch, Committed, Failure, Mode, Offsets, Store};
 use crate::replay::{Differences, HOLD, Versioned};
 
-static BATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("redis_batch.lua")));
+static BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&newsroom_infra::read_models::lua(include_str!(
+        "redis_batch.lua"
+    )))
+});
 
 /// The writes of a batch, as the batch script reads them. Keys are relative to the
 /// version's prefix.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use chrono::DateTime;
+use newsroom_infra::read_models as rm;
 use newsroom_infra::redis::{Health, connect};
 use newsroom_infra::settings::RedisSettings;
 use redis::aio::ConnectionManager;
@@ -19,8 +20,11 @@ use crate::consistency::Wanted;
 use crate::recommend::{self, KEPT, Ranked, Rankings};
 use crate::routes::news::NewsRow;
 
-static TRENDING: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("cache_trending.lua")));
+static TRENDING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&newsroom_infra::read_models::lua(include_str!(
+        "cache_trending.lua"
+    )))
+});
 /// The streams each Redis model reads (the projection names consistency tokens map to).
 const CACHE_STREAMS: [&str; 3] = ["users", "news", "reads"];
 const RECOMMEND_STREAMS: [&str; 2] = ["news", "reads"];
@@ -215,13 +219,13 @@ impl Cache {
             pipe.atomic().get(&active_key);
             least.read(&mut pipe, &prefix);
             for id in ids {
-                let key = format!("{prefix}news:{id}");
+                let key = format!("{prefix}{}{id}", rm::cache::ARTICLE);
                 if content {
                     pipe.hgetall(key);
                 } else {
                     pipe.cmd("HMGET").arg(key).arg(&LISTED[..]);
                 }
-                pipe.get(format!("{prefix}reads:{id}"));
+                pipe.get(format!("{prefix}{}{id}", rm::cache::READS));
             }
             let answer = self.run(&pipe, &mut redis).await?;
             let (active, rest) = answer.split_first()?;
@@ -271,7 +275,7 @@ impl Cache {
                     Some(name) => name.clone(),
                     None => {
                         let author = fields.get("author").cloned().unwrap_or_default();
-                        let key = format!("{prefix}name:{author}");
+                        let key = format!("{prefix}{}{author}", rm::cache::AUTHOR_NAME);
                         self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg("name"))
                             .await
                             .flatten()
@@ -394,13 +398,13 @@ impl Cache {
             };
             let prefix = format!("{root}:v{v}:");
             let (aff, read) = (
-                format!("{prefix}aff:{user}"),
-                format!("{prefix}read:{user}"),
+                format!("{prefix}{}{user}", rm::recommend::AFFINITIES),
+                format!("{prefix}{}{user}", rm::recommend::USER_READS),
             );
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .get(&active_key)
-                .get(format!("{prefix}listing"))
+                .get(format!("{prefix}{}", rm::recommend::LISTING))
                 .hgetall(&aff)
                 .scard(&read);
             least.read(&mut pipe, &prefix);
@@ -441,13 +445,21 @@ impl Cache {
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .get(&active_key)
-                .get(format!("{prefix}listing"))
+                .get(format!("{prefix}{}", rm::recommend::LISTING))
                 .hgetall(&aff)
                 .smembers(&read);
             for (key, _) in &keys {
-                pipe.zrevrange_withscores(format!("{prefix}by:{key}"), 0, candidates as isize - 1);
+                pipe.zrevrange_withscores(
+                    format!("{prefix}{}{key}", rm::recommend::BY),
+                    0,
+                    candidates as isize - 1,
+                );
             }
-            pipe.zrevrange_withscores(format!("{prefix}published"), 0, candidates as isize - 1);
+            pipe.zrevrange_withscores(
+                format!("{prefix}{}", rm::recommend::PUBLISHED),
+                0,
+                candidates as isize - 1,
+            );
             let answer: Vec<Value> = self.run(&pipe, &mut redis).await?;
             let [active, listing, affinities, members, windows @ ..] = &answer[..] else {
                 return None;

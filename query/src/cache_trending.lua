@@ -16,7 +16,7 @@ end
 local now = tonumber(redis.call('TIME')[1])
 local hour = now - now % 3600
 local buckets = {}
-for k = 0, 23 do buckets[#buckets + 1] = prefix .. 'trending:' .. (hour - k * 3600) end
+for k = 0, 23 do buckets[#buckets + 1] = prefix .. '{{TRENDING}}' .. (hour - k * 3600) end
 local args = { 'ZUNION', #buckets }
 for _, bucket in ipairs(buckets) do args[#args + 1] = bucket end
 args[#args + 1] = 'WITHSCORES'
@@ -24,7 +24,7 @@ local union = redis.call(unpack(args))
 local candidates = {}
 for i = 1, #union, 2 do
   local id = union[i]
-  local fields = redis.call('HMGET', prefix .. 'news:' .. id, 'status', 'category', 'published')
+  local fields = redis.call('HMGET', prefix .. '{{ARTICLE}}' .. id, 'status', 'category', 'published')
   if fields[1] == 'published' and (category == '' or fields[2] == category) then
     candidates[#candidates + 1] = { id = id, reads = tonumber(union[i + 1]), published = tonumber(fields[3]) or 0 }
   end
@@ -37,15 +37,15 @@ end)
 local items = {}
 for n = 1, math.min(limit, #candidates) do
   local c = candidates[n]
-  local article = redis.call('HGETALL', prefix .. 'news:' .. c.id)
+  local article = redis.call('HGETALL', prefix .. '{{ARTICLE}}' .. c.id)
   local author = ''
   for j = 1, #article, 2 do
     if article[j] == 'author' then author = article[j + 1] end
   end
   items[#items + 1] = {
     article,
-    redis.call('HGET', prefix .. 'name:' .. author, 'name'),
-    redis.call('GET', prefix .. 'reads:' .. c.id) or '0',
+    redis.call('HGET', prefix .. '{{AUTHOR_NAME}}' .. author, 'name'),
+    redis.call('GET', prefix .. '{{READS}}' .. c.id) or '0',
     tostring(c.reads),
   }
 end

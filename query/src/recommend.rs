@@ -64,7 +64,7 @@ pub fn rank(
     let mut at: HashMap<&str, usize> = HashMap::new();
     let mut scored: Vec<Found<'_>> = Vec::new();
     for ((key, weight), window) in affinities.iter().zip(windows) {
-        let name = key.get(4..).unwrap_or_default();
+        let name = newsroom_infra::read_models::recommend::affinity_name(key);
         for (id, published) in window {
             if read.contains(id) {
                 continue;

@@ -1,0 +1,95 @@
+//! The key layout of the Redis read models, in one place for the projector that writes
+//! them, the query API that reads them and the Lua scripts of both (issue 12): a change of
+//! layout is a change here. Every key is relative to a model version's prefix,
+//! `<topic prefix>:<model>:v<version>:` (see `redis::root`).
+
+use std::fmt::Display;
+
+/// The `cache` model: articles, their readers' counts and the trending buckets.
+pub mod cache {
+    /// An article: a hash of its fields (`news:<id>`).
+    pub const ARTICLE: &str = "news:";
+    /// How often an article was read: a counter (`reads:<id>`).
+    pub const READS: &str = "reads:";
+    /// Reads per article in one hour: a sorted set (`trending:<unix hour start>`).
+    pub const TRENDING: &str = "trending:";
+    /// An author's display name: a hash with the field `name` (`name:<user id>`).
+    pub const AUTHOR_NAME: &str = "name:";
+    /// The article keys of an author: a set (`authored:<user id>`).
+    pub const AUTHORED: &str = "authored:";
+}
+
+/// The `recommend` model: what each reader read and likes, and the published articles
+/// by category and tag.
+pub mod recommend {
+    /// An article's category and tags: a hash (`art:<id>`).
+    pub const ARTICLE: &str = "art:";
+    /// The articles a user read: a set (`read:<user id>`).
+    pub const USER_READS: &str = "read:";
+    /// A user's affinities: a hash from `cat:<category>` / `tag:<tag>` to a weight
+    /// (`aff:<user id>`).
+    pub const AFFINITIES: &str = "aff:";
+    /// An affinity to a category (field of [`AFFINITIES`], part of a [`BY`] key).
+    pub const CATEGORY: &str = "cat:";
+    /// An affinity to a tag.
+    pub const TAG: &str = "tag:";
+    /// Published articles of one category or tag by publication time: a sorted set
+    /// (`by:cat:<category>`, `by:tag:<tag>`).
+    pub const BY: &str = "by:";
+    /// Every published article by publication time: a sorted set.
+    pub const PUBLISHED: &str = "published";
+    /// A counter of the changes to the indexes above (a ranking made before the last
+    /// change may be stale).
+    pub const LISTING: &str = "listing";
+
+    /// The category or tag an affinity field names (`cat:sports` → `sports`).
+    pub fn affinity_name(field: &str) -> &str {
+        field
+            .strip_prefix(CATEGORY)
+            .or_else(|| field.strip_prefix(TAG))
+            .unwrap_or(field)
+    }
+}
+
+/// The key of `id` in the family `family` (one of the constants above).
+pub fn key(family: &str, id: impl Display) -> String {
+    format!("{family}{id}")
+}
+
+/// A Lua script with each `{{NAME}}` of the layout replaced by its value (the scripts name
+/// keys this way, so that they follow the layout too).
+pub fn lua(script: &str) -> String {
+    [
+        ("{{ARTICLE}}", cache::ARTICLE),
+        ("{{READS}}", cache::READS),
+        ("{{TRENDING}}", cache::TRENDING),
+        ("{{AUTHOR_NAME}}", cache::AUTHOR_NAME),
+        ("{{AUTHORED}}", cache::AUTHORED),
+        ("{{CATEGORY}}", recommend::CATEGORY),
+        ("{{TAG}}", recommend::TAG),
+        ("{{BY}}", recommend::BY),
+        ("{{PUBLISHED}}", recommend::PUBLISHED),
+        ("{{LISTING}}", recommend::LISTING),
+    ]
+    .iter()
+    .fold(script.to_owned(), |text, (name, value)| {
+        text.replace(name, value)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_get_the_layout_and_no_placeholder_is_left() {
+        let text = lua("redis.call('GET', prefix .. '{{READS}}' .. id); '{{BY}}{{TAG}}'");
+        assert_eq!(
+            text,
+            "redis.call('GET', prefix .. 'reads:' .. id); 'by:tag:'"
+        );
+        assert_eq!(recommend::affinity_name("cat:sports"), "sports");
+        assert_eq!(recommend::affinity_name("tag:f1"), "f1");
+        assert_eq!(key(cache::ARTICLE, 7), "news:7");
+    }
+}
