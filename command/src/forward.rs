@@ -16,7 +16,10 @@ use sqlx::PgPool;
 /// caller can pass a request off as forwarded (a forwarded request skips the idempotency
 /// table and the throttles). The HMAC covers the time, method and path, the caller's
 /// `Authorization`, `Idempotency-Key` and `If-Match`, and the body's length: a mark seen on
-/// the wire cannot carry another caller's request, key or precondition.
+/// the wire cannot carry another caller's token, key or precondition. (It can still be
+/// replayed within its lifetime with another body of the same length — for an anonymous
+/// login, another guess — by someone who can watch the traffic between processes; a
+/// single-use mark would close that.)
 pub const FORWARDED: &str = "x-newsroom-forwarded";
 
 /// How long a forwarding mark is valid (clocks of the deployment's machines agree closer).
@@ -100,10 +103,13 @@ impl Directory {
             b" ",
             length_text.as_bytes(),
         ];
-        // Header values hold no line breaks: the parts cannot run into each other.
+        // Header values hold no line breaks: the parts cannot run into each other; a
+        // missing header and an empty one differ.
         for name in BOUND_HEADERS {
-            parts.push(b"\n");
-            parts.push(headers.get(name).map_or(&b""[..], |v| v.as_bytes()));
+            match headers.get(name) {
+                Some(value) => parts.extend([&b"\n+"[..], value.as_bytes()]),
+                None => parts.push(b"\n-"),
+            }
         }
         format!(
             "{at}.{}",

@@ -20,9 +20,8 @@ use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage as _, HttpResponse, ResponseError, web};
 use anyhow::Context as _;
-use futures::StreamExt as _;
 use newsroom_infra::auth::Tokens;
-use newsroom_infra::http::{ApiError, MAX_BODY_BYTES};
+use newsroom_infra::http::ApiError;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
@@ -289,16 +288,11 @@ pub async fn middleware(
         .map_or_else(|| "anonymous".to_owned(), |actor| actor.id.to_string());
 
     // The request's identity: method, path and body bytes.
-    let mut body = web::BytesMut::new();
     let mut payload = req.take_payload();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Ok(req.into_response(ApiError::PayloadTooLarge.error_response()));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let body = body.freeze();
+    let body = match newsroom_infra::http::read_body(&mut payload).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(req.into_response(refused.error_response())),
+    };
     let keyed = Keyed::new(
         &store.secret,
         &caller,

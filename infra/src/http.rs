@@ -265,6 +265,37 @@ impl From<JsonPayloadError> for ApiError {
 /// How long a request body may take to arrive, once its head has (actix bounds the head).
 pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Reads a whole request body: at most 1 MiB (413), all of it within [`BODY_DEADLINE`]
+/// (400; a body trickled in would hold its connection for good). Every reader of a body
+/// goes through here.
+pub async fn read_body<S, E>(payload: &mut S) -> Result<web::Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<web::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures::StreamExt as _;
+    let read = async {
+        let mut raw = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::Malformed(format!("the body could not be read: {e}")))?;
+            if raw.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        Ok(raw.freeze())
+    };
+    tokio::time::timeout(BODY_DEADLINE, read)
+        .await
+        .map_err(|_| {
+            ApiError::Malformed(format!(
+                "the body did not arrive within {} s",
+                BODY_DEADLINE.as_secs()
+            ))
+        })?
+}
+
 /// A JSON request body, kept both raw (to forward it unchanged) and parsed. Extracting it
 /// applies API.md's rules: `application/json` (415), at most 1 MiB (413), valid JSON (400).
 #[derive(Debug, Clone)]
@@ -280,7 +311,6 @@ impl actix_web::FromRequest for JsonBody {
     type Future = Pin<Box<dyn Future<Output = Result<JsonBody, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
-        use futures::StreamExt as _;
         let is_json = req
             .mime_type()
             .ok()
@@ -299,29 +329,7 @@ impl actix_web::FromRequest for JsonBody {
             if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
                 return Err(ApiError::PayloadTooLarge);
             }
-            let read = async {
-                let mut raw = web::BytesMut::new();
-                while let Some(chunk) = payload.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        ApiError::Malformed(format!("the body could not be read: {e}"))
-                    })?;
-                    if raw.len() + chunk.len() > MAX_BODY_BYTES {
-                        return Err(ApiError::PayloadTooLarge);
-                    }
-                    raw.extend_from_slice(&chunk);
-                }
-                Ok(raw)
-            };
-            // A body trickled in would hold its connection and its worker's attention.
-            let raw = tokio::time::timeout(BODY_DEADLINE, read)
-                .await
-                .map_err(|_| {
-                    ApiError::Malformed(format!(
-                        "the body did not arrive within {} s",
-                        BODY_DEADLINE.as_secs()
-                    ))
-                })??
-                .freeze();
+            let raw = read_body(&mut payload).await?;
             let value = serde_json::from_slice(&raw)
                 .map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))?;
             Ok(JsonBody { raw, value })

@@ -92,4 +92,18 @@ mod tests {
         assert_eq!(recommend::affinity_name("tag:f1"), "f1");
         assert_eq!(key(cache::ARTICLE, 7), "news:7");
     }
+
+    #[test]
+    fn both_scripts_are_left_with_no_placeholder() {
+        for script in [
+            include_str!("../../projector/src/redis_batch.lua"),
+            include_str!("../../query/src/cache_trending.lua"),
+        ] {
+            assert!(
+                script.contains("{{"),
+                "the script names keys through the layout"
+            );
+            assert!(!lua(script).contains("{{"), "{}", lua(script));
+        }
+    }
 }

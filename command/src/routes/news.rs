@@ -40,13 +40,13 @@ async fn author(state: &State, id: Uuid) -> AuthorView {
             state.authors.put(id, &name);
             name
         }
-        // Not projected yet (a brand-new editor), or erased before the projection ran;
-        // remembered like a name, so that a burst of commands asks once.
-        None if state.shared.keys.get(id).is_some() => {
+        // Not projected yet (a brand-new editor), or the read model unreadable: no name
+        // rather than a wrong one; remembered like a name, so that a burst of commands
+        // asks once.
+        None => {
             state.authors.put(id, "");
             String::new()
         }
-        None => DELETED_AUTHOR.to_owned(),
     };
     AuthorView { id, name }
 }
