@@ -734,13 +734,17 @@ pub fn mails_to(address: &str) -> anyhow::Result<Vec<Mail>> {
         .collect())
 }
 
-/// Every message the local SMTP server received, oldest first.
-pub fn mails() -> anyhow::Result<Vec<Mail>> {
-    let state = std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
+/// Where infra/local.sh keeps its state (captured mail, the TLS files, the fuzzer).
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local"),
         std::path::PathBuf::from,
-    );
-    let dir = state.join("smtp/mail");
+    )
+}
+
+/// Every message the local SMTP server received, oldest first.
+pub fn mails() -> anyhow::Result<Vec<Mail>> {
+    let dir = state_dir().join("smtp/mail");
     let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -6,19 +6,10 @@
 //! `NEWSROOM_FUZZ_SEED` (default 1) size and vary the run; the README gives a full run's
 //! counts.
 
-use std::path::PathBuf;
-
 use newsroom::Roles;
-use newsroom_tests::TestApp;
+use newsroom_tests::{TestApp, state_dir};
 use reqwest::StatusCode as S;
 use serde_json::json;
-
-fn state_dir() -> PathBuf {
-    std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.local")),
-        PathBuf::from,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> {

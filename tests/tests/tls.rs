@@ -2,21 +2,12 @@
 //! (infra/local.sh's `tls` service; none of the three takes a plain connection there),
 //! every role in one child process configured as an operator would.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use newsroom::Roles;
-use newsroom_tests::{TestApp, until};
+use newsroom_tests::{TestApp, state_dir, until};
 use reqwest::StatusCode as S;
 use serde_json::json;
-
-/// Where infra/local.sh keeps its state (the CA, the Kafka listener's password).
-fn state_dir() -> PathBuf {
-    std::env::var_os("NEWSROOM_STATE_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.local")),
-        PathBuf::from,
-    )
-}
 
 /// The port of a TLS store, as infra/local.sh was told (`variable`) or its default.
 fn port(variable: &str, default: u16) -> u16 {
