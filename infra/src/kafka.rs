@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -141,6 +143,29 @@ pub fn read_committed_consumer(settings: &KafkaSettings, group_id: &str) -> Clie
     config
 }
 
+/// Where `partition` of `topic` ends now, counting the records of transactions still open
+/// (the high watermark; blocking). A `read_committed` consumer's end is the last stable
+/// offset, which stops before the first open transaction: a state rebuilt to it misses a
+/// transaction that commits afterwards, so a writer that must hold every event rebuilds
+/// to this end instead, and so waits until every transaction open now is committed or
+/// aborted (a dead writer's is aborted at `transaction.timeout.ms`).
+pub fn log_end(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = base(settings)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .context("creating a client to read a partition's end")?;
+    let (_, high) = consumer
+        .fetch_watermarks(topic, partition, timeout)
+        .with_context(|| format!("reading the end of {topic}/{partition}"))?;
+    Ok(high)
+}
+
 /// The topic whose partitions the command processes share out: owning partition `i` of it
 /// makes a process the writer of partition `i` of every aggregate topic. Nothing is
 /// written to it.
@@ -178,7 +203,6 @@ pub fn deployment_topics(settings: &KafkaSettings) -> Vec<String> {
 /// Deletes every topic of the deployment (those that exist): what a throwaway deployment,
 /// such as a test's, leaves behind otherwise keeps the broker's files open for good.
 pub async fn delete_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let admin: AdminClient<DefaultClientContext> = base(settings)
         .create()
         .context("creating the Kafka admin client")?;
@@ -201,7 +225,6 @@ pub async fn delete_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
 /// Creates the event topics (and the ownership, outcomes and dead-letter topics) that do
 /// not exist yet; events are kept forever, outcomes 25 hours.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let admin: AdminClient<DefaultClientContext> = base(settings)
         .create()
         .context("creating the Kafka admin client")?;

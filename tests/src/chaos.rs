@@ -45,6 +45,8 @@ pub struct Options {
     pub overlap: usize,
     /// Where the report goes (JSON), besides stdout.
     pub out: Option<PathBuf>,
+    /// The fault kinds injected (a subset of [`KINDS`]); every kind when empty.
+    pub kinds: Vec<String>,
 }
 
 /// What a chaos run found.
@@ -127,7 +129,7 @@ impl Report {
 }
 
 /// The fault kinds, injected in turn (each lane from a random start).
-const KINDS: [&str; 6] = ["kill", "freeze", "broker", "postgres", "redis", "smtp"];
+pub const KINDS: [&str; 6] = ["kill", "freeze", "broker", "postgres", "redis", "smtp"];
 
 /// One newsroom process of the run, restarted under the same name and port.
 struct Proc {
@@ -599,14 +601,18 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             options.fault_every * options.overlap.max(1) as u32,
             broker_down.clone(),
         );
+        let kinds: Vec<&'static str> = KINDS
+            .into_iter()
+            .filter(|k| options.kinds.is_empty() || options.kinds.iter().any(|o| o == k))
+            .collect();
         injectors.push(tokio::spawn(async move {
             let mut dice = Dice::new();
             // Every kind in turn, from a random start, so that a short run sees each.
-            let mut turn = dice.below(KINDS.len() as u64) as usize;
+            let mut turn = dice.below(kinds.len() as u64) as usize;
             // The lanes start apart.
             tokio::time::sleep(every * lane as u32 / 2 + Duration::from_secs(2)).await;
             while !stop.load(Ordering::Relaxed) {
-                let kind = KINDS[turn % KINDS.len()];
+                let kind = kinds[turn % kinds.len()];
                 turn += 1;
                 let began = Instant::now();
                 match inject(kind, &mut dice, &procs, &app, &broker_down).await {

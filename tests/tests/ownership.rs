@@ -850,6 +850,118 @@ async fn a_partition_with_an_event_that_cannot_be_decoded_is_not_served_from_a_p
     Ok(())
 }
 
+/// A regression test of the chaos run (ADR 22): a writer's rebuild read its partition to
+/// the last stable offset, which stops before an open transaction. A transaction whose
+/// commit was still under way (the writer's own after its commit timed out, or a dead
+/// owner's) committed after the rebuild, and retried commands were decided again against
+/// a state without it: two events at one version.
+#[tokio::test]
+async fn a_takeover_waits_for_a_transaction_left_open_on_its_partition() -> anyhow::Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let mut app = TestApp::spawn_with(Roles::NONE).await?;
+    let http = newsroom_tests::client();
+    let partitions = app.settings.kafka.partitions;
+    let a = only(&mut app, &http, "a", &[]).await?;
+    let body = new_user();
+    let (status, created) = call(
+        &http,
+        reqwest::Method::POST,
+        format!("{}/v1/users", a.url),
+        None,
+        Some(body.clone()),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CREATED, "{created}");
+    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+    let email = body["email"].as_str().unwrap_or_default();
+    let token = login(
+        &http,
+        &a.url,
+        email,
+        body["password"].as_str().unwrap_or_default(),
+    )
+    .await?;
+    drop(a);
+
+    // A transaction of another writer, open on the user's partition with a copy of the
+    // registration in it, as a writer killed or cut off between its records and its
+    // commit leaves it.
+    let registered = app
+        .committed_records(Stream::Users)?
+        .into_iter()
+        .find(|r| r.key == id.as_bytes())
+        .ok_or_else(|| anyhow::anyhow!("the registration is not in the log"))?;
+    let partition = partition_of(id.as_bytes(), partitions);
+    let kafka = app.settings.kafka.clone();
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<BaseProducer> {
+        let producer: BaseProducer = newsroom_infra::kafka::transactional_producer(
+            &kafka,
+            &format!("{}.test-open", kafka.topic_prefix),
+        )
+        // Open for longer than the test takes (a dead writer's is aborted after 6 s).
+        .set("transaction.timeout.ms", "120000")
+        .create()?;
+        producer.init_transactions(Duration::from_secs(30))?;
+        producer.begin_transaction()?;
+        producer
+            .send(
+                BaseRecord::to(&Stream::Users.topic(&kafka))
+                    .partition(partition)
+                    .key(registered.key.as_slice())
+                    .payload(registered.payload.as_slice()),
+            )
+            .map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(30))?;
+        Ok(producer)
+    })
+    .await??;
+
+    // B serves every other partition, and that one only once the transaction is settled.
+    let b = Process::start(&app, "b")?;
+    let others = i64::from(partitions - 1);
+    until(
+        "B serves the other partitions",
+        Duration::from_secs(60),
+        || async { b.owned(&http).await == Some(others) },
+    )
+    .await?;
+    let follow = || {
+        call(
+            &http,
+            reqwest::Method::PATCH,
+            format!("{}/v1/users/{id}", b.url),
+            Some(&token),
+            Some(json!({"followed_categories": ["sports"]})),
+            None,
+        )
+    };
+    for _ in 0..4 {
+        let (status, body) = follow().await?;
+        assert_eq!(
+            status,
+            S::SERVICE_UNAVAILABLE,
+            "a partition with a transaction open is not served before it is settled: {body}"
+        );
+        assert_eq!(b.owned(&http).await, Some(others));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(30)))
+        .await??;
+    let all = i64::from(partitions);
+    until(
+        "B serves every partition once the transaction is aborted",
+        Duration::from_secs(60),
+        || async { b.owned(&http).await == Some(all) },
+    )
+    .await?;
+    let (status, body) = follow().await?;
+    assert_eq!(status, S::OK, "{body}");
+    assert_eq!(body["version"], 2, "{body}");
+    assert_eq!(versions_in_log(&app).await?.get(&id), Some(&vec![1, 2]));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_while_the_registry_is_unreachable_fails_and_is_retried_until_it_serves_the_whole_state()
 -> anyhow::Result<()> {

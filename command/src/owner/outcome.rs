@@ -321,9 +321,8 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
     let consumer = consumer(shared)?;
     let timeout = shared.kafka.timeout();
     let now = newsroom_events::metadata::micros(chrono::Utc::now());
-    let (_, high) = consumer
-        .fetch_watermarks(&topic, partition, timeout)
-        .context("reading the outcomes partition's end")?;
+    // The end counting open transactions, as the events' rebuild reads to (see there).
+    let high = newsroom_infra::kafka::log_end(&shared.kafka, &topic, partition, timeout)?;
     let mut since = TopicPartitionList::new();
     since.add_partition_offset(&topic, partition, Offset::Offset(window_start(now) / 1000))?;
     let start = consumer

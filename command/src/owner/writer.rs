@@ -42,6 +42,9 @@ const MAX_BATCH: usize = 4000;
 const GATHER_MAX: Duration = Duration::from_millis(3);
 /// Requests waiting for the writer before new ones are refused.
 const QUEUE: usize = 16_384;
+/// Further waits for a commit that timed out (each one Kafka timeout) before its outcome
+/// counts as unknown.
+const COMMIT_RESUMES: usize = 2;
 /// Pause between attempts to reach Kafka again.
 const RECOVERY_PAUSE: Duration = Duration::from_millis(250);
 /// Test-only fault point: milliseconds each transaction waits after it began, with its
@@ -375,9 +378,10 @@ impl Writer {
     pub fn remove(&self, partition: i32) {
         // The state is dropped in the queue's order; the gate is what makes it safe.
         let _ = self.sender.try_send(Message(Inner::Remove { partition }));
-        // A transaction that passed the gate ends within its calls' timeouts (deliveries,
-        // flush, offsets, commit: about four), so this wait does not run out.
-        if !self.gate.drain(self.timeout * 5) {
+        // A transaction that passed the gate ends within its calls' timeouts (events' and
+        // outcomes' deliveries, flush, offsets, commit and its resumes, or an abort), so
+        // this wait does not run out.
+        if !self.gate.drain(self.timeout * (6 + COMMIT_RESUMES as u32)) {
             tracing::error!(
                 partition,
                 "a transaction of the revoked partition did not finish in time"
@@ -785,6 +789,7 @@ impl Thread {
             .collect();
         let (records, origins, refusals) = batch_records(&batch, &self.topics);
         let count = records.len();
+        let started = Instant::now();
         let mut outcome = self.transaction(&producer, &records, &refusals, &partitions);
         drop((records, refusals));
         if self.uncertain_keyed
@@ -822,7 +827,8 @@ impl Thread {
                     Failure::Aborted(r) | Failure::Fatal(r) => (r.clone(), true),
                     Failure::Uncertain(r) => (r.clone(), false),
                 };
-                tracing::warn!(reason, definitive, "transaction failed");
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::warn!(reason, definitive, elapsed_ms, "transaction failed");
                 for (partition, mut b) in batch {
                     if let Some(held) = self.held.get(&partition) {
                         read(&held.users, std::mem::take(&mut b.users.reads));
@@ -1014,16 +1020,40 @@ impl Thread {
             .send_offsets_to_transaction(&owned, &group, timeout)
             .map_err(abort)?;
         let offsets_sent = start.elapsed();
-        let commit = producer.commit_transaction(timeout);
+        let mut commit = producer.commit_transaction(timeout);
+        // A commit that timed out goes on in librdkafka, which resumes it when called again:
+        // its outcome becomes known instead of being reported unknown (a 503 the client must
+        // retry, a reconnection, and a rebuild of every partition in the transaction).
+        for _ in 0..COMMIT_RESUMES {
+            match &commit {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                    commit = producer.commit_transaction(timeout);
+                }
+                _ => break,
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (produced_ms, offsets_ms) = (ms(produced), ms(offsets_sent));
+        let committed_ms = ms(start.elapsed());
         tracing::debug!(
             events = records.len(),
             outcomes = recorded.len(),
             partitions = partitions.len(),
-            produced_ms = produced.as_secs_f64() * 1000.0,
-            offsets_ms = offsets_sent.as_secs_f64() * 1000.0,
-            committed_ms = start.elapsed().as_secs_f64() * 1000.0,
+            produced_ms,
+            offsets_ms,
+            committed_ms,
             "transaction"
         );
+        // Where a slow transaction spent its time (the stalls under broker faults, ADR 22).
+        if start.elapsed() >= timeout / 2 {
+            tracing::warn!(
+                produced_ms,
+                offsets_ms,
+                committed_ms,
+                committed = commit.is_ok(),
+                "a slow transaction"
+            );
+        }
         if let Err(error) = commit {
             return Err(match &error {
                 KafkaError::Transaction(e) if e.txn_requires_abort() => abort(error),

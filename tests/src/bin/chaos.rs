@@ -35,6 +35,9 @@ struct Args {
     /// Where to write the report (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The fault kinds to inject, comma-separated (every kind by default).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(chaos::KINDS))]
+    faults: Vec<String>,
 }
 
 #[tokio::main]
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             fault_every: Duration::from_secs(6),
             overlap: 1,
             out: args.out,
+            kinds: args.faults,
         }
     } else {
         Options {
@@ -55,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
             fault_every: Duration::from_secs_f64(args.fault_every.max(0.5)),
             overlap: args.overlap.max(1),
             out: args.out,
+            kinds: args.faults,
         }
     };
     let report = chaos::run(options).await?;
