@@ -29,10 +29,9 @@ impl ClientContext for MembershipContext {}
 impl ConsumerContext for MembershipContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
-            for element in list.elements() {
-                tracing::info!(partition = element.partition(), "partition revoked");
-                give_up(&self.owners, element.partition());
-            }
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "partitions revoked");
+            give_up(&self.owners, &partitions);
         }
     }
 

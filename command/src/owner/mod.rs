@@ -477,13 +477,17 @@ pub(crate) async fn take_over(
     Ok(())
 }
 
-/// Stops serving `partition`: new requests go elsewhere, and once this returns no
-/// transaction of this process holds or will hold records of it.
-pub(crate) fn give_up(owners: &Owners, partition: i32) {
+/// Stops serving `partitions`: new requests go elsewhere, and once this returns no
+/// transaction of this process holds or will hold records of them. All of them are
+/// withdrawn before the one wait for the transaction in flight (a wait per partition held
+/// the rebalance, and so the group, for as many times longer when that transaction hung).
+pub(crate) fn give_up(owners: &Owners, partitions: &[i32]) {
     let mut assigned = owners.assigned.lock().unwrap_or_else(|e| e.into_inner());
-    assigned.remove(&partition);
-    owners.set(partition, None);
+    for partition in partitions {
+        assigned.remove(partition);
+        owners.set(*partition, None);
+    }
     drop(assigned);
-    owners.writer.remove(partition);
+    owners.writer.remove(partitions);
     newsroom_infra::metrics::PARTITIONS_OWNED.set(owners.ready().len() as i64);
 }

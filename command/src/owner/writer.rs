@@ -191,9 +191,25 @@ struct Gate {
     /// Transactions that passed, and transactions finished.
     counts: std::sync::Mutex<(u64, u64)>,
     finished: std::sync::Condvar,
+    /// The step the transaction in flight is at, and since when (what a revocation that
+    /// waited too long reports).
+    phase: std::sync::Mutex<Option<(&'static str, Instant)>>,
 }
 
 impl Gate {
+    /// Records the step the transaction in flight has reached (`None`: it ended).
+    fn at(&self, phase: Option<&'static str>) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.map(|p| (p, Instant::now()));
+    }
+
+    /// The step of the transaction in flight and how long it has been at it.
+    fn phase(&self) -> Option<(&'static str, Duration)> {
+        self.phase
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(phase, since)| (phase, since.elapsed()))
+    }
+
     /// Lets a transaction pass with the partitions `keep` accepts; its number.
     fn pass(&self, keep: impl FnOnce()) -> u64 {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,19 +388,28 @@ impl Writer {
         let _ = self.sender.send(Message(Inner::Stop));
     }
 
-    /// Stops serving `partition`, whose assignment the caller withdrew already: returns once
-    /// no transaction of this process holds records of it that are not acknowledged, and
-    /// none will produce any (blocking: called from the rebalance callback).
-    pub fn remove(&self, partition: i32) {
-        // The state is dropped in the queue's order; the gate is what makes it safe.
-        let _ = self.sender.try_send(Message(Inner::Remove { partition }));
+    /// Stops serving `partitions`, whose assignments the caller withdrew already: returns
+    /// once no transaction of this process holds records of them that are not
+    /// acknowledged, and none will produce any (blocking: called from the rebalance
+    /// callback).
+    pub fn remove(&self, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        // The states are dropped in the queue's order; the gate is what makes it safe.
+        for &partition in partitions {
+            let _ = self.sender.try_send(Message(Inner::Remove { partition }));
+        }
         // A transaction that passed the gate ends within its calls' timeouts (events' and
         // outcomes' deliveries, flush, offsets, commit and its resumes, or an abort), so
         // this wait does not run out.
         if !self.gate.drain(self.timeout * (6 + COMMIT_RESUMES as u32)) {
+            let (phase, since) = self.gate.phase().unwrap_or(("none", Duration::ZERO));
             tracing::error!(
-                partition,
-                "a transaction of the revoked partition did not finish in time"
+                ?partitions,
+                phase,
+                phase_ms = since.as_millis() as u64,
+                "a transaction of the revoked partitions did not finish in time"
             );
         }
     }
@@ -763,6 +788,7 @@ impl Thread {
             }
         }
         let committed = self.gated_commit(batch);
+        self.gate.at(None);
         self.gate.finish(number);
         committed
     }
@@ -930,6 +956,7 @@ impl Thread {
             if is_fatal(&error) {
                 return Failure::Fatal(error.to_string());
             }
+            self.gate.at(Some("abort"));
             match producer.abort_transaction(timeout) {
                 Ok(()) => Failure::Aborted(error.to_string()),
                 Err(abort) if is_fatal(&abort) => Failure::Fatal(abort.to_string()),
@@ -940,6 +967,7 @@ impl Thread {
         // The coordinator checks this member and generation when the offsets are sent,
         // which is after every record is acknowledged: a process that is no longer the
         // member it was here cannot commit.
+        self.gate.at(Some("group metadata"));
         let group = self.group.metadata().ok_or_else(|| {
             Failure::Aborted("this process has not joined the ownership group".into())
         })?;
@@ -950,6 +978,7 @@ impl Thread {
                 .map_err(|e| Failure::Aborted(e.to_string()))?;
         }
         let start = Instant::now();
+        self.gate.at(Some("begin"));
         producer.begin_transaction().map_err(abort)?;
         if let Some(hold) = self.hold {
             std::thread::sleep(hold);
@@ -971,6 +1000,7 @@ impl Thread {
         // Acknowledgements are awaited until the Kafka timeout and no longer: an idempotent
         // producer never times out a record already sent, so a broker that stops answering
         // would otherwise hold this writer, and every request queued behind it, for minutes.
+        self.gate.at(Some("acknowledgements"));
         let acknowledged_by = Instant::now() + timeout;
         let mut offsets = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
@@ -1009,6 +1039,7 @@ impl Thread {
         // flushes (which also serve the reports on this thread) so that the commit's own
         // flush finds nothing in flight: it would poll for 100 ms. Measured against
         // waiting on the in-flight count in short sleeps, and against no wait (ADR 23).
+        self.gate.at(Some("flush"));
         let deadline = Instant::now() + timeout;
         while producer.flush(Duration::from_millis(1)).is_err() {
             if Instant::now() >= deadline {
@@ -1016,10 +1047,12 @@ impl Thread {
             }
         }
         let produced = start.elapsed();
+        self.gate.at(Some("offsets"));
         producer
             .send_offsets_to_transaction(&owned, &group, timeout)
             .map_err(abort)?;
         let offsets_sent = start.elapsed();
+        self.gate.at(Some("commit"));
         let mut commit = producer.commit_transaction(timeout);
         // A commit that timed out goes on in librdkafka, which resumes it when called again:
         // its outcome becomes known instead of being reported unknown (a 503 the client must
