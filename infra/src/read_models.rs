@@ -5,6 +5,10 @@
 
 use std::fmt::Display;
 
+/// Where a model version keeps the offsets its consumer applied: a hash from
+/// `<topic>~<partition>` to the next offset (`offsets`).
+pub const OFFSETS: &str = "offsets";
+
 /// The `cache` model: articles, their readers' counts and the trending buckets.
 pub mod cache {
     /// An article: a hash of its fields (`news:<id>`).
@@ -51,6 +55,56 @@ pub mod recommend {
     }
 }
 
+/// The fields of the models' hashes. An article of the `cache` model (`news:<id>`) has
+/// every one from [`ID`](field::ID) to [`PUBLISHED`](field::PUBLISHED); an article of the
+/// `recommend` model (`art:<id>`) has [`CATEGORY`](field::CATEGORY),
+/// [`TAGS`](field::TAGS), [`VERSION`](field::VERSION) and, while it is listed,
+/// [`LISTED`](field::LISTED); an author's name hash has [`NAME`](field::NAME).
+pub mod field {
+    /// The article's id.
+    pub const ID: &str = "id";
+    /// Its category (`famous`, `politics`, `sports`).
+    pub const CATEGORY: &str = "category";
+    /// Its title.
+    pub const TITLE: &str = "title";
+    /// Its text.
+    pub const CONTENT: &str = "content";
+    /// Its tags: a JSON array of strings.
+    pub const TAGS: &str = "tags";
+    /// Its author's user id.
+    pub const AUTHOR: &str = "author";
+    /// Its author's display name, copied from the author's name hash.
+    pub const AUTHOR_NAME: &str = "author_name";
+    /// `draft`, `published`, `archived` or `deleted`.
+    pub const STATUS: &str = "status";
+    /// The aggregate version the hash was last written at (every versioned hash has it).
+    pub const VERSION: &str = "version";
+    /// When it was drafted: microseconds since the epoch, as text.
+    pub const CREATED: &str = "created";
+    /// When it last changed: microseconds since the epoch, as text.
+    pub const UPDATED: &str = "updated";
+    /// When it was published: microseconds since the epoch, as text; empty unless published.
+    pub const PUBLISHED: &str = "published";
+    /// A listed `recommend` article's score in its indexes (its publication time).
+    pub const LISTED: &str = "_listed";
+    /// A user's display name, in the user's name hash.
+    pub const NAME: &str = "name";
+    /// The fields of a `cache` article a list shows: all but its content.
+    pub const LISTED_ARTICLE: [&str; 11] = [
+        ID,
+        CATEGORY,
+        TITLE,
+        TAGS,
+        AUTHOR,
+        AUTHOR_NAME,
+        STATUS,
+        VERSION,
+        CREATED,
+        UPDATED,
+        PUBLISHED,
+    ];
+}
+
 /// The key of `id` in the family `family` (one of the constants above).
 pub fn key(family: &str, id: impl Display) -> String {
     format!("{family}{id}")
@@ -61,6 +115,7 @@ pub fn key(family: &str, id: impl Display) -> String {
 pub fn lua(script: &str) -> String {
     [
         ("{{ARTICLE}}", cache::ARTICLE),
+        ("{{OFFSETS}}", OFFSETS),
         ("{{READS}}", cache::READS),
         ("{{TRENDING}}", cache::TRENDING),
         ("{{AUTHOR_NAME}}", cache::AUTHOR_NAME),
@@ -70,6 +125,14 @@ pub fn lua(script: &str) -> String {
         ("{{BY}}", recommend::BY),
         ("{{PUBLISHED}}", recommend::PUBLISHED),
         ("{{LISTING}}", recommend::LISTING),
+        ("{{F_CATEGORY}}", field::CATEGORY),
+        ("{{F_TAGS}}", field::TAGS),
+        ("{{F_AUTHOR}}", field::AUTHOR),
+        ("{{F_STATUS}}", field::STATUS),
+        ("{{F_VERSION}}", field::VERSION),
+        ("{{F_PUBLISHED}}", field::PUBLISHED),
+        ("{{F_LISTED}}", field::LISTED),
+        ("{{F_NAME}}", field::NAME),
     ]
     .iter()
     .fold(script.to_owned(), |text, (name, value)| {
@@ -83,10 +146,12 @@ mod tests {
 
     #[test]
     fn scripts_get_the_layout_and_no_placeholder_is_left() {
-        let text = lua("redis.call('GET', prefix .. '{{READS}}' .. id); '{{BY}}{{TAG}}'");
+        let text = lua(
+            "redis.call('GET', prefix .. '{{READS}}' .. id); '{{BY}}{{TAG}}'; '{{PUBLISHED}}{{F_PUBLISHED}}'",
+        );
         assert_eq!(
             text,
-            "redis.call('GET', prefix .. 'reads:' .. id); 'by:tag:'"
+            "redis.call('GET', prefix .. 'reads:' .. id); 'by:tag:'; 'publishedpublished'"
         );
         assert_eq!(recommend::affinity_name("cat:sports"), "sports");
         assert_eq!(recommend::affinity_name("tag:f1"), "f1");

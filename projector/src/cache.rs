@@ -12,7 +12,7 @@ use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
 use newsroom_events::users::UserEvent;
 use newsroom_infra::codec::Decoded;
-use newsroom_infra::read_models as rm;
+use newsroom_infra::read_models::{self as rm, field};
 use newsroom_infra::views::DELETED_AUTHOR;
 use sqlx::PgPool;
 
@@ -55,39 +55,39 @@ impl Model for Cache {
                         version,
                         true,
                         &[
-                            ("id", meta.aggregate_id.to_string()),
-                            ("category", e.category.as_str().to_owned()),
-                            ("title", e.title),
-                            ("content", e.content),
-                            ("tags", serde_json::to_string(&e.tags)?),
-                            ("author", author.to_string()),
-                            ("status", "draft".to_owned()),
-                            ("created", at.clone()),
-                            ("updated", at),
-                            ("published", String::new()),
+                            (field::ID, meta.aggregate_id.to_string()),
+                            (field::CATEGORY, e.category.as_str().to_owned()),
+                            (field::TITLE, e.title),
+                            (field::CONTENT, e.content),
+                            (field::TAGS, serde_json::to_string(&e.tags)?),
+                            (field::AUTHOR, author.to_string()),
+                            (field::STATUS, "draft".to_owned()),
+                            (field::CREATED, at.clone()),
+                            (field::UPDATED, at),
+                            (field::PUBLISHED, String::new()),
                         ],
                     );
                     out.join(
                         &key,
-                        "author_name",
+                        field::AUTHOR_NAME,
                         &rm::key(rm::cache::AUTHOR_NAME, author),
-                        "name",
+                        field::NAME,
                         &rm::key(rm::cache::AUTHORED, author),
                     );
                 }
                 NewsEvent::Edited(e) => {
-                    let mut fields = vec![("updated", at)];
+                    let mut fields = vec![(field::UPDATED, at)];
                     if let Some(c) = e.category {
-                        fields.push(("category", c.as_str().to_owned()));
+                        fields.push((field::CATEGORY, c.as_str().to_owned()));
                     }
                     if let Some(t) = e.title {
-                        fields.push(("title", t));
+                        fields.push((field::TITLE, t));
                     }
                     if let Some(c) = e.content {
-                        fields.push(("content", c));
+                        fields.push((field::CONTENT, c));
                     }
                     if let Some(t) = e.tags {
-                        fields.push(("tags", serde_json::to_string(&t)?));
+                        fields.push((field::TAGS, serde_json::to_string(&t)?));
                     }
                     out.hash(&key, version, false, &fields);
                 }
@@ -96,9 +96,9 @@ impl Model for Cache {
                     version,
                     false,
                     &[
-                        ("status", "published".to_owned()),
-                        ("published", e.published_at.to_string()),
-                        ("updated", at),
+                        (field::STATUS, "published".to_owned()),
+                        (field::PUBLISHED, e.published_at.to_string()),
+                        (field::UPDATED, at),
                     ],
                 ),
                 NewsEvent::Unpublished(_) => out.hash(
@@ -106,22 +106,22 @@ impl Model for Cache {
                     version,
                     false,
                     &[
-                        ("status", "draft".to_owned()),
-                        ("published", String::new()),
-                        ("updated", at),
+                        (field::STATUS, "draft".to_owned()),
+                        (field::PUBLISHED, String::new()),
+                        (field::UPDATED, at),
                     ],
                 ),
                 NewsEvent::Archived(_) => out.hash(
                     &key,
                     version,
                     false,
-                    &[("status", "archived".to_owned()), ("updated", at)],
+                    &[(field::STATUS, "archived".to_owned()), (field::UPDATED, at)],
                 ),
                 NewsEvent::Deleted(_) => out.hash(
                     &key,
                     version,
                     false,
-                    &[("status", "deleted".to_owned()), ("updated", at)],
+                    &[(field::STATUS, "deleted".to_owned()), (field::UPDATED, at)],
                 ),
             }
         } else if event.name.starts_with("newsroom.users.") {
@@ -144,12 +144,12 @@ impl Model for Cache {
                     &name_key,
                     version,
                     create,
-                    &[("name", name.unwrap_or_default())],
+                    &[(field::NAME, name.unwrap_or_default())],
                 );
                 out.propagate(
                     &name_key,
-                    "name",
-                    "author_name",
+                    field::NAME,
+                    field::AUTHOR_NAME,
                     &rm::key(rm::cache::AUTHORED, id),
                 );
             }

@@ -18,7 +18,7 @@ use newsroom_events::affinity::weight;
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
 use newsroom_infra::codec::Decoded;
-use newsroom_infra::read_models as rm;
+use newsroom_infra::read_models::{self as rm, field};
 
 use crate::redis_store::{Model, Writes};
 
@@ -54,17 +54,17 @@ impl Model for Recommender {
                     version,
                     true,
                     &[
-                        ("category", e.category.as_str().to_owned()),
-                        ("tags", serde_json::to_string(&e.tags)?),
+                        (field::CATEGORY, e.category.as_str().to_owned()),
+                        (field::TAGS, serde_json::to_string(&e.tags)?),
                     ],
                 ),
                 NewsEvent::Edited(e) => {
                     let mut fields = Vec::new();
                     if let Some(c) = e.category {
-                        fields.push(("category", c.as_str().to_owned()));
+                        fields.push((field::CATEGORY, c.as_str().to_owned()));
                     }
                     if let Some(t) = e.tags {
-                        fields.push(("tags", serde_json::to_string(&t)?));
+                        fields.push((field::TAGS, serde_json::to_string(&t)?));
                     }
                     out.edit_listed(&key, &id, version, &fields);
                 }

@@ -25,7 +25,7 @@ elseif redis.call('GET', root .. ':building') ~= version then
   return 'reopen'
 end
 local prefix = root .. ':v' .. version .. ':'
-local offsets = prefix .. 'offsets'
+local offsets = prefix .. '{{OFFSETS}}'
 local n = tonumber(ARGV[5])
 local first = 6
 for i = first, first + 3 * (n - 1), 3 do
@@ -33,10 +33,10 @@ for i = first, first + 3 * (n - 1), 3 do
 end
 if activate then redis.call('SET', root .. ':active', version) end
 local now = tonumber(redis.call('TIME')[1])
--- Listed documents (the recommender's articles): a hash with `category` and `tags` (JSON),
+-- Listed documents (the recommender's articles): a hash with a category and tags (JSON),
 -- indexed by publication time in `published`, `by:cat:<category>` and `by:tag:<tag>`.
 local function index_keys(doc)
-  local f = redis.call('HMGET', doc, 'category', 'tags')
+  local f = redis.call('HMGET', doc, '{{F_CATEGORY}}', '{{F_TAGS}}')
   local keys = { prefix .. '{{PUBLISHED}}' }
   if f[1] then keys[#keys + 1] = prefix .. '{{BY}}{{CATEGORY}}' .. f[1] end
   if f[2] then
@@ -47,12 +47,12 @@ end
 -- `listing` counts the changes to these indexes (a ranking computed before the last
 -- change is stale).
 local function list(doc, member, score)
-  redis.call('HSET', doc, '_listed', score)
+  redis.call('HSET', doc, '{{F_LISTED}}', score)
   for _, k in ipairs(index_keys(doc)) do redis.call('ZADD', k, score, member) end
   redis.call('INCR', prefix .. '{{LISTING}}')
 end
 local function withdraw(doc, member)
-  if redis.call('HDEL', doc, '_listed') == 1 then
+  if redis.call('HDEL', doc, '{{F_LISTED}}') == 1 then
     for _, k in ipairs(index_keys(doc)) do redis.call('ZREM', k, member) end
     redis.call('INCR', prefix .. '{{LISTING}}')
   end
@@ -62,9 +62,9 @@ while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
-    local current = redis.call('HGET', key, 'version')
+    local current = redis.call('HGET', key, '{{F_VERSION}}')
     if (not current and create) or (current and tonumber(current) < v) then
-      local args = { 'version', ARGV[i + 2] }
+      local args = { '{{F_VERSION}}', ARGV[i + 2] }
       for j = 0, nf - 1 do
         args[#args + 1] = ARGV[i + 5 + 2 * j]
         args[#args + 1] = ARGV[i + 6 + 2 * j]
@@ -81,11 +81,11 @@ while i <= #ARGV do
   elseif op == 'E' then
     -- An edit of a listed document moves it between indexes.
     local member, v, nf = ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    local current = redis.call('HGET', key, 'version')
+    local current = redis.call('HGET', key, '{{F_VERSION}}')
     if current and tonumber(current) < v then
-      local listed = redis.call('HGET', key, '_listed')
+      local listed = redis.call('HGET', key, '{{F_LISTED}}')
       if listed then withdraw(key, member) end
-      local args = { 'version', ARGV[i + 3] }
+      local args = { '{{F_VERSION}}', ARGV[i + 3] }
       for j = 0, nf - 1 do
         args[#args + 1] = ARGV[i + 5 + 2 * j]
         args[#args + 1] = ARGV[i + 6 + 2 * j]

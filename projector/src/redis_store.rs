@@ -172,7 +172,10 @@ impl<M: Model> Store for RedisStore<M> {
             }
         };
         let stored: Vec<(String, i64)> = redis::cmd("HGETALL")
-            .arg(self.key(&format!("v{version}:offsets")))
+            .arg(self.key(&format!(
+                "v{version}:{}",
+                newsroom_infra::read_models::OFFSETS
+            )))
             .query_async(&mut self.redis.clone())
             .await
             .context("reading the stored offsets")?;

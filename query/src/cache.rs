@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use chrono::DateTime;
-use newsroom_infra::read_models as rm;
+use newsroom_infra::read_models::{self as rm, field};
 use newsroom_infra::redis::{Health, connect};
 use newsroom_infra::settings::RedisSettings;
 use redis::aio::ConnectionManager;
@@ -53,7 +53,7 @@ impl Least {
     fn read(&self, pipe: &mut redis::Pipeline, prefix: &str) {
         if !self.fields.is_empty() {
             pipe.cmd("HMGET")
-                .arg(format!("{prefix}offsets"))
+                .arg(format!("{prefix}{}", rm::OFFSETS))
                 .arg(&self.fields);
         }
     }
@@ -223,7 +223,7 @@ impl Cache {
                 if content {
                     pipe.hgetall(key);
                 } else {
-                    pipe.cmd("HMGET").arg(key).arg(&LISTED[..]);
+                    pipe.cmd("HMGET").arg(key).arg(&field::LISTED_ARTICLE[..]);
                 }
                 pipe.get(format!("{prefix}{}{id}", rm::cache::READS));
             }
@@ -260,7 +260,7 @@ impl Cache {
                         })
                         .collect()
                 } else {
-                    LISTED
+                    field::LISTED_ARTICLE
                         .iter()
                         .zip(values)
                         .filter(|(_, v)| **v != Value::Nil)
@@ -271,12 +271,12 @@ impl Cache {
                     return None;
                 }
                 // A model built before articles carried their author's name: look it up.
-                let name = match fields.get("author_name") {
+                let name = match fields.get(field::AUTHOR_NAME) {
                     Some(name) => name.clone(),
                     None => {
-                        let author = fields.get("author").cloned().unwrap_or_default();
+                        let author = fields.get(field::AUTHOR).cloned().unwrap_or_default();
                         let key = format!("{prefix}{}{author}", rm::cache::AUTHOR_NAME);
-                        self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg("name"))
+                        self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg(field::NAME))
                             .await
                             .flatten()
                             .unwrap_or_default()
@@ -606,29 +606,14 @@ fn parse_row(parts: &[Value]) -> anyhow::Result<NewsRow> {
     )
 }
 
-/// The fields of a cached article a list shows (all but its content).
-const LISTED: [&str; 11] = [
-    "id",
-    "category",
-    "title",
-    "tags",
-    "author",
-    "author_name",
-    "status",
-    "version",
-    "created",
-    "updated",
-    "published",
-];
-
 /// A field's name as one of the fields articles have (others are ignored).
 fn field_name(value: &Value) -> Option<&'static str> {
     let Value::BulkString(bytes) = value else {
         return None;
     };
-    LISTED
+    field::LISTED_ARTICLE
         .iter()
-        .chain(&["content"])
+        .chain(&[field::CONTENT])
         .find(|name| name.as_bytes() == bytes.as_slice())
         .copied()
 }
@@ -659,22 +644,22 @@ fn row(
             .with_context(|| format!("{name} is out of range"))
     };
     Ok(NewsRow {
-        id: Uuid::parse_str(&field("id")?)?,
-        category: field("category")?,
-        title: field("title")?,
+        id: Uuid::parse_str(&field(field::ID)?)?,
+        category: field(field::CATEGORY)?,
+        title: field(field::TITLE)?,
         content: if content {
-            field("content")?
+            field(field::CONTENT)?
         } else {
             String::new()
         },
-        tags: serde_json::from_str(&field("tags")?).context("tags")?,
-        author_id: Uuid::parse_str(&field("author")?)?,
+        tags: serde_json::from_str(&field(field::TAGS)?).context("tags")?,
+        author_id: Uuid::parse_str(&field(field::AUTHOR)?)?,
         author_name,
-        status: field("status")?,
-        version: field("version")?.parse()?,
-        created_at: micros("created")?.context("no creation time")?,
-        updated_at: micros("updated")?.context("no update time")?,
-        published_at: micros("published")?,
+        status: field(field::STATUS)?,
+        version: field(field::VERSION)?.parse()?,
+        created_at: micros(field::CREATED)?.context("no creation time")?,
+        updated_at: micros(field::UPDATED)?.context("no update time")?,
+        published_at: micros(field::PUBLISHED)?,
         read_count,
     })
 }

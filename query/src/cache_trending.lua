@@ -9,7 +9,7 @@ local version = redis.call('GET', root .. ':active')
 if not version then return { 'cold' } end
 local prefix = root .. ':v' .. version .. ':'
 for i = 4, #ARGV, 2 do
-  if tonumber(redis.call('HGET', prefix .. 'offsets', ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then
+  if tonumber(redis.call('HGET', prefix .. '{{OFFSETS}}', ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then
     return { 'behind' }
   end
 end
@@ -24,7 +24,7 @@ local union = redis.call(unpack(args))
 local candidates = {}
 for i = 1, #union, 2 do
   local id = union[i]
-  local fields = redis.call('HMGET', prefix .. '{{ARTICLE}}' .. id, 'status', 'category', 'published')
+  local fields = redis.call('HMGET', prefix .. '{{ARTICLE}}' .. id, '{{F_STATUS}}', '{{F_CATEGORY}}', '{{F_PUBLISHED}}')
   if fields[1] == 'published' and (category == '' or fields[2] == category) then
     candidates[#candidates + 1] = { id = id, reads = tonumber(union[i + 1]), published = tonumber(fields[3]) or 0 }
   end
@@ -40,11 +40,11 @@ for n = 1, math.min(limit, #candidates) do
   local article = redis.call('HGETALL', prefix .. '{{ARTICLE}}' .. c.id)
   local author = ''
   for j = 1, #article, 2 do
-    if article[j] == 'author' then author = article[j + 1] end
+    if article[j] == '{{F_AUTHOR}}' then author = article[j + 1] end
   end
   items[#items + 1] = {
     article,
-    redis.call('HGET', prefix .. '{{AUTHOR_NAME}}' .. author, 'name'),
+    redis.call('HGET', prefix .. '{{AUTHOR_NAME}}' .. author, '{{F_NAME}}'),
     redis.call('GET', prefix .. '{{READS}}' .. c.id) or '0',
     tostring(c.reads),
   }

@@ -358,7 +358,11 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let message = message.context("reading the outcomes")?;
+        // A lost connection or a moving leader is gone past, as the events' rebuild does.
+        let message = match message {
+            Err(error) if super::rebuild::transient(&error) => continue,
+            message => message.context("reading the outcomes")?,
+        };
         let offset = message.offset();
         let scope = message.key().and_then(|k| <[u8; 32]>::try_from(k).ok());
         let request = header::<32>(&message, REQUEST_HEADER);

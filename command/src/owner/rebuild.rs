@@ -121,7 +121,7 @@ pub async fn state<A: Aggregate>(
 }
 
 /// An error the consumer recovers from by itself (a connection lost, a leader moving).
-fn transient(error: &KafkaError) -> bool {
+pub(super) fn transient(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
         Some(

@@ -400,10 +400,14 @@ impl Writer {
         for &partition in partitions {
             let _ = self.sender.try_send(Message(Inner::Remove { partition }));
         }
-        // A transaction that passed the gate ends within its calls' timeouts (events' and
-        // outcomes' deliveries, flush, offsets, commit and its resumes, or an abort), so
-        // this wait does not run out.
-        if !self.gate.drain(self.timeout * (6 + COMMIT_RESUMES as u32)) {
+        // A transaction that passed the gate ends within its calls' bounds (events' and
+        // outcomes' deliveries, flush, offsets with their extra second, commit and its
+        // resumes, or an abort), plus a timeout's slack. Should it run out anyway, nothing
+        // it produced can reach the next owner's state uncounted: its records are all
+        // acknowledged before its offsets go to the group coordinator, which accepts them
+        // only from the current generation, and the next owner reads the partition's end
+        // only once a later generation gave it the partition.
+        if !self.gate.drain(self.timeout * (7 + COMMIT_RESUMES as u32)) {
             let (phase, since) = self.gate.phase().unwrap_or(("none", Duration::ZERO));
             tracing::error!(
                 ?partitions,
@@ -1048,18 +1052,18 @@ impl Thread {
         }
         let produced = start.elapsed();
         self.gate.at(Some("offsets"));
-        producer
-            .send_offsets_to_transaction(&owned, &group, timeout)
-            .map_err(abort)?;
+        offsets_sent_within(producer, owned, group, timeout)?.map_err(abort)?;
         let offsets_sent = start.elapsed();
         self.gate.at(Some("commit"));
         let mut commit = producer.commit_transaction(timeout);
         // A commit that timed out goes on in librdkafka, which resumes it when called again:
         // its outcome becomes known instead of being reported unknown (a 503 the client must
         // retry, a reconnection, and a rebuild of every partition in the transaction).
+        let mut resumed = false;
         for _ in 0..COMMIT_RESUMES {
             match &commit {
                 Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                    resumed = true;
                     commit = producer.commit_transaction(timeout);
                 }
                 _ => break,
@@ -1089,6 +1093,9 @@ impl Thread {
         }
         if let Err(error) = commit {
             return Err(match &error {
+                // A commit request that may have reached the coordinator before it timed
+                // out can have committed, whatever a later attempt says.
+                _ if resumed => Failure::Uncertain(error.to_string()),
                 KafkaError::Transaction(e) if e.txn_requires_abort() => abort(error),
                 _ if is_fatal(&error) => Failure::Fatal(error.to_string()),
                 _ => Failure::Uncertain(error.to_string()),
@@ -1096,6 +1103,38 @@ impl Thread {
         }
         Ok((offsets, recorded))
     }
+}
+
+/// Sends the ownership offsets into the transaction, waiting for it no longer than
+/// `timeout` and a second. librdkafka does not bound that call while the group
+/// coordinator's broker is down (its coordinator request waits for the connection without
+/// a timer): the chaos run saw it hold the writer, and every request behind it, for over
+/// 20 s after a broker kill. Past the wait the transaction counts as failed for good
+/// (`Fatal`): the writer takes new producers, whose `init_transactions` fences this one
+/// and aborts its transaction, so nothing it produced is ever committed; the abandoned
+/// call ends on its own thread whenever librdkafka lets it.
+fn offsets_sent_within(
+    producer: &Producer,
+    owned: TopicPartitionList,
+    group: Arc<ConsumerGroupMetadata>,
+    timeout: Duration,
+) -> Result<Result<(), KafkaError>, Failure> {
+    let (sent, outcome) = std_mpsc::sync_channel(1);
+    let producer = producer.clone();
+    std::thread::Builder::new()
+        .name("cmd-offsets".into())
+        .spawn(move || {
+            let _ = sent.send(producer.send_offsets_to_transaction(&owned, &group, timeout));
+        })
+        .map_err(|e| Failure::Fatal(format!("starting the offsets thread: {e}")))?;
+    outcome
+        .recv_timeout(timeout + Duration::from_secs(1))
+        .map_err(|_| {
+            Failure::Fatal(format!(
+                "sending the ownership offsets took over {} ms",
+                (timeout + Duration::from_secs(1)).as_millis()
+            ))
+        })
 }
 
 /// What the writer holds of a partition of one aggregate topic: the committed states, and
