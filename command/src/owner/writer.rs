@@ -443,6 +443,35 @@ pub(crate) struct Connection {
     producers: Vec<Producer>,
     connected: Arc<AtomicBool>,
     turn: usize,
+    /// The thread that sends the ownership offsets (see [`offsets_sent_within`]).
+    offsets: std_mpsc::SyncSender<OffsetsJob>,
+}
+
+/// A call of `send_offsets_to_transaction` for the offsets thread, and where its result goes.
+struct OffsetsJob {
+    producer: Producer,
+    owned: TopicPartitionList,
+    group: Arc<ConsumerGroupMetadata>,
+    timeout: Duration,
+    done: std_mpsc::SyncSender<Result<(), KafkaError>>,
+}
+
+/// Starts a connection's offsets thread; it ends once the connection is dropped and the
+/// call it is in, if any, has returned.
+fn offsets_thread() -> anyhow::Result<std_mpsc::SyncSender<OffsetsJob>> {
+    let (jobs, queue) = std_mpsc::sync_channel::<OffsetsJob>(1);
+    std::thread::Builder::new()
+        .name("cmd-offsets".into())
+        .spawn(move || {
+            while let Ok(job) = queue.recv() {
+                let sent =
+                    job.producer
+                        .send_offsets_to_transaction(&job.owned, &job.group, job.timeout);
+                let _ = job.done.send(sent);
+            }
+        })
+        .context("starting the offsets thread")?;
+    Ok(jobs)
 }
 
 /// Producers in the writer's turn.
@@ -470,6 +499,7 @@ async fn connect(shared: &Shared, transactional_id: &str) -> anyhow::Result<Conn
         producers,
         connected,
         turn: 0,
+        offsets: offsets_thread()?,
     })
 }
 
@@ -812,6 +842,7 @@ impl Thread {
         };
         connection.turn = (connection.turn + 1) % connection.producers.len();
         let producer = connection.producers[connection.turn].clone();
+        let offsets = connection.offsets.clone();
         let partitions: Vec<i32> = batch
             .iter()
             .filter(|(_, b)| !b.is_empty())
@@ -820,7 +851,7 @@ impl Thread {
         let (records, origins, refusals) = batch_records(&batch, &self.topics);
         let count = records.len();
         let started = Instant::now();
-        let mut outcome = self.transaction(&producer, &records, &refusals, &partitions);
+        let mut outcome = self.transaction(&producer, &offsets, &records, &refusals, &partitions);
         drop((records, refusals));
         if self.uncertain_keyed
             && let Ok((_, recorded)) = &outcome
@@ -951,6 +982,7 @@ impl Thread {
     fn transaction(
         &self,
         producer: &Producer,
+        offsets_thread: &std_mpsc::SyncSender<OffsetsJob>,
         records: &[EventRecord<'_>],
         refusals: &[(i32, &Outcome)],
         partitions: &[i32],
@@ -1052,7 +1084,7 @@ impl Thread {
         }
         let produced = start.elapsed();
         self.gate.at(Some("offsets"));
-        offsets_sent_within(producer, owned, group, timeout)?.map_err(abort)?;
+        offsets_sent_within(offsets_thread, producer, owned, group, timeout)?.map_err(abort)?;
         let offsets_sent = start.elapsed();
         self.gate.at(Some("commit"));
         let mut commit = producer.commit_transaction(timeout);
@@ -1109,32 +1141,38 @@ impl Thread {
 /// `timeout` and a second. librdkafka does not bound that call while the group
 /// coordinator's broker is down (its coordinator request waits for the connection without
 /// a timer): the chaos run saw it hold the writer, and every request behind it, for over
-/// 20 s after a broker kill. Past the wait the transaction counts as failed for good
-/// (`Fatal`): the writer takes new producers, whose `init_transactions` fences this one
-/// and aborts its transaction, so nothing it produced is ever committed; the abandoned
-/// call ends on its own thread whenever librdkafka lets it.
+/// 20 s after a broker kill. So the connection's offsets thread makes the call (a hand-off
+/// costs tens of microseconds here; a thread started per call cost 200). Past the wait the
+/// transaction counts as failed for good (`Fatal`): the writer takes new producers, whose
+/// `init_transactions` fences this one and aborts its transaction, so nothing it produced
+/// is ever committed; the abandoned call ends whenever librdkafka lets it, and its thread
+/// with it.
 fn offsets_sent_within(
+    offsets_thread: &std_mpsc::SyncSender<OffsetsJob>,
     producer: &Producer,
     owned: TopicPartitionList,
     group: Arc<ConsumerGroupMetadata>,
     timeout: Duration,
 ) -> Result<Result<(), KafkaError>, Failure> {
-    let (sent, outcome) = std_mpsc::sync_channel(1);
-    let producer = producer.clone();
-    std::thread::Builder::new()
-        .name("cmd-offsets".into())
-        .spawn(move || {
-            let _ = sent.send(producer.send_offsets_to_transaction(&owned, &group, timeout));
-        })
-        .map_err(|e| Failure::Fatal(format!("starting the offsets thread: {e}")))?;
-    outcome
-        .recv_timeout(timeout + Duration::from_secs(1))
-        .map_err(|_| {
-            Failure::Fatal(format!(
-                "sending the ownership offsets took over {} ms",
-                (timeout + Duration::from_secs(1)).as_millis()
-            ))
-        })
+    let wait = timeout + Duration::from_secs(1);
+    let (done, outcome) = std_mpsc::sync_channel(1);
+    let job = OffsetsJob {
+        producer: producer.clone(),
+        owned,
+        group,
+        timeout,
+        done,
+    };
+    // The thread is idle between transactions: a full queue means its last call hangs.
+    offsets_thread
+        .try_send(job)
+        .map_err(|_| Failure::Fatal("the offsets thread is busy or gone".into()))?;
+    outcome.recv_timeout(wait).map_err(|_| {
+        Failure::Fatal(format!(
+            "sending the ownership offsets took over {} ms",
+            wait.as_millis()
+        ))
+    })
 }
 
 /// What the writer holds of a partition of one aggregate topic: the committed states, and
