@@ -103,6 +103,7 @@ pub async fn build(
         claims,
         partitions,
         pool: pool.clone(),
+        ends: Arc::new(newsroom_infra::kafka::PartitionEnds::new(&settings.kafka)?),
         kafka_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
     let group = owner::writer::Group::default();

@@ -143,27 +143,40 @@ pub fn read_committed_consumer(settings: &KafkaSettings, group_id: &str) -> Clie
     config
 }
 
-/// Where `partition` of `topic` ends now, counting the records of transactions still open
-/// (the high watermark; blocking). A `read_committed` consumer's end is the last stable
-/// offset, which stops before the first open transaction: a state rebuilt to it misses a
-/// transaction that commits afterwards, so a writer that must hold every event rebuilds
-/// to this end instead, and so waits until every transaction open now is committed or
+/// A client that reads where partitions end counting the records of transactions still
+/// open (high watermarks), never a group member. A `read_committed` consumer's end is the
+/// last stable offset, which stops before the first open transaction.
+pub fn end_reader(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = base(settings);
+    config.set("isolation.level", "read_uncommitted");
+    config
+}
+
+/// Where partitions end, counting open transactions: one long-lived client (see
+/// [`end_reader`]). A state rebuilt to the last stable offset misses a transaction that
+/// commits afterwards, so a writer that must hold every event rebuilds to this end
+/// instead, and so waits until every transaction with records below it is committed or
 /// aborted (a dead writer's is aborted at `transaction.timeout.ms`).
-pub fn log_end(
-    settings: &KafkaSettings,
-    topic: &str,
-    partition: i32,
-    timeout: Duration,
-) -> anyhow::Result<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = base(settings)
-        .set("isolation.level", "read_uncommitted")
-        .create()
-        .context("creating a client to read a partition's end")?;
-    let (_, high) = consumer
-        .fetch_watermarks(topic, partition, timeout)
-        .with_context(|| format!("reading the end of {topic}/{partition}"))?;
-    Ok(high)
+pub struct PartitionEnds(rdkafka::consumer::BaseConsumer);
+
+impl PartitionEnds {
+    /// Creates the client.
+    pub fn new(settings: &KafkaSettings) -> anyhow::Result<Self> {
+        let client = end_reader(settings)
+            .create()
+            .context("creating the client that reads partitions' ends")?;
+        Ok(PartitionEnds(client))
+    }
+
+    /// Where `partition` of `topic` ends now (blocking).
+    pub fn end(&self, topic: &str, partition: i32, timeout: Duration) -> anyhow::Result<i64> {
+        use rdkafka::consumer::Consumer as _;
+        let (_, high) = self
+            .0
+            .fetch_watermarks(topic, partition, timeout)
+            .with_context(|| format!("reading the end of {topic}/{partition}"))?;
+        Ok(high)
+    }
 }
 
 /// The topic whose partitions the command processes share out: owning partition `i` of it

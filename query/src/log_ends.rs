@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use newsroom_infra::http::ApiError;
-use newsroom_infra::kafka::read_committed_consumer;
+use newsroom_infra::kafka::end_reader;
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -38,10 +38,7 @@ pub struct LogEnds {
 impl LogEnds {
     /// Starts the refresher for `topics` (each with the deployment's partition count).
     pub fn start(settings: &KafkaSettings, topics: Vec<String>) -> anyhow::Result<Arc<Self>> {
-        let consumer: BaseConsumer =
-            read_committed_consumer(settings, &format!("{}.query-ends", settings.topic_prefix))
-                .set("isolation.level", "read_uncommitted")
-                .create()?;
+        let consumer: BaseConsumer = end_reader(settings).create()?;
         let (done, refreshes) = watch::channel(0u64);
         let wanted = Arc::new(Notify::new());
         let ends = Arc::new(LogEnds {

@@ -519,6 +519,26 @@ async fn news_in_log(app: &TestApp) -> anyhow::Result<Vec<(Uuid, i64, String, Op
     Ok(events)
 }
 
+/// Registers a new user through the command process at `url` and logs them in: their id
+/// and token.
+async fn registered(http: &reqwest::Client, url: &str) -> anyhow::Result<(Uuid, String)> {
+    let body = new_user();
+    let (status, created) = call(
+        http,
+        reqwest::Method::POST,
+        format!("{url}/v1/users"),
+        None,
+        Some(body.clone()),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(status == S::CREATED, "registration: {status} {created}");
+    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+    let email = body["email"].as_str().unwrap_or_default();
+    let password = body["password"].as_str().unwrap_or_default();
+    Ok((id, login(http, url, email, password).await?))
+}
+
 /// Starts a command process that writes every partition, and points `app` at it.
 async fn only(
     app: &mut TestApp,
@@ -772,26 +792,13 @@ async fn a_partition_with_an_event_that_cannot_be_decoded_is_not_served_from_a_p
     // Two users of different partitions, logged in.
     let mut users: Vec<(Uuid, String)> = Vec::new();
     while users.len() < 2 {
-        let body = new_user();
-        let (status, created) = call(
-            &http,
-            reqwest::Method::POST,
-            format!("{}/v1/users", a.url),
-            None,
-            Some(body.clone()),
-            None,
-        )
-        .await?;
-        assert_eq!(status, S::CREATED, "{created}");
-        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        let (id, token) = registered(&http, &a.url).await?;
         let partition_of = |id: &Uuid| partition_of(id.as_bytes(), partitions);
         if users
             .iter()
             .all(|(u, _)| partition_of(u) != partition_of(&id))
         {
-            let email = body["email"].as_str().unwrap_or_default();
-            let password = body["password"].as_str().unwrap_or_default();
-            users.push((id, login(&http, &a.url, email, password).await?));
+            users.push((id, token));
         }
     }
     a.child.kill()?;
@@ -862,26 +869,7 @@ async fn a_takeover_waits_for_a_transaction_left_open_on_its_partition() -> anyh
     let http = newsroom_tests::client();
     let partitions = app.settings.kafka.partitions;
     let a = only(&mut app, &http, "a", &[]).await?;
-    let body = new_user();
-    let (status, created) = call(
-        &http,
-        reqwest::Method::POST,
-        format!("{}/v1/users", a.url),
-        None,
-        Some(body.clone()),
-        None,
-    )
-    .await?;
-    assert_eq!(status, S::CREATED, "{created}");
-    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
-    let email = body["email"].as_str().unwrap_or_default();
-    let token = login(
-        &http,
-        &a.url,
-        email,
-        body["password"].as_str().unwrap_or_default(),
-    )
-    .await?;
+    let (id, token) = registered(&http, &a.url).await?;
     drop(a);
 
     // A transaction of another writer, open on the user's partition with a copy of the
@@ -1183,6 +1171,7 @@ mod writers {
             let mut kafka = app.settings.kafka.clone();
             kafka.snapshot_every = snapshot_every;
             let shared = Arc::new(Shared {
+                ends: Arc::new(newsroom_infra::kafka::PartitionEnds::new(&kafka)?),
                 kafka,
                 registry: Registry::connect(&app.settings.registry).await?,
                 keys: Keys::new(pool.clone()),

@@ -51,6 +51,8 @@ pub struct Shared {
     pub partitions: i32,
     /// The command-side database (snapshots).
     pub pool: sqlx::PgPool,
+    /// Where partitions end, counting open transactions (what rebuilds read to).
+    pub ends: Arc<newsroom_infra::kafka::PartitionEnds>,
     /// False from the moment a writer finds every broker down until a writer reaches
     /// Kafka again (readiness reports it).
     pub kafka_up: Arc<std::sync::atomic::AtomicBool>,

@@ -322,7 +322,7 @@ pub fn load(shared: &Shared, partition: i32) -> anyhow::Result<Recent> {
     let timeout = shared.kafka.timeout();
     let now = newsroom_events::metadata::micros(chrono::Utc::now());
     // The end counting open transactions, as the events' rebuild reads to (see there).
-    let high = newsroom_infra::kafka::log_end(&shared.kafka, &topic, partition, timeout)?;
+    let high = shared.ends.end(&topic, partition, timeout)?;
     let mut since = TopicPartitionList::new();
     since.add_partition_offset(&topic, partition, Offset::Offset(window_start(now) / 1000))?;
     let start = consumer

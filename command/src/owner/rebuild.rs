@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use newsroom_infra::codec;
-use newsroom_infra::kafka::{log_end, read_committed_consumer};
+use newsroom_infra::kafka::read_committed_consumer;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
@@ -37,9 +37,8 @@ pub async fn state<A: Aggregate>(
     // transaction whose commit was still under way (this writer's own, when its commit
     // timed out, or a dead owner's) is waited for, not missed.
     let high = {
-        let (settings, topic) = (shared.kafka.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || log_end(&settings, &topic, partition, timeout))
-            .await??
+        let (ends, topic) = (shared.ends.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || ends.end(&topic, partition, timeout)).await??
     };
     let (mut states, start) = match snapshot::load::<A>(&shared.pool, partition).await {
         Ok(Some((states, next))) if next <= high => (states, next),
