@@ -516,22 +516,74 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .against(&bare_figure),
             );
-            figures.push(bare_figure);
+            figures.push(bare_figure.clone());
             figures.push(redis_figure);
-            let list = {
+            // Lists: each of one filter (or none) from the cache model's indexes in Redis;
+            // two filters from PostgreSQL, for reference.
+            let author = subject(&admin)?;
+            let mut second_pages = Vec::new();
+            for category in ["famous", "politics", "sports"] {
+                let first: Value = http
+                    .get(format!(
+                        "{}/v1/news?category={category}&limit=20",
+                        system.query
+                    ))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if let Some(cursor) = first["next_cursor"].as_str() {
+                    second_pages.push(format!("category={category}&limit=20&cursor={cursor}"));
+                }
+            }
+            let second_pages = Arc::new(second_pages);
+            type Query = Arc<dyn Fn(usize) -> String + Send + Sync>;
+            let lists: [(&str, Query); 5] = [
+                (
+                    "GET /v1/news?category= (Redis)",
+                    Arc::new(|i| {
+                        let category = ["famous", "politics", "sports"][i % 3];
+                        format!("category={category}&limit=20")
+                    }),
+                ),
+                (
+                    "GET /v1/news?category=&cursor= (Redis, second page)",
+                    Arc::new(move |i| {
+                        second_pages
+                            .get(i % second_pages.len().max(1))
+                            .cloned()
+                            .unwrap_or_default()
+                    }),
+                ),
+                (
+                    "GET /v1/news?tag= (Redis)",
+                    Arc::new(|i| format!("tag=t{}&limit=20", i % 11)),
+                ),
+                (
+                    "GET /v1/news?author_id= (Redis)",
+                    Arc::new(move |_| format!("author_id={author}&limit=20")),
+                ),
+                (
+                    "reference: GET /v1/news?category=&tag= (PostgreSQL, two filters)",
+                    Arc::new(|i| {
+                        let category = ["famous", "politics", "sports"][i % 3];
+                        format!("category={category}&tag=bench&limit=20")
+                    }),
+                ),
+            ];
+            let mut list_rates = Vec::new();
+            for (name, query) in lists {
                 let (http, url) = (http.clone(), system.query.clone());
-                load::closed(args.clients, phase, None, move |i| {
-                    let category = ["famous", "politics", "sports"][i % 3];
-                    let request = http.get(format!("{url}/v1/news?category={category}&limit=20"));
-                    read_ok(request)
+                let stats = load::closed(args.clients, phase, None, move |i| {
+                    read_ok(http.get(format!("{url}/v1/news?{}", query(i))))
                 })
-                .await
-            };
-            figures.push(Figure::rate(
-                "GET /v1/news?category= (PostgreSQL)",
-                &list,
-                None,
-            ));
+                .await;
+                list_rates.push(stats.per_second);
+                let target =
+                    (!name.starts_with("reference")).then_some(">= 10,000/s, p99 <= 10 ms");
+                figures.push(Figure::rate(name, &stats, target).against(&bare_figure));
+            }
+            let list = list_rates[0];
             // A reader with history, for recommendations: 50 reads over 12 tags.
             let reader_email = format!("reader.{run}@bench.local");
             expect(
@@ -596,12 +648,31 @@ async fn main() -> anyhow::Result<()> {
                 &ranked,
                 None,
             ));
+            // Trending, over the reads just made (computed at most once a second per
+            // process and list; ADR 28).
+            let trending = {
+                let (http, url) = (http.clone(), system.query.clone());
+                load::closed(args.clients, phase, None, move |i| {
+                    let query = ["", "?category=sports", "?category=politics"][i % 3];
+                    read_ok(http.get(format!("{url}/v1/news/trending{query}")))
+                })
+                .await
+            };
+            figures.push(
+                Figure::rate(
+                    "GET /v1/news/trending (Redis)",
+                    &trending,
+                    Some(">= 10,000/s, p99 <= 10 ms"),
+                )
+                .against(&bare_figure),
+            );
             eprintln!(
-                "bench: GET article {:.0}/s, list {:.0}/s, recommendations {:.0}/s (ranked each time {:.0}/s), bare {:.0}/s, Redis {:.0}/s",
+                "bench: GET article {:.0}/s, list {:.0}/s, recommendations {:.0}/s (ranked each time {:.0}/s), trending {:.0}/s, bare {:.0}/s, Redis {:.0}/s",
                 get_article.per_second,
-                list.per_second,
+                list,
                 recommendations.per_second,
                 ranked.per_second,
+                trending.per_second,
                 bare_stats.per_second,
                 redis_stats.per_second
             );

@@ -21,10 +21,54 @@ pub mod cache {
     pub const AUTHOR_NAME: &str = "name:";
     /// The article keys of an author: a set (`authored:<user id>`).
     pub const AUTHORED: &str = "authored:";
+    /// The layout's number: version 2 added the [`index`](super::index) of published
+    /// articles that lists read. A layout change renames the model's keys' root (see
+    /// [`layout`](super::layout)), so an upgraded deployment builds the model afresh from
+    /// the log (PostgreSQL answers meanwhile) instead of reading a layout it lacks.
+    pub const LAYOUT: u32 = 2;
 }
 
-/// The `recommend` model: what each reader read and likes, and the published articles
-/// by category and tag.
+/// The indexes of published documents, by publication time (microseconds as the score,
+/// the id as the member, so that equal times order by id as PostgreSQL does): the
+/// `recommend` model's articles (`art:<id>`) and, since its layout 2, the `cache` model's
+/// (`news:<id>`), in each model's own keys. A listed document's hash has a
+/// [`LISTED`](field::LISTED) field; its [`AUTHOR`](field::AUTHOR) field, if any, indexes
+/// it by author too.
+pub mod index {
+    use std::fmt::Display;
+
+    /// Every published document: a sorted set.
+    pub const PUBLISHED: &str = "published";
+    /// The prefix of the per-category, per-tag and per-author indexes.
+    pub const BY: &str = "by:";
+    /// What follows [`BY`] for a category (`by:cat:<category>`).
+    pub const CATEGORY: &str = super::recommend::CATEGORY;
+    /// What follows [`BY`] for a tag (`by:tag:<tag>`).
+    pub const TAG: &str = super::recommend::TAG;
+    /// What follows [`BY`] for an author (`by:author:<user id>`).
+    pub const AUTHOR: &str = "author:";
+    /// A counter of the changes to the indexes (a ranking computed before the last change
+    /// may be stale).
+    pub const LISTING: &str = "listing";
+
+    /// The index of one category, tag or author (`kind` one of [`CATEGORY`], [`TAG`],
+    /// [`AUTHOR`]).
+    pub fn by(kind: &str, name: impl Display) -> String {
+        format!("{BY}{kind}{name}")
+    }
+}
+
+/// The layout number of model `model` (1 unless its layout changed; see
+/// [`cache::LAYOUT`]).
+pub fn layout(model: &str) -> u32 {
+    match model {
+        "cache" => cache::LAYOUT,
+        _ => 1,
+    }
+}
+
+/// The `recommend` model: what each reader read and likes, and (in the
+/// [`index`](super::index)) the published articles by category and tag.
 pub mod recommend {
     /// An article's category and tags: a hash (`art:<id>`).
     pub const ARTICLE: &str = "art:";
@@ -37,14 +81,6 @@ pub mod recommend {
     pub const CATEGORY: &str = "cat:";
     /// An affinity to a tag.
     pub const TAG: &str = "tag:";
-    /// Published articles of one category or tag by publication time: a sorted set
-    /// (`by:cat:<category>`, `by:tag:<tag>`).
-    pub const BY: &str = "by:";
-    /// Every published article by publication time: a sorted set.
-    pub const PUBLISHED: &str = "published";
-    /// A counter of the changes to the indexes above (a ranking made before the last
-    /// change may be stale).
-    pub const LISTING: &str = "listing";
 
     /// The category or tag an affinity field names (`cat:sports` → `sports`).
     pub fn affinity_name(field: &str) -> &str {
@@ -120,11 +156,12 @@ pub fn lua(script: &str) -> String {
         ("{{TRENDING}}", cache::TRENDING),
         ("{{AUTHOR_NAME}}", cache::AUTHOR_NAME),
         ("{{AUTHORED}}", cache::AUTHORED),
-        ("{{CATEGORY}}", recommend::CATEGORY),
-        ("{{TAG}}", recommend::TAG),
-        ("{{BY}}", recommend::BY),
-        ("{{PUBLISHED}}", recommend::PUBLISHED),
-        ("{{LISTING}}", recommend::LISTING),
+        ("{{CATEGORY}}", index::CATEGORY),
+        ("{{TAG}}", index::TAG),
+        ("{{BY_AUTHOR}}", index::AUTHOR),
+        ("{{BY}}", index::BY),
+        ("{{PUBLISHED}}", index::PUBLISHED),
+        ("{{LISTING}}", index::LISTING),
         ("{{F_CATEGORY}}", field::CATEGORY),
         ("{{F_TAGS}}", field::TAGS),
         ("{{F_AUTHOR}}", field::AUTHOR),

@@ -6,7 +6,9 @@
 //! article is read with one HGETALL), `name:<user>` (hash `name`, `version`),
 //! `authored:<user>` (set of the user's `news:<id>` keys, to copy a new name into),
 //! `reads:<news>` (counter) and `trending:<hour>` (sorted set of news ids by reads in the
-//! hour starting at that Unix time, expiring 25 hours after it).
+//! hour starting at that Unix time, expiring 25 hours after it); published articles are
+//! listed in the indexes of `read_models::index` (`published`, `by:cat:`, `by:tag:`,
+//! `by:author:`), which the query API's lists read.
 
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
@@ -42,11 +44,10 @@ impl Model for Cache {
         if event.name.starts_with("newsroom.news.") {
             let event = NewsEvent::from_avro(&event.name, event.value)?;
             let meta = event.metadata().clone();
-            let (version, key) = (
-                meta.aggregate_version,
-                rm::key(rm::cache::ARTICLE, meta.aggregate_id),
-            );
+            let (version, id) = (meta.aggregate_version, meta.aggregate_id.to_string());
+            let key = rm::key(rm::cache::ARTICLE, &id);
             let at = meta.occurred_at.to_string();
+            let is_archived = matches!(event, NewsEvent::Archived(_));
             match event {
                 NewsEvent::Drafted(e) => {
                     let author = e.author_id;
@@ -55,7 +56,7 @@ impl Model for Cache {
                         version,
                         true,
                         &[
-                            (field::ID, meta.aggregate_id.to_string()),
+                            (field::ID, id.clone()),
                             (field::CATEGORY, e.category.as_str().to_owned()),
                             (field::TITLE, e.title),
                             (field::CONTENT, e.content),
@@ -89,40 +90,44 @@ impl Model for Cache {
                     if let Some(t) = e.tags {
                         fields.push((field::TAGS, serde_json::to_string(&t)?));
                     }
-                    out.hash(&key, version, false, &fields);
+                    out.edit_listed(&key, &id, version, &fields);
                 }
-                NewsEvent::Published(e) => out.hash(
-                    &key,
-                    version,
-                    false,
-                    &[
-                        (field::STATUS, "published".to_owned()),
-                        (field::PUBLISHED, e.published_at.to_string()),
-                        (field::UPDATED, at),
-                    ],
-                ),
-                NewsEvent::Unpublished(_) => out.hash(
-                    &key,
-                    version,
-                    false,
-                    &[
-                        (field::STATUS, "draft".to_owned()),
-                        (field::PUBLISHED, String::new()),
-                        (field::UPDATED, at),
-                    ],
-                ),
-                NewsEvent::Archived(_) => out.hash(
-                    &key,
-                    version,
-                    false,
-                    &[(field::STATUS, "archived".to_owned()), (field::UPDATED, at)],
-                ),
-                NewsEvent::Deleted(_) => out.hash(
-                    &key,
-                    version,
-                    false,
-                    &[(field::STATUS, "deleted".to_owned()), (field::UPDATED, at)],
-                ),
+                NewsEvent::Published(e) => {
+                    out.hash(
+                        &key,
+                        version,
+                        false,
+                        &[
+                            (field::STATUS, "published".to_owned()),
+                            (field::PUBLISHED, e.published_at.to_string()),
+                            (field::UPDATED, at),
+                        ],
+                    );
+                    out.list(&key, &id, e.published_at);
+                }
+                NewsEvent::Unpublished(_) => {
+                    out.hash(
+                        &key,
+                        version,
+                        false,
+                        &[
+                            (field::STATUS, "draft".to_owned()),
+                            (field::PUBLISHED, String::new()),
+                            (field::UPDATED, at),
+                        ],
+                    );
+                    out.withdraw(&key, &id);
+                }
+                NewsEvent::Archived(_) | NewsEvent::Deleted(_) => {
+                    let status = if is_archived { "archived" } else { "deleted" };
+                    out.hash(
+                        &key,
+                        version,
+                        false,
+                        &[(field::STATUS, status.to_owned()), (field::UPDATED, at)],
+                    );
+                    out.withdraw(&key, &id);
+                }
             }
         } else if event.name.starts_with("newsroom.users.") {
             let event = UserEvent::from_avro(&event.name, event.value)?;

@@ -33,15 +33,17 @@ for i = first, first + 3 * (n - 1), 3 do
 end
 if activate then redis.call('SET', root .. ':active', version) end
 local now = tonumber(redis.call('TIME')[1])
--- Listed documents (the recommender's articles): a hash with a category and tags (JSON),
--- indexed by publication time in `published`, `by:cat:<category>` and `by:tag:<tag>`.
+-- Listed documents (the articles of both models, read_models.rs `index`): a hash with a
+-- category, tags (JSON) and perhaps an author, indexed by publication time in `published`,
+-- `by:cat:<category>`, `by:tag:<tag>` and `by:author:<author>`.
 local function index_keys(doc)
-  local f = redis.call('HMGET', doc, '{{F_CATEGORY}}', '{{F_TAGS}}')
+  local f = redis.call('HMGET', doc, '{{F_CATEGORY}}', '{{F_TAGS}}', '{{F_AUTHOR}}')
   local keys = { prefix .. '{{PUBLISHED}}' }
   if f[1] then keys[#keys + 1] = prefix .. '{{BY}}{{CATEGORY}}' .. f[1] end
   if f[2] then
     for _, t in ipairs(cjson.decode(f[2])) do keys[#keys + 1] = prefix .. '{{BY}}{{TAG}}' .. t end
   end
+  if f[3] then keys[#keys + 1] = prefix .. '{{BY}}{{BY_AUTHOR}}' .. f[3] end
   return keys
 end
 -- `listing` counts the changes to these indexes (a ranking computed before the last

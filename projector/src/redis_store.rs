@@ -79,8 +79,9 @@ impl Writes {
         self.push(&["S", key, member]);
     }
 
-    /// Lists document `doc` (a hash with `category` and `tags`) as `member` with `score` in
-    /// `published`, `by:cat:<category>` and `by:tag:<tag>`.
+    /// Lists document `doc` (a hash with `category`, `tags` and perhaps `author`) as
+    /// `member` with `score` in the indexes of `read_models::index`: `published`,
+    /// `by:cat:<category>`, `by:tag:<tag>` and `by:author:<author>`.
     pub fn list(&mut self, doc: &str, member: &str, score: i64) {
         self.push(&["L", doc, member, &score.to_string()]);
     }

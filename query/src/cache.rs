@@ -1,4 +1,4 @@
-//! Reads from the Redis read models (single articles and trending lists). Every lookup
+//! Reads from the Redis read models (articles, lists, trending lists, recommendations). Every lookup
 //! says when it cannot answer — Redis down or never built, the article not cached, a
 //! consistency token not reached in time — and the caller then answers from PostgreSQL.
 
@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use actix_web::web::Bytes;
 use anyhow::{Context as _, anyhow};
 use chrono::DateTime;
 use newsroom_infra::read_models::{self as rm, field};
@@ -32,6 +33,55 @@ const POLL: Duration = Duration::from_millis(5);
 /// Longest wait for a turn to rank (ADR 20).
 const RANKING_WAIT: Duration = Duration::from_millis(500);
 
+/// How long a trending list is answered again without being computed afresh.
+pub const TRENDING_FRESH: Duration = Duration::from_secs(1);
+/// How long a trending list is answered while a request computes it afresh (a request
+/// that computed it and was cancelled is not waited for longer).
+pub const TRENDING_STALE: Duration = Duration::from_secs(5);
+
+/// Where an answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Read from Redis for this request.
+    Redis,
+    /// What this process read from Redis for an earlier request (see [`TRENDING_FRESH`]).
+    Memo,
+}
+
+impl Source {
+    /// Its label in the answers' metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::Memo => "memo",
+        }
+    }
+}
+
+/// How long a rendered first page of a list is answered again while its list is unchanged.
+pub const PAGE_FRESH: Duration = Duration::from_secs(1);
+/// At most this many rendered pages are kept per process (all are dropped past it).
+const PAGES_KEPT: usize = 4096;
+
+/// A first page of a list this process rendered, and what it was read at.
+struct PageMemo {
+    version: String,
+    listing: String,
+    at: std::time::Instant,
+    body: Bytes,
+}
+
+/// A trending list this process computed.
+struct TrendingMemo {
+    at: std::time::Instant,
+    list: Arc<Vec<(NewsRow, i64)>>,
+    /// Whether a request is computing it afresh.
+    refreshing: bool,
+}
+
+/// The trending lists this process computed, by category and limit (at most 4 × 100).
+type TrendingMemos = HashMap<(Option<String>, i64), TrendingMemo>;
+
 /// What a consistency token asks of a Redis model read with plain commands: the least
 /// next offset of each of its offset fields.
 struct Least {
@@ -40,6 +90,11 @@ struct Least {
 }
 
 impl Least {
+    /// Nothing asked.
+    fn none() -> Least {
+        Least::of(None, &[])
+    }
+
     fn of(wanted: Option<&Wanted>, streams: &[&str]) -> Least {
         let token = wanted.map(|w| w.redis_args(streams)).unwrap_or_default();
         let (fields, least) = token
@@ -108,6 +163,10 @@ pub struct Cache {
     rankings: Rankings,
     /// Rankings computed at once.
     ranking_permits: Arc<tokio::sync::Semaphore>,
+    /// The trending lists computed last.
+    trending: Arc<Mutex<TrendingMemos>>,
+    /// The first pages of lists rendered last, by index and limit.
+    pages: Arc<Mutex<HashMap<(String, i64), PageMemo>>>,
 }
 
 impl Cache {
@@ -131,6 +190,8 @@ impl Cache {
             ranking_permits: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            trending: Arc::default(),
+            pages: Arc::default(),
         })
     }
 
@@ -202,39 +263,215 @@ impl Cache {
         content: bool,
         wanted: Option<&Wanted>,
     ) -> Option<Vec<NewsRow>> {
+        let least = Least::of(wanted, &CACHE_STREAMS);
+        let (v, answer) = self
+            .read_active(&self.root, &self.active, &least, wanted, |pipe, prefix| {
+                for id in ids {
+                    let key = format!("{prefix}{}{id}", rm::cache::ARTICLE);
+                    if content {
+                        pipe.hgetall(key);
+                    } else {
+                        pipe.cmd("HMGET").arg(key).arg(&field::LISTED_ARTICLE[..]);
+                    }
+                    pipe.get(format!("{prefix}{}{id}", rm::cache::READS));
+                }
+            })
+            .await?;
+        let prefix = format!("{}:v{v}:", self.root);
+        let mut rows = Vec::with_capacity(ids.len());
+        for pair in answer.chunks(2) {
+            let [article, reads] = pair else {
+                return None;
+            };
+            let Value::Array(values) = article else {
+                return None;
+            };
+            // HGETALL: field, value, …; HMGET: the values of LISTED (nil if missing).
+            let fields: HashMap<&str, String> = if content {
+                values
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [k, v] => Some((field_name(k)?, text(v))),
+                        _ => None,
+                    })
+                    .collect()
+            } else {
+                field::LISTED_ARTICLE
+                    .iter()
+                    .zip(values)
+                    .filter(|(_, v)| **v != Value::Nil)
+                    .map(|(k, v)| (*k, text(v)))
+                    .collect()
+            };
+            if fields.is_empty() {
+                return None;
+            }
+            // A model built before articles carried their author's name: look it up.
+            let name = match fields.get(field::AUTHOR_NAME) {
+                Some(name) => name.clone(),
+                None => {
+                    let author = fields.get(field::AUTHOR).cloned().unwrap_or_default();
+                    let key = format!("{prefix}{}{author}", rm::cache::AUTHOR_NAME);
+                    self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg(field::NAME))
+                        .await
+                        .flatten()
+                        .unwrap_or_default()
+                }
+            };
+            let row = row(&fields, content, name, text(reads).parse().unwrap_or(0))
+                .inspect_err(|e| {
+                    tracing::warn!(error = format!("{e:#}"), "an unreadable cached article")
+                })
+                .ok()?;
+            rows.push(row);
+        }
+        Some(rows)
+    }
+
+    /// Up to `count` published articles of the list `index` (a key of
+    /// `read_models::index`), newest publication first (then highest id, as PostgreSQL
+    /// orders them), after the position `after` (publication time in microseconds, id) if
+    /// given; without their content. `None` when Redis cannot answer (PostgreSQL does).
+    ///
+    /// Two round trips: the index's page at the active version, then the articles (an
+    /// article withdrawn between the two reads makes it read again).
+    pub async fn list(
+        &self,
+        index: &str,
+        after: Option<(i64, Uuid)>,
+        count: usize,
+        wanted: Option<&Wanted>,
+    ) -> Option<Vec<NewsRow>> {
+        let least = Least::of(wanted, &CACHE_STREAMS);
+        for _ in 0..3 {
+            let (_, answer) = self
+                .read_active(&self.root, &self.active, &least, wanted, |pipe, prefix| {
+                    let key = format!("{prefix}{index}");
+                    match after {
+                        // Equal times are ordered by id: those at the cursor's time, then
+                        // the older ones.
+                        Some((at, _)) => {
+                            pipe.cmd("ZRANGE").arg(&key).arg(at).arg(at).arg("BYSCORE");
+                            pipe.cmd("ZRANGE")
+                                .arg(&key)
+                                .arg(format!("({at}"))
+                                .arg("-inf")
+                                .arg("BYSCORE")
+                                .arg("REV")
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(count);
+                        }
+                        None => {
+                            pipe.zrevrange(&key, 0, count as isize - 1);
+                        }
+                    }
+                })
+                .await?;
+            let ids = page(&answer, after.map(|(_, id)| id), count)?;
+            let rows = self.articles(&ids, false, None).await?;
+            if rows.iter().all(|r| r.status == "published") {
+                return Some(rows);
+            }
+        }
+        None
+    }
+
+    /// A page of the list `index` as `render` writes it (see [`Cache::list`] for the
+    /// rest). The first page of a list, asked without a consistency token, is answered
+    /// from the one this process rendered last while the model's version and its count
+    /// of listings and withdrawals (`listing`) are as they were then, for up to
+    /// [`PAGE_FRESH`]: one small read instead of the articles (their read counts and
+    /// authors' names may then be that much older; ADR 28).
+    pub async fn list_page(
+        &self,
+        index: &str,
+        after: Option<(i64, Uuid)>,
+        limit: i64,
+        wanted: Option<&Wanted>,
+        render: impl Fn(Vec<NewsRow>, i64) -> Bytes,
+    ) -> Option<(Bytes, Source)> {
+        let count = usize::try_from(limit).ok()? + 1;
+        if after.is_some() || wanted.is_some() {
+            let rows = self.list(index, after, count, wanted).await?;
+            return Some((render(rows, limit), Source::Redis));
+        }
+        let (version, answer) = self
+            .read_active(
+                &self.root,
+                &self.active,
+                &Least::none(),
+                None,
+                |pipe, prefix| {
+                    pipe.get(format!("{prefix}{}", rm::index::LISTING));
+                },
+            )
+            .await?;
+        let listing = text(answer.first()?);
+        let key = (index.to_owned(), limit);
+        if let Some(memo) = self.pages.lock().ok()?.get(&key)
+            && memo.version == version
+            && memo.listing == listing
+            && memo.at.elapsed() < PAGE_FRESH
+        {
+            return Some((memo.body.clone(), Source::Memo));
+        }
+        let rows = self.list(index, None, count, None).await?;
+        let body = render(rows, limit);
+        let mut pages = self.pages.lock().ok()?;
+        if pages.len() >= PAGES_KEPT {
+            pages.clear();
+        }
+        pages.insert(
+            key,
+            PageMemo {
+                version,
+                listing,
+                at: std::time::Instant::now(),
+                body: body.clone(),
+            },
+        );
+        Some((body, Source::Redis))
+    }
+
+    /// Runs one atomic read of the model under `root` at the version this process last saw
+    /// active (noted in `slot`): `reads` adds the reads, given the version's key prefix.
+    /// Follows a replay's switch of versions, and waits while the model is behind what a
+    /// consistency token asks (`least`, until `wanted`'s deadline). Returns the version
+    /// read and the answers of `reads`; `None` when Redis cannot answer, no version is
+    /// active, or the model stayed behind.
+    async fn read_active(
+        &self,
+        root: &str,
+        slot: &Mutex<Option<String>>,
+        least: &Least,
+        wanted: Option<&Wanted>,
+        reads: impl Fn(&mut redis::Pipeline, &str),
+    ) -> Option<(String, Vec<Value>)> {
         if !self.health.is_up() {
             return None;
         }
-        let least = Least::of(wanted, &CACHE_STREAMS);
         let mut redis = self.redis()?;
-        let active_key = format!("{}:active", self.root);
-        let mut version = self.active.lock().ok()?.clone();
+        let active_key = format!("{root}:active");
+        let mut version = slot.lock().ok()?.clone();
         loop {
             let Some(v) = version else {
-                version = self.find_active(&self.active, &active_key).await?;
+                version = self.find_active(slot, &active_key).await?;
                 continue;
             };
-            let prefix = format!("{}:v{v}:", self.root);
+            let prefix = format!("{root}:v{v}:");
             let mut pipe = redis::pipe();
             pipe.atomic().get(&active_key);
             least.read(&mut pipe, &prefix);
-            for id in ids {
-                let key = format!("{prefix}{}{id}", rm::cache::ARTICLE);
-                if content {
-                    pipe.hgetall(key);
-                } else {
-                    pipe.cmd("HMGET").arg(key).arg(&field::LISTED_ARTICLE[..]);
-                }
-                pipe.get(format!("{prefix}{}{id}", rm::cache::READS));
-            }
-            let answer = self.run(&pipe, &mut redis).await?;
-            let (active, rest) = answer.split_first()?;
-            if !still_active(&self.active, active, &v)? {
+            reads(&mut pipe, &prefix);
+            let mut answer = self.run(&pipe, &mut redis).await?;
+            let active = (!answer.is_empty()).then(|| answer.remove(0))?;
+            if !still_active(slot, &active, &v)? {
                 // A replay switched versions: read the new one.
-                version = self.active.lock().ok()?.clone();
+                version = slot.lock().ok()?.clone();
                 continue;
             }
-            let (behind, rest) = least.behind(rest)?;
+            let (behind, rest) = least.behind(&answer)?;
             if behind {
                 if again(wanted).await {
                     version = Some(v);
@@ -242,54 +479,8 @@ impl Cache {
                 }
                 return None;
             }
-            let mut rows = Vec::with_capacity(ids.len());
-            for pair in rest.chunks(2) {
-                let [article, reads] = pair else {
-                    return None;
-                };
-                let Value::Array(values) = article else {
-                    return None;
-                };
-                // HGETALL: field, value, …; HMGET: the values of LISTED (nil if missing).
-                let fields: HashMap<&str, String> = if content {
-                    values
-                        .chunks(2)
-                        .filter_map(|kv| match kv {
-                            [k, v] => Some((field_name(k)?, text(v))),
-                            _ => None,
-                        })
-                        .collect()
-                } else {
-                    field::LISTED_ARTICLE
-                        .iter()
-                        .zip(values)
-                        .filter(|(_, v)| **v != Value::Nil)
-                        .map(|(k, v)| (*k, text(v)))
-                        .collect()
-                };
-                if fields.is_empty() {
-                    return None;
-                }
-                // A model built before articles carried their author's name: look it up.
-                let name = match fields.get(field::AUTHOR_NAME) {
-                    Some(name) => name.clone(),
-                    None => {
-                        let author = fields.get(field::AUTHOR).cloned().unwrap_or_default();
-                        let key = format!("{prefix}{}{author}", rm::cache::AUTHOR_NAME);
-                        self.query::<Option<String>>(redis::cmd("HGET").arg(key).arg(field::NAME))
-                            .await
-                            .flatten()
-                            .unwrap_or_default()
-                    }
-                };
-                let row = row(&fields, content, name, text(reads).parse().unwrap_or(0))
-                    .inspect_err(|e| {
-                        tracing::warn!(error = format!("{e:#}"), "an unreadable cached article")
-                    })
-                    .ok()?;
-                rows.push(row);
-            }
-            return Some(rows);
+            let rest = rest.to_vec();
+            return Some((v, rest));
         }
     }
 
@@ -314,8 +505,53 @@ impl Cache {
         }
     }
 
-    /// The trending list: articles and their reads in the last 24 hours.
+    /// The trending list: articles and their reads in the last 24 hours. Without a
+    /// consistency token, a list this process computed less than [`TRENDING_FRESH`] ago is
+    /// answered again, and one up to [`TRENDING_STALE`] old while one request computes it
+    /// afresh (the script reads every article read in the last day).
     pub async fn trending(
+        &self,
+        category: Option<&str>,
+        limit: i64,
+        wanted: Option<&Wanted>,
+    ) -> Option<(Arc<Vec<(NewsRow, i64)>>, Source)> {
+        let fresh = |list: Option<Vec<(NewsRow, i64)>>| list.map(|l| (Arc::new(l), Source::Redis));
+        if wanted.is_some() || !self.health.is_up() {
+            return fresh(self.trending_now(category, limit, wanted).await);
+        }
+        let key = (category.map(str::to_owned), limit);
+        if let Some(memo) = self.trending.lock().ok()?.get_mut(&key) {
+            let age = memo.at.elapsed();
+            if age < TRENDING_FRESH || (memo.refreshing && age < TRENDING_STALE) {
+                return Some((memo.list.clone(), Source::Memo));
+            }
+            // This request computes it; the others answer the last one meanwhile.
+            memo.refreshing = age < TRENDING_STALE;
+        }
+        let fresh = fresh(self.trending_now(category, limit, None).await);
+        let mut memos = self.trending.lock().ok()?;
+        match &fresh {
+            Some((list, _)) => {
+                memos.insert(
+                    key,
+                    TrendingMemo {
+                        at: std::time::Instant::now(),
+                        list: list.clone(),
+                        refreshing: false,
+                    },
+                );
+            }
+            None => {
+                if let Some(memo) = memos.get_mut(&key) {
+                    memo.refreshing = false;
+                }
+            }
+        }
+        fresh
+    }
+
+    /// The trending list computed now.
+    async fn trending_now(
         &self,
         category: Option<&str>,
         limit: i64,
@@ -381,48 +617,36 @@ impl Cache {
         candidates: u32,
         wanted: Option<&Wanted>,
     ) -> Option<Arc<Vec<Ranked>>> {
-        if !self.health.is_up() {
-            return None;
-        }
         let least = Least::of(wanted, &RECOMMEND_STREAMS);
         let root = &self.recommend_root;
         let active_key = format!("{root}:active");
-        let mut redis = self.redis()?;
-        let mut version = self.recommend_active.lock().ok()?.clone();
-        loop {
-            let Some(v) = version else {
-                version = self
-                    .find_active(&self.recommend_active, &active_key)
-                    .await?;
-                continue;
-            };
-            let prefix = format!("{root}:v{v}:");
-            let (aff, read) = (
+        let keys_of = |prefix: &str| {
+            (
                 format!("{prefix}{}{user}", rm::recommend::AFFINITIES),
                 format!("{prefix}{}{user}", rm::recommend::USER_READS),
-            );
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .get(&active_key)
-                .get(format!("{prefix}{}", rm::recommend::LISTING))
-                .hgetall(&aff)
-                .scard(&read);
-            least.read(&mut pipe, &prefix);
-            let answer: Vec<Value> = self.run(&pipe, &mut redis).await?;
-            let [active, listing, affinities, reads, rest @ ..] = &answer[..] else {
+            )
+        };
+        let mut redis = self.redis()?;
+        loop {
+            let (v, answer) = self
+                .read_active(
+                    root,
+                    &self.recommend_active,
+                    &least,
+                    wanted,
+                    |pipe, prefix| {
+                        let (aff, read) = keys_of(prefix);
+                        pipe.get(format!("{prefix}{}", rm::index::LISTING))
+                            .hgetall(&aff)
+                            .scard(&read);
+                    },
+                )
+                .await?;
+            let [listing, affinities, reads] = &answer[..] else {
                 return None;
             };
-            if !still_active(&self.recommend_active, active, &v)? {
-                version = self.recommend_active.lock().ok()?.clone();
-                continue;
-            }
-            if least.behind(rest)?.0 {
-                if again(wanted).await {
-                    version = Some(v);
-                    continue;
-                }
-                return None;
-            }
+            let prefix = format!("{root}:v{v}:");
+            let (aff, read) = keys_of(&prefix);
             let before = basis(&v, listing, affinities, reads, candidates);
             let kept = || before.as_ref().and_then(|b| self.rankings.get(user, b));
             if let Some(ranking) = kept() {
@@ -445,18 +669,18 @@ impl Cache {
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .get(&active_key)
-                .get(format!("{prefix}{}", rm::recommend::LISTING))
+                .get(format!("{prefix}{}", rm::index::LISTING))
                 .hgetall(&aff)
                 .smembers(&read);
             for (key, _) in &keys {
                 pipe.zrevrange_withscores(
-                    format!("{prefix}{}{key}", rm::recommend::BY),
+                    format!("{prefix}{}{key}", rm::index::BY),
                     0,
                     candidates as isize - 1,
                 );
             }
             pipe.zrevrange_withscores(
-                format!("{prefix}{}", rm::recommend::PUBLISHED),
+                format!("{prefix}{}", rm::index::PUBLISHED),
                 0,
                 candidates as isize - 1,
             );
@@ -466,7 +690,6 @@ impl Cache {
             };
             if !still_active(&self.recommend_active, active, &v)? || hash(affinities) != keys {
                 // A switch, or a read that changed the affinities meanwhile: again.
-                version = self.recommend_active.lock().ok()?.clone();
                 continue;
             }
             let read: std::collections::HashSet<String> = match members {
@@ -522,6 +745,36 @@ fn still_active(slot: &Mutex<Option<String>>, active: &Value, v: &str) -> Option
     let gone = active.is_none();
     *slot.lock().ok()? = active;
     (!gone).then_some(false)
+}
+
+/// The ids of one page of an index, from the answers of [`Cache::list`]'s reads: without a
+/// cursor, the newest; after a cursor, those at the cursor's time with a lower id (highest
+/// first), then the older ones. At most `count`.
+fn page(answer: &[Value], after: Option<Uuid>, count: usize) -> Option<Vec<Uuid>> {
+    let members = |value: &Value| -> Option<Vec<Uuid>> {
+        match value {
+            Value::Array(members) => members
+                .iter()
+                .map(|m| Uuid::parse_str(&text(m)).ok())
+                .collect(),
+            _ => None,
+        }
+    };
+    let mut ids = match (after, answer) {
+        (Some(after), [ties, older]) => {
+            let mut ids: Vec<Uuid> = members(ties)?
+                .into_iter()
+                .filter(|id| *id < after)
+                .collect();
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            ids.extend(members(older)?);
+            ids
+        }
+        (None, [newest]) => members(newest)?,
+        _ => return None,
+    };
+    ids.truncate(count);
+    Some(ids)
 }
 
 /// A `WITHSCORES` reply (or a hash, in Redis's order) as (member, score) pairs.
@@ -662,4 +915,41 @@ fn row(
         published_at: micros(field::PUBLISHED)?,
         read_count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[Uuid]) -> Value {
+        Value::Array(
+            ids.iter()
+                .map(|id| Value::BulkString(id.to_string().into_bytes()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_page_after_a_cursor_takes_the_lower_ids_of_its_time_then_the_older_ones() {
+        let mut tied: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        tied.sort();
+        let older: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        // The cursor is the middle one of five articles published at the same time;
+        // ZRANGE BYSCORE answers them in ascending order.
+        let answer = [members(&tied), members(&older)];
+        let ids = page(&answer, Some(tied[2]), 10).expect("a page");
+        let mut expected = vec![tied[1], tied[0]];
+        expected.extend(&older);
+        assert_eq!(ids, expected);
+        assert_eq!(
+            page(&answer, Some(tied[2]), 3),
+            Some(vec![tied[1], tied[0], older[0]])
+        );
+        // Without a cursor, the newest as Redis orders them.
+        assert_eq!(page(&[members(&older)], None, 2), Some(older[..2].to_vec()));
+        // A member that is no id, or an answer of another shape: Redis cannot answer.
+        let bad = Value::Array(vec![Value::BulkString(b"x".to_vec())]);
+        assert_eq!(page(&[bad], None, 2), None);
+        assert_eq!(page(&answer, None, 2), None);
+    }
 }

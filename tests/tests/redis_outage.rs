@@ -99,23 +99,45 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         Ok(reads == [3, 2, 1])
     })
     .await?;
-    let paths = [
+    let mut paths = vec![
         format!("/v1/news/{a}"),
         format!("/v1/news/{b}"),
         "/v1/news/trending".to_owned(),
         "/v1/news/trending?category=sports".to_owned(),
+        "/v1/news".to_owned(),
+        "/v1/news?category=sports".to_owned(),
+        format!("/v1/news?author_id={}&limit=2", editor.id),
+        "/v1/news?tag=t&limit=1".to_owned(),
     ];
     let redis_before = app.query_answers("article", "redis").await?;
+    let lists_before = app.query_answers("list", "redis").await?;
     let mut from_redis = Vec::new();
-    for path in &paths {
-        let (status, body) = get(&app, path, None).await?;
+    let mut i = 0;
+    while let Some(path) = paths.get(i).cloned() {
+        let (status, body) = get(&app, &path, None).await?;
         assert_eq!(status, S::OK, "{path}");
+        // The next pages of the last list, by their cursors.
+        if i + 1 == paths.len()
+            && let Some(cursor) = body["next_cursor"].as_str()
+        {
+            paths.push(format!("/v1/news?tag=t&limit=1&cursor={cursor}"));
+        }
         from_redis.push(body);
+        i += 1;
     }
     assert!(
         app.query_answers("article", "redis").await? >= redis_before + 2,
         "Redis served the articles"
     );
+    assert_eq!(
+        app.query_answers("list", "redis").await?,
+        lists_before + 4 + 2,
+        "Redis served every list and the pages after the first"
+    );
+    assert_eq!(paths.len(), 4 + 4 + 2, "three pages of one article each");
+    assert_eq!(from_redis[4]["items"].as_array().map(Vec::len), Some(3));
+    assert_eq!(from_redis[5]["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(from_redis[6]["items"][0]["id"], c.as_str());
     assert_eq!(from_redis[0]["read_count"], 3);
     assert_eq!(readiness(&app).await?, (S::OK, "ready".to_owned()));
 
@@ -126,12 +148,17 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         })
         .await?;
         let postgres_before = app.query_answers("article", "postgres").await?;
+        let lists_before = app.query_answers("list", "postgres").await?;
         for (path, expected) in paths.iter().zip(&from_redis) {
             let (status, body) = get(&app, path, None).await?;
             assert_eq!(status, S::OK, "{path} without Redis");
             assert_eq!(&body, expected, "{path} from PostgreSQL equals Redis");
         }
         assert!(app.query_answers("article", "postgres").await? >= postgres_before + 2);
+        assert_eq!(
+            app.query_answers("list", "postgres").await?,
+            lists_before + 4 + 2
+        );
         // Writes and read-your-writes go on.
         let (d, token) = publish(&app, &editor, "famous").await?;
         let (status, body) = get(&app, &format!("/v1/news/{d}"), Some(&token)).await?;

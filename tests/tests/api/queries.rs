@@ -374,6 +374,35 @@ async fn lists_show_published_news_newest_first_with_filters_and_cursors() -> Te
             "{bad}"
         );
     }
+
+    // A first page is answered again for a moment (ADR 28), but never once a publication
+    // or an edit changed its list: right after a read with the write's token, a read
+    // without one shows the write too.
+    let path = "/v1/news?category=famous&limit=50";
+    let (status, before) = query(&app, path, None, None).await?;
+    assert_eq!(status, S::OK);
+    let fresh = publish(&app, &alice, "famous", &[]).await?;
+    let (_, with_token) = query(&app, path, None, Some(&fresh.token)).await?;
+    assert_eq!(with_token["items"][0]["id"], fresh.id.to_string());
+    assert_ne!(with_token, before);
+    let (_, without) = query(&app, path, None, None).await?;
+    assert_eq!(without, with_token, "the publication, at once");
+    let response = app
+        .http
+        .patch(format!("{}/v1/news/{}", app.command_url, fresh.id))
+        .bearer_auth(&alice.token)
+        .header("if-match", "\"2\"")
+        .json(&json!({"title": "A retitled story"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::OK);
+    let token = response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned();
+    let (_, with_token) = query(&app, path, None, Some(&token)).await?;
+    assert_eq!(with_token["items"][0]["title"], "A retitled story");
+    let (_, without) = query(&app, path, None, None).await?;
+    assert_eq!(without, with_token, "the edit, at once");
     app.stop().await
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use newsroom_infra::kafka::{Stream, best_effort_producer, dead_letter_topic};
-use newsroom_tests::{ChildRole, TestApp, random_below};
+use newsroom_tests::{ChildRole, TestApp, random_below, until};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use reqwest::Method;
 use reqwest::StatusCode as S;
@@ -28,6 +28,16 @@ async fn listed(app: &TestApp, consistency: Option<&str>) -> anyhow::Result<Hash
         .flatten()
         .filter_map(|n| n["id"].as_str().map(str::to_owned))
         .collect())
+}
+
+/// The ids of the published articles in the `news` read model (PostgreSQL); the lists are
+/// answered from the `cache` model in Redis, a model of its own that parks nothing here.
+async fn published_in_news_model(pool: &sqlx::PgPool) -> anyhow::Result<HashSet<String>> {
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT id::text FROM news WHERE status = 'published'")
+            .fetch_all(pool)
+            .await?;
+    Ok(ids.into_iter().map(|(id,)| id).collect())
 }
 
 #[tokio::test]
@@ -90,12 +100,20 @@ async fn a_garbage_record_and_an_event_that_fails_to_apply_are_dead_lettered_and
 
     // Other aggregates keep flowing, the parked one stays out.
     let healthy = publish(&app, &editor, "sports", &[]).await?;
-    let ids = listed(&app, Some(&healthy.token)).await?;
+    until(
+        "a healthy article projected",
+        Duration::from_secs(20),
+        || async {
+            Ok(published_in_news_model(&pool)
+                .await?
+                .contains(&healthy.id.to_string()))
+        },
+    )
+    .await?;
     assert!(
-        ids.contains(&healthy.id.to_string()),
-        "a healthy article is projected"
+        !published_in_news_model(&pool).await?.contains(&poisoned),
+        "the parked article is not"
     );
-    assert!(!ids.contains(&poisoned), "the parked article is not");
 
     let listing = app
         .newsroom_cli(&["dead-letters", "list", "--consumer", "news"])
@@ -155,8 +173,10 @@ async fn a_garbage_record_and_an_event_that_fails_to_apply_are_dead_lettered_and
     assert_eq!(status, S::OK);
     assert_eq!(article["title"], "An honest title");
     assert_eq!(article["version"], 3);
-    let ids = listed(&app, None).await?;
-    assert!(ids.contains(&poisoned), "listed once resumed");
+    assert!(
+        published_in_news_model(&pool).await?.contains(&poisoned),
+        "in the news model once resumed"
+    );
     let (version, status): (i64, String) =
         sqlx::query_as("SELECT version, status FROM news WHERE id = $1::uuid")
             .bind(&poisoned)
