@@ -198,7 +198,11 @@ impl Stores<'_> {
     fn recommend(&self) -> anyhow::Result<RedisStore<projector::recommend::Recommender>> {
         let model = projector::recommend::Recommender {
             half_life: self.settings.recommend.half_life(),
-            topics: vec![self.topic(Stream::News), self.topic(Stream::Reads)],
+            topics: vec![
+                self.topic(Stream::News),
+                self.topic(Stream::Reads),
+                self.topic(Stream::Users),
+            ],
         };
         self.redis(model)
     }

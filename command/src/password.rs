@@ -34,9 +34,10 @@ impl Hasher {
         )
         .map_err(|e| anyhow::anyhow!("invalid Argon2 parameters: {e}"))?;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        // Never more than the cores: each hash holds a core for its whole run.
         let threads = match settings.threads {
             0 => (cores / 2).max(1),
-            threads => threads,
+            threads => threads.min(cores),
         };
         Ok(Hasher {
             params,

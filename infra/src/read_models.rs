@@ -81,6 +81,10 @@ pub mod recommend {
     pub const CATEGORY: &str = "cat:";
     /// An affinity to a tag.
     pub const TAG: &str = "tag:";
+    /// The ids of erased users: a set. Their [`AFFINITIES`] and [`USER_READS`] are deleted
+    /// and reads of theirs applied later (a replay reads the users and reads topics in any
+    /// interleaving) write nothing.
+    pub const ERASED: &str = "erased";
 
     /// The category or tag an affinity field names (`cat:sports` → `sports`).
     pub fn affinity_name(field: &str) -> &str {

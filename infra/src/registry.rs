@@ -104,7 +104,10 @@ impl Registry {
                 SchemaType::Avro,
                 (*text).to_owned(),
             );
-            let what = format!("registering the schema of {name} at {}", settings.url);
+            let what = format!(
+                "registering the schema of {name} at {}",
+                crate::settings::shown(&settings.url)
+            );
             let registered = with_retries(&what, || {
                 let supplied = supplied.clone();
                 let sr = &sr;

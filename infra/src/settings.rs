@@ -220,6 +220,7 @@ pub struct RegistrySettings {
         id = "registry_url",
         long = "registry-url",
         env = "NEWSROOM_REGISTRY_URL",
+        hide_env_values = true,
         default_value = "http://127.0.0.1:8085/apis/ccompat/v7"
     )]
     pub url: String,
@@ -234,6 +235,7 @@ pub struct PostgresSettings {
         id = "database_url",
         long = "database-url",
         env = "NEWSROOM_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://newsroom:newsroom@127.0.0.1:5432/newsroom"
     )]
     pub url: String,
@@ -276,6 +278,7 @@ pub struct RedisSettings {
         id = "redis_url",
         long = "redis-url",
         env = "NEWSROOM_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379/"
     )]
     pub url: String,
@@ -483,8 +486,9 @@ pub struct HashingSettings {
         default_value_t = 1
     )]
     pub parallelism: u32,
-    /// Passwords hashed at once (0: half the cores, at least one). Each holds its memory
-    /// cost while it runs; the cores left over keep serving readers during a login flood.
+    /// Passwords hashed at once (0: half the cores, at least one; never more than the
+    /// cores). Each holds its memory cost while it runs; the cores left over keep serving
+    /// readers during a login flood.
     #[arg(
         global = true,
         long = "hashing-threads",
@@ -562,7 +566,7 @@ impl From<String> for Secret {
 
 // The store and registry URLs may carry passwords (in the user part, or as a parameter of
 // the query: `?password=`): their `Debug` shows them without either.
-fn shown(url: &str) -> String {
+pub(crate) fn shown(url: &str) -> String {
     let bare = without_credentials(url);
     match bare.split_once('?') {
         Some((base, _)) => format!("{base}?***"),

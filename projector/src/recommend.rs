@@ -6,7 +6,8 @@
 //! Keys under the version's prefix (see [`crate::redis_store`]): `aff:<user>` (hash
 //! `tag:<tag>` / `cat:<category>` → Σ of [`weight`]s: 2^((read time − epoch) / half-life): a read
 //! counts twice as much as one a half-life older; scaling by 2^(−(now − epoch) / half-life)
-//! gives today's decayed weight), `read:<user>` (set of news ids), `art:<news>` (hash
+//! gives today's decayed weight), `read:<user>` (set of news ids; both deleted when the
+//! user is erased, whose id then stays in `erased`), `art:<news>` (hash
 //! `category`, `tags` as JSON, `version`, `_listed` while published), and the published
 //! articles by publication time (microseconds) in `published` and per category and tag in
 //! `by:cat:<category>` and `by:tag:<tag>` — so a ranking reads only the articles that
@@ -17,6 +18,7 @@ use std::time::Duration;
 use newsroom_events::affinity::weight;
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
+use newsroom_events::users::UserEvent;
 use newsroom_infra::codec::Decoded;
 use newsroom_infra::read_models::{self as rm, field};
 
@@ -29,7 +31,7 @@ pub const NAME: &str = "recommend";
 pub struct Recommender {
     /// How long until a read counts half as much.
     pub half_life: Duration,
-    /// The news and reads topics.
+    /// The news, reads and users topics.
     pub topics: Vec<String>,
 }
 
@@ -73,9 +75,28 @@ impl Model for Recommender {
                     out.withdraw(&key, &id);
                 }
             }
+        } else if event.name.starts_with("newsroom.users.") {
+            // An erased user's reading history goes with them.
+            if let UserEvent::Erased(erased) = UserEvent::from_avro(&event.name, event.value)? {
+                let user = erased.metadata.aggregate_id;
+                out.add_and_delete(
+                    rm::recommend::ERASED,
+                    &user.to_string(),
+                    &[
+                        rm::key(rm::recommend::AFFINITIES, user),
+                        rm::key(rm::recommend::USER_READS, user),
+                    ],
+                );
+            }
         } else if event.name.starts_with("newsroom.reads.") {
             let ReadEvent::Read(read) = ReadEvent::from_avro(&event.name, event.value)?;
             let user = read.metadata.aggregate_id;
+            // Nothing of a user erased before this read was applied (a replay).
+            let affinities = match (&read.category, &read.tags) {
+                (Some(_), Some(tags)) => 1 + tags.len(),
+                _ => 0,
+            };
+            out.unless_member(rm::recommend::ERASED, &user.to_string(), 1 + affinities);
             out.set_add(
                 &rm::key(rm::recommend::USER_READS, user),
                 &read.news_id.to_string(),

@@ -7,6 +7,9 @@
 --   T key member expire_at                        sorted-set member + 1, key expiring then
 --   F key field amount                            hash field + amount (float)
 --   S key member                                  set add
+--   G key member n                                the next n writes (S or F) are skipped
+--                                                 if member is in set key
+--   D key member nkeys key*                       set add, then the keys deleted
 --   L doc member score | W doc member             list | withdraw a document in its indexes
 --   E doc member version nfields (field value)*   H for a listed document, reindexed
 --   J doc field from from_field members           doc joins set members; its field copies
@@ -60,6 +63,7 @@ local function withdraw(doc, member)
   end
 end
 local i = first + 3 * n
+local skip = 0
 while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
   if op == 'H' then
@@ -121,11 +125,20 @@ while i <= #ARGV do
     end
     i = i + 4
   elseif op == 'F' then
-    redis.call('HINCRBYFLOAT', key, ARGV[i + 2], ARGV[i + 3])
+    if skip > 0 then skip = skip - 1 else redis.call('HINCRBYFLOAT', key, ARGV[i + 2], ARGV[i + 3]) end
     i = i + 4
   elseif op == 'S' then
-    redis.call('SADD', key, ARGV[i + 2])
+    if skip > 0 then skip = skip - 1 else redis.call('SADD', key, ARGV[i + 2]) end
     i = i + 3
+  elseif op == 'G' then
+    skip = 0
+    if redis.call('SISMEMBER', key, ARGV[i + 2]) == 1 then skip = tonumber(ARGV[i + 3]) end
+    i = i + 4
+  elseif op == 'D' then
+    redis.call('SADD', key, ARGV[i + 2])
+    local nk = tonumber(ARGV[i + 3])
+    for j = 1, nk do redis.call('DEL', prefix .. ARGV[i + 3 + j]) end
+    i = i + 4 + nk
   else
     return redis.error_reply('unknown write ' .. tostring(op))
   end

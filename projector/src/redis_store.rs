@@ -79,6 +79,18 @@ impl Writes {
         self.push(&["S", key, member]);
     }
 
+    /// The next `writes` writes, each a [`Writes::set_add`] or [`Writes::add_float`], are
+    /// skipped if `member` is in set `key`.
+    pub fn unless_member(&mut self, key: &str, member: &str, writes: usize) {
+        self.push(&["G", key, member, &writes.to_string()]);
+    }
+
+    /// Adds `member` to set `key` and deletes `keys`.
+    pub fn add_and_delete(&mut self, key: &str, member: &str, keys: &[String]) {
+        self.push(&["D", key, member, &keys.len().to_string()]);
+        self.0.extend(keys.iter().cloned());
+    }
+
     /// Lists document `doc` (a hash with `category`, `tags` and perhaps `author`) as
     /// `member` with `score` in the indexes of `read_models::index`: `published`,
     /// `by:cat:<category>`, `by:tag:<tag>` and `by:author:<author>`.

@@ -55,7 +55,10 @@ impl Wanted {
             .iter()
             .filter(|(projection, ..)| streams.contains(projection))
             .flat_map(|(_, topic, partition, offset)| {
-                [format!("{topic}:{partition}"), (offset + 1).to_string()]
+                [
+                    format!("{topic}:{partition}"),
+                    offset.saturating_add(1).to_string(),
+                ]
             })
             .collect()
     }
@@ -158,5 +161,26 @@ pub async fn wait_postgres(pool: &PgPool, wanted: Option<&Wanted>) -> Result<(),
             return Err(ApiError::ProjectionLagging);
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_possible_offset_asks_for_no_more_than_it_can() {
+        let wanted = Wanted {
+            positions: vec![
+                ("news", "t.news".into(), 0, i64::MAX),
+                ("users", "t.users".into(), 1, 7),
+            ],
+            deadline: tokio::time::Instant::now(),
+        };
+        assert_eq!(
+            wanted.redis_args(&["news"]),
+            ["t.news:0".to_owned(), i64::MAX.to_string()]
+        );
+        assert_eq!(wanted.redis_args(&["users"]), ["t.users:1", "8"]);
     }
 }

@@ -974,7 +974,9 @@ async fn check(
     'converging: loop {
         let mut behind = None;
         for path in [
+            // One filter: the cache model in Redis; two: the news model in PostgreSQL.
             "/v1/news?limit=1".to_owned(),
+            "/v1/news?category=sports&tag=chaos&limit=1".to_owned(),
             "/v1/news/trending?limit=1".to_owned(),
             format!("/v1/users/{admin_id}"),
             format!("/v1/users/{admin_id}/notifications?limit=1"),

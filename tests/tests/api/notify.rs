@@ -618,6 +618,11 @@ async fn after_erasure_no_store_yields_the_name_or_the_email() -> TestResult {
         Ok(!mails_to(&email)?.is_empty())
     })
     .await?;
+    // The recommender keeps the user's reads and affinities under keys named by their id.
+    until("the recommender to hold the user's reads", WAIT, || async {
+        Ok(recommender_keys_of(&app, id).await?.len() == 2)
+    })
+    .await?;
     // The scan finds what is there: the address (in PostgreSQL), and the article's title
     // in every kind of store.
     anyhow::ensure!(
@@ -665,5 +670,25 @@ async fn after_erasure_no_store_yields_the_name_or_the_email() -> TestResult {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Nor their reading history, nor a replay of the recommender, which may apply the
+    // user's reads after the erasure.
+    let left = recommender_keys_of(&app, id).await?;
+    assert!(left.is_empty(), "the recommender still holds {left:?}");
+    app.newsroom_cli(&["replay", "recommend", "--quiet"])
+        .await?;
+    let left = recommender_keys_of(&app, id).await?;
+    assert!(left.is_empty(), "a replay of the recommender made {left:?}");
     app.stop().await
+}
+
+/// The recommender's keys named by `user`'s id (any version).
+async fn recommender_keys_of(app: &TestApp, user: Uuid) -> anyhow::Result<Vec<String>> {
+    let mut redis = redis::Client::open(app.settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let root = newsroom_infra::redis::root(&app.settings.kafka, "recommend");
+    Ok(redis::cmd("KEYS")
+        .arg(format!("{root}:*{user}"))
+        .query_async(&mut redis)
+        .await?)
 }
