@@ -8,6 +8,9 @@ use std::fmt::Display;
 /// Where a model version keeps the offsets its consumer applied: a hash from
 /// `<topic>~<partition>` to the next offset (`offsets`).
 pub const OFFSETS: &str = "offsets";
+/// The layout number a model version was built with, set by its first batch (a version
+/// built before layouts were numbered has none: layout 1).
+pub const LAYOUT: &str = "layout";
 
 /// The `cache` model: articles, their readers' counts and the trending buckets.
 pub mod cache {
@@ -21,10 +24,11 @@ pub mod cache {
     pub const AUTHOR_NAME: &str = "name:";
     /// The article keys of an author: a set (`authored:<user id>`).
     pub const AUTHORED: &str = "authored:";
-    /// The layout's number: version 2 added the [`index`](super::index) of published
-    /// articles that lists read. A layout change renames the model's keys' root (see
-    /// [`layout`](super::layout)), so an upgraded deployment builds the model afresh from
-    /// the log (PostgreSQL answers meanwhile) instead of reading a layout it lacks.
+    /// The layout's number: layout 2 added the [`index`](super::index) of published
+    /// articles that lists read. A version built from scratch records the layout it was
+    /// built with under [`LAYOUT`](super::LAYOUT); the query API reads lists from a
+    /// version of this layout or later only (PostgreSQL answers them from an older one,
+    /// until `newsroom replay cache` builds a new version).
     pub const LAYOUT: u32 = 2;
 }
 
@@ -55,15 +59,6 @@ pub mod index {
     /// [`AUTHOR`]).
     pub fn by(kind: &str, name: impl Display) -> String {
         format!("{BY}{kind}{name}")
-    }
-}
-
-/// The layout number of model `model` (1 unless its layout changed; see
-/// [`cache::LAYOUT`]).
-pub fn layout(model: &str) -> u32 {
-    match model {
-        "cache" => cache::LAYOUT,
-        _ => 1,
     }
 }
 
@@ -156,6 +151,7 @@ pub fn lua(script: &str) -> String {
     [
         ("{{ARTICLE}}", cache::ARTICLE),
         ("{{OFFSETS}}", OFFSETS),
+        ("{{LAYOUT}}", LAYOUT),
         ("{{READS}}", cache::READS),
         ("{{TRENDING}}", cache::TRENDING),
         ("{{AUTHOR_NAME}}", cache::AUTHOR_NAME),

@@ -22,14 +22,9 @@ pub fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManager> {
     Ok(ConnectionManager::new_lazy_with_config(client, config)?)
 }
 
-/// The root of every key of one of the deployment's Redis read models: `<prefix>:<model>`,
-/// or `<prefix>:<model>.l<n>` once the model's key layout is at number `n` > 1
-/// ([`crate::read_models::layout`]): a model of another layout is another model.
+/// The root of every key of one of the deployment's Redis read models: `<prefix>:<model>`.
 pub fn root(kafka: &KafkaSettings, model: &str) -> String {
-    match crate::read_models::layout(model) {
-        1 => format!("{}:{model}", kafka.topic_prefix),
-        n => format!("{}:{model}.l{n}", kafka.topic_prefix),
-    }
+    format!("{}:{model}", kafka.topic_prefix)
 }
 
 /// Whether Redis answered lately. Readers skip Redis while it is marked down, and a

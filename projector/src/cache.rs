@@ -40,6 +40,10 @@ impl Model for Cache {
         self.topics.clone()
     }
 
+    fn layout(&self) -> u32 {
+        rm::cache::LAYOUT
+    }
+
     async fn writes(&self, event: Decoded, out: &mut Writes) -> anyhow::Result<()> {
         if event.name.starts_with("newsroom.news.") {
             let event = NewsEvent::from_avro(&event.name, event.value)?;

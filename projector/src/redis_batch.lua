@@ -1,5 +1,6 @@
 -- One batch of a Redis read model (see redis_store.rs): checks, writes, offsets at once.
--- ARGV: root, version, mode ('live' | 'replay'), caught up ('1' | '0'), n, then n triples
+-- ARGV: root, version, mode ('live' | 'replay'), caught up ('1' | '0'), the model's layout
+-- number (recorded by the first batch of a version built from scratch), n, then n triples
 -- (offset field, offset this consumer started from or '', next offset), then writes, each
 -- an op and a key relative to the version's prefix:
 --   H key version create nfields (field value)*   hash fields, guarded by the hash's version
@@ -29,12 +30,16 @@ elseif redis.call('GET', root .. ':building') ~= version then
 end
 local prefix = root .. ':v' .. version .. ':'
 local offsets = prefix .. '{{OFFSETS}}'
-local n = tonumber(ARGV[5])
-local first = 6
+local layout = ARGV[5]
+local n = tonumber(ARGV[6])
+local first = 7
 for i = first, first + 3 * (n - 1), 3 do
   if (redis.call('HGET', offsets, ARGV[i]) or '') ~= ARGV[i + 1] then return 'reopen' end
 end
 if activate then redis.call('SET', root .. ':active', version) end
+-- A version's first batch: it is built with this layout (a version built before layouts
+-- were numbered has offsets and no layout).
+if redis.call('EXISTS', offsets) == 0 then redis.call('SET', prefix .. '{{LAYOUT}}', layout) end
 local now = tonumber(redis.call('TIME')[1])
 -- Listed documents (the articles of both models, read_models.rs `index`): a hash with a
 -- category, tags (JSON) and perhaps an author, indexed by publication time in `published`,

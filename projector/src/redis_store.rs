@@ -125,6 +125,11 @@ pub trait Model: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The topics it consumes.
     fn topics(&self) -> Vec<String>;
+    /// The number of its key layout, recorded by each version it builds from scratch
+    /// (`read_models::LAYOUT`).
+    fn layout(&self) -> u32 {
+        1
+    }
     /// The writes one event makes. A database error (users' keys) is an outage unless the
     /// database refused the statement.
     fn writes(
@@ -233,6 +238,7 @@ impl<M: Model> Store for RedisStore<M> {
                 Mode::Replay(_) => "replay",
             })
             .arg(if caught_up { "1" } else { "0" })
+            .arg(self.model.layout())
             .arg(to.len());
         for ((topic, partition), next) in to {
             let previous = from.get(&(topic.clone(), *partition));

@@ -35,9 +35,12 @@ const RANKING_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a trending list is answered again without being computed afresh.
 pub const TRENDING_FRESH: Duration = Duration::from_secs(1);
-/// How long a trending list is answered while a request computes it afresh (a request
-/// that computed it and was cancelled is not waited for longer).
+/// How long the other requests wait for one that computes a trending list afresh (answering
+/// the last one meanwhile) before another one tries.
 pub const TRENDING_STALE: Duration = Duration::from_secs(5);
+/// The oldest trending list answered while another request computes it afresh (past it,
+/// as after a minute without requests, every request computes it).
+pub const TRENDING_OLDEST: Duration = Duration::from_secs(60);
 
 /// Where an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +78,8 @@ struct PageMemo {
 struct TrendingMemo {
     at: std::time::Instant,
     list: Arc<Vec<(NewsRow, i64)>>,
-    /// Whether a request is computing it afresh.
-    refreshing: bool,
+    /// When a request began computing it afresh.
+    refresh_started: Option<std::time::Instant>,
 }
 
 /// The trending lists this process computed, by category and limit (at most 4 × 100).
@@ -337,16 +340,18 @@ impl Cache {
     /// article withdrawn between the two reads makes it read again).
     pub async fn list(
         &self,
-        index: &str,
+        listing: &Listing,
         after: Option<(i64, Uuid)>,
         count: usize,
         wanted: Option<&Wanted>,
     ) -> Option<Vec<NewsRow>> {
         let least = Least::of(wanted, &CACHE_STREAMS);
+        let index = listing.key();
         for _ in 0..3 {
             let (_, answer) = self
                 .read_active(&self.root, &self.active, &least, wanted, |pipe, prefix| {
                     let key = format!("{prefix}{index}");
+                    pipe.get(format!("{prefix}{}", rm::LAYOUT));
                     match after {
                         // Equal times are ordered by id: those at the cursor's time, then
                         // the older ones.
@@ -368,9 +373,13 @@ impl Cache {
                     }
                 })
                 .await?;
-            let ids = page(&answer, after.map(|(_, id)| id), count)?;
+            let (layout, answer) = answer.split_first()?;
+            if !indexed(layout) {
+                return None;
+            }
+            let ids = page(answer, after.map(|(_, id)| id), count)?;
             let rows = self.articles(&ids, false, None).await?;
-            if rows.iter().all(|r| r.status == "published") {
+            if listing.shows(&rows, after) {
                 return Some(rows);
             }
         }
@@ -385,7 +394,7 @@ impl Cache {
     /// authors' names may then be that much older; ADR 28).
     pub async fn list_page(
         &self,
-        index: &str,
+        listing: &Listing,
         after: Option<(i64, Uuid)>,
         limit: i64,
         wanted: Option<&Wanted>,
@@ -393,7 +402,7 @@ impl Cache {
     ) -> Option<(Bytes, Source)> {
         let count = usize::try_from(limit).ok()? + 1;
         if after.is_some() || wanted.is_some() {
-            let rows = self.list(index, after, count, wanted).await?;
+            let rows = self.list(listing, after, count, wanted).await?;
             return Some((render(rows, limit), Source::Redis));
         }
         let (version, answer) = self
@@ -403,20 +412,27 @@ impl Cache {
                 &Least::none(),
                 None,
                 |pipe, prefix| {
-                    pipe.get(format!("{prefix}{}", rm::index::LISTING));
+                    pipe.get(format!("{prefix}{}", rm::index::LISTING))
+                        .get(format!("{prefix}{}", rm::LAYOUT));
                 },
             )
             .await?;
-        let listing = text(answer.first()?);
-        let key = (index.to_owned(), limit);
+        let [changes, layout] = &answer[..] else {
+            return None;
+        };
+        if !indexed(layout) {
+            return None;
+        }
+        let changes = text(changes);
+        let key = (listing.key(), limit);
         if let Some(memo) = self.pages.lock().ok()?.get(&key)
             && memo.version == version
-            && memo.listing == listing
+            && memo.listing == changes
             && memo.at.elapsed() < PAGE_FRESH
         {
             return Some((memo.body.clone(), Source::Memo));
         }
-        let rows = self.list(index, None, count, None).await?;
+        let rows = self.list(listing, None, count, None).await?;
         let body = render(rows, limit);
         let mut pages = self.pages.lock().ok()?;
         if pages.len() >= PAGES_KEPT {
@@ -426,7 +442,7 @@ impl Cache {
             key,
             PageMemo {
                 version,
-                listing,
+                listing: changes,
                 at: std::time::Instant::now(),
                 body: body.clone(),
             },
@@ -505,49 +521,54 @@ impl Cache {
         }
     }
 
-    /// The trending list: articles and their reads in the last 24 hours. Without a
-    /// consistency token, a list this process computed less than [`TRENDING_FRESH`] ago is
-    /// answered again, and one up to [`TRENDING_STALE`] old while one request computes it
-    /// afresh (the script reads every article read in the last day).
+    /// The trending list: articles (without their content) and their reads in the last 24
+    /// hours. Without a consistency token, a list this process computed less than
+    /// [`TRENDING_FRESH`] ago is answered again; past that one request computes it afresh
+    /// while the others answer the last one (up to [`TRENDING_OLDEST`] old, and for at
+    /// most [`TRENDING_STALE`] per attempt). The script reads every article read in the
+    /// last day.
     pub async fn trending(
         &self,
         category: Option<&str>,
         limit: i64,
         wanted: Option<&Wanted>,
     ) -> Option<(Arc<Vec<(NewsRow, i64)>>, Source)> {
-        let fresh = |list: Option<Vec<(NewsRow, i64)>>| list.map(|l| (Arc::new(l), Source::Redis));
+        let compute = |wanted| async move {
+            let mut list = self.trending_now(category, limit, wanted).await?;
+            for (row, _) in &mut list {
+                row.content = String::new();
+            }
+            Some(Arc::new(list))
+        };
         if wanted.is_some() || !self.health.is_up() {
-            return fresh(self.trending_now(category, limit, wanted).await);
+            return compute(wanted).await.map(|l| (l, Source::Redis));
         }
         let key = (category.map(str::to_owned), limit);
         if let Some(memo) = self.trending.lock().ok()?.get_mut(&key) {
             let age = memo.at.elapsed();
-            if age < TRENDING_FRESH || (memo.refreshing && age < TRENDING_STALE) {
+            let refreshing = memo
+                .refresh_started
+                .is_some_and(|at| at.elapsed() < TRENDING_STALE);
+            if age < TRENDING_FRESH || (refreshing && age < TRENDING_OLDEST) {
                 return Some((memo.list.clone(), Source::Memo));
             }
-            // This request computes it; the others answer the last one meanwhile.
-            memo.refreshing = age < TRENDING_STALE;
-        }
-        let fresh = fresh(self.trending_now(category, limit, None).await);
-        let mut memos = self.trending.lock().ok()?;
-        match &fresh {
-            Some((list, _)) => {
-                memos.insert(
-                    key,
-                    TrendingMemo {
-                        at: std::time::Instant::now(),
-                        list: list.clone(),
-                        refreshing: false,
-                    },
-                );
-            }
-            None => {
-                if let Some(memo) = memos.get_mut(&key) {
-                    memo.refreshing = false;
-                }
+            if !refreshing {
+                // This request computes it; the others answer the last one meanwhile.
+                memo.refresh_started = Some(std::time::Instant::now());
             }
         }
-        fresh
+        let fresh = compute(None).await;
+        if let Some(list) = &fresh {
+            self.trending.lock().ok()?.insert(
+                key,
+                TrendingMemo {
+                    at: std::time::Instant::now(),
+                    list: list.clone(),
+                    refresh_started: None,
+                },
+            );
+        }
+        fresh.map(|l| (l, Source::Redis))
     }
 
     /// The trending list computed now.
@@ -745,6 +766,62 @@ fn still_active(slot: &Mutex<Option<String>>, active: &Value, v: &str) -> Option
     let gone = active.is_none();
     *slot.lock().ok()? = active;
     (!gone).then_some(false)
+}
+
+/// A list of published articles the `cache` model indexes: all, or those of one category,
+/// tag or author.
+pub enum Listing {
+    /// Every published article.
+    All,
+    /// Those of a category.
+    Category(String),
+    /// Those with a tag.
+    Tag(String),
+    /// Those of an author.
+    Author(Uuid),
+}
+
+impl Listing {
+    /// Its index's key (relative to a version's prefix).
+    fn key(&self) -> String {
+        use rm::index;
+        match self {
+            Listing::All => index::PUBLISHED.to_owned(),
+            Listing::Category(c) => index::by(index::CATEGORY, c),
+            Listing::Tag(t) => index::by(index::TAG, t),
+            Listing::Author(a) => index::by(index::AUTHOR, a),
+        }
+    }
+
+    /// Whether `rows`, read after the index, are a page of this list after `after`: each
+    /// published and of the list, newest publication first (then highest id), all before
+    /// `after`. An article changed between the two reads (withdrawn, moved to another
+    /// category, published again) makes the page read again.
+    fn shows(&self, rows: &[NewsRow], after: Option<(i64, Uuid)>) -> bool {
+        let mut before = after;
+        rows.iter().all(|row| {
+            let Some(at) = row.published_at.map(|at| at.timestamp_micros()) else {
+                return false;
+            };
+            let ordered = before.is_none_or(|b| (at, row.id) < b);
+            before = Some((at, row.id));
+            let member = match self {
+                Listing::All => true,
+                Listing::Category(c) => row.category == *c,
+                Listing::Tag(t) => row.tags.contains(t),
+                Listing::Author(a) => row.author_id == *a,
+            };
+            row.status == "published" && ordered && member
+        })
+    }
+}
+
+/// Whether a `cache` model version of layout `layout` (as read; none: 1) has the indexes
+/// lists read (a version built before them is answered from PostgreSQL).
+fn indexed(layout: &Value) -> bool {
+    text(layout)
+        .parse::<u32>()
+        .is_ok_and(|l| l >= rm::cache::LAYOUT)
 }
 
 /// The ids of one page of an index, from the answers of [`Cache::list`]'s reads: without a

@@ -209,5 +209,27 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
         Ok(list == from_redis[2] && app.query_answers("trending", "redis").await? > before)
     })
     .await?;
+
+    // A version built before the list indexes (no layout recorded) serves articles, and
+    // lists come from PostgreSQL until a replay builds one with them (ADR 28).
+    let active: String = redis::cmd("GET")
+        .arg(format!("{root}:active"))
+        .query_async(&mut redis)
+        .await?;
+    let (): () = redis::cmd("DEL")
+        .arg(format!("{root}:v{active}:layout"))
+        .query_async(&mut redis)
+        .await?;
+    let lists = |store| app.query_answers("list", store);
+    let (postgres, served) = (lists("postgres").await?, lists("redis").await?);
+    let (status, from_postgres) = get(&app, &paths[4], None).await?;
+    assert_eq!(status, S::OK);
+    assert_eq!(from_postgres["items"][0]["id"], d.as_str(), "{from_postgres}");
+    assert_eq!(lists("postgres").await?, postgres + 1, "from PostgreSQL");
+    assert_eq!(lists("redis").await?, served);
+    app.newsroom_cli(&["replay", "cache", "--quiet"]).await?;
+    let (status, body) = get(&app, &paths[4], None).await?;
+    assert_eq!((status, &body), (S::OK, &from_postgres));
+    assert_eq!(lists("redis").await?, served + 1, "from the replayed version");
     app.stop().await
 }

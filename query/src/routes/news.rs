@@ -9,12 +9,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use newsroom_infra::auth::{Actor, Caller};
 use newsroom_infra::http::ApiError;
-use newsroom_infra::read_models as rm;
 use newsroom_infra::views::{AuthorView, NewsView};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::State;
+use crate::cache::Listing;
 use crate::consistency;
 
 /// The news rows with their author's name, in `NewsRow` order (a macro, so that queries
@@ -269,14 +269,14 @@ pub async fn list(
         .map(|c| decode_cursor("n1", c))
         .transpose()?;
     // A list of one filter or none is an index of the cache model in Redis.
-    let index = match (&category, &tag, author) {
-        (None, None, None) => Some(rm::index::PUBLISHED.to_owned()),
-        (Some(c), None, None) => Some(rm::index::by(rm::index::CATEGORY, c)),
-        (None, Some(t), None) => Some(rm::index::by(rm::index::TAG, t)),
-        (None, None, Some(a)) => Some(rm::index::by(rm::index::AUTHOR, a)),
+    let listing = match (&category, &tag, author) {
+        (None, None, None) => Some(Listing::All),
+        (Some(c), None, None) => Some(Listing::Category(c.clone())),
+        (None, Some(t), None) => Some(Listing::Tag(t.clone())),
+        (None, None, Some(a)) => Some(Listing::Author(a)),
         _ => None,
     };
-    if let Some(index) = index {
+    if let Some(listing) = listing {
         let after_micros = after.map(|(at, id)| (at.timestamp_micros(), id));
         let render = |rows, limit| {
             serde_json::to_vec(&page(rows, limit))
@@ -285,7 +285,7 @@ pub async fn list(
         };
         if let Some((body, source)) = state
             .cache
-            .list_page(&index, after_micros, limit, wanted.as_ref(), render)
+            .list_page(&listing, after_micros, limit, wanted.as_ref(), render)
             .await
         {
             answered("list", source.label());
