@@ -74,6 +74,17 @@ struct PageMemo {
     body: Bytes,
 }
 
+/// At most this many users' recommended articles are kept per process (all are dropped past
+/// it; a second is all they are kept for anyway): up to ~40 MB at 100 articles each.
+const RECOMMENDED_KEPT: usize = 1024;
+
+/// The articles of a user's recommendations, read for one ranking.
+struct KeptArticles {
+    ranking: Arc<Vec<Ranked>>,
+    at: std::time::Instant,
+    rows: Arc<Vec<NewsRow>>,
+}
+
 /// A trending list this process computed.
 struct TrendingMemo {
     at: std::time::Instant,
@@ -170,6 +181,8 @@ pub struct Cache {
     trending: Arc<Mutex<TrendingMemos>>,
     /// The first pages of lists rendered last, by index and limit.
     pages: Arc<Mutex<HashMap<(String, i64), PageMemo>>>,
+    /// The articles of each user's recommendations read last, by user and limit.
+    recommended: Arc<Mutex<HashMap<(Uuid, i64), KeptArticles>>>,
 }
 
 impl Cache {
@@ -195,6 +208,7 @@ impl Cache {
             )),
             trending: Arc::default(),
             pages: Arc::default(),
+            recommended: Arc::default(),
         })
     }
 
@@ -623,9 +637,41 @@ impl Cache {
             .iter()
             .map(|r| Uuid::parse_str(&r.id).ok())
             .collect::<Option<_>>()?;
-        // Every article must be in the cache; otherwise PostgreSQL answers.
-        let rows = self.articles(&ids, false, None).await?;
-        Some(ranked.into_iter().cloned().zip(rows).collect())
+        // The articles read for this very ranking less than a second ago (not for a
+        // consistency token): their read counts and authors' names may be that old.
+        let kept = wanted.is_none().then(|| {
+            let recommended = self.recommended.lock().ok()?;
+            let kept = recommended.get(&(user, limit))?;
+            (Arc::ptr_eq(&kept.ranking, &ranking) && kept.at.elapsed() < PAGE_FRESH)
+                .then(|| kept.rows.clone())
+        });
+        let rows = match kept.flatten() {
+            Some(rows) => rows,
+            None => {
+                // Every article must be in the cache; otherwise PostgreSQL answers.
+                let rows = Arc::new(self.articles(&ids, false, None).await?);
+                let mut recommended = self.recommended.lock().ok()?;
+                if recommended.len() >= RECOMMENDED_KEPT {
+                    recommended.clear();
+                }
+                recommended.insert(
+                    (user, limit),
+                    KeptArticles {
+                        ranking: ranking.clone(),
+                        at: std::time::Instant::now(),
+                        rows: rows.clone(),
+                    },
+                );
+                rows
+            }
+        };
+        Some(
+            ranked
+                .into_iter()
+                .cloned()
+                .zip(rows.iter().cloned())
+                .collect(),
+        )
     }
 
     /// `user`'s ranking (the first [`KEPT`]) from the recommender's model: the ranking this

@@ -224,12 +224,20 @@ async fn with_redis_down_queries_answer_the_same_from_postgres_and_redis_serves_
     let (postgres, served) = (lists("postgres").await?, lists("redis").await?);
     let (status, from_postgres) = get(&app, &paths[4], None).await?;
     assert_eq!(status, S::OK);
-    assert_eq!(from_postgres["items"][0]["id"], d.as_str(), "{from_postgres}");
+    assert_eq!(
+        from_postgres["items"][0]["id"],
+        d.as_str(),
+        "{from_postgres}"
+    );
     assert_eq!(lists("postgres").await?, postgres + 1, "from PostgreSQL");
     assert_eq!(lists("redis").await?, served);
     app.newsroom_cli(&["replay", "cache", "--quiet"]).await?;
     let (status, body) = get(&app, &paths[4], None).await?;
     assert_eq!((status, &body), (S::OK, &from_postgres));
-    assert_eq!(lists("redis").await?, served + 1, "from the replayed version");
+    assert_eq!(
+        lists("redis").await?,
+        served + 1,
+        "from the replayed version"
+    );
     app.stop().await
 }
