@@ -120,7 +120,10 @@ pub async fn run(
                 Ok(0) => IDLE,
                 Ok(_) => Duration::ZERO,
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "mailer round failed");
+                    tracing::warn!(
+                        error = without_addresses(&format!("{e:#}")),
+                        "mailer round failed"
+                    );
                     IDLE * 5
                 }
             }
@@ -174,7 +177,7 @@ async fn round(
         match compose(from, &address, mail.name.as_deref(), &mail) {
             Ok(message) => sendable.push((mail, message)),
             Err(e) => {
-                mark(pool, &mail, None, &format!("{e:#}")).await?;
+                mark(pool, &mail, None, &without_addresses(&format!("{e:#}"))).await?;
                 EMAILS.with_label_values(&["skipped"]).inc();
             }
         }
@@ -203,15 +206,18 @@ async fn round(
             Err(e) => {
                 breaker.failed();
                 let pause = backoff(settings, mail.attempts);
+                // An SMTP server's reply may name the address: neither the log nor the
+                // outbox keeps it.
+                let error = without_addresses(&format!("{e:#}"));
                 tracing::warn!(user = %mail.user_id, news = %mail.news_id, attempts = mail.attempts + 1,
-                    retry_in_ms = pause.as_millis() as u64, error = format!("{e:#}"), "e-mail failed");
+                    retry_in_ms = pause.as_millis() as u64, error, "e-mail failed");
                 sqlx::query(
                     "UPDATE email_outbox SET attempts = attempts + 1, last_error = $3, \
                      next_attempt_at = now() + make_interval(secs => $4) WHERE user_id = $1 AND news_id = $2",
                 )
                 .bind(mail.user_id)
                 .bind(mail.news_id)
-                .bind(format!("{e:#}"))
+                .bind(&error)
                 .bind(pause.as_secs_f64())
                 .execute(pool)
                 .await
@@ -221,6 +227,29 @@ async fn round(
         }
     }
     Ok(count)
+}
+
+/// `text` with every word that holds an `@` (an e-mail address, as SMTP servers quote
+/// them in their replies) replaced by `[address]`.
+fn without_addresses(text: &str) -> String {
+    let delimiter = |c: char| c.is_whitespace() || "<>()[]{},;:\"'".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if delimiter(c) {
+            out.push_str(if word.contains('@') {
+                "[address]"
+            } else {
+                &word
+            });
+            word.clear();
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    out.pop();
+    out
 }
 
 fn compose(
@@ -294,6 +323,25 @@ async fn mark(pool: &PgPool, mail: &Due, sent: Option<()>, why: &str) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_in_smtp_replies_are_left_out() {
+        assert_eq!(
+            without_addresses(
+                "permanent error (550): 5.1.1 <ada@example.com>: Recipient address rejected"
+            ),
+            "permanent error (550): 5.1.1 <[address]>: Recipient address rejected"
+        );
+        assert_eq!(
+            without_addresses("bob.x+news@mail.example rejected, \"eve@x.y\""),
+            "[address] rejected, \"[address]\""
+        );
+        assert_eq!(
+            without_addresses("connection refused "),
+            "connection refused "
+        );
+        assert_eq!(without_addresses(""), "");
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_ceiling() {

@@ -15,10 +15,11 @@
 
 use std::time::Duration;
 
+use newsroom_events::Event;
 use newsroom_events::affinity::weight;
 use newsroom_events::news::NewsEvent;
 use newsroom_events::reads::ReadEvent;
-use newsroom_events::users::UserEvent;
+use newsroom_events::users::{UserErased, UserEvent};
 use newsroom_infra::codec::Decoded;
 use newsroom_infra::read_models::{self as rm, field};
 
@@ -76,7 +77,12 @@ impl Model for Recommender {
                 }
             }
         } else if event.name.starts_with("newsroom.users.") {
-            // An erased user's reading history goes with them.
+            // An erased user's reading history goes with them. Only erasures are decoded: a
+            // user event this build does not know parks nothing (it would hold the user's
+            // erasure behind it).
+            if event.name != <UserErased as Event>::FULL_NAME {
+                return Ok(());
+            }
             if let UserEvent::Erased(erased) = UserEvent::from_avro(&event.name, event.value)? {
                 let user = erased.metadata.aggregate_id;
                 out.add_and_delete(

@@ -38,8 +38,10 @@ for i = first, first + 3 * (n - 1), 3 do
 end
 if activate then redis.call('SET', root .. ':active', version) end
 -- A version's first batch: it is built with this layout (a version built before layouts
--- were numbered has offsets and no layout).
-if redis.call('EXISTS', offsets) == 0 then redis.call('SET', prefix .. '{{LAYOUT}}', layout) end
+-- were numbered has offsets and no layout; layout 1 is not recorded).
+if layout ~= '1' and redis.call('EXISTS', offsets) == 0 then
+  redis.call('SET', prefix .. '{{LAYOUT}}', layout)
+end
 local now = tonumber(redis.call('TIME')[1])
 -- Listed documents (the articles of both models, read_models.rs `index`): a hash with a
 -- category, tags (JSON) and perhaps an author, indexed by publication time in `published`,

@@ -85,10 +85,13 @@ struct KeptArticles {
     rows: Arc<Vec<NewsRow>>,
 }
 
+/// A trending list: the articles and their reads in the last 24 hours.
+type TrendingList = Arc<Vec<(NewsRow, i64)>>;
+
 /// A trending list this process computed.
 struct TrendingMemo {
     at: std::time::Instant,
-    list: Arc<Vec<(NewsRow, i64)>>,
+    list: TrendingList,
     /// When a request began computing it afresh.
     refresh_started: Option<std::time::Instant>,
 }
@@ -179,6 +182,8 @@ pub struct Cache {
     ranking_permits: Arc<tokio::sync::Semaphore>,
     /// The trending lists computed last.
     trending: Arc<Mutex<TrendingMemos>>,
+    /// Held while a trending list is computed without one to answer meanwhile.
+    trending_turn: Arc<tokio::sync::Mutex<()>>,
     /// The first pages of lists rendered last, by index and limit.
     pages: Arc<Mutex<HashMap<(String, i64), PageMemo>>>,
     /// The articles of each user's recommendations read last, by user and limit.
@@ -207,6 +212,7 @@ impl Cache {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
             trending: Arc::default(),
+            trending_turn: Arc::default(),
             pages: Arc::default(),
             recommended: Arc::default(),
         })
@@ -546,7 +552,7 @@ impl Cache {
         category: Option<&str>,
         limit: i64,
         wanted: Option<&Wanted>,
-    ) -> Option<(Arc<Vec<(NewsRow, i64)>>, Source)> {
+    ) -> Option<(TrendingList, Source)> {
         let compute = |wanted| async move {
             let mut list = self.trending_now(category, limit, wanted).await?;
             for (row, _) in &mut list {
@@ -558,18 +564,35 @@ impl Cache {
             return compute(wanted).await.map(|l| (l, Source::Redis));
         }
         let key = (category.map(str::to_owned), limit);
-        if let Some(memo) = self.trending.lock().ok()?.get_mut(&key) {
+        let kept = |refreshing_too: bool| -> Option<Option<TrendingList>> {
+            let mut memos = self.trending.lock().ok()?;
+            let Some(memo) = memos.get_mut(&key) else {
+                return Some(None);
+            };
             let age = memo.at.elapsed();
             let refreshing = memo
                 .refresh_started
                 .is_some_and(|at| at.elapsed() < TRENDING_STALE);
-            if age < TRENDING_FRESH || (refreshing && age < TRENDING_OLDEST) {
-                return Some((memo.list.clone(), Source::Memo));
+            if age < TRENDING_FRESH || (refreshing_too && refreshing && age < TRENDING_OLDEST) {
+                return Some(Some(memo.list.clone()));
             }
-            if !refreshing {
+            if refreshing_too && !refreshing {
                 // This request computes it; the others answer the last one meanwhile.
                 memo.refresh_started = Some(std::time::Instant::now());
             }
+            Some(None)
+        };
+        if let Some(list) = kept(true)? {
+            return Some((list, Source::Memo));
+        }
+        // No list recent enough to answer meanwhile (the first, or after a quiet minute):
+        // one request at a time computes, the others then take what it computed.
+        let Ok(_turn) = tokio::time::timeout(TRENDING_STALE, self.trending_turn.lock()).await
+        else {
+            return None;
+        };
+        if let Some(list) = kept(false)? {
+            return Some((list, Source::Memo));
         }
         let fresh = compute(None).await;
         if let Some(list) = &fresh {

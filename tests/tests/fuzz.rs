@@ -6,6 +6,8 @@
 //! `NEWSROOM_FUZZ_SEED` (default 1) size and vary the run; the README gives a full run's
 //! counts.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use newsroom::Roles;
 use newsroom_tests::{TestApp, state_dir};
 use reqwest::StatusCode as S;
@@ -19,6 +21,13 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
         "schemathesis is missing from {}: run infra/local.sh up",
         venv.display()
     );
+    // The roles run in this process: any panic of theirs (a handler, a consumer, a
+    // background task) is counted here, whether or not an answer showed it.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        hook(info);
+    }));
     let examples = std::env::var("NEWSROOM_FUZZ_EXAMPLES").unwrap_or_else(|_| "10".into());
     let seed = std::env::var("NEWSROOM_FUZZ_SEED").unwrap_or_else(|_| "1".into());
     // The throttles of password endpoints are tested elsewhere; here they would turn most
@@ -181,5 +190,14 @@ async fn generated_requests_get_only_documented_answers() -> anyhow::Result<()> 
         }
     }
     anyhow::ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
-    app.stop().await
+    app.stop().await?;
+    let panics = PANICS.load(Ordering::SeqCst);
+    anyhow::ensure!(
+        panics == 0,
+        "{panics} panics in the roles (their messages are above)"
+    );
+    Ok(())
 }
+
+/// Panics of any thread of this test process.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
