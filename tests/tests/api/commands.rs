@@ -646,6 +646,42 @@ async fn after_erasure_the_raw_events_no_longer_yield_name_or_email() -> TestRes
 }
 
 #[tokio::test]
+async fn a_forged_forwarding_mark_does_not_skip_idempotency() -> TestResult {
+    // A request forwarded between command processes skips the idempotency record (the
+    // forwarding process keeps it); a caller outside cannot claim to be one.
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let before = app.committed_records(Stream::News)?.len();
+    let key = Uuid::now_v7().to_string();
+    let mut answers = Vec::new();
+    for forged in [
+        "",
+        "x",
+        "1764000000000:0000000000000000000000000000000000000000",
+    ] {
+        let response = app
+            .http
+            .post(format!("{}/v1/news", app.command_url))
+            .bearer_auth(&editor.token)
+            .header("Idempotency-Key", &key)
+            .header("x-newsroom-forwarded", forged)
+            .json(&article())
+            .send()
+            .await?;
+        let status = response.status();
+        answers.push((status, response.json::<Value>().await?["id"].clone()));
+    }
+    assert_eq!(answers[0].0, S::CREATED, "{answers:?}");
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    assert_eq!(
+        app.committed_records(Stream::News)?.len(),
+        before + 1,
+        "one event for three requests"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
 async fn one_idempotency_key_sent_ten_times_appends_one_event_with_identical_answers() -> TestResult
 {
     let app = TestApp::spawn().await?;
