@@ -65,6 +65,12 @@ fn subject(path: &str) -> Option<uuid::Uuid> {
     uuid::Uuid::parse_str(rest.split('/').next()?).ok()
 }
 
+/// The author an article's answer names (`author.id`).
+fn author(body: &[u8]) -> Option<uuid::Uuid> {
+    let answer: Value = serde_json::from_slice(body).ok()?;
+    uuid::Uuid::parse_str(answer.get("author")?.get("id")?.as_str()?).ok()
+}
+
 fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -318,6 +324,7 @@ pub async fn middleware(
         return Ok(next.call(req).await?.map_into_boxed_body());
     }
     let subject = subject(req.path());
+    let news = req.path().starts_with("/v1/news");
 
     let attempt = match store.begin(&caller, &key, &hash, &legacy).await {
         Err(error) => return Ok(req.into_response(error.error_response())),
@@ -352,14 +359,17 @@ pub async fn middleware(
     let (request, response) = response.into_parts();
     let (response, body) = response.into_parts();
     let bytes = to_bytes(body).await.unwrap_or_default();
-    // Who the stored answer is about, so that their erasure removes it.
-    let subject = subject.or_else(|| {
-        response
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(self::subject)
-    });
+    // Who the stored answer is about, so that their erasure removes it: the user of the
+    // path or of the answer's location, or the author an article's answer names.
+    let subject = subject
+        .or_else(|| {
+            response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(self::subject)
+        })
+        .or_else(|| news.then(|| author(&bytes)).flatten());
     if let Err(e) = store
         .finish(
             &attempt,

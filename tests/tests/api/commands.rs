@@ -805,6 +805,57 @@ async fn control_characters_and_huge_tag_lists_are_422_and_nothing_is_appended()
 }
 
 #[tokio::test]
+async fn an_article_answer_stored_for_someone_else_leaves_with_its_author() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let pool = app.pool().await?;
+    let (author, admin) = (app.editor().await?, app.admin().await?);
+    let (status, created) = app
+        .command(
+            Method::POST,
+            "/v1/news",
+            Some(&author.token),
+            Some(&article()),
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    // An admin edits it with a key: the stored answer names the author.
+    let key = Uuid::now_v7().to_string();
+    let response = app
+        .http
+        .patch(format!("{}/v1/news/{id}", app.command_url))
+        .bearer_auth(&admin.token)
+        .header("Idempotency-Key", &key)
+        .header("if-match", "\"1\"")
+        .json(&json!({"title": "Edited by an admin"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), S::OK);
+    let stored = || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM cmd_idempotency WHERE key = $1")
+            .bind(&key)
+            .fetch_one(&pool)
+            .await?;
+        anyhow::Ok(n)
+    };
+    assert_eq!(stored().await?, 1);
+    let (status, _) = app
+        .command(
+            Method::DELETE,
+            &format!("/v1/users/{}", author.id),
+            Some(&admin.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    assert_eq!(stored().await?, 0, "the author's erasure removed it");
+    pool.close().await;
+    app.stop().await
+}
+
+#[tokio::test]
 async fn stored_answers_hold_no_token_and_leave_with_their_user() -> TestResult {
     let app = TestApp::spawn().await?;
     let pool = app.pool().await?;
