@@ -18,6 +18,7 @@ pub mod producer;
 pub mod read_models;
 pub mod redis;
 pub mod registry;
+pub mod retry;
 pub mod settings;
 pub mod telemetry;
 pub mod views;

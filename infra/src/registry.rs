@@ -64,31 +64,6 @@ async fn require_backward_transitive(base: &str, subject: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// Retries `attempt` a few times: processes starting together race to create the same
-/// subjects, and some registries (Apicurio) answer one of them 409 meanwhile.
-async fn with_retries<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let mut tries = 0;
-    loop {
-        match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(e) if tries < 5 => {
-                tries += 1;
-                tracing::debug!(
-                    what,
-                    error = format!("{e:#}"),
-                    "registry call failed; retrying"
-                );
-                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
-            }
-            Err(e) => return Err(e.context(what.to_owned())),
-        }
-    }
-}
-
 impl Registry {
     /// Connects to the registry and registers every event schema of `newsroom-events`
     /// under its record full name; a schema that breaks compatibility fails here.
@@ -108,7 +83,7 @@ impl Registry {
                 "registering the schema of {name} at {}",
                 crate::settings::shown(&settings.url)
             );
-            let registered = with_retries(&what, || {
+            let registered = crate::retry::with_retries(&what, || {
                 let supplied = supplied.clone();
                 let sr = &sr;
                 async move { Ok(post_schema(sr, (*name).to_owned(), supplied).await?) }
@@ -116,7 +91,8 @@ impl Registry {
             .await?;
             own.insert(*name, registered.id);
             let what = format!("setting the compatibility of {name}");
-            with_retries(&what, || require_backward_transitive(&settings.url, name)).await?;
+            crate::retry::with_retries(&what, || require_backward_transitive(&settings.url, name))
+                .await?;
         }
         Ok(Registry {
             settings: Arc::new(sr),

@@ -451,12 +451,32 @@ pub async fn erase(
     }
     let committed = submit_here(&state, &req, id, actor, command).await?;
     revoke_tokens(&state, &committed).await;
-    state.shared.keys.destroy(id).await?;
-    state.shared.claims.release_all(id).await?;
-    // The erasure is committed: a failure here is logged (the rows expire within 24 h),
-    // not answered as if the erasure had failed.
-    if let Err(e) = idempotency.erase(id).await {
-        tracing::error!(user = %id, error = format!("{e:#}"), "forgetting an erased user's stored answers");
+    // The erasure is committed: each step after it is tried on its own, a few times, and
+    // a step that still fails is logged, not answered as if the erasure had failed (a
+    // retry would find no user). The key and the claims are also settled at the next
+    // takeover of the partition; stored answers expire within 24 h.
+    use newsroom_infra::retry::with_retries;
+    let steps = [
+        (
+            "destroying an erased user's key",
+            with_retries("destroying the key", || state.shared.keys.destroy(id)).await,
+        ),
+        (
+            "releasing an erased user's claims",
+            with_retries("releasing the claims", || {
+                state.shared.claims.release_all(id)
+            })
+            .await,
+        ),
+        (
+            "forgetting an erased user's stored answers",
+            with_retries("forgetting stored answers", || idempotency.erase(id)).await,
+        ),
+    ];
+    for (step, outcome) in steps {
+        if let Err(e) = outcome {
+            tracing::error!(user = %id, error = format!("{e:#}"), "{step}");
+        }
     }
     Ok(answer(StatusCode::NO_CONTENT, &committed))
 }
