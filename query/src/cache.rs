@@ -351,8 +351,8 @@ impl Cache {
         Some(rows)
     }
 
-    /// Up to `count` published articles of the list `index` (a key of
-    /// `read_models::index`), newest publication first (then highest id, as PostgreSQL
+    /// Up to `count` published articles of `listing` (an index of `read_models::index`),
+    /// newest publication first (then highest id, as PostgreSQL
     /// orders them), after the position `after` (publication time in microseconds, id) if
     /// given; without their content. `None` when Redis cannot answer (PostgreSQL does).
     ///
@@ -406,7 +406,7 @@ impl Cache {
         None
     }
 
-    /// A page of the list `index` as `render` writes it (see [`Cache::list`] for the
+    /// A page of `listing` as `render` writes it (see [`Cache::list`] for the
     /// rest). The first page of a list, asked without a consistency token, is answered
     /// from the one this process rendered last while the model's version and its count
     /// of listings and withdrawals (`listing`) are as they were then, for up to
@@ -454,11 +454,9 @@ impl Cache {
         }
         let rows = self.list(listing, None, count, None).await?;
         let body = render(rows, limit);
-        let mut pages = self.pages.lock().ok()?;
-        if pages.len() >= PAGES_KEPT {
-            pages.clear();
-        }
-        pages.insert(
+        keep_bounded(
+            &self.pages,
+            PAGES_KEPT,
             key,
             PageMemo {
                 version,
@@ -466,7 +464,7 @@ impl Cache {
                 at: std::time::Instant::now(),
                 body: body.clone(),
             },
-        );
+        )?;
         Some((body, Source::Redis))
     }
 
@@ -673,18 +671,16 @@ impl Cache {
             None => {
                 // Every article must be in the cache; otherwise PostgreSQL answers.
                 let rows = Arc::new(self.articles(&ids, false, None).await?);
-                let mut recommended = self.recommended.lock().ok()?;
-                if recommended.len() >= RECOMMENDED_KEPT {
-                    recommended.clear();
-                }
-                recommended.insert(
+                keep_bounded(
+                    &self.recommended,
+                    RECOMMENDED_KEPT,
                     (user, limit),
                     KeptArticles {
                         ranking: ranking.clone(),
                         at: std::time::Instant::now(),
                         rows: rows.clone(),
                     },
-                );
+                )?;
                 rows
             }
         };
@@ -883,6 +879,23 @@ impl Listing {
             row.status == "published" && ordered && member
         })
     }
+}
+
+/// Keeps `value` under `key` in `kept`, dropping everything kept first once it holds `most`
+/// (what is kept here is worth a second at most: dropping all is cheaper than an order of
+/// use). `None` if the lock is poisoned.
+fn keep_bounded<K: std::hash::Hash + Eq, V>(
+    kept: &Mutex<HashMap<K, V>>,
+    most: usize,
+    key: K,
+    value: V,
+) -> Option<()> {
+    let mut kept = kept.lock().ok()?;
+    if kept.len() >= most {
+        kept.clear();
+    }
+    kept.insert(key, value);
+    Some(())
 }
 
 /// Whether a `cache` model version of layout `layout` (as read; none: 1) has the indexes

@@ -17,6 +17,26 @@ pub(crate) struct Published {
 }
 
 /// Drafts and publishes an article; returns its id and the publication's consistency token.
+/// Gives article `id` of `editor` a new `title`; the edit's consistency token.
+async fn retitle(
+    app: &TestApp,
+    editor: &TestUser,
+    id: Uuid,
+    title: &str,
+) -> anyhow::Result<String> {
+    let response = app
+        .http
+        .patch(format!("{}/v1/news/{id}", app.command_url))
+        .bearer_auth(&editor.token)
+        .json(&json!({"title": title}))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == S::OK, "edit: {}", response.status());
+    Ok(response.headers()["x-consistency-token"]
+        .to_str()?
+        .to_owned())
+}
+
 pub(crate) async fn publish(
     app: &TestApp,
     editor: &TestUser,
@@ -387,18 +407,7 @@ async fn lists_show_published_news_newest_first_with_filters_and_cursors() -> Te
     assert_ne!(with_token, before);
     let (_, without) = query(&app, path, None, None).await?;
     assert_eq!(without, with_token, "the publication, at once");
-    let response = app
-        .http
-        .patch(format!("{}/v1/news/{}", app.command_url, fresh.id))
-        .bearer_auth(&alice.token)
-        .header("if-match", "\"2\"")
-        .json(&json!({"title": "A retitled story"}))
-        .send()
-        .await?;
-    assert_eq!(response.status(), S::OK);
-    let token = response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned();
+    let token = retitle(&app, &alice, fresh.id, "A retitled story").await?;
     let (_, with_token) = query(&app, path, None, Some(&token)).await?;
     assert_eq!(with_token["items"][0]["title"], "A retitled story");
     let (_, without) = query(&app, path, None, None).await?;
@@ -415,17 +424,7 @@ async fn two_hundred_times_a_command_then_its_token_on_a_query_always_shows_the_
     let path = format!("/v1/news/{}", live.id);
 
     for i in 0..200 {
-        let response = app
-            .http
-            .patch(format!("{}{path}", app.command_url))
-            .bearer_auth(&editor.token)
-            .json(&json!({"title": format!("Title {i}")}))
-            .send()
-            .await?;
-        assert_eq!(response.status(), S::OK);
-        let token = response.headers()["x-consistency-token"]
-            .to_str()?
-            .to_owned();
+        let token = retitle(&app, &editor, live.id, &format!("Title {i}")).await?;
         let (status, body) = query(&app, &path, None, Some(&token)).await?;
         assert_eq!(
             (status, body["title"].clone()),
