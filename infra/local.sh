@@ -122,6 +122,8 @@ install_deps() {
   apt_install ca-certificates curl maven openjdk-17-jre-headless \
     "postgresql-$PG_VERSION" redis-server pkg-config libssl-dev openssl build-essential kcat \
     python3 python3-aiosmtpd python3-venv
+  # The web console's browser test drives Debian's headless Chromium through chromedriver.
+  apt_install chromium chromium-driver
   if ! java21_home >/dev/null; then
     # Apicurio Registry 3.x needs Java 21+. Debian 12 ships 17 only; try newer packages.
     apt_install openjdk-21-jre-headless 2>/dev/null || apt_install openjdk-25-jre-headless 2>/dev/null ||

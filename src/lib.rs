@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod console;
 pub mod dead_letters;
 
 use std::net::{SocketAddr, TcpListener};
@@ -35,6 +36,8 @@ pub struct Roles {
     pub recommender: bool,
     /// The notifier (inbox) and its mailer.
     pub notifier: bool,
+    /// The operator's web console.
+    pub console: bool,
 }
 
 impl Roles {
@@ -45,6 +48,7 @@ impl Roles {
         projector: true,
         recommender: true,
         notifier: true,
+        console: true,
     };
 
     /// No role (a base to name some with `..Roles::NONE`).
@@ -54,6 +58,7 @@ impl Roles {
         projector: false,
         recommender: false,
         notifier: false,
+        console: false,
     };
 }
 
@@ -63,6 +68,8 @@ pub struct Running {
     pub command_addr: Option<SocketAddr>,
     /// Where the query API listens, if it runs.
     pub query_addr: Option<SocketAddr>,
+    /// Where the console listens, if it runs.
+    pub console_addr: Option<SocketAddr>,
     servers: Vec<(ServerHandle, JoinHandle<std::io::Result<()>>)>,
     workers: Vec<JoinHandle<anyhow::Result<()>>>,
     membership: Option<newsroom_command::owner::Membership>,
@@ -81,6 +88,7 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
     let mut running = Running {
         command_addr: None,
         query_addr: None,
+        console_addr: None,
         servers: Vec::new(),
         workers: Vec::new(),
         membership: None,
@@ -104,11 +112,27 @@ pub async fn start(settings: &Settings, roles: Roles) -> anyhow::Result<Running>
     if roles.query_api {
         let listener = bind(settings.http.query_addr)?;
         running.query_addr = Some(listener.local_addr()?);
-        let server = newsroom_query::build(settings, listener, pool.clone(), tokens).await?;
+        let server =
+            newsroom_query::build(settings, listener, pool.clone(), tokens.clone()).await?;
         running
             .servers
             .push((server.handle(), tokio::spawn(server)));
         tracing::info!(addr = ?running.query_addr, "query API listening");
+    }
+    if roles.console {
+        let listener = bind(settings.http.console_addr)?;
+        running.console_addr = Some(listener.local_addr()?);
+        // Admins log in through the command API: this process's, or the configured one.
+        let command_url = match (&settings.http.console_command_url, running.command_addr) {
+            (Some(url), _) => url.clone(),
+            (None, Some(addr)) => format!("http://{addr}"),
+            (None, None) => format!("http://{}", settings.http.command_addr),
+        };
+        let server = console::build(settings, listener, pool.clone(), tokens, &command_url).await?;
+        running
+            .servers
+            .push((server.handle(), tokio::spawn(server)));
+        tracing::info!(addr = ?running.console_addr, "console listening at /admin");
     }
     if roles.projector {
         let context = consumer_context(settings, &pool).await?;

@@ -24,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// Every role in one process: command API, query API, projector, recommender and
-    /// notifier.
+    /// Every role in one process: command API, query API, projector, recommender,
+    /// notifier and the web console.
     Run,
     /// The command API alone (validates commands, appends events to Kafka).
     CommandApi,
@@ -37,6 +37,9 @@ enum Role {
     Recommend,
     /// The notifier alone (inbox entries, and e-mails over SMTP).
     Notify,
+    /// The operator's web console alone, at `/admin` (admins log in through the command
+    /// API: NEWSROOM_CONSOLE_COMMAND_URL).
+    Console,
     /// Create the topics and apply the read-model migrations, then exit.
     Setup,
     /// Rebuild a read model from the start of the log into a new version while the
@@ -126,6 +129,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Role::Notify => Roles {
             notifier: true,
+            ..Roles::NONE
+        },
+        Role::Console => Roles {
+            console: true,
             ..Roles::NONE
         },
         Role::Replay { projection, quiet } => {

@@ -154,6 +154,7 @@ impl Deployment {
         settings.kafka.instance_id = format!("bench-{id}");
         settings.http.command_addr = "127.0.0.1:0".parse()?;
         settings.http.query_addr = "127.0.0.1:0".parse()?;
+        settings.http.console_addr = "127.0.0.1:0".parse()?;
         // The load generators register from one address, far above what a person does.
         settings.http.credential_changes_per_address = 0;
         // And every request too (one address, one token for thousands a second).

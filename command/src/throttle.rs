@@ -189,15 +189,11 @@ mod tests {
     #[test]
     fn an_account_under_attack_elsewhere_still_lets_its_owner_try() {
         let settings = HttpSettings {
-            command_addr: "127.0.0.1:0".parse().expect("an address"),
-            query_addr: "127.0.0.1:0".parse().expect("an address"),
-            command_advertise: None,
-            workers: 0,
-            client_address_header: None,
             login_failures_per_account: 10,
             login_failures_per_address: 100,
             credential_changes_per_address: 100,
             requests_per_second_per_client: 0,
+            ..newsroom_infra::Settings::local_defaults().http
         };
         let throttles = Throttles::new(&settings).expect("throttles");
         for _ in 0..10 {

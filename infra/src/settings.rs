@@ -397,6 +397,23 @@ pub struct HttpSettings {
         default_value = "127.0.0.1:8081"
     )]
     pub query_addr: SocketAddr,
+    /// Address of the operator's web console (`/admin`). Keep it off the public network:
+    /// it is for admins only, and serves plain HTTP (put TLS in front of it).
+    #[arg(
+        global = true,
+        long = "console-addr",
+        env = "NEWSROOM_CONSOLE_ADDR",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub console_addr: SocketAddr,
+    /// The command API the console logs admins in through (default: the command API of
+    /// the same process, else `http://<command-addr>`).
+    #[arg(
+        global = true,
+        long = "console-command-url",
+        env = "NEWSROOM_CONSOLE_COMMAND_URL"
+    )]
+    pub console_command_url: Option<String>,
     /// Address other command processes reach this one at (default: the bound address).
     #[arg(
         global = true,

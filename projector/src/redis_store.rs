@@ -266,6 +266,10 @@ impl<M: Model> Store for RedisStore<M> {
 }
 
 impl<M: Model> Versioned for RedisStore<M> {
+    async fn building(&self) -> anyhow::Result<Option<i32>> {
+        self.get_version("building").await
+    }
+
     async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
         let (active, _) = self.open(Mode::Live).await?;
         if let Some(left) = self.get_version("building").await? {

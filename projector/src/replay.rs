@@ -24,6 +24,8 @@ pub trait Versioned: Store + Sized + 'static {
     /// Drops what an interrupted replay left, then creates the next version (empty) and
     /// marks it as being built; returns (active version, new version).
     fn prepare(&self) -> impl Future<Output = anyhow::Result<(i32, i32)>> + Send;
+    /// The version a replay is building (or an interrupted one left), if any.
+    fn building(&self) -> impl Future<Output = anyhow::Result<Option<i32>>> + Send;
     /// Holds the live consumer's writes (for at most [`HOLD`]).
     fn hold_live(&self, new: i32) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Lets the live consumer write again.
@@ -512,6 +514,16 @@ async fn execute(pool: impl sqlx::PgExecutor<'_>, statement: String) -> anyhow::
 }
 
 impl<P: Projection + 'static> Versioned for Tables<P> {
+    async fn building(&self) -> anyhow::Result<Option<i32>> {
+        let (building,): (Option<i32>,) =
+            sqlx::query_as("SELECT building FROM projection_versions WHERE projection = $1")
+                .bind(self.name())
+                .fetch_one(self.pool())
+                .await
+                .context("reading the projection's versions")?;
+        Ok(building)
+    }
+
     async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
         let pool = self.pool();
         let (active, building): (i32, Option<i32>) = sqlx::query_as(

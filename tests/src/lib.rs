@@ -42,6 +42,8 @@ pub struct TestApp {
     pub command_url: String,
     /// Base URL of the query API.
     pub query_url: String,
+    /// Base URL of the web console (`/admin` is under it), if it runs.
+    pub console_url: String,
     /// The settings it runs with.
     pub settings: Settings,
     /// An HTTP client.
@@ -88,6 +90,7 @@ impl TestApp {
         settings.kafka.partitions = 3;
         settings.http.command_addr = "127.0.0.1:0".parse()?;
         settings.http.query_addr = "127.0.0.1:0".parse()?;
+        settings.http.console_addr = "127.0.0.1:0".parse()?;
         settings.http.workers = 1;
         settings.postgres.max_connections = 4;
         // Cheap hashing keeps the suite fast; the parameters are the product's, not the tests'.
@@ -115,6 +118,7 @@ impl TestApp {
         let app = TestApp {
             command_url: url(running.command_addr),
             query_url: url(running.query_addr),
+            console_url: url(running.console_addr),
             settings,
             http: client(),
             database,
@@ -480,6 +484,8 @@ impl TestApp {
             .env("NEWSROOM_DATABASE_MAX_CONNECTIONS", "8")
             .env("NEWSROOM_REDIS_URL", &s.redis.url)
             .env("NEWSROOM_HTTP_WORKERS", "1")
+            // Several processes of a test may run at once: none takes a fixed port.
+            .env("NEWSROOM_CONSOLE_ADDR", "127.0.0.1:0")
             .env(
                 "NEWSROOM_JWT_SECRET",
                 s.auth.jwt_secret.clone().unwrap_or_default().expose(),

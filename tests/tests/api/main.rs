@@ -2,6 +2,7 @@
 //! One binary (one link) for every test that can run in parallel with the others.
 
 mod commands;
+mod console;
 mod notify;
 mod queries;
 mod read_side;
