@@ -216,6 +216,11 @@ impl Directory {
                 outgoing = outgoing.header(name, value.as_bytes());
             }
         }
+        // The owner's work continues this request's trace (it is not part of the mark:
+        // a forged one only misplaces spans).
+        if let Some(trace) = newsroom_infra::trace::traceparent(&tracing::Span::current()) {
+            outgoing = outgoing.header(newsroom_infra::trace::HEADER, trace);
+        }
         let answer = outgoing.send().await.map_err(|e| {
             tracing::warn!(%address, partition, error = %e, "forwarding failed");
             moving()

@@ -21,6 +21,8 @@ pub struct Decoded {
     pub name: String,
     /// The value in the reader's schema.
     pub value: apache_avro::types::Value,
+    /// The trace context its record carried (when traces are exported).
+    pub trace: Option<String>,
 }
 
 /// Decodes a framed record: looks up the writer schema by id, resolves to our reader schema.
@@ -31,6 +33,7 @@ pub async fn decode(registry: &Registry, bytes: &[u8]) -> anyhow::Result<Decoded
     Ok(Decoded {
         name: name.to_string(),
         value,
+        trace: None,
     })
 }
 

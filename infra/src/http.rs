@@ -385,6 +385,15 @@ pub async fn request_id(
     let method = req.method().to_string();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
+    // A caller's W3C trace context: this request (and the events it causes) joins its trace.
+    if crate::trace::enabled()
+        && let Some(parent) = req
+            .headers()
+            .get(crate::trace::HEADER)
+            .and_then(|v| v.to_str().ok())
+    {
+        crate::trace::continue_from(&span, parent);
+    }
     let started = Instant::now();
     let result = next.call(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();

@@ -21,6 +21,7 @@ pub mod registry;
 pub mod retry;
 pub mod settings;
 pub mod telemetry;
+pub mod trace;
 pub mod views;
 
 pub use settings::Settings;

@@ -40,8 +40,10 @@ fn stderr() -> &'static Shared {
     })
 }
 
-/// Writes what waits in the log buffer (call before the process exits).
+/// Writes what waits in the log buffer, and exports waiting spans (call before the process
+/// exits).
 pub fn flush() {
+    flush_spans();
     if let Some(shared) = STDERR.get() {
         let _ = shared.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
@@ -98,27 +100,94 @@ impl<'a> MakeWriter<'a> for Buffered {
     }
 }
 
+/// The tracer provider of the OpenTelemetry layer, if one is installed.
+static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
 /// Installs the global subscriber. `NEWSROOM_LOG` sets the filter (default `info`),
-/// `NEWSROOM_LOG_FORMAT=pretty` gives human-readable lines instead of JSON.
+/// `NEWSROOM_LOG_FORMAT=pretty` gives human-readable lines instead of JSON. Spans are also
+/// exported over OTLP (HTTP, protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; `OTEL_SERVICE_NAME` names the process
+/// (default `newsroom`).
 pub fn init() {
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    let provider = if configured {
+        match otlp() {
+            Ok(provider) => Some(provider),
+            Err(e) => {
+                eprintln!("newsroom: traces are not exported: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    init_with(provider);
+}
+
+fn otlp() -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()?;
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "newsroom".into());
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build())
+}
+
+/// Installs the global subscriber, exporting spans through `provider` when given (the
+/// OTLP one of [`init`], or a test's in-memory exporter).
+pub fn init_with(provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    type Base = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+
     let filter = EnvFilter::try_from_env("NEWSROOM_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn"));
     let pretty = std::env::var("NEWSROOM_LOG_FORMAT").is_ok_and(|f| f == "pretty");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(Buffered);
-    let result = if pretty {
-        builder.try_init()
+    let lines = tracing_subscriber::fmt::layer().with_writer(Buffered);
+    let lines: Box<dyn tracing_subscriber::Layer<Base> + Send + Sync> = if pretty {
+        lines.boxed()
     } else {
-        builder
+        lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
+            .boxed()
     };
+    let spans = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("newsroom")));
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(spans)
+        .try_init();
     // A second init (tests start several roles in one process) keeps the first subscriber.
     if result.is_ok() {
         flush_on_panic();
+        if let Some(provider) = provider {
+            let _ = PROVIDER.set(provider);
+            crate::trace::enable();
+        }
+    }
+}
+
+/// Exports the spans that wait in the OpenTelemetry pipeline, if one is installed.
+pub fn flush_spans() {
+    if let Some(provider) = PROVIDER.get() {
+        let _ = provider.force_flush();
     }
 }

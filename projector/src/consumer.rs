@@ -76,6 +76,23 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// The framed Avro payload (`None` for a tombstone).
     pub payload: Option<Vec<u8>>,
+    /// Its `traceparent` header, read only when traces are exported.
+    pub trace: Option<String>,
+}
+
+/// A message's `traceparent` header, when traces are exported.
+fn traced(message: &impl rdkafka::message::Message) -> Option<String> {
+    use rdkafka::message::Headers as _;
+    if !newsroom_infra::trace::enabled() {
+        return None;
+    }
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == newsroom_infra::trace::HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
 }
 
 impl Record {
@@ -340,6 +357,7 @@ impl<S: Store> Session<'_, S> {
                         appended_ms: m.timestamp().to_millis(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
+                        trace: traced(&m),
                     }),
                     Err(e) => tracing::warn!(consumer = %self.label, error = %e, "consumer error"),
                 }
@@ -656,6 +674,23 @@ impl<S: Store> Worker<'_, S> {
         if records.is_empty() {
             return Ok(true);
         }
+        // Each event that carries a trace context gets a span of that trace, open until
+        // the batch is committed (or the consumer reopens).
+        let _spans: Vec<tracing::Span> = records
+            .iter()
+            .filter_map(|r| {
+                let trace = r.trace.as_deref()?;
+                let span = tracing::info_span!(
+                    "apply",
+                    consumer = %self.label,
+                    topic = %r.topic,
+                    partition = r.partition,
+                    offset = r.offset
+                );
+                newsroom_infra::trace::continue_from(&span, trace);
+                Some(span)
+            })
+            .collect();
         let mut fates = vec![Fate::Apply; records.len()];
         let mut failures = 0u32;
         loop {
@@ -674,7 +709,8 @@ impl<S: Store> Worker<'_, S> {
                     continue;
                 }
                 match self.decode(r.payload.as_deref()).await {
-                    Ok(event) => {
+                    Ok(mut event) => {
+                        event.trace.clone_from(&r.trace);
                         events.push(event);
                         applied.push(i);
                     }

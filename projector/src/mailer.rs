@@ -14,6 +14,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
 use newsroom_infra::metrics::EMAILS;
 use newsroom_infra::settings::NotifySettings;
 use sqlx::PgPool;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// Rows leased per round.
@@ -35,6 +36,8 @@ struct Due {
     attempts: i32,
     email: Option<String>,
     name: Option<String>,
+    /// The publication's trace context (when traces are exported).
+    trace: Option<String>,
 }
 
 /// Consecutive failures open the circuit for a cool-down; then one trial decides.
@@ -152,9 +155,9 @@ async fn round(
         "WITH leased AS (UPDATE email_outbox SET next_attempt_at = now() + make_interval(secs => $2) \
            WHERE (user_id, news_id) IN (SELECT user_id, news_id FROM email_outbox \
              WHERE sent_at IS NULL AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-           RETURNING user_id, news_id, title, category, attempts) \
+           RETURNING user_id, news_id, title, category, attempts, trace) \
          SELECT l.user_id, l.news_id, l.title, l.category, l.attempts, \
-           CASE WHEN u.erased THEN NULL ELSE nullif(u.email, '') END AS email, u.name \
+           CASE WHEN u.erased THEN NULL ELSE nullif(u.email, '') END AS email, u.name, l.trace \
          FROM leased l LEFT JOIN users u ON u.id = l.user_id",
     )
     .bind(limit)
@@ -184,8 +187,14 @@ async fn round(
     }
     let mut outcomes = futures::stream::iter(sendable)
         .map(|(mail, message)| async move {
+            // The send is a span of the publication's trace.
+            let span = tracing::info_span!("send e-mail", news = %mail.news_id);
+            if let Some(trace) = &mail.trace {
+                newsroom_infra::trace::continue_from(&span, trace);
+            }
             let outcome = transport
                 .send(message)
+                .instrument(span)
                 .await
                 .map(|_| ())
                 .map_err(anyhow::Error::from);

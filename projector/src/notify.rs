@@ -200,6 +200,7 @@ impl Projection for Notifier {
                 _ => {}
             }
         } else if event.name.starts_with("newsroom.news.") {
+            let trace = event.trace;
             let event = NewsEvent::from_avro(&event.name, event.value)?;
             let meta = event.metadata().clone();
             let (news, version) = (meta.aggregate_id, meta.aggregate_version);
@@ -235,7 +236,7 @@ impl Projection for Notifier {
                         .context("publication time out of range")?;
                     // Only the first publication notifies; the followers whose interval
                     // covers it get one entry each.
-                    sqlx::query(if live {
+                    let query = sqlx::query(if live {
                         "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
                            RETURNING news_id, title, category, published_at), \
                          inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
@@ -243,8 +244,8 @@ impl Projection for Notifier {
                            JOIN notify_follows f ON f.category = a.category AND f.since <= a.published_at \
                              AND (f.until IS NULL OR f.until > a.published_at) \
                            ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
-                         INSERT INTO email_outbox (user_id, news_id, title, category) \
-                           SELECT i.user_id, i.news_id, i.title, i.category FROM inbox i \
+                         INSERT INTO email_outbox (user_id, news_id, title, category, trace) \
+                           SELECT i.user_id, i.news_id, i.title, i.category, $3 FROM inbox i \
                            JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING"
                     } else {
                         "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
@@ -256,10 +257,17 @@ impl Projection for Notifier {
                            ON CONFLICT DO NOTHING"
                     })
                     .bind(news)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await
-                    .context("notifying followers")?;
+                    .bind(at);
+                    // Only the live notifier writes e-mails, with the publication's trace.
+                    let query = if live {
+                        query.bind(trace.as_deref())
+                    } else {
+                        query
+                    };
+                    query
+                        .execute(&mut **tx)
+                        .await
+                        .context("notifying followers")?;
                 }
                 _ => {}
             }

@@ -73,6 +73,9 @@ pub struct RequestMeta {
     pub now: DateTime<Utc>,
     /// Its `Idempotency-Key`, if it has one.
     pub keyed: Option<outcome::Keyed>,
+    /// The W3C trace context of the request, when traces are exported: its events carry
+    /// it in their record headers.
+    pub trace: Option<String>,
 }
 
 impl RequestMeta {
@@ -85,6 +88,7 @@ impl RequestMeta {
             event_id: Uuid::now_v7(),
             now: Utc::now(),
             keyed: None,
+            trace: newsroom_infra::trace::traceparent(&tracing::Span::current()),
         }
     }
 

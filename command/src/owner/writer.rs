@@ -547,6 +547,8 @@ struct Decided<S> {
     state: S,
     /// A keyed command's outcome record.
     outcome: Option<Outcome>,
+    /// The request's trace context, for the event's record headers.
+    trace: Option<String>,
 }
 
 struct Refusal<S> {
@@ -580,6 +582,7 @@ struct EventRecord<'a> {
     key: Uuid,
     payload: &'a [u8],
     outcome: Option<&'a Outcome>,
+    trace: Option<&'a str>,
 }
 
 /// Which decision an event record is: partition, topic (users: false, news: true), index.
@@ -604,6 +607,7 @@ fn batch_records<'a>(
                 key: d.id,
                 payload: &d.payload,
                 outcome: d.outcome.as_ref(),
+                trace: d.trace.as_deref(),
             });
             out.1.push((partition, news, index));
         }
@@ -1026,7 +1030,12 @@ impl Thread {
                 partition: Some(event.partition),
                 key: Some(event.key.as_bytes().as_slice()),
                 payload: Some(event.payload),
-                headers: None,
+                headers: event.trace.map(|trace| {
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: newsroom_infra::trace::HEADER,
+                        value: Some(trace),
+                    })
+                }),
             };
             deliveries.push(producer.send(record).map_err(abort)?);
         }
@@ -1333,6 +1342,7 @@ fn decide<A: Aggregate>(
                 offset: -1,
                 state: after,
                 outcome,
+                trace: meta.trace,
             });
             1
         }
