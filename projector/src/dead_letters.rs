@@ -274,6 +274,17 @@ pub async fn list(pool: &PgPool, consumer: Option<&str>) -> anyhow::Result<Vec<S
     .context("listing dead letters")
 }
 
+/// How many aggregates each consumer's version has parked: (consumer, version, count).
+pub async fn parked(pool: &PgPool) -> anyhow::Result<Vec<(String, i32, i64)>> {
+    sqlx::query_as(
+        "SELECT consumer, version, count(DISTINCT (topic, aggregate)) FROM dead_letters \
+         GROUP BY consumer, version",
+    )
+    .fetch_all(pool)
+    .await
+    .context("counting dead letters")
+}
+
 /// Asks `consumer` to retry (or skip the failed event of, then retry) one aggregate or all
 /// of them; returns how many aggregates the request covers.
 pub async fn request(

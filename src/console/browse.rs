@@ -3,6 +3,7 @@
 //! Personal data stays sealed: the browser shows the size of a sealed field, never its
 //! content.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -16,11 +17,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
-/// Records one search reads at most, over all streams.
+/// Records one search reads at most, over all streams (a third each).
 const MOST_SCANNED: u64 = 5_000_000;
-/// Events one search shows at most (the first ones).
+/// Events one search shows at most (the newest ones).
 const MOST_SHOWN: usize = 500;
-/// How long one search may read.
+/// How long one search may read (a third per stream).
 const LONGEST: Duration = Duration::from_secs(20);
 
 /// One field of an event's body.
@@ -79,16 +80,21 @@ struct Raw {
     payload: Option<Vec<u8>>,
 }
 
-/// Reads `aggregate`'s events from every stream.
+/// Reads `aggregate`'s events from every stream; `permit` is held until the scan ends,
+/// even if the caller goes away.
 pub async fn search(
     kafka: &KafkaSettings,
     registry: &Registry,
     aggregate: Uuid,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<Found> {
     let started = Instant::now();
     let settings = kafka.clone();
-    let (raw, scanned, cut_short) =
-        tokio::task::spawn_blocking(move || scan(&settings, aggregate)).await??;
+    let (raw, scanned, cut_short) = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        scan(&settings, aggregate)
+    })
+    .await??;
     let mut events = Vec::with_capacity(raw.len());
     for record in raw {
         events.push(decode(registry, record).await);
@@ -111,9 +117,13 @@ fn scan(kafka: &KafkaSettings, aggregate: Uuid) -> anyhow::Result<(Vec<Raw>, u64
         .create()
         .context("creating the browser's Kafka client")?;
     let key = aggregate.as_bytes();
-    let deadline = Instant::now() + LONGEST;
-    let (mut found, mut scanned, mut cut_short) = (Vec::new(), 0u64, false);
+    // Each stream gets its share of the time and of the records, so that a long first one
+    // does not keep the others from being read.
+    let streams = Stream::ALL.len() as u32;
+    let (mut found, mut scanned, mut cut_short) = (VecDeque::new(), 0u64, false);
     for stream in Stream::ALL {
+        let deadline = Instant::now() + LONGEST / streams;
+        let most = scanned + MOST_SCANNED / u64::from(streams);
         let topic = stream.topic(kafka);
         let metadata = client
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
@@ -136,7 +146,7 @@ fn scan(kafka: &KafkaSettings, aggregate: Uuid) -> anyhow::Result<(Vec<Raw>, u64
         list.add_partition_offset(&topic, partition, Offset::Offset(low))?;
         client.assign(&list)?;
         loop {
-            if Instant::now() > deadline || scanned >= MOST_SCANNED || found.len() >= MOST_SHOWN {
+            if Instant::now() > deadline || scanned >= most {
                 cut_short = true;
                 break;
             }
@@ -159,7 +169,12 @@ fn scan(kafka: &KafkaSettings, aggregate: Uuid) -> anyhow::Result<(Vec<Raw>, u64
             let message = message.context("reading the log")?;
             scanned += 1;
             if message.key() == Some(key.as_slice()) {
-                found.push(Raw {
+                // The newest are kept: on call, the last events matter most.
+                if found.len() >= MOST_SHOWN {
+                    found.pop_front();
+                    cut_short = true;
+                }
+                found.push_back(Raw {
                     position: format!("{topic}/{partition}@{}", message.offset()),
                     payload: message.payload().map(<[u8]>::to_vec),
                 });
@@ -168,11 +183,8 @@ fn scan(kafka: &KafkaSettings, aggregate: Uuid) -> anyhow::Result<(Vec<Raw>, u64
                 break;
             }
         }
-        if cut_short {
-            break;
-        }
     }
-    Ok((found, scanned, cut_short))
+    Ok((found.into(), scanned, cut_short))
 }
 
 async fn decode(registry: &Registry, raw: Raw) -> Shown {

@@ -4,9 +4,11 @@
 //! assets in the binary: it works without any outside network.
 //!
 //! Admins only. The login form goes through the command API's `POST /v1/auth/token` (its
-//! throttles included); the token it answers lives in an HttpOnly, SameSite=Strict cookie
-//! scoped to `/admin`, never in a URL, and every request checks it (signature, expiry,
-//! admin role, revocation floor).
+//! throttles included); once the answered token verifies as an admin's, it is dropped and a
+//! console session opens: a random secret in an HttpOnly, SameSite=Strict cookie scoped to
+//! `/admin` (never in a URL), its hash in `console_sessions`. Every request checks the
+//! session (unexpired, the user still an admin, opened after their revocation floor);
+//! logging out deletes it.
 
 mod browse;
 mod pages;
@@ -24,6 +26,7 @@ use anyhow::Context as _;
 use newsroom_infra::Settings;
 use newsroom_infra::auth::{Actor, Revocations, Tokens};
 use newsroom_infra::registry::Registry;
+use newsroom_infra::settings::HttpSettings;
 use sqlx::PgPool;
 
 use crate::Stores;
@@ -42,8 +45,14 @@ pub struct Console {
     login_url: String,
     http: reqwest::Client,
     jobs: Mutex<BTreeMap<String, Job>>,
-    browsing: tokio::sync::Semaphore,
+    browsing: Arc<tokio::sync::Semaphore>,
+    throttles: newsroom_command::throttle::Throttles,
 }
+
+/// Failed console logins per client address per minute (at most): every console login
+/// reaches the command API from the console's own address, whose budget there all of the
+/// console's clients share.
+const LOGIN_FAILURES_PER_ADDRESS: u32 = 10;
 
 /// A replay this console started.
 #[derive(Debug, Clone)]
@@ -94,7 +103,14 @@ pub async fn build(
             .build()
             .context("creating the console's HTTP client")?,
         jobs: Mutex::new(BTreeMap::new()),
-        browsing: tokio::sync::Semaphore::new(1),
+        browsing: Arc::new(tokio::sync::Semaphore::new(1)),
+        throttles: newsroom_command::throttle::Throttles::new(&HttpSettings {
+            login_failures_per_address: match settings.http.login_failures_per_address {
+                0 => 0,
+                n => n.min(LOGIN_FAILURES_PER_ADDRESS),
+            },
+            ..settings.http.clone()
+        })?,
     });
     let limiter = web::Data::new(newsroom_infra::limit::Limiter::new(&settings.http, None)?);
     let mut server = HttpServer::new(move || {
@@ -200,18 +216,85 @@ impl actix_web::ResponseError for Refused {
     }
 }
 
-/// The admin a request's session cookie names, checked in full.
+/// How long a console session lasts at most.
+const SESSION: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
+
+/// A session's secret as the table keeps it.
+fn secret_hash(secret: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Opens a session for `admin` lasting `lasts`; the cookie's secret.
+async fn open_session(
+    console: &Console,
+    admin: uuid::Uuid,
+    lasts: std::time::Duration,
+) -> anyhow::Result<String> {
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    sqlx::query("DELETE FROM console_sessions WHERE expires_at < now()")
+        .execute(&console.pool)
+        .await
+        .context("dropping expired console sessions")?;
+    sqlx::query(
+        "INSERT INTO console_sessions (secret_hash, user_id, expires_at) \
+         VALUES ($1, $2, now() + make_interval(secs => $3))",
+    )
+    .bind(secret_hash(&secret))
+    .bind(admin)
+    .bind(lasts.min(SESSION).as_secs_f64())
+    .execute(&console.pool)
+    .await
+    .context("opening a console session")?;
+    Ok(secret)
+}
+
+/// Ends the request's session, if it has one.
+async fn close_session(req: &HttpRequest, console: &Console) -> anyhow::Result<()> {
+    if let Some(secret) = cookie(req) {
+        sqlx::query("DELETE FROM console_sessions WHERE secret_hash = $1")
+            .bind(secret_hash(&secret))
+            .execute(&console.pool)
+            .await
+            .context("closing a console session")?;
+    }
+    Ok(())
+}
+
+/// The admin whose session the request's cookie opens: unexpired (it lasts as long as the
+/// API's token it was opened with), not demoted as far as the users read model knows, and
+/// opened after the user's revocation floor (a password change, an erasure). Fails closed
+/// when any of it cannot be read.
 async fn admin(req: &HttpRequest, console: &Console) -> Result<Actor, Refused> {
-    let token = cookie(req).ok_or(Refused::LogIn)?;
-    let (actor, issued) = console.tokens.verify_issued(&token).ok_or(Refused::LogIn)?;
-    if !actor.is_admin() {
+    let secret = cookie(req).ok_or(Refused::LogIn)?;
+    if secret.len() != 64 {
         return Err(Refused::LogIn);
     }
-    // Fails closed: a console whose floors cannot be read lets nobody in.
-    if console.revocations.revoked(actor.id, issued).await? {
+    let session: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT s.user_id, s.created_at FROM console_sessions s \
+         LEFT JOIN users u ON u.id = s.user_id \
+         WHERE s.secret_hash = $1 AND s.expires_at > now() AND coalesce(u.role = 'admin', true)",
+    )
+    .bind(secret_hash(&secret))
+    .fetch_optional(&console.pool)
+    .await
+    .context("reading the console session")?;
+    let (id, opened) = session.ok_or(Refused::LogIn)?;
+    if console
+        .revocations
+        .revoked(id, opened.timestamp_millis())
+        .await?
+    {
         return Err(Refused::LogIn);
     }
-    Ok(actor)
+    Ok(Actor {
+        id,
+        role: newsroom_events::users::Role::Admin,
+    })
 }
 
 /// The session cookie's value.

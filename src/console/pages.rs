@@ -8,7 +8,9 @@ use newsroom_projector::dead_letters;
 use serde::Deserialize;
 
 use super::watch::{self, Consumer, Point};
-use super::{COOKIE, Console, Job, Refused, admin, browse, same_origin};
+use super::{
+    COOKIE, Console, Job, Refused, SESSION, admin, browse, close_session, open_session, same_origin,
+};
 
 /// Renders a template as a page.
 fn page(template: &impl Template) -> Result<HttpResponse, Refused> {
@@ -93,6 +95,16 @@ pub(super) async fn login(
             .content_type("text/html; charset=utf-8")
             .body(body))
     };
+    // Throttled here per client address and account, as the command API would if the
+    // client called it directly.
+    let address = console.throttles.address(&req);
+    let account = format!("account:{}", form.email.trim().to_lowercase());
+    let Ok(attempt) = console.throttles.login(&account, &address) else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed logins: wait a minute.",
+        );
+    };
     let answer = console
         .http
         .post(&console.login_url)
@@ -109,6 +121,7 @@ pub(super) async fn login(
             );
         }
     };
+    attempt.end(answer.status().as_u16() == 401 || answer.status().as_u16() == 400);
     match answer.status().as_u16() {
         200 => {}
         401 | 400 | 422 => {
@@ -137,8 +150,8 @@ pub(super) async fn login(
         .json()
         .await
         .map_err(|e| Refused::Failed(anyhow::anyhow!("reading the command API's token: {e}")))?;
-    match console.tokens.verify(&issued.access_token) {
-        Some(actor) if actor.is_admin() => {}
+    let admin = match console.tokens.verify(&issued.access_token) {
+        Some(actor) if actor.is_admin() => actor.id,
         Some(_) => {
             return refuse(
                 StatusCode::FORBIDDEN,
@@ -154,21 +167,29 @@ pub(super) async fn login(
                 "The console cannot check the command API's tokens (their secrets differ).",
             );
         }
-    }
+    };
+    // The API's token is not kept: the console's own session stands for it.
+    let lasts = std::time::Duration::from_secs(issued.expires_in).min(SESSION);
+    let secret = open_session(&console, admin, lasts).await?;
+    tracing::info!(admin = %admin, "console: session opened");
     Ok(HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/admin/consumers"))
         .insert_header((
             header::SET_COOKIE,
             format!(
-                "{COOKIE}={}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}",
-                issued.access_token, issued.expires_in
+                "{COOKIE}={secret}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}",
+                lasts.as_secs()
             ),
         ))
         .finish())
 }
 
-pub(super) async fn logout(req: HttpRequest) -> Result<HttpResponse, Refused> {
+pub(super) async fn logout(
+    req: HttpRequest,
+    console: web::Data<Console>,
+) -> Result<HttpResponse, Refused> {
     same_origin(&req)?;
+    close_session(&req, &console).await?;
     Ok(HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/admin/login"))
         .insert_header((
@@ -250,6 +271,8 @@ fn human(v: f64) -> String {
 #[template(path = "consumers_live.html")]
 struct ConsumersLive {
     at: String,
+    /// Seconds since the sample was taken.
+    age: i64,
     consumers: Vec<Consumer>,
     kafka_error: Option<String>,
     graphs: Vec<Graph>,
@@ -283,6 +306,9 @@ fn consumers_now(console: &Console) -> ConsumersLive {
             || "sampling…".to_owned(),
             |at| at.format("%H:%M:%S UTC").to_string(),
         ),
+        age: sample
+            .at
+            .map_or(0, |at| (chrono::Utc::now() - at).num_seconds().max(0)),
         consumers: sample.consumers.clone(),
         kafka_error: sample.kafka_error.clone(),
         graphs,
@@ -338,11 +364,14 @@ pub(super) async fn dead_letters(
     // Only a consumer's name comes back in the notice: nothing a link could inject.
     let notice = notice.asked.as_deref().and_then(|asked| {
         let (verb, consumer) = asked.split_once(':')?;
+        let (consumer, count) = consumer.split_once(':')?;
         let consumer = CONSUMERS.iter().find(|c| **c == consumer)?;
         let verb = ["retry", "skip"].into_iter().find(|v| *v == verb)?;
-        Some(format!(
-            "Asked {consumer} to {verb}: it carries the request out between two batches."
-        ))
+        Some(if count == "0" {
+            format!("Nothing of {consumer} is parked for that aggregate any more.")
+        } else {
+            format!("Asked {consumer} to {verb}: it carries the request out between two batches.")
+        })
     });
     page(&DeadLetters {
         admin: actor.id.to_string(),
@@ -388,7 +417,11 @@ pub(super) async fn dead_letter_request(
     Ok(HttpResponse::SeeOther()
         .insert_header((
             header::LOCATION,
-            format!("/admin/dead-letters?asked={}:{consumer}", form.action),
+            format!(
+                "/admin/dead-letters?asked={}:{consumer}:{}",
+                form.action,
+                u64::from(count > 0)
+            ),
         ))
         .finish())
 }
@@ -529,7 +562,13 @@ pub(super) async fn start_replay(
     // methods): a blocking thread drives it instead of a worker.
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let outcome = runtime.block_on(crate::replay(&settings, model, true));
+        use futures::FutureExt as _;
+        // A panic ends the job as failed, not as running forever.
+        let outcome = runtime
+            .block_on(
+                std::panic::AssertUnwindSafe(crate::replay(&settings, model, true)).catch_unwind(),
+            )
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the replay panicked (see the log)")));
         let done = match outcome {
             Ok(report) => {
                 tracing::info!(
@@ -604,11 +643,11 @@ pub(super) async fn events(
         return page(&shown);
     };
     // One search at a time: each reads whole partitions.
-    let Ok(_permit) = console.browsing.try_acquire() else {
+    let Ok(permit) = console.browsing.clone().try_acquire_owned() else {
         shown.error = Some("Another search is running; try again in a moment.".into());
         return page(&shown);
     };
-    match browse::search(&console.settings.kafka, &console.registry, id).await {
+    match browse::search(&console.settings.kafka, &console.registry, id, permit).await {
         Ok(found) => shown.found = Some(found),
         Err(e) => {
             tracing::warn!(error = format!("{e:#}"), "console: event search failed");

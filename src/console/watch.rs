@@ -28,6 +28,8 @@ pub const EVERY: Duration = Duration::from_secs(2);
 const KEPT: usize = 300;
 /// How long sampling goes on after the last page was asked for.
 const IDLE: Duration = Duration::from_secs(600);
+/// How long a store's offsets may take to read.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one Kafka request of a sample may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -88,8 +90,15 @@ pub struct Partition {
     pub next: i64,
     /// The partition's end.
     pub end: i64,
-    /// Events not applied yet.
-    pub lag: i64,
+    /// Offsets from the first record not applied yet to the end (`None`: not known).
+    pub lag: Option<i64>,
+}
+
+impl Partition {
+    /// The lag as the page shows it.
+    pub fn lag_text(&self) -> String {
+        self.lag.map_or_else(|| "?".into(), |l| l.to_string())
+    }
 }
 
 /// A build in progress.
@@ -122,9 +131,9 @@ pub struct Consumer {
     pub active: i32,
     /// Its partitions.
     pub partitions: Vec<Partition>,
-    /// Events not applied yet, in all.
-    pub lag: i64,
-    /// Age of the oldest event not applied yet, in milliseconds.
+    /// Offsets not applied yet, in all (`None`: not known for every partition).
+    pub lag: Option<i64>,
+    /// Age of the oldest event not applied yet, in milliseconds (`None`: not known).
     pub lag_ms: Option<i64>,
     /// Members of its group (`None`: unknown).
     pub members: Option<usize>,
@@ -149,11 +158,16 @@ impl Consumer {
         }
     }
 
+    /// The lag as the page shows it.
+    pub fn lag_text(&self) -> String {
+        self.lag.map_or_else(|| "?".into(), |l| l.to_string())
+    }
+
     /// The lag's age as text.
     pub fn lag_age(&self) -> String {
         match self.lag_ms {
             Some(ms) => format!("{ms} ms"),
-            None => "-".into(),
+            None => "?".into(),
         }
     }
 }
@@ -253,20 +267,27 @@ impl Watch {
 
     /// Samples every [`EVERY`] while pages are asked for, then sleeps until one is.
     pub async fn run(self: Arc<Self>) {
-        let kafka = match read_committed_consumer(&self.kafka, "newsroom-console")
-            .set("enable.partition.eof", "false")
-            .create::<BaseConsumer>()
-        {
-            Ok(consumer) => Arc::new(consumer),
-            Err(e) => {
-                tracing::error!(error = %e, "the console cannot create its Kafka client");
-                return;
+        let kafka = loop {
+            // One record is all it reads of a partition: no prefetching of more.
+            match read_committed_consumer(&self.kafka, "newsroom-console")
+                .set("enable.partition.eof", "false")
+                .set("queued.min.messages", "1")
+                .set("max.partition.fetch.bytes", "65536")
+                .create::<BaseConsumer>()
+            {
+                Ok(consumer) => break Arc::new(consumer),
+                Err(e) => {
+                    tracing::error!(error = %e, "the console cannot create its Kafka client; retrying");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
             }
         };
         loop {
             let idle = self.state().looked_at.is_none_or(|at| at.elapsed() > IDLE);
             if idle {
                 self.wake.notified().await;
+                // The graphs show the minutes since sampling resumed, not a gap.
+                self.state().history.clear();
                 continue;
             }
             let started = Instant::now();
@@ -276,7 +297,10 @@ impl Watch {
                 values: sample
                     .consumers
                     .iter()
-                    .map(|c| (c.applied, c.lag, c.building.as_ref().map(|b| b.applied)))
+                    .map(|c| {
+                        let lag = c.lag.unwrap_or(0);
+                        (c.applied, lag, c.building.as_ref().map(|b| b.applied))
+                    })
                     .collect(),
             };
             {
@@ -292,8 +316,18 @@ impl Watch {
     }
 
     async fn sample(&self, kafka: &Arc<BaseConsumer>) -> Sample {
-        let readings = futures::future::join_all(self.models.iter().map(|m| m.versions())).await;
-        let parked = match dead_letters::list(&self.pool, None).await {
+        // A store that does not answer is reported, not waited for.
+        let readings = futures::future::join_all(self.models.iter().map(|m| async move {
+            tokio::time::timeout(READ_TIMEOUT, m.versions())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "its store did not answer within {READ_TIMEOUT:?}"
+                    ))
+                })
+        }))
+        .await;
+        let parked = match dead_letters::parked(&self.pool).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "console: reading dead letters");
@@ -323,11 +357,11 @@ impl Watch {
                 for ((t, p), end) in &ends {
                     let next = offsets.get(&(t.clone(), *p)).copied().unwrap_or(0);
                     if topics.contains(t) && next < *end {
-                        waiting.insert((t.clone(), *p, next));
+                        waiting.insert((t.clone(), *p, next, *end));
                     }
                 }
             }
-            let waiting: Vec<(String, i32, i64)> = waiting.into_iter().collect();
+            let waiting: Vec<(String, i32, i64, i64)> = waiting.into_iter().collect();
             let firsts = first_records(&client, &waiting);
             let members: Vec<Option<usize>> = groups
                 .iter()
@@ -368,7 +402,7 @@ impl Watch {
                             name,
                             active: 0,
                             partitions: Vec::new(),
-                            lag: 0,
+                            lag: None,
                             lag_ms: None,
                             members,
                             parked: 0,
@@ -379,21 +413,34 @@ impl Watch {
                     }
                 };
                 let mut partitions = Vec::new();
-                let (mut lag, mut oldest) = (0, None::<i64>);
+                // Unknown when Kafka could not be read at all.
+                let mut lag = kafka_error.is_none().then_some(0);
+                let (mut oldest, mut aged) = (None::<i64>, true);
                 for topic in model.topics() {
                     for ((t, p), end) in ends.range((topic.clone(), 0)..=(topic.clone(), i32::MAX))
                     {
                         let next = versions.offsets.get(&(t.clone(), *p)).copied().unwrap_or(0);
                         // Lag counts from the first record still to apply (commit markers
                         // of transactions sit between records and at the end).
-                        let behind = match firsts.get(&(t.clone(), *p, next)) {
-                            Some((offset, appended)) => {
-                                oldest = Some(oldest.map_or(*appended, |o| o.min(*appended)));
-                                (end - offset).max(1)
+                        let behind = if next >= *end {
+                            Some(0)
+                        } else {
+                            match firsts.get(&(t.clone(), *p, next)) {
+                                Some(First::At { offset, appended }) => {
+                                    match appended {
+                                        Some(at) => {
+                                            oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
+                                        }
+                                        None => aged = false,
+                                    }
+                                    Some((end - offset).max(1))
+                                }
+                                Some(First::Past) => Some(0),
+                                // Not read in time: not known.
+                                None => None,
                             }
-                            None => 0,
                         };
-                        lag += behind;
+                        lag = lag.zip(behind).map(|(a, b)| a + b);
                         partitions.push(Partition {
                             name: format!("{t}/{p}"),
                             next,
@@ -409,16 +456,19 @@ impl Watch {
                 });
                 let parked_here = parked
                     .iter()
-                    .filter(|r| r.consumer == name && r.version == versions.active)
-                    .count();
+                    .filter(|(consumer, version, _)| {
+                        consumer == name && *version == versions.active
+                    })
+                    .map(|(_, _, count)| usize::try_from(*count).unwrap_or(0))
+                    .sum();
                 Consumer {
                     name,
                     active: versions.active,
                     lag,
-                    lag_ms: if lag > 0 {
-                        oldest.map(|at| (now_ms - at).max(0))
-                    } else {
-                        Some(0)
+                    lag_ms: match lag {
+                        Some(0) => Some(0),
+                        Some(_) if aged => oldest.map(|at| (now_ms - at).max(0)),
+                        _ => None,
                     },
                     members,
                     parked: parked_here,
@@ -459,14 +509,24 @@ fn ends(
     Ok(ends)
 }
 
-/// For each (topic, partition, offset): the offset and append time of the first committed
-/// record at or after it. Offsets of the same partition are read in rounds, one each.
+/// The first committed record at or after an offset.
+#[derive(Debug, Clone, Copy)]
+enum First {
+    /// Its offset and append time (milliseconds), if the broker gave one.
+    At { offset: i64, appended: Option<i64> },
+    /// None: only commit markers or aborted records lie past the offset.
+    Past,
+}
+
+/// For each (topic, partition, offset, end): the first committed record at or after the
+/// offset. Offsets of the same partition are read in rounds, one each; what is not read in
+/// time is left out (not known).
 fn first_records(
     client: &BaseConsumer,
-    wanted: &[(String, i32, i64)],
-) -> BTreeMap<(String, i32, i64), (i64, i64)> {
+    wanted: &[(String, i32, i64, i64)],
+) -> BTreeMap<(String, i32, i64), First> {
     let mut found = BTreeMap::new();
-    let mut rounds: Vec<Vec<&(String, i32, i64)>> = Vec::new();
+    let mut rounds: Vec<Vec<&(String, i32, i64, i64)>> = Vec::new();
     let mut seen: BTreeMap<(&str, i32), usize> = BTreeMap::new();
     for w in wanted {
         let round = seen.entry((w.0.as_str(), w.1)).or_default();
@@ -476,23 +536,19 @@ fn first_records(
         rounds[*round].push(w);
         *round += 1;
     }
-    // A handful of rounds at most: consumers far apart on one partition are rare.
+    // A handful of rounds at most: consumers far apart on one partition are rare (the
+    // others stay unknown).
     for round in rounds.into_iter().take(4) {
         let mut list = TopicPartitionList::new();
-        for (t, p, o) in &round {
-            if list
-                .add_partition_offset(t, *p, Offset::Offset(*o))
-                .is_err()
-            {
-                continue;
-            }
+        for (t, p, o, _) in &round {
+            let _ = list.add_partition_offset(t, *p, Offset::Offset(*o));
         }
         if client.assign(&list).is_err() {
             continue;
         }
-        let mut missing: BTreeMap<(String, i32), i64> = round
+        let mut missing: BTreeMap<(String, i32), (i64, i64)> = round
             .iter()
-            .map(|(t, p, o)| ((t.clone(), *p), *o))
+            .map(|(t, p, o, end)| ((t.clone(), *p), (*o, *end)))
             .collect();
         let deadline = Instant::now() + Duration::from_millis(500);
         while !missing.is_empty() && Instant::now() < deadline {
@@ -500,9 +556,27 @@ fn first_records(
                 continue;
             };
             let position = (message.topic().to_owned(), message.partition());
-            if let Some(from) = missing.remove(&position) {
-                let appended = message.timestamp().to_millis().unwrap_or(0);
-                found.insert((position.0, position.1, from), (message.offset(), appended));
+            if let Some((from, _)) = missing.remove(&position) {
+                let appended = message.timestamp().to_millis();
+                found.insert(
+                    (position.0, position.1, from),
+                    First::At {
+                        offset: message.offset(),
+                        appended,
+                    },
+                );
+            }
+        }
+        // A partition whose reader went past the end without a record has none to apply.
+        if let Ok(positions) = client.position() {
+            for ((t, p), (from, end)) in missing {
+                let past = positions
+                    .find_partition(&t, p)
+                    .and_then(|e| e.offset().to_raw())
+                    .is_some_and(|at| at >= end);
+                if past {
+                    found.insert((t, p, from), First::Past);
+                }
             }
         }
     }
