@@ -107,7 +107,8 @@ static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLoc
 /// `NEWSROOM_LOG_FORMAT=pretty` gives human-readable lines instead of JSON. Spans are also
 /// exported over OTLP (HTTP, protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; `OTEL_SERVICE_NAME` names the process
-/// (default `newsroom`).
+/// (default `newsroom`), and the SDK's own variables (`OTEL_TRACES_SAMPLER`,
+/// `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`) choose the sampling and the export queue.
 pub fn init() {
     let configured = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -151,27 +152,31 @@ pub fn init_with(provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>) 
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    type Base = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+    type Base = tracing_subscriber::Registry;
 
     let filter = EnvFilter::try_from_env("NEWSROOM_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn"));
     let pretty = std::env::var("NEWSROOM_LOG_FORMAT").is_ok_and(|f| f == "pretty");
+    // Each layer has its own filter: the log's level (NEWSROOM_LOG) does not decide which
+    // spans are exported (INFO and above always are, when exporting).
     let lines = tracing_subscriber::fmt::layer().with_writer(Buffered);
     let lines: Box<dyn tracing_subscriber::Layer<Base> + Send + Sync> = if pretty {
-        lines.boxed()
+        lines.with_filter(filter).boxed()
     } else {
         lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
+            .with_filter(filter)
             .boxed()
     };
-    let spans = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("newsroom")));
+    let spans = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("newsroom"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
     let result = tracing_subscriber::registry()
-        .with(filter)
         .with(lines)
         .with(spans)
         .try_init();

@@ -29,13 +29,15 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// The `traceparent` of `span`, when traces are exported and the span belongs to one.
+/// The `traceparent` of `span`, when traces are exported and the span belongs to a
+/// sampled trace (an unsampled one is not carried on: nothing downstream would export it).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     if !enabled() {
         return None;
     }
     let context = span.context();
-    if !context.span().span_context().is_valid() {
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() || !span_context.is_sampled() {
         return None;
     }
     let mut carrier = HashMap::new();
@@ -56,6 +58,15 @@ pub fn continue_from(span: &tracing::Span, traceparent: &str) {
     }
 }
 
+/// Whether a `traceparent` value names a sampled trace (`00-<trace>-<span>-<flags>`, the
+/// flags' lowest bit), read without allocating.
+pub fn sampled(value: &[u8]) -> bool {
+    value.len() == 55
+        && value.starts_with(b"00-")
+        && value[54].is_ascii_hexdigit()
+        && (char::from(value[54]).to_digit(16).unwrap_or(0) & 1) == 1
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -66,5 +77,15 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         );
         assert_eq!(super::traceparent(&span), None);
+    }
+
+    #[test]
+    fn the_sampled_flag_is_read_from_the_header() {
+        let id = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        assert!(super::sampled(format!("{id}-01").as_bytes()));
+        assert!(super::sampled(format!("{id}-03").as_bytes()));
+        assert!(!super::sampled(format!("{id}-00").as_bytes()));
+        assert!(!super::sampled(b"00-short-01"));
+        assert!(!super::sampled(format!("{id}-0g").as_bytes()));
     }
 }

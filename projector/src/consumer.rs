@@ -91,6 +91,7 @@ fn traced(message: &impl rdkafka::message::Message) -> Option<String> {
         .iter()
         .find(|h| h.key == newsroom_infra::trace::HEADER)
         .and_then(|h| h.value)
+        .filter(|v| newsroom_infra::trace::sampled(v))
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned)
 }
@@ -676,10 +677,13 @@ impl<S: Store> Worker<'_, S> {
         }
         // Each event that carries a trace context gets a span of that trace, open until
         // the batch is committed (or the consumer reopens).
-        let _spans: Vec<tracing::Span> = records
+        // A live consumer gives each event that carries a sampled trace context a span of
+        // that trace, open until the batch is committed (or the consumer reopens). Replays
+        // add none to old traces.
+        let spans: Vec<Option<tracing::Span>> = records
             .iter()
-            .filter_map(|r| {
-                let trace = r.trace.as_deref()?;
+            .map(|r| {
+                let trace = r.trace.as_deref().filter(|_| self.mode == Mode::Live)?;
                 let span = tracing::info_span!(
                     "apply",
                     consumer = %self.label,
@@ -710,7 +714,11 @@ impl<S: Store> Worker<'_, S> {
                 }
                 match self.decode(r.payload.as_deref()).await {
                     Ok(mut event) => {
-                        event.trace.clone_from(&r.trace);
+                        // What the store starts from this event (an e-mail) continues
+                        // this consumer's span.
+                        event.trace = spans[i]
+                            .as_ref()
+                            .and_then(newsroom_infra::trace::traceparent);
                         events.push(event);
                         applied.push(i);
                     }

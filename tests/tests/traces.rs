@@ -6,10 +6,19 @@
 use std::time::Duration;
 
 use newsroom_tests::{TestApp, mails_to, until};
-use opentelemetry::trace::TraceId;
+use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use reqwest::StatusCode as S;
 use serde_json::json;
+
+/// A finished span of the trace, as the test looks at it.
+#[derive(Debug)]
+struct Span {
+    name: String,
+    consumer: Option<String>,
+    id: SpanId,
+    parent: SpanId,
+}
 
 #[tokio::test]
 async fn a_publication_s_trace_links_the_command_the_projections_the_notifier_and_the_mailer()
@@ -61,19 +70,21 @@ async fn a_publication_s_trace_links_the_command_the_projections_the_notifier_an
     .await?;
 
     let wanted = TraceId::from_hex(trace)?;
-    let in_trace = || -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let in_trace = || -> anyhow::Result<Vec<Span>> {
         newsroom_infra::telemetry::flush_spans();
         Ok(exporter
             .get_finished_spans()?
             .into_iter()
             .filter(|s| s.span_context.trace_id() == wanted)
-            .map(|s| {
-                let consumer = s
+            .map(|s| Span {
+                name: s.name.to_string(),
+                consumer: s
                     .attributes
                     .iter()
                     .find(|kv| kv.key.as_str() == "consumer")
-                    .map(|kv| kv.value.to_string());
-                (s.name.to_string(), consumer)
+                    .map(|kv| kv.value.to_string()),
+                id: s.span_context.span_id(),
+                parent: s.parent_span_id,
             })
             .collect())
     };
@@ -85,21 +96,28 @@ async fn a_publication_s_trace_links_the_command_the_projections_the_notifier_an
         Ok(expected.iter().all(|c| {
             spans
                 .iter()
-                .any(|(name, consumer)| name == "apply" && consumer.as_deref() == Some(c))
-        }) && spans.iter().any(|(name, _)| name == "send e-mail"))
+                .any(|s| s.name == "apply" && s.consumer.as_deref() == Some(c))
+        }) && spans.iter().any(|s| s.name == "send e-mail"))
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e:#}; spans of the trace: {:?}", in_trace()))?;
     let spans = in_trace()?;
     assert!(
-        spans.iter().any(|(name, _)| name == "request"),
+        spans.iter().any(|s| s.name == "request"),
         "the command's request is in the trace: {spans:?}"
     );
+    // The e-mail continues the notifier's work on the event.
+    let notified = spans
+        .iter()
+        .find(|s| s.name == "apply" && s.consumer.as_deref() == Some("notify"))
+        .map(|s| s.id);
+    let sent = spans.iter().find(|s| s.name == "send e-mail");
+    assert_eq!(sent.map(|s| s.parent), notified, "{spans:?}");
     // Nothing of another consumer's topic claims this trace.
     assert!(
         !spans
             .iter()
-            .any(|(name, consumer)| name == "apply" && consumer.as_deref() == Some("reads")),
+            .any(|s| s.name == "apply" && s.consumer.as_deref() == Some("reads")),
         "{spans:?}"
     );
     app.stop().await
