@@ -2,7 +2,6 @@
 //! One binary (one link) for every test that can run in parallel with the others.
 
 mod commands;
-mod console;
 mod notify;
 mod queries;
 mod read_side;

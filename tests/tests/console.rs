@@ -2,6 +2,9 @@
 //! chromedriver (WebDriver), logs in, sees a consumer's lag and its parked aggregate,
 //! retries the dead letter and sees it clear, browses the aggregate's events and replays a
 //! read model. Each page's screenshot is written to `target/console-screenshots/`.
+//!
+//! A test binary of its own: Chromium's processes would otherwise share the two cores with
+//! the many apps of the API tests, whose timing they disturb.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
