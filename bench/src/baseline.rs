@@ -134,7 +134,9 @@ pub async fn produce_backlog(settings: &Settings, count: usize) -> anyhow::Resul
     )
     .create()
     .context("creating the producer")?;
-    producer.init_transactions(Duration::from_secs(30))?;
+    newsroom_infra::kafka::init_transactions(Duration::from_secs(30), |t| {
+        producer.init_transactions(t)
+    })?;
     let author = Uuid::now_v7();
     let started = Instant::now();
     let mut sent = 0;

@@ -83,6 +83,31 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// A producer's `init_transactions` (`init`), tried again while Kafka answers with a retriable error (a
+/// coordinator still loading its transaction log after a broker start answers
+/// COORDINATOR_LOAD_IN_PROGRESS), until `timeout` has passed. Blocking.
+pub fn init_transactions(
+    timeout: Duration,
+    mut init: impl FnMut(Duration) -> rdkafka::error::KafkaResult<()>,
+) -> rdkafka::error::KafkaResult<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match init(left.max(Duration::from_millis(100))) {
+            Err(rdkafka::error::KafkaError::Transaction(e))
+                if e.is_retriable() && std::time::Instant::now() + RETRY_PAUSE < deadline =>
+            {
+                tracing::info!(error = %e, "init_transactions: retrying");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// The pause between two tries of `init_transactions`.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// A transactional, idempotent producer configuration with the given transactional id.
 pub fn transactional_producer(settings: &KafkaSettings, transactional_id: &str) -> ClientConfig {
     let timeout = settings.timeout_ms.max(1000);

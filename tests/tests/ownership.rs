@@ -890,7 +890,9 @@ async fn a_takeover_waits_for_a_transaction_left_open_on_its_partition() -> anyh
         // Open for longer than the test takes (a dead writer's is aborted after 6 s).
         .set("transaction.timeout.ms", "120000")
         .create()?;
-        producer.init_transactions(Duration::from_secs(30))?;
+        newsroom_infra::kafka::init_transactions(Duration::from_secs(30), |t| {
+            producer.init_transactions(t)
+        })?;
         producer.begin_transaction()?;
         producer
             .send(

@@ -491,7 +491,10 @@ async fn connect(shared: &Shared, transactional_id: &str) -> anyhow::Result<Conn
             context,
         )?;
         let init = producer.clone();
-        tokio::task::spawn_blocking(move || init.init_transactions(timeout)).await??;
+        tokio::task::spawn_blocking(move || {
+            newsroom_infra::kafka::init_transactions(timeout, |t| init.init_transactions(t))
+        })
+        .await??;
         producers.push(producer);
     }
     shared.kafka_up.store(true, Ordering::Relaxed);
