@@ -796,6 +796,20 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_else(|e| panic!("building the HTTP client: {e}"))
 }
 
+/// One consistency token naming every position of `tokens` (a query that must see the
+/// effects of writes to several streams).
+pub fn merge_tokens(tokens: &[&str]) -> anyhow::Result<String> {
+    use newsroom_events::consistency::ConsistencyToken;
+    let mut merged = ConsistencyToken::default();
+    for token in tokens {
+        let token = ConsistencyToken::parse(token)?;
+        for (stream, position) in token.positions() {
+            merged.add(stream, position);
+        }
+    }
+    Ok(merged.to_string())
+}
+
 /// The user id a token names (its `sub`), read without verifying it.
 pub fn token_subject(token: &str) -> anyhow::Result<Uuid> {
     use base64::Engine as _;

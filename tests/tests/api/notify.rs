@@ -334,8 +334,10 @@ async fn a_follower_gets_one_inbox_entry_and_one_email_per_article_of_their_cate
 async fn an_erased_user_gets_nothing_more_and_their_inbox_is_removed() -> TestResult {
     let app = TestApp::spawn().await?;
     let (editor, follower, admin) = (app.editor().await?, app.reader().await?, app.admin().await?);
-    follow(&app, &follower, &["sports"]).await?;
-    let (_, token) = publish(&app, &editor, "sports", "Before erasure", &[]).await?;
+    let followed = follow(&app, &follower, &["sports"]).await?;
+    let (_, published) = publish(&app, &editor, "sports", "Before erasure", &[]).await?;
+    // The follow is on the users stream, the publication on the news stream.
+    let token = newsroom_tests::merge_tokens(&[&followed, &published])?;
     assert_eq!(
         inbox(&app, &follower, Some(&token)).await?["items"]
             .as_array()

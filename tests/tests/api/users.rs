@@ -351,6 +351,8 @@ async fn a_password_change_a_role_change_and_an_erasure_revoke_earlier_tokens_on
     let admin = app.admin().await?;
     let (http, command_url, query_url) =
         (&app.http, app.command_url.as_str(), app.query_url.as_str());
+    // Reads carry the consistency token of the last command, so that they see its effect.
+    let last = &std::sync::Mutex::new(String::new());
     let command = |method: reqwest::Method, path: String, token: String, body: Value| async move {
         let response = http
             .request(method, format!("{command_url}{path}"))
@@ -358,14 +360,20 @@ async fn a_password_change_a_role_change_and_an_erasure_revoke_earlier_tokens_on
             .json(&body)
             .send()
             .await?;
+        if let Some(written) = response.headers().get("x-consistency-token") {
+            *last.lock().unwrap() = written.to_str()?.to_owned();
+        }
         anyhow::Ok(response.status())
     };
     let read = |id: uuid::Uuid, token: String| async move {
-        let response = http
+        let written = last.lock().unwrap().clone();
+        let mut request = http
             .get(format!("{query_url}/v1/users/{id}"))
-            .bearer_auth(token)
-            .send()
-            .await?;
+            .bearer_auth(token);
+        if !written.is_empty() {
+            request = request.header("x-consistency-token", written);
+        }
+        let response = request.send().await?;
         anyhow::Ok(response.status())
     };
 
