@@ -361,12 +361,12 @@ async fn a_password_change_a_role_change_and_an_erasure_revoke_earlier_tokens_on
             .send()
             .await?;
         if let Some(written) = response.headers().get("x-consistency-token") {
-            *last.lock().unwrap() = written.to_str()?.to_owned();
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = written.to_str()?.to_owned();
         }
         anyhow::Ok(response.status())
     };
     let read = |id: uuid::Uuid, token: String| async move {
-        let written = last.lock().unwrap().clone();
+        let written = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut request = http
             .get(format!("{query_url}/v1/users/{id}"))
             .bearer_auth(token);
