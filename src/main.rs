@@ -65,6 +65,13 @@ enum Role {
         #[arg(long)]
         quiet: bool,
     },
+    /// Print an API's OpenAPI description (the one it serves at /openapi.json), generated
+    /// from its handlers, types and validation code.
+    Openapi {
+        /// Which API.
+        #[arg(value_parser = ["command", "query"])]
+        api: String,
+    },
     /// Events a consumer could not apply, and the ones parked behind them.
     DeadLetters {
         #[command(subcommand)]
@@ -169,6 +176,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::DeadLetters { action } => {
             return newsroom::dead_letters::run(&cli.settings, action.into()).await;
+        }
+        Role::Openapi { api } => {
+            let document = match api.as_str() {
+                "command" => newsroom_command::openapi::document(),
+                _ => newsroom_query::openapi::document(),
+            };
+            println!("{document}");
+            return Ok(());
         }
         Role::Setup => {
             newsroom_infra::kafka::ensure_topics(&cli.settings.kafka).await?;

@@ -71,6 +71,9 @@ fn author(body: &[u8]) -> Option<uuid::Uuid> {
     uuid::Uuid::parse_str(answer.get("author")?.get("id")?.as_str()?).ok()
 }
 
+/// What [`valid_key`] takes, as the OpenAPI description's pattern.
+pub const KEY_PATTERN: &str = "^[!-~]{1,255}$";
+
 fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod forward;
 pub mod idempotency;
 pub mod keys;
+pub mod openapi;
 pub mod owner;
 pub mod password;
 pub mod routes;
@@ -57,9 +58,6 @@ pub struct State {
     /// Token floors (revocations).
     pub revocations: newsroom_infra::auth::Revocations,
 }
-
-/// The OpenAPI document of the command API.
-pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// A running command API.
 pub struct CommandApi {
@@ -152,7 +150,7 @@ pub async fn build(
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
-        openapi: OPENAPI,
+        openapi: openapi::document().into(),
         optional: &[],
         readiness: Arc::new(move || {
             let state = ready_state.clone();
@@ -200,21 +198,18 @@ pub async fn build(
             )
             .route("/v1/news", web::post().to(routes::news::create))
             .route("/v1/news/{id}", web::patch().to(routes::news::update))
-            .route(
-                "/v1/news/{id}",
-                web::delete().to(routes::news::transition::<routes::news::Delete>),
-            )
+            .route("/v1/news/{id}", web::delete().to(routes::news::delete))
             .route(
                 "/v1/news/{id}/publish",
-                web::post().to(routes::news::transition::<routes::news::Publish>),
+                web::post().to(routes::news::publish),
             )
             .route(
                 "/v1/news/{id}/unpublish",
-                web::post().to(routes::news::transition::<routes::news::Unpublish>),
+                web::post().to(routes::news::unpublish),
             )
             .route(
                 "/v1/news/{id}/archive",
-                web::post().to(routes::news::transition::<routes::news::Archive>),
+                web::post().to(routes::news::archive),
             )
             .default_service(web::to(http::not_found))
     })

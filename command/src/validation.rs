@@ -1,13 +1,24 @@
 //! Turning JSON bodies into validated input, collecting every invalid field at once.
+//!
+//! The same reading code also describes the body: [`Fields::describe`] runs it over no
+//! input and records the JSON Schema of every field it reads, so that the OpenAPI
+//! description of a request body is the validation itself.
 
 use newsroom_infra::http::{ApiError, FieldError};
 use serde_json::{Map, Value};
+use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa::openapi::{RefOr, Schema};
 
 /// Collects field errors while reading a JSON object.
 pub struct Fields<'a> {
     object: &'a Map<String, Value>,
     errors: Vec<FieldError>,
+    /// When describing: the schema of the body so far.
+    described: Option<ObjectBuilder>,
 }
+
+/// The empty object a description reads.
+static NOTHING: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
 
 impl<'a> Fields<'a> {
     /// Starts reading `body`, which must be a JSON object.
@@ -16,14 +27,40 @@ impl<'a> Fields<'a> {
             Value::Object(object) => Ok(Fields {
                 object,
                 errors: Vec::new(),
+                described: None,
             }),
             _ => Err(ApiError::Malformed("the body must be a JSON object".into())),
+        }
+    }
+
+    /// The JSON Schema of the body that `read` reads: every field it asks for, with its
+    /// type and limits, required unless read as optional.
+    pub fn describe(read: impl FnOnce(&mut Fields<'_>)) -> Schema {
+        let mut fields = Fields {
+            object: &NOTHING,
+            errors: Vec::new(),
+            described: Some(ObjectBuilder::new().schema_type(Type::Object)),
+        };
+        read(&mut fields);
+        Schema::Object(fields.described.unwrap_or_default().build())
+    }
+
+    /// Records `field` in the description, if describing (the first reading counts).
+    fn note(&mut self, field: &str, required: bool, schema: impl Into<RefOr<Schema>>) {
+        if let Some(object) = self.described.take() {
+            let object = object.property(field, schema);
+            self.described = Some(if required {
+                object.required(field)
+            } else {
+                object
+            });
         }
     }
 
     /// A required string, trimmed, whose length in characters is within `min..=max`.
     /// A one-line text: no control characters at all.
     pub fn trimmed_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        self.note(field, true, text(min, max));
         let raw = self.raw_string(field)?;
         let trimmed = raw.trim();
         (self.check_length(field, trimmed, min, max) && self.check_controls(field, trimmed, ""))
@@ -33,6 +70,7 @@ impl<'a> Fields<'a> {
     /// A required text taken as is (contents: lines), length within `min..=max`; tabs and
     /// line breaks are the only control characters allowed.
     pub fn exact_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        self.note(field, true, text(min, max));
         let raw = self.raw_string(field)?;
         (self.check_length(field, raw, min, max) && self.check_controls(field, raw, "\t\n\r"))
             .then(|| raw.to_owned())
@@ -41,6 +79,7 @@ impl<'a> Fields<'a> {
     /// A required secret taken as is, any character counting (a password is only ever
     /// hashed; one set before control characters were refused must still log in).
     pub fn secret_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        self.note(field, true, text(min, max));
         let raw = self.raw_string(field)?;
         self.check_length(field, raw, min, max)
             .then(|| raw.to_owned())
@@ -48,10 +87,11 @@ impl<'a> Fields<'a> {
 
     /// A required e-mail address (trimmed).
     pub fn email(&mut self, field: &str) -> Option<String> {
+        self.note(field, true, email_schema());
         let raw = self.raw_string(field)?;
         let email = raw.trim();
-        if email.len() > 254 {
-            self.error(field, "must be at most 254 characters");
+        if email.len() > MAX_EMAIL {
+            self.error(field, format!("must be at most {MAX_EMAIL} characters"));
             return None;
         }
         if !is_valid_email(email) {
@@ -73,14 +113,25 @@ impl<'a> Fields<'a> {
         min: usize,
         max: usize,
     ) -> Option<String> {
+        self.note(field, false, text(min, max));
         if !self.has(field) {
             return None;
         }
         self.trimmed_string(field, min, max)
     }
 
+    /// An optional text taken as is (see [`Fields::exact_string`]).
+    pub fn optional_exact_string(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        self.note(field, false, text(min, max));
+        if !self.has(field) {
+            return None;
+        }
+        self.exact_string(field, min, max)
+    }
+
     /// An optional e-mail address.
     pub fn optional_email(&mut self, field: &str) -> Option<String> {
+        self.note(field, false, email_schema());
         if !self.has(field) {
             return None;
         }
@@ -89,6 +140,11 @@ impl<'a> Fields<'a> {
 
     /// An optional boolean.
     pub fn optional_bool(&mut self, field: &str) -> Option<bool> {
+        self.note(
+            field,
+            false,
+            ObjectBuilder::new().schema_type(Type::Boolean),
+        );
         match self.object.get(field) {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
@@ -106,6 +162,7 @@ impl<'a> Fields<'a> {
         allowed: &str,
         parse: impl Fn(&str) -> Option<T>,
     ) -> Option<T> {
+        self.note(field, true, choice(allowed, &parse));
         let raw = self.raw_string(field)?;
         let parsed = parse(raw);
         if parsed.is_none() {
@@ -121,6 +178,7 @@ impl<'a> Fields<'a> {
         allowed: &str,
         parse: impl Fn(&str) -> Option<T>,
     ) -> Option<T> {
+        self.note(field, false, choice(allowed, &parse));
         if !self.has(field) {
             return None;
         }
@@ -134,6 +192,11 @@ impl<'a> Fields<'a> {
         allowed: &str,
         parse: impl Fn(&str) -> Option<T>,
     ) -> Option<Vec<T>> {
+        self.note(
+            field,
+            false,
+            ArrayBuilder::new().items(choice(allowed, &parse)),
+        );
         let items = match self.object.get(field) {
             None | Some(Value::Null) => return None,
             Some(Value::Array(items)) => items,
@@ -165,6 +228,13 @@ impl<'a> Fields<'a> {
         max_items: usize,
         max_len: usize,
     ) -> Option<Vec<String>> {
+        self.note(
+            field,
+            false,
+            ArrayBuilder::new()
+                .items(text(1, max_len))
+                .max_items(Some(max_items)),
+        );
         let items = match self.object.get(field) {
             None | Some(Value::Null) => return None,
             Some(Value::Array(items)) => items,
@@ -207,9 +277,15 @@ impl<'a> Fields<'a> {
         Some(tags)
     }
 
-    /// Records an error that concerns the body as a whole or a rule across fields.
-    pub fn reject(&mut self, field: &str, message: impl Into<String>) {
-        self.error(field, message);
+    /// Requires at least one of `names` (present and not null); the error names `body`.
+    pub fn require_any(&mut self, names: &[&str]) {
+        if let Some(object) = self.described.take() {
+            self.described = Some(object.min_properties(Some(1)));
+            return;
+        }
+        if !names.iter().any(|f| self.has(f)) {
+            self.error("body", format!("give at least one of {}", names.join(", ")));
+        }
     }
 
     /// Ends reading: the errors, if any, as one 422.
@@ -278,6 +354,36 @@ impl<'a> Fields<'a> {
 
 /// How many times the tag limit a tag list may hold before duplicates are removed.
 const MAX_TAG_REPEATS: usize = 5;
+
+/// The longest e-mail address taken.
+const MAX_EMAIL: usize = 254;
+
+/// A string of `min..=max` characters.
+fn text(min: usize, max: usize) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(min))
+        .max_length(Some(max))
+}
+
+/// An e-mail address.
+fn email_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Email)))
+        .max_length(Some(MAX_EMAIL))
+}
+
+/// One of the values listed in `allowed` (`a, b, c`) that `parse` takes.
+fn choice<T>(allowed: &str, parse: impl Fn(&str) -> Option<T>) -> ObjectBuilder {
+    let values: Vec<&str> = allowed
+        .split(", ")
+        .filter(|value| parse(value).is_some())
+        .collect();
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+}
 
 /// A pragmatic check of an addr-spec: `local@domain`, a dot-separated domain of letters,
 /// digits and hyphens with a top-level label of two or more letters, no spaces or controls.

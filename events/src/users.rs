@@ -24,6 +24,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Reader, Role::Editor, Role::Admin];
+
     /// The role's name as the API and the read models spell it.
     pub fn as_str(self) -> &'static str {
         match self {

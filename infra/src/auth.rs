@@ -54,7 +54,8 @@ struct Claims {
 }
 
 /// A token as `POST /v1/auth/token` answers it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Token)]
 pub struct IssuedToken {
     /// The JWT.
     pub access_token: String,

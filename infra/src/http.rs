@@ -25,7 +25,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// One invalid field of a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     /// The field's name as in the request body.
     pub field: String,
@@ -101,18 +101,27 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An error as the APIs answer it (`application/problem+json`, RFC 9457).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem<'a> {
+    /// A URI naming the kind of error.
     #[serde(rename = "type")]
     kind: String,
+    /// A short summary of the kind.
     title: &'a str,
+    /// The HTTP status.
     status: u16,
+    /// What went wrong with this request.
     detail: String,
+    /// A stable machine-readable code (API.md).
     code: &'a str,
+    /// Every invalid field (422 `validation_failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     errors: Option<&'a [FieldError]>,
+    /// The version `If-Match` named (412 `version_mismatch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     expected: Option<i64>,
+    /// The current version (412 `version_mismatch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     actual: Option<i64>,
 }
@@ -427,8 +436,8 @@ pub type ReadinessCheck =
 pub struct Ops {
     /// The service name (`command-api`, `query-api`).
     pub service: &'static str,
-    /// Its OpenAPI document.
-    pub openapi: &'static str,
+    /// Its OpenAPI document (generated from the code at start).
+    pub openapi: std::sync::Arc<str>,
     /// Its readiness probe.
     pub readiness: ReadinessCheck,
     /// Checks whose failure degrades the service without making it unready (it has a
@@ -437,6 +446,9 @@ pub struct Ops {
 }
 
 /// Mounts `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
+///
+/// Their descriptions (and the problem answer both APIs share) are in
+/// [`crate::openapi`].
 pub fn ops_routes(cfg: &mut web::ServiceConfig, ops: Ops) {
     cfg.app_data(web::Data::new(ops))
         .route("/healthz", web::get().to(healthz))
@@ -445,11 +457,22 @@ pub fn ops_routes(cfg: &mut web::ServiceConfig, ops: Ops) {
         .route("/openapi.json", web::get().to(openapi));
 }
 
-async fn healthz(ops: web::Data<Ops>) -> HttpResponse {
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", summary = "Liveness", responses(
+    (status = 200, description = "The process answers"),
+    (status = 429, response = crate::openapi::ProblemAnswer),
+))]
+pub async fn healthz(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok", "service": ops.service}))
 }
 
-async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
+/// `GET /readyz`.
+#[utoipa::path(get, path = "/readyz", summary = "Readiness: 503 with the failing dependencies", responses(
+    (status = 200, description = "Ready, or degraded (a dependency with a fallback is down)"),
+    (status = 429, response = crate::openapi::ProblemAnswer),
+    (status = 503, description = "A dependency is down"),
+))]
+pub async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
     let checks = (ops.readiness)().await;
     let down: Vec<&str> = checks
         .iter()
@@ -478,7 +501,12 @@ async fn readyz(ops: web::Data<Ops>) -> HttpResponse {
     }
 }
 
-async fn metrics_text() -> HttpResponse {
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics", responses(
+    (status = 200, description = "The metrics in Prometheus' text format", content_type = "text/plain"),
+    (status = 429, response = crate::openapi::ProblemAnswer),
+))]
+pub async fn metrics_text() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(metrics::render())
@@ -487,5 +515,5 @@ async fn metrics_text() -> HttpResponse {
 async fn openapi(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(ops.openapi)
+        .body(ops.openapi.to_string())
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod kafka;
 pub mod limit;
 pub mod metrics;
+pub mod openapi;
 pub mod producer;
 pub mod read_models;
 pub mod redis;

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// A user as the APIs show it (never a password or its hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = User)]
 pub struct UserView {
     /// Id.
     pub id: Uuid,
@@ -15,8 +16,10 @@ pub struct UserView {
     /// E-mail address.
     pub email: String,
     /// `reader`, `editor` or `admin`.
+    #[schema(schema_with = role_schema)]
     pub role: String,
     /// Categories whose publications notify the user.
+    #[schema(schema_with = categories_schema)]
     pub followed_categories: Vec<String>,
     /// Whether notifications also go out by e-mail.
     pub email_notifications: bool,
@@ -28,7 +31,8 @@ pub struct UserView {
 }
 
 /// The author of an article as the APIs show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Author)]
 pub struct AuthorView {
     /// User id of the editor.
     pub id: Uuid,
@@ -40,11 +44,13 @@ pub struct AuthorView {
 pub const DELETED_AUTHOR: &str = "[deleted]";
 
 /// An article as the APIs show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = News)]
 pub struct NewsView {
     /// Id.
     pub id: Uuid,
     /// `famous`, `politics` or `sports`.
+    #[schema(schema_with = category_schema)]
     pub category: String,
     /// Title.
     pub title: String,
@@ -56,6 +62,7 @@ pub struct NewsView {
     /// Who drafted it.
     pub author: AuthorView,
     /// `draft`, `published` or `archived`.
+    #[schema(schema_with = status_schema)]
     pub status: String,
     /// Number of events of the article.
     pub version: i64,
@@ -70,6 +77,34 @@ pub struct NewsView {
     pub published_at: Option<DateTime<Utc>>,
     /// Reads counted so far.
     pub read_count: i64,
+}
+
+/// The statuses of an article, as the APIs spell them.
+pub const NEWS_STATUSES: [&str; 3] = ["draft", "published", "archived"];
+
+fn choice(
+    values: impl IntoIterator<Item = &'static str>,
+) -> utoipa::openapi::schema::ObjectBuilder {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(values))
+}
+
+/// A category's schema (its name).
+pub fn category_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    choice(newsroom_events::Category::ALL.map(|c| c.as_str()))
+}
+
+fn categories_schema() -> utoipa::openapi::schema::ArrayBuilder {
+    utoipa::openapi::schema::ArrayBuilder::new().items(category_schema())
+}
+
+fn role_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    choice(newsroom_events::users::Role::ALL.map(|r| r.as_str()))
+}
+
+fn status_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    choice(NEWS_STATUSES)
 }
 
 /// Optional RFC 3339 timestamps (null when absent).

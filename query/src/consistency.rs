@@ -14,8 +14,10 @@ use sqlx::PgPool;
 pub const TOKEN: &str = "x-consistency-token";
 /// The request header bounding the wait.
 pub const TIMEOUT: &str = "x-consistency-timeout-ms";
-const DEFAULT_TIMEOUT_MS: u64 = 3000;
-const MAX_TIMEOUT_MS: u64 = 30_000;
+/// How long a request waits for its token unless it says otherwise.
+pub const DEFAULT_TIMEOUT_MS: u64 = 3000;
+/// The longest wait a request may ask for.
+pub const MAX_TIMEOUT_MS: u64 = 30_000;
 const POLL: Duration = Duration::from_millis(5);
 
 /// The projection that has applied a stream's events.

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod consistency;
 pub mod log_ends;
+pub mod openapi;
 pub mod reads;
 pub mod recommend;
 pub mod routes;
@@ -36,9 +37,6 @@ pub struct State {
     /// Where the log ends (forged consistency tokens are refused).
     pub log_ends: Arc<log_ends::LogEnds>,
 }
-
-/// The OpenAPI document of the query API.
-pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Builds the query API on `listener` over the read models in `pool`.
 pub async fn build(
@@ -73,7 +71,7 @@ pub async fn build(
     let ready_state = state.clone();
     let ops = Ops {
         service: "query-api",
-        openapi: OPENAPI,
+        openapi: openapi::document().into(),
         // Without Redis the query API answers from PostgreSQL: degraded, still ready.
         optional: &["redis"],
         readiness: Arc::new(move || {

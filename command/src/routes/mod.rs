@@ -25,6 +25,9 @@ pub fn token_for(stream: Stream, position: Position) -> String {
     token.to_string()
 }
 
+/// What [`if_match`] takes, as the OpenAPI description's pattern.
+pub const IF_MATCH_PATTERN: &str = r#"^(\*|(W/)?"?[1-9][0-9]{0,17}"?)$"#;
+
 /// `If-Match: "<version>"` (quotes optional; `*` or absent: no precondition).
 pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     let Some(value) = req.headers().get(header::IF_MATCH) else {

@@ -133,6 +133,23 @@ fn editor(actor: Actor) -> Result<Actor, ApiError> {
 
 /// `POST /v1/news`: draft an article (editors, admins).
 #[tracing::instrument(skip_all)]
+#[utoipa::path(post, path = "/v1/news",
+    summary = "Draft an article (editor, admin)",
+    params(crate::openapi::Keyed),
+    request_body = crate::openapi::CreateNews,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Drafted", body = NewsView, headers(("Location" = String), ("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn create(
     req: HttpRequest,
     caller: Caller,
@@ -141,10 +158,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let actor = editor(caller.required()?)?;
     let mut fields = Fields::of(&body.value)?;
-    let category = fields.one_of("category", CATEGORIES, Category::parse);
-    let title = fields.trimmed_string("title", 1, 200);
-    let content = fields.exact_string("content", 1, 100_000);
-    let tags = fields.optional_tags("tags", 20, 50).unwrap_or_default();
+    let (category, title, content, tags) = read_draft(&mut fields);
     fields.finish()?;
     let (Some(category), Some(title), Some(content)) = (category, title, content) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -182,6 +196,34 @@ pub async fn create(
     Ok(answer(&state, StatusCode::CREATED, &committed).await)
 }
 
+/// The body of `POST /v1/news`: category, title, content and tags.
+pub fn read_draft(
+    fields: &mut Fields<'_>,
+) -> (
+    Option<Category>,
+    Option<String>,
+    Option<String>,
+    Vec<String>,
+) {
+    let category = fields.one_of("category", CATEGORIES, Category::parse);
+    let title = fields.trimmed_string("title", 1, 200);
+    let content = fields.exact_string("content", 1, 100_000);
+    let tags = fields.optional_tags("tags", 20, 50).unwrap_or_default();
+    (category, title, content, tags)
+}
+
+/// The body of `PATCH /v1/news/{id}`: at least one of the draft's fields.
+pub fn read_edit(fields: &mut Fields<'_>) -> Edit {
+    let edit = Edit {
+        category: fields.optional_one_of("category", CATEGORIES, Category::parse),
+        title: fields.optional_trimmed_string("title", 1, 200),
+        content: fields.optional_exact_string("content", 1, 100_000),
+        tags: fields.optional_tags("tags", 20, 50),
+    };
+    fields.require_any(&["category", "title", "content", "tags"]);
+    edit
+}
+
 /// Runs a command on an existing article here, or forwards it to the article's owner.
 async fn run(
     state: &State,
@@ -203,6 +245,26 @@ async fn run(
 
 /// `PATCH /v1/news/{id}`.
 #[tracing::instrument(skip_all, fields(news = %target.id))]
+#[utoipa::path(patch, path = "/v1/news/{id}",
+    summary = "Edit an article (its author, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    request_body = crate::openapi::EditNews,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Edited", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn update(
     req: HttpRequest,
     target: Target,
@@ -216,25 +278,7 @@ pub async fn update(
     } = target;
     let actor = editor(actor)?;
     let mut fields = Fields::of(&body.value)?;
-    let edit = Edit {
-        category: fields.optional_one_of("category", CATEGORIES, Category::parse),
-        title: fields.optional_trimmed_string("title", 1, 200),
-        content: if fields.has("content") {
-            fields.exact_string("content", 1, 100_000)
-        } else {
-            None
-        },
-        tags: fields.optional_tags("tags", 20, 50),
-    };
-    if !["category", "title", "content", "tags"]
-        .iter()
-        .any(|f| fields.has(f))
-    {
-        fields.reject(
-            "body",
-            "give at least one of category, title, content, tags",
-        );
-    }
+    let edit = read_edit(&mut fields);
     fields.finish()?;
     let command = NewsCommand::Edit {
         actor,
@@ -317,4 +361,107 @@ pub async fn transition<T: Transition>(
     } = target;
     let command = T::command(editor(actor)?, expected_version);
     run(&state, &req, &[], id, actor, command, T::STATUS).await
+}
+
+/// `POST /v1/news/{id}/publish`.
+#[utoipa::path(post, path = "/v1/news/{id}/publish",
+    summary = "Publish a draft (its author, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Published", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
+pub async fn publish(
+    req: HttpRequest,
+    target: Target,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    transition::<Publish>(req, target, state).await
+}
+
+/// `POST /v1/news/{id}/unpublish`.
+#[utoipa::path(post, path = "/v1/news/{id}/unpublish",
+    summary = "Take a published article back to draft (its author, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Back to draft", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
+pub async fn unpublish(
+    req: HttpRequest,
+    target: Target,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    transition::<Unpublish>(req, target, state).await
+}
+
+/// `POST /v1/news/{id}/archive`.
+#[utoipa::path(post, path = "/v1/news/{id}/archive",
+    summary = "Archive a published article (its author, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Archived", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
+pub async fn archive(
+    req: HttpRequest,
+    target: Target,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    transition::<Archive>(req, target, state).await
+}
+
+/// `DELETE /v1/news/{id}`.
+#[utoipa::path(delete, path = "/v1/news/{id}",
+    summary = "Delete an article (its author, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
+pub async fn delete(
+    req: HttpRequest,
+    target: Target,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    transition::<Delete>(req, target, state).await
 }

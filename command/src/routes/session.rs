@@ -15,6 +15,21 @@ use crate::validation::Fields;
 /// logins are counted per account and per client address: past the limit, 429 before any
 /// hashing, the right password included, until the minute ends.
 #[tracing::instrument(skip_all)]
+#[utoipa::path(post, path = "/v1/auth/token",
+    summary = "Log in",
+    params(crate::openapi::Keyed),
+    request_body = crate::openapi::Credentials,
+    responses(
+        (status = 200, description = "A bearer token", body = newsroom_infra::auth::IssuedToken),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn token(
     req: HttpRequest,
     body: JsonBody,
@@ -41,14 +56,20 @@ pub async fn token(
     answer
 }
 
+/// The body of `POST /v1/auth/token`: e-mail and password.
+pub fn read_credentials(fields: &mut Fields<'_>) -> (Option<String>, Option<String>) {
+    let email = fields.exact_string("email", 1, 254);
+    let password = fields.secret_string("password", 1, 128);
+    (email, password)
+}
+
 async fn log_in(
     req: &HttpRequest,
     body: &JsonBody,
     state: &State,
 ) -> Result<HttpResponse, ApiError> {
     let mut fields = Fields::of(&body.value)?;
-    let email = fields.exact_string("email", 1, 254);
-    let password = fields.secret_string("password", 1, 128);
+    let (email, password) = read_credentials(&mut fields);
     fields.finish()?;
     let (Some(email), Some(password)) = (email, password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(

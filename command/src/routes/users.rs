@@ -151,17 +151,85 @@ fn definitive(failure: &owner::Submitted) -> bool {
     )
 }
 
+/// The body of `POST /v1/users`: name, e-mail and password.
+pub fn read_registration(
+    fields: &mut Fields<'_>,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let name = fields.trimmed_string("name", 1, 100);
+    let email = fields.email("email");
+    let password = fields.secret_string("password", 8, 128);
+    (name, email, password)
+}
+
+/// The body of `PATCH /v1/users/{id}`: at least one profile field.
+pub fn read_profile(fields: &mut Fields<'_>) -> ProfileFields {
+    let profile = ProfileFields {
+        name: fields.optional_trimmed_string("name", 1, 100),
+        email: fields.optional_email("email"),
+        followed_categories: fields.optional_set_of(
+            "followed_categories",
+            "famous, politics, sports",
+            Category::parse,
+        ),
+        email_notifications: fields.optional_bool("email_notifications"),
+    };
+    fields.require_any(&[
+        "name",
+        "email",
+        "followed_categories",
+        "email_notifications",
+    ]);
+    profile
+}
+
+/// The profile fields of `PATCH /v1/users/{id}` that were given.
+pub struct ProfileFields {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new e-mail address.
+    pub email: Option<String>,
+    /// The categories to follow.
+    pub followed_categories: Option<Vec<Category>>,
+    /// Whether to get e-mails.
+    pub email_notifications: Option<bool>,
+}
+
+/// The body of `PUT /v1/users/{id}/password`: the current and the new password.
+pub fn read_password_change(fields: &mut Fields<'_>) -> (Option<String>, Option<String>) {
+    let current_password = fields.secret_string("current_password", 1, 128);
+    let new_password = fields.secret_string("new_password", 8, 128);
+    (current_password, new_password)
+}
+
+/// The body of `PUT /v1/users/{id}/role`: the role.
+pub fn read_role(fields: &mut Fields<'_>) -> Option<Role> {
+    fields.one_of("role", "reader, editor, admin", Role::parse)
+}
+
 /// `POST /v1/users`: register a reader.
 #[tracing::instrument(skip_all)]
+#[utoipa::path(post, path = "/v1/users",
+    summary = "Register a reader",
+    params(crate::openapi::Keyed),
+    request_body = crate::openapi::RegisterUser,
+    responses(
+        (status = 201, description = "Registered; the event is committed", body = UserView, headers(("Location" = String), ("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn register(
     req: HttpRequest,
     body: JsonBody,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     let mut fields = Fields::of(&body.value)?;
-    let name = fields.trimmed_string("name", 1, 100);
-    let email = fields.email("email");
-    let password = fields.secret_string("password", 8, 128);
+    let (name, email, password) = read_registration(&mut fields);
     fields.finish()?;
     let (Some(name), Some(email), Some(password)) = (name, email, password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -217,6 +285,26 @@ async fn submit_here(
 
 /// `PATCH /v1/users/{id}`: name, e-mail, followed categories, e-mail notifications.
 #[tracing::instrument(skip_all, fields(user = %target.id))]
+#[utoipa::path(patch, path = "/v1/users/{id}",
+    summary = "Change profile fields (self, admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    request_body = crate::openapi::UpdateUser,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Changed", body = UserView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn update(
     req: HttpRequest,
     target: Target,
@@ -229,28 +317,12 @@ pub async fn update(
         expected_version,
     } = target;
     let mut fields = Fields::of(&body.value)?;
-    let name = fields.optional_trimmed_string("name", 1, 100);
-    let email = fields.optional_email("email");
-    let followed_categories = fields.optional_set_of(
-        "followed_categories",
-        "famous, politics, sports",
-        Category::parse,
-    );
-    let email_notifications = fields.optional_bool("email_notifications");
-    if ![
-        "name",
-        "email",
-        "followed_categories",
-        "email_notifications",
-    ]
-    .iter()
-    .any(|f| fields.has(f))
-    {
-        fields.reject(
-            "body",
-            "give at least one of name, email, followed_categories, email_notifications",
-        );
-    }
+    let ProfileFields {
+        name,
+        email,
+        followed_categories,
+        email_notifications,
+    } = read_profile(&mut fields);
     fields.finish()?;
     let partition = state.owners.partition_of(id);
     if let Placement::Forwarded(response) = place(&state, &req, &body.raw, partition).await? {
@@ -319,6 +391,25 @@ pub async fn update(
 
 /// `PUT /v1/users/{id}/password`: self only, with the current password.
 #[tracing::instrument(skip_all, fields(user = %target.id))]
+#[utoipa::path(put, path = "/v1/users/{id}/password",
+    summary = "Set a new password (self)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    request_body = crate::openapi::ChangePassword,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Changed; tokens issued before are revoked", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn change_password(
     req: HttpRequest,
     target: Target,
@@ -331,8 +422,7 @@ pub async fn change_password(
         expected_version,
     } = target;
     let mut fields = Fields::of(&body.value)?;
-    let current_password = fields.secret_string("current_password", 1, 128);
-    let new_password = fields.secret_string("new_password", 8, 128);
+    let (current_password, new_password) = read_password_change(&mut fields);
     fields.finish()?;
     let (Some(current_password), Some(new_password)) = (current_password, new_password) else {
         return Err(ApiError::Internal(anyhow::anyhow!(
@@ -394,6 +484,25 @@ async fn revoke_tokens(state: &State, committed: &Committed<User>) {
 
 /// `PUT /v1/users/{id}/role`: admins only.
 #[tracing::instrument(skip_all, fields(user = %target.id))]
+#[utoipa::path(put, path = "/v1/users/{id}/role",
+    summary = "Give a role (admin)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    request_body = crate::openapi::ChangeRole,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Changed", body = UserView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn change_role(
     req: HttpRequest,
     target: Target,
@@ -406,7 +515,7 @@ pub async fn change_role(
         expected_version,
     } = target;
     let mut fields = Fields::of(&body.value)?;
-    let role = fields.one_of("role", "reader, editor, admin", Role::parse);
+    let role = read_role(&mut fields);
     fields.finish()?;
     let role =
         role.ok_or_else(|| ApiError::Validation(vec![FieldError::new("role", "is required")]))?;
@@ -430,6 +539,22 @@ pub async fn change_role(
 /// `DELETE /v1/users/{id}`: erasure (self or admin). The user's key is destroyed, so the
 /// personal fields of all their events become unreadable.
 #[tracing::instrument(skip_all, fields(user = %target.id))]
+#[utoipa::path(delete, path = "/v1/users/{id}",
+    summary = "Erase the user (self, admin): personal data becomes unreadable everywhere",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Erased", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn erase(
     req: HttpRequest,
     target: Target,
@@ -483,6 +608,21 @@ pub async fn erase(
 
 /// `POST /v1/users/{id}/notifications/read`: self only.
 #[tracing::instrument(skip_all, fields(user = %target.id))]
+#[utoipa::path(post, path = "/v1/users/{id}/notifications/read",
+    summary = "Mark every notification so far as read (self)",
+    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Keyed),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Done", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 pub async fn notifications_read(
     req: HttpRequest,
     target: Target,

@@ -125,6 +125,19 @@ fn not_modified(req: &HttpRequest, version: i64) -> bool {
 }
 
 /// `GET /v1/news/{id}`.
+#[utoipa::path(get, path = "/v1/news/{id}",
+    summary = "An article (drafts and archived: author, admin); an authenticated read is recorded",
+    params(("id" = uuid::Uuid, Path), ("If-None-Match" = Option<String>, Header), crate::openapi::Consistency),
+    responses(
+        (status = 200, description = "The article", body = NewsView, headers(("ETag" = String))),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(news = %id))]
 pub async fn get(
     req: HttpRequest,
@@ -175,14 +188,14 @@ pub async fn get(
 }
 
 /// A whole list (the answer of lists without pages).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Items<T> {
     /// The items.
     pub items: Vec<T>,
 }
 
 /// A page of a list.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     /// The items.
     pub items: Vec<T>,
@@ -219,16 +232,25 @@ pub fn decode_cursor(kind: &str, text: &str) -> Result<(DateTime<Utc>, Uuid), Ap
     Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
+/// The items of a page unless `limit` says otherwise.
+pub const LIMIT_DEFAULT: i64 = 20;
+/// The most items of a page.
+pub const LIMIT_MAX: i64 = 100;
+/// The longest tag a list filters by.
+pub const TAG_MAX: usize = 50;
+
 /// `limit`: 1..=100, default 20.
 pub fn limit(params: &HashMap<String, String>) -> Result<i64, ApiError> {
     match params.get("limit") {
-        None => Ok(20),
+        None => Ok(LIMIT_DEFAULT),
         Some(raw) => raw
             .parse::<i64>()
             .ok()
-            .filter(|l| (1..=100).contains(l))
+            .filter(|l| (1..=LIMIT_MAX).contains(l))
             .ok_or_else(|| {
-                ApiError::Malformed("limit must be a whole number from 1 to 100".into())
+                ApiError::Malformed(format!(
+                    "limit must be a whole number from 1 to {LIMIT_MAX}"
+                ))
             }),
     }
 }
@@ -236,6 +258,16 @@ pub fn limit(params: &HashMap<String, String>) -> Result<i64, ApiError> {
 /// `GET /v1/news?category=&tag=&author_id=&limit=&cursor=`: published articles, newest
 /// publication first. Pages are keyset-based on (published_at, id), so publications made
 /// while a client pages through never make it skip or repeat an item.
+#[utoipa::path(get, path = "/v1/news",
+    summary = "Published news, newest publication first",
+    params(crate::openapi::Filters, crate::openapi::Paging, crate::openapi::Consistency),
+    responses(
+        (status = 200, description = "A page (items without content)", body = Page<NewsView>),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all)]
 pub async fn list(
     req: HttpRequest,
@@ -248,10 +280,11 @@ pub async fn list(
         None => None,
         Some(t) => {
             let tag = t.trim().to_lowercase();
-            if tag.is_empty() || tag.chars().count() > 50 || tag.chars().any(char::is_control) {
-                return Err(ApiError::Malformed(
-                    "tag must be 1 to 50 characters, none of them a control character".into(),
-                ));
+            if tag.is_empty() || tag.chars().count() > TAG_MAX || tag.chars().any(char::is_control)
+            {
+                return Err(ApiError::Malformed(format!(
+                    "tag must be 1 to {TAG_MAX} characters, none of them a control character"
+                )));
             }
             Some(tag)
         }
@@ -383,7 +416,7 @@ mod tests {
 }
 
 /// One entry of a trending list.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Trending {
     /// The article (without content).
     pub news: NewsView,
@@ -400,6 +433,16 @@ struct TrendingRow {
 
 /// `GET /v1/news/trending?category=&limit=`: the most-read published articles of the last
 /// 24 hours (by hour buckets), most reads first.
+#[utoipa::path(get, path = "/v1/news/trending",
+    summary = "Most-read published articles of the last 24 hours (hour buckets)",
+    params(crate::openapi::CategoryFilter, crate::openapi::Limit, crate::openapi::Consistency),
+    responses(
+        (status = 200, description = "The list", body = Items<Trending>),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all)]
 pub async fn trending(
     req: HttpRequest,

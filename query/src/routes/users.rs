@@ -22,6 +22,20 @@ type UserRow = (
 );
 
 /// `GET /v1/users/{id}`: the user themselves or an admin.
+#[utoipa::path(get, path = "/v1/users/{id}",
+    summary = "A user (never the password or its hash)",
+    params(("id" = uuid::Uuid, Path), crate::openapi::Consistency),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The user", body = newsroom_infra::views::UserView, headers(("ETag" = String))),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip(req, state, caller))]
 pub async fn get(
     req: actix_web::HttpRequest,
@@ -63,7 +77,7 @@ pub async fn get(
 }
 
 /// One read of a user's history.
-#[derive(serde::Serialize, sqlx::FromRow)]
+#[derive(serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct HistoryItem {
     /// The article.
     pub news_id: Uuid,
@@ -77,6 +91,20 @@ pub struct HistoryItem {
 }
 
 /// `GET /v1/users/{id}/history?limit=&cursor=`: the user's reads, newest first (self, admin).
+#[utoipa::path(get, path = "/v1/users/{id}/history",
+    summary = "The user's reads, newest first (self, admin)",
+    params(("id" = uuid::Uuid, Path), crate::openapi::Paging, crate::openapi::Consistency),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page", body = crate::routes::news::Page<HistoryItem>),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user = %id))]
 pub async fn history(
     req: actix_web::HttpRequest,
@@ -141,7 +169,7 @@ async fn existing(state: &State, id: Uuid) -> Result<(), ApiError> {
 }
 
 /// One recommendation.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Recommendation {
     /// The article (without content).
     pub news: newsroom_infra::views::NewsView,
@@ -161,6 +189,20 @@ struct RankedRow {
 
 /// `GET /v1/users/{id}/recommendations?limit=`: published articles the user has not read,
 /// ranked by affinity (self, admin). Redis first; PostgreSQL when Redis cannot answer.
+#[utoipa::path(get, path = "/v1/users/{id}/recommendations",
+    summary = "Published articles the user has not read, ranked by their affinity to the articles' category and tags (self, admin)",
+    params(("id" = uuid::Uuid, Path), crate::openapi::Limit, crate::openapi::Consistency),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The ranked recommendations", body = crate::routes::news::Items<Recommendation>),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user = %id))]
 pub async fn recommendations(
     req: actix_web::HttpRequest,
@@ -249,7 +291,7 @@ pub async fn recommendations(
 }
 
 /// One notification.
-#[derive(serde::Serialize, sqlx::FromRow)]
+#[derive(serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Notification {
     /// Its id (the same for a user and an article, in every replay).
     pub id: Uuid,
@@ -258,6 +300,7 @@ pub struct Notification {
     /// Its title when it was published.
     pub title: String,
     /// Its category.
+    #[schema(schema_with = newsroom_infra::views::category_schema)]
     pub category: String,
     /// When it was published.
     #[serde(with = "newsroom_infra::views::rfc3339_micros")]
@@ -266,6 +309,20 @@ pub struct Notification {
 
 /// `GET /v1/users/{id}/notifications?limit=&cursor=`: the user's inbox, newest first, with
 /// the number of entries since they last marked them read (self, admin).
+#[utoipa::path(get, path = "/v1/users/{id}/notifications",
+    summary = "The user's inbox, newest first, and how many entries came since they were last marked read (self, admin)",
+    params(("id" = uuid::Uuid, Path), crate::openapi::Paging, crate::openapi::Consistency),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of the inbox", body = Inbox),
+        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user = %id))]
 pub async fn notifications(
     req: actix_web::HttpRequest,
@@ -316,9 +373,20 @@ pub async fn notifications(
                 .map(|n| encode_cursor("i1", n.created_at, n.news_id))
         })
         .flatten();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "items": items,
-        "next_cursor": next_cursor,
-        "unread_count": unread,
-    })))
+    Ok(HttpResponse::Ok().json(Inbox {
+        items,
+        next_cursor,
+        unread_count: unread,
+    }))
+}
+
+/// A page of a user's inbox.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Inbox {
+    /// The notifications, newest first.
+    pub items: Vec<Notification>,
+    /// Where the next page starts; null on the last page.
+    pub next_cursor: Option<String>,
+    /// How many came since the user last marked them read.
+    pub unread_count: i64,
 }
