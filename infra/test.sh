@@ -24,6 +24,9 @@ fi
 infra/local.sh cluster up
 cargo fmt --all -- --check
 infra/unused-deps.sh
+# The statements written with sqlx's query macros, checked against a database migrated
+# afresh, and the committed `.sqlx/` data the builds use checked against them (ADR 32).
+infra/sqlx-queries.sh check
 cargo clippy --workspace --all-targets -- -D warnings
 # The ownership tests start the newsroom binary as separate processes; the benchmark's
 # smoke run below uses the bench binary.

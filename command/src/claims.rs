@@ -79,28 +79,29 @@ impl Claims {
         event_id: Uuid,
         releases: Option<&str>,
     ) -> anyhow::Result<Claimed> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state, releases) \
              VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (claim) DO NOTHING",
+            claim,
+            user,
+            partition,
+            event_id,
+            releases,
         )
-        .bind(claim)
-        .bind(user)
-        .bind(partition)
-        .bind(event_id)
-        .bind(releases)
         .execute(&self.pool)
         .await
         .context("claiming an e-mail")?;
         if inserted.rows_affected() == 1 {
             return Ok(Claimed::Ours);
         }
-        let row: Option<(Uuid, String, i32)> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT user_id, state, partition FROM cmd_email_claims WHERE claim = $1",
+            claim,
         )
-        .bind(claim)
         .fetch_optional(&self.pool)
         .await
-        .context("reading an e-mail claim")?;
+        .context("reading an e-mail claim")?
+        .map(|r| (r.user_id, r.state, r.partition));
         Ok(match row {
             Some((holder, _, _)) if holder == user => Claimed::Ours,
             Some((holder, state, partition)) => Claimed::Taken {
@@ -116,29 +117,33 @@ impl Claims {
     /// The command committed: the claim is held, the previous one released.
     pub async fn confirm(&self, claim: &str, user: Uuid) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(Option<String>,)> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT releases FROM cmd_email_claims WHERE claim = $1 AND user_id = $2 FOR UPDATE",
+            claim,
+            user,
         )
-        .bind(claim)
-        .bind(user)
         .fetch_optional(&mut *tx)
         .await
         .context("reading an e-mail claim")?;
-        let Some((releases,)) = row else {
+        let Some(row) = row else {
             return Ok(());
         };
-        sqlx::query("UPDATE cmd_email_claims SET state = 'held', releases = NULL, updated_at = now() WHERE claim = $1")
-            .bind(claim)
+        sqlx::query!(
+            "UPDATE cmd_email_claims SET state = 'held', releases = NULL, updated_at = now() WHERE claim = $1",
+            claim,
+        )
+        .execute(&mut *tx)
+        .await
+        .context("confirming an e-mail claim")?;
+        if let Some(old) = row.releases.filter(|old| old != claim) {
+            sqlx::query!(
+                "DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2",
+                old,
+                user,
+            )
             .execute(&mut *tx)
             .await
-            .context("confirming an e-mail claim")?;
-        if let Some(old) = releases.filter(|old| old != claim) {
-            sqlx::query("DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2")
-                .bind(old)
-                .bind(user)
-                .execute(&mut *tx)
-                .await
-                .context("releasing the previous e-mail claim")?;
+            .context("releasing the previous e-mail claim")?;
         }
         tx.commit().await?;
         Ok(())
@@ -146,11 +151,11 @@ impl Claims {
 
     /// The command failed (nothing written): drop the pending claim.
     pub async fn abandon(&self, claim: &str, user: Uuid) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2 AND state = 'pending'",
+            claim,
+            user,
         )
-        .bind(claim)
-        .bind(user)
         .execute(&self.pool)
         .await
         .context("abandoning an e-mail claim")?;
@@ -159,8 +164,7 @@ impl Claims {
 
     /// Releases every claim of an erased user.
     pub async fn release_all(&self, user: Uuid) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM cmd_email_claims WHERE user_id = $1")
-            .bind(user)
+        sqlx::query!("DELETE FROM cmd_email_claims WHERE user_id = $1", user)
             .execute(&self.pool)
             .await
             .context("releasing e-mail claims")?;
@@ -169,14 +173,14 @@ impl Claims {
 
     /// The user holding `claim`.
     pub async fn holder(&self, claim: &str) -> anyhow::Result<Option<Uuid>> {
-        let row: Option<(Uuid,)> = sqlx::query_as(
+        let holder = sqlx::query_scalar!(
             "SELECT user_id FROM cmd_email_claims WHERE claim = $1 AND state = 'held'",
+            claim,
         )
-        .bind(claim)
         .fetch_optional(&self.pool)
         .await
         .context("looking up an e-mail claim")?;
-        Ok(row.map(|(u,)| u))
+        Ok(holder)
     }
 
     /// Makes the claims (and keys, and token floors) of `partition` agree with the users'
@@ -189,15 +193,16 @@ impl Claims {
         users: &HashMap<Uuid, User>,
         keys: &Keys,
     ) -> anyhow::Result<()> {
-        let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT claim, user_id, state FROM cmd_email_claims WHERE partition = $1",
+            partition,
         )
-        .bind(partition)
         .fetch_all(&self.pool)
         .await
         .context("reading the partition's claims")?;
         let mut present = std::collections::HashSet::new();
-        for (claim, user, state) in rows {
+        for row in rows {
+            let (claim, user, state) = (row.claim, row.user_id, row.state);
             let current = users.get(&user).filter(|u| !u.erased);
             let committed = current.is_some_and(|u| u.email_claim == claim);
             if committed {
@@ -207,31 +212,33 @@ impl Claims {
                 (true, "pending") => self.confirm(&claim, user).await?,
                 (true, _) => {}
                 (false, _) => {
-                    sqlx::query("DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2")
-                        .bind(&claim)
-                        .bind(user)
-                        .execute(&self.pool)
-                        .await?;
+                    sqlx::query!(
+                        "DELETE FROM cmd_email_claims WHERE claim = $1 AND user_id = $2",
+                        claim,
+                        user,
+                    )
+                    .execute(&self.pool)
+                    .await?;
                 }
             }
         }
         // A committed user whose claim went missing (a request that wrote nothing gave a
         // claim back that a retry of the same key had committed with) gets it again,
         // unless another user holds that address now.
-        let (claims, holders): (Vec<&str>, Vec<Uuid>) = users
+        let (claims, holders): (Vec<String>, Vec<Uuid>) = users
             .values()
             .filter(|u| !u.erased && !u.email_claim.is_empty() && !present.contains(&u.id))
-            .map(|u| (u.email_claim.as_str(), u.id))
+            .map(|u| (u.email_claim.clone(), u.id))
             .unzip();
         if !claims.is_empty() {
-            let restored = sqlx::query(
+            let restored = sqlx::query!(
                 "INSERT INTO cmd_email_claims (claim, user_id, partition, event_id, state) \
                  SELECT claim, user_id, $3, user_id, 'held' FROM UNNEST($1::text[], $2::uuid[]) AS c(claim, user_id) \
                  ON CONFLICT (claim) DO NOTHING",
+                &claims,
+                &holders,
+                partition,
             )
-            .bind(&claims)
-            .bind(&holders)
-            .bind(partition)
             .execute(&self.pool)
             .await
             .context("restoring e-mail claims")?;

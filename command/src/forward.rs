@@ -150,13 +150,13 @@ impl Directory {
 
     /// Records that this process now writes `partition`.
     pub async fn announce(&self, partition: i32) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO cmd_partition_owners (partition, owner, address) VALUES ($1, $2, $3) \
              ON CONFLICT (partition) DO UPDATE SET owner = EXCLUDED.owner, address = EXCLUDED.address, since = now()",
+            partition,
+            self.instance,
+            self.address,
         )
-        .bind(partition)
-        .bind(&self.instance)
-        .bind(&self.address)
         .execute(&self.pool)
         .await
         .context("announcing partition ownership")?;
@@ -164,15 +164,16 @@ impl Directory {
     }
 
     async fn owner_address(&self, partition: i32) -> anyhow::Result<Option<String>> {
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT owner, address FROM cmd_partition_owners WHERE partition = $1")
-                .bind(partition)
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading the ownership directory")?;
+        let row = sqlx::query!(
+            "SELECT owner, address FROM cmd_partition_owners WHERE partition = $1",
+            partition,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading the ownership directory")?;
         Ok(row
-            .filter(|(owner, _)| *owner != self.instance)
-            .map(|(_, address)| address))
+            .filter(|row| row.owner != self.instance)
+            .map(|row| row.address))
     }
 
     /// Replays `req` with `body` at the owner of `partition`.

@@ -90,12 +90,14 @@ impl Idempotency {
     /// Forgets every outcome `user` asked for, or that is about them (at erasure: the
     /// stored answers hold their name and e-mail).
     pub async fn erase(&self, user: uuid::Uuid) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 OR subject = $2")
-            .bind(user.to_string())
-            .bind(user)
-            .execute(&self.pool)
-            .await
-            .context("forgetting a user's idempotency records")?;
+        sqlx::query!(
+            "DELETE FROM cmd_idempotency WHERE caller = $1 OR subject = $2",
+            user.to_string(),
+            user,
+        )
+        .execute(&self.pool)
+        .await
+        .context("forgetting a user's idempotency records")?;
         Ok(())
     }
 
@@ -112,52 +114,53 @@ impl Idempotency {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let attempt = uuid::Uuid::now_v7();
-            let inserted = sqlx::query(
+            let inserted = sqlx::query!(
                 "INSERT INTO cmd_idempotency (caller, key, request_hash, state, attempt) VALUES ($1, $2, $3, 'pending', $4) \
                  ON CONFLICT (caller, key) DO NOTHING",
+                caller,
+                key,
+                hash,
+                attempt,
             )
-            .bind(caller)
-            .bind(key)
-            .bind(hash)
-            .bind(attempt)
             .execute(&self.pool)
             .await
             .context("recording an idempotency key")?;
             if inserted.rows_affected() == 1 {
                 return Ok(Begun::First(attempt));
             }
-            type Row = (
-                String,
-                String,
-                Option<i32>,
-                Option<Value>,
-                Option<Vec<u8>>,
-                f64,
-                Option<uuid::Uuid>,
-            );
-            let row: Option<Row> = sqlx::query_as(
-                "SELECT request_hash, state, status, headers, body, EXTRACT(EPOCH FROM now() - created_at)::float8, attempt \
-                 FROM cmd_idempotency WHERE caller = $1 AND key = $2",
+            let row = sqlx::query!(
+                r#"SELECT request_hash, state, status, headers, body,
+                          EXTRACT(EPOCH FROM now() - created_at)::float8 AS "age!", attempt
+                   FROM cmd_idempotency WHERE caller = $1 AND key = $2"#,
+                caller,
+                key,
             )
-            .bind(caller)
-            .bind(key)
             .fetch_optional(&self.pool)
             .await
             .context("reading an idempotency key")?;
-            let Some((stored_hash, state, status, headers, body, age, holder)) = row else {
+            let Some(row) = row else {
                 continue;
             };
+            let (stored_hash, state, status, headers, body, age, holder) = (
+                row.request_hash,
+                row.state,
+                row.status,
+                row.headers,
+                row.body,
+                row.age,
+                row.attempt,
+            );
             let expired = age > 24.0 * 3600.0 || (state == "pending" && age > STALE.as_secs_f64());
             if expired {
                 // Only the record as it was read: a concurrent retry may have taken over.
-                sqlx::query(
+                sqlx::query!(
                     "DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2 \
                      AND attempt IS NOT DISTINCT FROM $3 AND state = $4",
+                    caller,
+                    key,
+                    holder,
+                    state,
                 )
-                .bind(caller)
-                .bind(key)
-                .bind(holder)
-                .bind(&state)
                 .execute(&self.pool)
                 .await
                 .context("dropping a stale idempotency key")?;
@@ -186,17 +189,17 @@ impl Idempotency {
         body: &[u8],
         subject: Option<uuid::Uuid>,
     ) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE cmd_idempotency SET state = 'done', status = $3, headers = $4, body = $5, \
              subject = $7 WHERE caller = $1 AND key = $2 AND attempt = $6",
+            attempt.caller,
+            attempt.key,
+            i32::from(status),
+            headers,
+            body,
+            attempt.id,
+            subject,
         )
-        .bind(attempt.caller)
-        .bind(attempt.key)
-        .bind(i32::from(status))
-        .bind(headers)
-        .bind(body)
-        .bind(attempt.id)
-        .bind(subject)
         .execute(&self.pool)
         .await
         .context("recording an outcome")?;
@@ -204,13 +207,15 @@ impl Idempotency {
     }
 
     async fn forget(&self, attempt: &Attempt<'_>) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2 AND attempt = $3")
-            .bind(attempt.caller)
-            .bind(attempt.key)
-            .bind(attempt.id)
-            .execute(&self.pool)
-            .await
-            .context("forgetting an idempotency key")?;
+        sqlx::query!(
+            "DELETE FROM cmd_idempotency WHERE caller = $1 AND key = $2 AND attempt = $3",
+            attempt.caller,
+            attempt.key,
+            attempt.id,
+        )
+        .execute(&self.pool)
+        .await
+        .context("forgetting an idempotency key")?;
         Ok(())
     }
 
@@ -221,11 +226,11 @@ impl Idempotency {
         const CHUNK: u64 = 10_000;
         let mut expired = 0;
         loop {
-            let done = sqlx::query(
+            let done = sqlx::query!(
                 "DELETE FROM cmd_idempotency WHERE ctid IN (SELECT ctid FROM cmd_idempotency \
                  WHERE created_at < now() - interval '24 hours' LIMIT $1)",
+                CHUNK as i64,
             )
-            .bind(CHUNK as i64)
             .execute(&self.pool)
             .await?;
             expired += done.rows_affected();

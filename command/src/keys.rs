@@ -30,13 +30,13 @@ impl Keys {
     /// `user` if there is one (a keyed registration retried: its id is derived from the key).
     pub async fn create(&self, user: Uuid, partition: i32) -> anyhow::Result<UserKey> {
         let fresh = UserKey::generate();
-        let (stored,): (Vec<u8>,) = sqlx::query_as(
+        let stored = sqlx::query_scalar!(
             "INSERT INTO cmd_user_keys (user_id, key, partition) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id RETURNING key",
+            user,
+            fresh.0.as_slice(),
+            partition,
         )
-        .bind(user)
-        .bind(fresh.0.as_slice())
-        .bind(partition)
         .fetch_one(&self.pool)
         .await
         .context("storing a user key")?;
@@ -47,16 +47,17 @@ impl Keys {
 
     /// Loads every key of `partition` into the cache (before its state is rebuilt).
     pub async fn load_partition(&self, partition: i32) -> anyhow::Result<()> {
-        let rows: Vec<(Uuid, Vec<u8>)> =
-            sqlx::query_as("SELECT user_id, key FROM cmd_user_keys WHERE partition = $1")
-                .bind(partition)
-                .fetch_all(&self.pool)
-                .await
-                .context("loading user keys")?;
+        let rows = sqlx::query!(
+            "SELECT user_id, key FROM cmd_user_keys WHERE partition = $1",
+            partition,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context("loading user keys")?;
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        for (user, bytes) in rows {
-            if let Some(key) = UserKey::from_slice(&bytes) {
-                cache.insert(user, key);
+        for row in rows {
+            if let Some(key) = UserKey::from_slice(&row.key) {
+                cache.insert(row.user_id, key);
             }
         }
         Ok(())
@@ -77,8 +78,7 @@ impl Keys {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&user);
-        sqlx::query("DELETE FROM cmd_user_keys WHERE user_id = $1")
-            .bind(user)
+        sqlx::query!("DELETE FROM cmd_user_keys WHERE user_id = $1", user)
             .execute(&self.pool)
             .await
             .context("destroying a user key")?;

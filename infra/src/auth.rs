@@ -182,14 +182,14 @@ impl Revocations {
     ) -> anyhow::Result<()> {
         let (users, ats): (Vec<Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
             floors.iter().copied().unzip();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO cmd_token_floors (user_id, valid_from) \
              SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[]) \
              ON CONFLICT (user_id) DO UPDATE SET valid_from = EXCLUDED.valid_from \
              WHERE cmd_token_floors.valid_from < EXCLUDED.valid_from",
+            &users,
+            &ats,
         )
-        .bind(&users)
-        .bind(&ats)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -219,12 +219,13 @@ impl Revocations {
         let floor = match cached {
             Some(floor) => floor,
             None => {
-                let row: Option<(chrono::DateTime<chrono::Utc>,)> =
-                    sqlx::query_as("SELECT valid_from FROM cmd_token_floors WHERE user_id = $1")
-                        .bind(user)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                let floor = row.map(|(at,)| at.timestamp_millis());
+                let valid_from = sqlx::query_scalar!(
+                    "SELECT valid_from FROM cmd_token_floors WHERE user_id = $1",
+                    user,
+                )
+                .fetch_optional(&self.pool)
+                .await?;
+                let floor = valid_from.map(|at| at.timestamp_millis());
                 self.remember(user, floor);
                 floor
             }

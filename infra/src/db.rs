@@ -114,14 +114,14 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// database that belongs to another prefix (its read models, claims, keys and snapshots
 /// came from other topics).
 pub async fn check_deployment(pool: &PgPool, topic_prefix: &str) -> anyhow::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO deployment (topic_prefix) VALUES ($1) ON CONFLICT (only_row) DO NOTHING",
+        topic_prefix,
     )
-    .bind(topic_prefix)
     .execute(pool)
     .await
     .context("recording the deployment")?;
-    let (owner,): (String,) = sqlx::query_as("SELECT topic_prefix FROM deployment")
+    let owner = sqlx::query_scalar!("SELECT topic_prefix FROM deployment")
         .fetch_one(pool)
         .await
         .context("reading the deployment")?;

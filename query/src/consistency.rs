@@ -136,14 +136,14 @@ pub async fn wait_postgres(pool: &PgPool, wanted: Option<&Wanted>) -> Result<(),
     loop {
         let mut behind = false;
         for (projection, topic, partition, offset) in &wanted.positions {
-            let row: Option<(i64,)> = sqlx::query_as(
+            let next = sqlx::query_scalar!(
                 "SELECT o.next_offset FROM projection_offsets o \
                  JOIN projection_versions v ON v.projection = o.projection AND v.active = o.version \
                  WHERE o.projection = $1 AND o.topic = $2 AND o.partition = $3",
+                projection,
+                topic,
+                partition,
             )
-            .bind(projection)
-            .bind(topic)
-            .bind(partition)
             .fetch_optional(pool)
             .await
             .context("reading projection offsets")
@@ -151,7 +151,7 @@ pub async fn wait_postgres(pool: &PgPool, wanted: Option<&Wanted>) -> Result<(),
                 tracing::error!(error = format!("{e:#}"), "consistency check");
                 ApiError::Unavailable("the read models are unavailable".into())
             })?;
-            if row.is_none_or(|(next,)| next <= *offset) {
+            if next.is_none_or(|next| next <= *offset) {
                 behind = true;
                 break;
             }

@@ -236,17 +236,17 @@ async fn open_session(
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    sqlx::query("DELETE FROM console_sessions WHERE expires_at < now()")
+    sqlx::query!("DELETE FROM console_sessions WHERE expires_at < now()")
         .execute(&console.pool)
         .await
         .context("dropping expired console sessions")?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO console_sessions (secret_hash, user_id, expires_at) \
          VALUES ($1, $2, now() + make_interval(secs => $3))",
+        secret_hash(&secret),
+        admin,
+        lasts.min(SESSION).as_secs_f64(),
     )
-    .bind(secret_hash(&secret))
-    .bind(admin)
-    .bind(lasts.min(SESSION).as_secs_f64())
     .execute(&console.pool)
     .await
     .context("opening a console session")?;
@@ -256,11 +256,13 @@ async fn open_session(
 /// Ends the request's session, if it has one.
 async fn close_session(req: &HttpRequest, console: &Console) -> anyhow::Result<()> {
     if let Some(secret) = cookie(req) {
-        sqlx::query("DELETE FROM console_sessions WHERE secret_hash = $1")
-            .bind(secret_hash(&secret))
-            .execute(&console.pool)
-            .await
-            .context("closing a console session")?;
+        sqlx::query!(
+            "DELETE FROM console_sessions WHERE secret_hash = $1",
+            secret_hash(&secret),
+        )
+        .execute(&console.pool)
+        .await
+        .context("closing a console session")?;
     }
     Ok(())
 }
@@ -274,16 +276,17 @@ async fn admin(req: &HttpRequest, console: &Console) -> Result<Actor, Refused> {
     if secret.len() != 64 {
         return Err(Refused::LogIn);
     }
-    let session: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+    let session = sqlx::query!(
         "SELECT s.user_id, s.created_at FROM console_sessions s \
          LEFT JOIN users u ON u.id = s.user_id \
          WHERE s.secret_hash = $1 AND s.expires_at > now() AND coalesce(u.role = 'admin', true)",
+        secret_hash(&secret),
     )
-    .bind(secret_hash(&secret))
     .fetch_optional(&console.pool)
     .await
-    .context("reading the console session")?;
-    let (id, opened) = session.ok_or(Refused::LogIn)?;
+    .context("reading the console session")?
+    .ok_or(Refused::LogIn)?;
+    let (id, opened) = (session.user_id, session.created_at);
     if console
         .revocations
         .revoked(id, opened.timestamp_millis())

@@ -16,17 +16,18 @@ pub async fn load<A: Aggregate>(
     pool: &PgPool,
     partition: i32,
 ) -> anyhow::Result<Option<(HashMap<Uuid, A::State>, i64)>> {
-    let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT next_offset, state FROM cmd_snapshots WHERE stream = $1 AND partition = $2",
+        A::STREAM.name(),
+        partition,
     )
-    .bind(A::STREAM.name())
-    .bind(partition)
     .fetch_optional(pool)
     .await
     .context("reading a snapshot")?;
-    let Some((next_offset, bytes)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
+    let (next_offset, bytes) = (row.next_offset, row.state);
     let states =
         tokio::task::spawn_blocking(move || serde_json::from_slice::<Vec<A::State>>(&bytes))
             .await?
@@ -49,17 +50,17 @@ pub async fn save<A: Aggregate>(
     let bytes = tokio::task::spawn_blocking(move || serde_json::to_vec(&states))
         .await?
         .context("encoding a snapshot")?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO cmd_snapshots (stream, partition, next_offset, aggregates, state) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (stream, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
          aggregates = EXCLUDED.aggregates, state = EXCLUDED.state, taken_at = now() \
          WHERE cmd_snapshots.next_offset < EXCLUDED.next_offset",
+        A::STREAM.name(),
+        partition,
+        next_offset,
+        count,
+        bytes,
     )
-    .bind(A::STREAM.name())
-    .bind(partition)
-    .bind(next_offset)
-    .bind(count)
-    .bind(bytes)
     .execute(pool)
     .await
     .context("writing a snapshot")?;

@@ -25,15 +25,17 @@ async fn author(state: &State, id: Uuid) -> AuthorView {
     if let Some(name) = state.authors.get(id) {
         return AuthorView { id, name };
     }
-    let row: Option<(String, bool)> =
-        sqlx::query_as("SELECT name, erased FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "reading an author's name");
-                None
-            });
+    let row = sqlx::query!(
+        r#"SELECT name AS "name!", erased AS "erased!" FROM users WHERE id = $1"#,
+        id,
+    )
+    .fetch_optional(&state.pool)
+    .await
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading an author's name");
+        None
+    })
+    .map(|row| (row.name, row.erased));
     let name = match row {
         Some((_, true)) => DELETED_AUTHOR.to_owned(),
         Some((name, false)) => {

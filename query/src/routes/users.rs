@@ -10,17 +10,6 @@ use uuid::Uuid;
 
 use crate::State;
 
-type UserRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    Vec<String>,
-    bool,
-    i64,
-    DateTime<Utc>,
-);
-
 /// `GET /v1/users/{id}`: the user themselves or an admin.
 #[utoipa::path(get, path = "/v1/users/{id}",
     summary = "A user (never the password or its hash)",
@@ -48,28 +37,31 @@ pub async fn get(
     if actor.id != *id && !actor.is_admin() {
         return Err(ApiError::Forbidden);
     }
-    let row: Option<UserRow> = sqlx::query_as(
-        "SELECT id, name, email, role, followed_categories, email_notifications, version, created_at \
-         FROM users WHERE id = $1 AND NOT erased",
+    // Read through the active version's view: a view's columns are nullable to PostgreSQL,
+    // so each says it is not (the tables' columns are NOT NULL).
+    let row = sqlx::query!(
+        r#"SELECT id AS "id!", name AS "name!", email AS "email!", role AS "role!",
+                  followed_categories AS "followed_categories!", email_notifications AS "email_notifications!",
+                  version AS "version!", created_at AS "created_at!"
+           FROM users WHERE id = $1 AND NOT erased"#,
+        *id,
     )
-    .bind(*id)
     .fetch_optional(&state.pool)
     .await
     .map_err(|e| {
         tracing::error!(error = %e, "reading a user from the read model");
         ApiError::Unavailable("the read model is unavailable".into())
     })?;
-    let (id, name, email, role, followed_categories, email_notifications, version, created_at) =
-        row.ok_or(ApiError::NotFound)?;
+    let row = row.ok_or(ApiError::NotFound)?;
     let user = UserView {
-        id,
-        name,
-        email,
-        role,
-        followed_categories,
-        email_notifications,
-        version,
-        created_at,
+        id: row.id,
+        name: row.name,
+        email: row.email,
+        role: row.role,
+        followed_categories: row.followed_categories,
+        email_notifications: row.email_notifications,
+        version: row.version,
+        created_at: row.created_at,
     };
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, format!("\"{}\"", user.version)))
@@ -122,15 +114,17 @@ pub async fn history(
         .map(|c| decode_cursor("h1", c))
         .transpose()?;
     existing(&state, *id).await?;
-    let rows: Vec<HistoryItem> = sqlx::query_as(
-        "SELECT h.news_id, n.title, h.read_at, h.event_id FROM reading_history h JOIN news n ON n.id = h.news_id \
-         WHERE h.user_id = $1 AND ($2::timestamptz IS NULL OR (h.read_at, h.event_id) < ($2, $3)) \
-         ORDER BY h.read_at DESC, h.event_id DESC LIMIT $4",
+    let rows: Vec<HistoryItem> = sqlx::query_as!(
+        HistoryItem,
+        r#"SELECT h.news_id AS "news_id!", n.title AS "title!", h.read_at AS "read_at!", h.event_id AS "event_id!"
+           FROM reading_history h JOIN news n ON n.id = h.news_id
+           WHERE h.user_id = $1 AND ($2::timestamptz IS NULL OR (h.read_at, h.event_id) < ($2, $3))
+           ORDER BY h.read_at DESC, h.event_id DESC LIMIT $4"#,
+        *id,
+        after.map(|(at, _)| at),
+        after.map(|(_, event)| event),
+        limit + 1,
     )
-    .bind(*id)
-    .bind(after.map(|(at, _)| at))
-    .bind(after.map(|(_, event)| event))
-    .bind(limit + 1)
     .fetch_all(&state.pool)
     .await
     .map_err(unavailable)?;
@@ -157,13 +151,12 @@ fn self_or_admin(caller: &Caller, id: Uuid) -> Result<(), ApiError> {
 
 /// 404 unless `id` is a user who was not erased.
 async fn existing(state: &State, id: Uuid) -> Result<(), ApiError> {
-    let exists: Option<(bool,)> = sqlx::query_as("SELECT erased FROM users WHERE id = $1")
-        .bind(id)
+    let erased = sqlx::query_scalar!(r#"SELECT erased AS "erased!" FROM users WHERE id = $1"#, id)
         .fetch_optional(&state.pool)
         .await
         .map_err(crate::routes::news::unavailable)?;
-    match exists {
-        Some((false,)) => Ok(()),
+    match erased {
+        Some(false) => Ok(()),
         _ => Err(ApiError::NotFound),
     }
 }
@@ -344,23 +337,25 @@ pub async fn notifications(
     let by_notifier = wanted.map(|w| w.served_by("notify", &["users", "news"]));
     crate::consistency::wait_postgres(&state.pool, by_notifier.as_ref()).await?;
     existing(&state, *id).await?;
-    let rows: Vec<Notification> = sqlx::query_as(
-        "SELECT md5(user_id::text || news_id::text)::uuid AS id, news_id, title, category, created_at \
-         FROM notify_inbox WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, news_id) < ($2, $3)) \
-         ORDER BY created_at DESC, news_id DESC LIMIT $4",
+    let rows: Vec<Notification> = sqlx::query_as!(
+        Notification,
+        r#"SELECT md5(user_id::text || news_id::text)::uuid AS "id!", news_id AS "news_id!", title AS "title!",
+                  category AS "category!", created_at AS "created_at!"
+           FROM notify_inbox WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, news_id) < ($2, $3))
+           ORDER BY created_at DESC, news_id DESC LIMIT $4"#,
+        *id,
+        after.map(|(at, _)| at),
+        after.map(|(_, news)| news),
+        limit + 1,
     )
-    .bind(*id)
-    .bind(after.map(|(at, _)| at))
-    .bind(after.map(|(_, news)| news))
-    .bind(limit + 1)
     .fetch_all(&state.pool)
     .await
     .map_err(unavailable)?;
-    let (unread,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM notify_inbox WHERE user_id = $1 AND created_at > \
-         coalesce((SELECT notifications_read_at FROM users WHERE id = $1), '-infinity')",
+    let unread = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "unread!" FROM notify_inbox WHERE user_id = $1 AND created_at >
+           coalesce((SELECT notifications_read_at FROM users WHERE id = $1), '-infinity')"#,
+        *id,
     )
-    .bind(*id)
     .fetch_one(&state.pool)
     .await
     .map_err(unavailable)?;
