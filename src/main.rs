@@ -179,8 +179,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Openapi { api } => {
             let document = match api.as_str() {
-                "command" => newsroom_command::openapi::document(),
-                _ => newsroom_query::openapi::document(),
+                "command" => newsroom_command::openapi::document()?,
+                _ => newsroom_query::openapi::document()?,
             };
             println!("{document}");
             return Ok(());

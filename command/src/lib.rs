@@ -150,7 +150,7 @@ pub async fn build(
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
-        openapi: openapi::document().into(),
+        openapi: openapi::document()?.into(),
         optional: &[],
         readiness: Arc::new(move || {
             let state = ready_state.clone();

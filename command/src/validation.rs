@@ -13,8 +13,8 @@ use utoipa::openapi::{RefOr, Schema};
 pub struct Fields<'a> {
     object: &'a Map<String, Value>,
     errors: Vec<FieldError>,
-    /// When describing: the schema of the body so far.
-    described: Option<ObjectBuilder>,
+    /// When describing: the schema of the body so far, and the fields in it.
+    described: Option<(ObjectBuilder, Vec<String>)>,
 }
 
 /// The empty object a description reads.
@@ -39,22 +39,30 @@ impl<'a> Fields<'a> {
         let mut fields = Fields {
             object: &NOTHING,
             errors: Vec::new(),
-            described: Some(ObjectBuilder::new().schema_type(Type::Object)),
+            described: Some((ObjectBuilder::new().schema_type(Type::Object), Vec::new())),
         };
         read(&mut fields);
-        Schema::Object(fields.described.unwrap_or_default().build())
+        Schema::Object(fields.described.unwrap_or_default().0.build())
     }
 
     /// Records `field` in the description, if describing (the first reading counts).
     fn note(&mut self, field: &str, required: bool, schema: impl Into<RefOr<Schema>>) {
-        if let Some(object) = self.described.take() {
-            let object = object.property(field, schema);
-            self.described = Some(if required {
-                object.required(field)
-            } else {
-                object
-            });
+        let Some((object, noted)) = self.described.take() else {
+            return;
+        };
+        if noted.iter().any(|f| f == field) {
+            self.described = Some((object, noted));
+            return;
         }
+        let object = object.property(field, schema);
+        let object = if required {
+            object.required(field)
+        } else {
+            object
+        };
+        let mut noted = noted;
+        noted.push(field.to_owned());
+        self.described = Some((object, noted));
     }
 
     /// A required string, trimmed, whose length in characters is within `min..=max`.
@@ -279,8 +287,8 @@ impl<'a> Fields<'a> {
 
     /// Requires at least one of `names` (present and not null); the error names `body`.
     pub fn require_any(&mut self, names: &[&str]) {
-        if let Some(object) = self.described.take() {
-            self.described = Some(object.min_properties(Some(1)));
+        if let Some((object, noted)) = self.described.take() {
+            self.described = Some((object.min_properties(Some(1)), noted));
             return;
         }
         if !names.iter().any(|f| self.has(f)) {

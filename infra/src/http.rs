@@ -437,7 +437,7 @@ pub struct Ops {
     /// The service name (`command-api`, `query-api`).
     pub service: &'static str,
     /// Its OpenAPI document (generated from the code at start).
-    pub openapi: std::sync::Arc<str>,
+    pub openapi: web::Bytes,
     /// Its readiness probe.
     pub readiness: ReadinessCheck,
     /// Checks whose failure degrades the service without making it unready (it has a
@@ -515,5 +515,5 @@ pub async fn metrics_text() -> HttpResponse {
 async fn openapi(ops: web::Data<Ops>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(ops.openapi.to_string())
+        .body(ops.openapi.clone())
 }

@@ -58,7 +58,7 @@ pub fn string() -> ObjectBuilder {
 
 /// `document` with the ops endpoints, the problem answer and the bearer scheme added, as
 /// the JSON served at `/openapi.json`.
-pub fn finish(mut document: Document) -> String {
+pub fn finish(mut document: Document) -> anyhow::Result<String> {
     document.merge(Ops::openapi());
     if let Some(components) = document.components.as_mut() {
         components.add_security_scheme(
@@ -71,7 +71,5 @@ pub fn finish(mut document: Document) -> String {
             ),
         );
     }
-    document
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    Ok(document.to_pretty_json()?)
 }

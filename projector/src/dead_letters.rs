@@ -64,16 +64,17 @@ impl Parking {
         &self,
         held: Option<&BTreeSet<Position>>,
     ) -> anyhow::Result<HashSet<Aggregate>> {
-        let rows: Vec<(String, i32, String)> = sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT DISTINCT topic, partition, aggregate FROM dead_letters WHERE consumer = $1 AND version = $2",
+            self.consumer,
+            self.version,
         )
-        .bind(self.consumer)
-        .bind(self.version)
         .fetch_all(&self.pool)
         .await
         .context("reading the parked aggregates")?;
         Ok(rows
             .into_iter()
+            .map(|row| (row.topic, row.partition, row.aggregate))
             .filter(|(topic, partition, _)| {
                 held.is_none_or(|h| h.contains(&(topic.clone(), *partition)))
             })
@@ -84,19 +85,19 @@ impl Parking {
     /// Parks `record`: with a `reason` it is the event that failed (copied to the
     /// dead-letter topic), without one it waits behind an earlier failure. Idempotent.
     pub async fn park(&self, record: &Record, reason: Option<&str>) -> anyhow::Result<()> {
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO dead_letters (consumer, version, topic, partition, \"offset\", aggregate, payload, reason, attempts) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+            self.consumer,
+            self.version,
+            record.topic.as_ref(),
+            record.partition,
+            record.offset,
+            record.aggregate(),
+            record.payload.as_deref(),
+            reason,
+            i32::from(reason.is_some()),
         )
-        .bind(self.consumer)
-        .bind(self.version)
-        .bind(record.topic.as_ref())
-        .bind(record.partition)
-        .bind(record.offset)
-        .bind(record.aggregate())
-        .bind(record.payload.as_deref())
-        .bind(reason)
-        .bind(i32::from(reason.is_some()))
         .execute(&self.pool)
         .await
         .context("parking an event")?
@@ -158,27 +159,32 @@ impl Parking {
 
     /// Aggregates with a pending `retry` or `skip`: topic, partition, aggregate, action.
     pub async fn requests(&self) -> anyhow::Result<Vec<(String, i32, String, String)>> {
-        sqlx::query_as(
-            "SELECT topic, min(partition), aggregate, min(action) FROM dead_letters \
-             WHERE consumer = $1 AND version = $2 AND action IS NOT NULL GROUP BY topic, aggregate",
+        let rows = sqlx::query!(
+            r#"SELECT topic, min(partition) AS "partition!", aggregate, min(action) AS "action!" FROM dead_letters
+               WHERE consumer = $1 AND version = $2 AND action IS NOT NULL GROUP BY topic, aggregate"#,
+            self.consumer,
+            self.version,
         )
-        .bind(self.consumer)
-        .bind(self.version)
         .fetch_all(&self.pool)
         .await
-        .context("reading dead-letter requests")
+        .context("reading dead-letter requests")?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.topic, row.partition, row.aggregate, row.action))
+            .collect())
     }
 
     /// The parked events of an aggregate, oldest first.
     pub async fn events(&self, topic: &str, aggregate: &str) -> anyhow::Result<Vec<Parked>> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            Parked,
             "SELECT topic, partition, \"offset\", payload FROM dead_letters \
              WHERE consumer = $1 AND version = $2 AND topic = $3 AND aggregate = $4 ORDER BY partition, \"offset\"",
+            self.consumer,
+            self.version,
+            topic,
+            aggregate,
         )
-        .bind(self.consumer)
-        .bind(self.version)
-        .bind(topic)
-        .bind(aggregate)
         .fetch_all(&self.pool)
         .await
         .context("reading parked events")
@@ -186,14 +192,14 @@ impl Parking {
 
     /// Removes a parked event (applied or skipped).
     pub async fn remove(&self, event: &Parked) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM dead_letters WHERE consumer = $1 AND version = $2 AND topic = $3 AND partition = $4 AND \"offset\" = $5",
+            self.consumer,
+            self.version,
+            event.topic,
+            event.partition,
+            event.offset,
         )
-        .bind(self.consumer)
-        .bind(self.version)
-        .bind(&event.topic)
-        .bind(event.partition)
-        .bind(event.offset)
         .execute(&self.pool)
         .await
         .context("removing a parked event")?;
@@ -202,16 +208,16 @@ impl Parking {
 
     /// Records that a parked event failed again.
     pub async fn failed_again(&self, event: &Parked, reason: &str) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE dead_letters SET reason = $6, attempts = attempts + 1, updated_at = now() \
              WHERE consumer = $1 AND version = $2 AND topic = $3 AND partition = $4 AND \"offset\" = $5",
+            self.consumer,
+            self.version,
+            event.topic,
+            event.partition,
+            event.offset,
+            reason,
         )
-        .bind(self.consumer)
-        .bind(self.version)
-        .bind(&event.topic)
-        .bind(event.partition)
-        .bind(event.offset)
-        .bind(reason)
         .execute(&self.pool)
         .await
         .context("recording a failed retry")?;
@@ -220,14 +226,14 @@ impl Parking {
 
     /// Marks an aggregate's request as carried out.
     pub async fn done(&self, topic: &str, aggregate: &str) -> anyhow::Result<()> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE dead_letters SET action = NULL, updated_at = now() \
              WHERE consumer = $1 AND version = $2 AND topic = $3 AND aggregate = $4",
+            self.consumer,
+            self.version,
+            topic,
+            aggregate,
         )
-        .bind(self.consumer)
-        .bind(self.version)
-        .bind(topic)
-        .bind(aggregate)
         .execute(&self.pool)
         .await
         .context("clearing a dead-letter request")?;
@@ -262,13 +268,14 @@ pub struct Summary {
 
 /// Every parked aggregate, optionally of one consumer.
 pub async fn list(pool: &PgPool, consumer: Option<&str>) -> anyhow::Result<Vec<Summary>> {
-    sqlx::query_as(
-        "SELECT DISTINCT ON (consumer, version, topic, aggregate) consumer, version, topic, aggregate, partition, \"offset\", \
-         reason, attempts, count(*) OVER (PARTITION BY consumer, version, topic, aggregate) AS parked, action \
-         FROM dead_letters WHERE $1::text IS NULL OR consumer = $1 \
-         ORDER BY consumer, version, topic, aggregate, partition, \"offset\"",
+    sqlx::query_as!(
+        Summary,
+        r#"SELECT DISTINCT ON (consumer, version, topic, aggregate) consumer, version, topic, aggregate, partition, "offset",
+           reason, attempts, count(*) OVER (PARTITION BY consumer, version, topic, aggregate) AS "parked!", action
+           FROM dead_letters WHERE $1::text IS NULL OR consumer = $1
+           ORDER BY consumer, version, topic, aggregate, partition, "offset""#,
+        consumer,
     )
-    .bind(consumer)
     .fetch_all(pool)
     .await
     .context("listing dead letters")
@@ -276,13 +283,17 @@ pub async fn list(pool: &PgPool, consumer: Option<&str>) -> anyhow::Result<Vec<S
 
 /// How many aggregates each consumer's version has parked: (consumer, version, count).
 pub async fn parked(pool: &PgPool) -> anyhow::Result<Vec<(String, i32, i64)>> {
-    sqlx::query_as(
-        "SELECT consumer, version, count(DISTINCT (topic, aggregate)) FROM dead_letters \
-         GROUP BY consumer, version",
+    let rows = sqlx::query!(
+        r#"SELECT consumer, version, count(DISTINCT (topic, aggregate)) AS "parked!" FROM dead_letters
+           GROUP BY consumer, version"#,
     )
     .fetch_all(pool)
     .await
-    .context("counting dead letters")
+    .context("counting dead letters")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.consumer, row.version, row.parked))
+        .collect())
 }
 
 /// Asks `consumer` to retry (or skip the failed event of, then retry) one aggregate or all
@@ -293,14 +304,14 @@ pub async fn request(
     aggregate: Option<&str>,
     action: &str,
 ) -> anyhow::Result<u64> {
-    let (count,): (i64,) = sqlx::query_as(
-        "WITH marked AS (UPDATE dead_letters SET action = $3, updated_at = now() \
-         WHERE consumer = $1 AND ($2::text IS NULL OR aggregate = $2) RETURNING topic, aggregate) \
-         SELECT count(DISTINCT (topic, aggregate)) FROM marked",
+    let count = sqlx::query_scalar!(
+        r#"WITH marked AS (UPDATE dead_letters SET action = $3, updated_at = now()
+           WHERE consumer = $1 AND ($2::text IS NULL OR aggregate = $2) RETURNING topic, aggregate)
+           SELECT count(DISTINCT (topic, aggregate)) AS "count!" FROM marked"#,
+        consumer,
+        aggregate,
+        action,
     )
-    .bind(consumer)
-    .bind(aggregate)
-    .bind(action)
     .fetch_one(pool)
     .await
     .context("recording the request")?;
@@ -310,10 +321,10 @@ pub async fn request(
 /// How many of `consumer`'s aggregates still have a request the consumer has not carried
 /// out.
 pub async fn pending(pool: &PgPool, consumer: &str) -> anyhow::Result<i64> {
-    let (count,): (i64,) = sqlx::query_as(
-        "SELECT count(DISTINCT (topic, aggregate)) FROM dead_letters WHERE consumer = $1 AND action IS NOT NULL",
+    let count = sqlx::query_scalar!(
+        r#"SELECT count(DISTINCT (topic, aggregate)) AS "count!" FROM dead_letters WHERE consumer = $1 AND action IS NOT NULL"#,
+        consumer,
     )
-    .bind(consumer)
     .fetch_one(pool)
     .await
     .context("reading pending requests")?;

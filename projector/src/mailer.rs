@@ -220,14 +220,14 @@ async fn round(
                 let error = without_addresses(&format!("{e:#}"));
                 tracing::warn!(user = %mail.user_id, news = %mail.news_id, attempts = mail.attempts + 1,
                     retry_in_ms = pause.as_millis() as u64, error, "e-mail failed");
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE email_outbox SET attempts = attempts + 1, last_error = $3, \
                      next_attempt_at = now() + make_interval(secs => $4) WHERE user_id = $1 AND news_id = $2",
+                    mail.user_id,
+                    mail.news_id,
+                    error,
+                    pause.as_secs_f64(),
                 )
-                .bind(mail.user_id)
-                .bind(mail.news_id)
-                .bind(&error)
-                .bind(pause.as_secs_f64())
                 .execute(pool)
                 .await
                 .context("recording a failed e-mail")?;
@@ -315,14 +315,14 @@ fn message_id(mail: &Due) -> String {
 
 /// Marks an e-mail done: sent, or given up with `why`.
 async fn mark(pool: &PgPool, mail: &Due, sent: Option<()>, why: &str) -> anyhow::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE email_outbox SET sent_at = now(), attempts = attempts + $3, last_error = nullif($4, '') \
          WHERE user_id = $1 AND news_id = $2",
+        mail.user_id,
+        mail.news_id,
+        i32::from(sent.is_some()),
+        why,
     )
-    .bind(mail.user_id)
-    .bind(mail.news_id)
-    .bind(i32::from(sent.is_some()))
-    .bind(why)
     .execute(pool)
     .await
     .context("marking an e-mail")?;

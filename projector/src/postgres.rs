@@ -189,17 +189,19 @@ impl<P: Projection> Store for Tables<P> {
                 v
             }
         };
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = $1 AND version = $2",
+            self.name(),
+            version,
         )
-        .bind(self.name())
-        .bind(version)
         .fetch_all(&self.pool)
         .await
         .context("reading stored offsets")?;
         Ok((
             version,
-            rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+            rows.into_iter()
+                .map(|row| ((row.topic, row.partition), row.next_offset))
+                .collect(),
         ))
     }
 
@@ -257,28 +259,30 @@ impl<P: Projection> Store for Tables<P> {
         for ((topic, partition), next) in to {
             let moved = match from.get(&(topic.clone(), *partition)) {
                 Some(previous) if previous == next => continue,
-                Some(previous) => sqlx::query(
+                Some(previous) => sqlx::query!(
                     "UPDATE projection_offsets SET next_offset = $5, updated_at = now() \
                      WHERE projection = $1 AND version = $2 AND topic = $3 AND partition = $4 AND next_offset = $6",
+                    name,
+                    version,
+                    topic,
+                    partition,
+                    next,
+                    previous,
                 )
-                .bind(name)
-                .bind(version)
-                .bind(topic)
-                .bind(partition)
-                .bind(next)
-                .bind(previous),
-                None => sqlx::query(
+                .execute(&mut *tx)
+                .await,
+                None => sqlx::query!(
                     "INSERT INTO projection_offsets (projection, version, topic, partition, next_offset) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    name,
+                    version,
+                    topic,
+                    partition,
+                    next,
                 )
-                .bind(name)
-                .bind(version)
-                .bind(topic)
-                .bind(partition)
-                .bind(next),
+                .execute(&mut *tx)
+                .await,
             }
-            .execute(&mut *tx)
-            .await
             .map_err(outage)?
             .rows_affected();
             if moved == 0 {

@@ -23,14 +23,12 @@ pub(crate) async fn open<'e>(
     user: Uuid,
     blob: &[u8],
 ) -> anyhow::Result<Personal> {
-    let key: Option<(Vec<u8>,)> =
-        sqlx::query_as("SELECT key FROM cmd_user_keys WHERE user_id = $1")
-            .bind(user)
-            .fetch_optional(db)
-            .await
-            .context("reading a user key")?;
+    let key = sqlx::query_scalar!("SELECT key FROM cmd_user_keys WHERE user_id = $1", user)
+        .fetch_optional(db)
+        .await
+        .context("reading a user key")?;
     Ok(key
-        .and_then(|(bytes,)| UserKey::from_slice(&bytes))
+        .and_then(|bytes| UserKey::from_slice(&bytes))
         .and_then(|key| personal::open(&key, user, blob).ok())
         .unwrap_or_default())
 }

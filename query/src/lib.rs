@@ -71,7 +71,7 @@ pub async fn build(
     let ready_state = state.clone();
     let ops = Ops {
         service: "query-api",
-        openapi: openapi::document().into(),
+        openapi: openapi::document()?.into(),
         // Without Redis the query API answers from PostgreSQL: degraded, still ready.
         optional: &["redis"],
         readiness: Arc::new(move || {

@@ -145,6 +145,7 @@ fn editor(actor: Actor) -> Result<Actor, ApiError> {
         (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
         (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
         (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
         (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
         (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
         (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
