@@ -40,6 +40,27 @@ impl<'s> ToResponse<'s> for ProblemAnswer {
 )]
 struct Ops;
 
+/// The `{id}` of a path: the aggregate's id.
+pub struct Id;
+
+impl utoipa::IntoParams for Id {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The aggregate's id"))
+                .schema(Some(string().format(Some(
+                    utoipa::openapi::schema::SchemaFormat::KnownFormat(
+                        utoipa::openapi::schema::KnownFormat::Uuid,
+                    ),
+                ))))
+                .build(),
+        ]
+    }
+}
+
 /// An optional request header of type string.
 pub fn header(name: &str, description: &str, schema: ObjectBuilder) -> Parameter {
     ParameterBuilder::new()

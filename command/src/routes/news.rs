@@ -7,6 +7,7 @@ use newsroom_events::users::Role;
 use newsroom_infra::auth::Caller;
 use newsroom_infra::http::{ApiError, JsonBody};
 use newsroom_infra::kafka::Stream;
+use newsroom_infra::openapi::{Id, ProblemAnswer};
 use newsroom_infra::views::{AuthorView, DELETED_AUTHOR, NewsView};
 use uuid::Uuid;
 
@@ -142,15 +143,15 @@ fn editor(actor: Actor) -> Result<Actor, ApiError> {
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Drafted", body = NewsView, headers(("Location" = String), ("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn create(
@@ -250,22 +251,22 @@ async fn run(
 #[tracing::instrument(skip_all, fields(news = %target.id))]
 #[utoipa::path(patch, path = "/v1/news/{id}",
     summary = "Edit an article (its author, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     request_body = crate::openapi::EditNews,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Edited", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn update(
@@ -369,19 +370,19 @@ pub async fn transition<T: Transition>(
 /// `POST /v1/news/{id}/publish`.
 #[utoipa::path(post, path = "/v1/news/{id}/publish",
     summary = "Publish a draft (its author, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Published", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn publish(
@@ -395,19 +396,19 @@ pub async fn publish(
 /// `POST /v1/news/{id}/unpublish`.
 #[utoipa::path(post, path = "/v1/news/{id}/unpublish",
     summary = "Take a published article back to draft (its author, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Back to draft", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn unpublish(
@@ -421,19 +422,19 @@ pub async fn unpublish(
 /// `POST /v1/news/{id}/archive`.
 #[utoipa::path(post, path = "/v1/news/{id}/archive",
     summary = "Archive a published article (its author, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Archived", body = NewsView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn archive(
@@ -447,18 +448,18 @@ pub async fn archive(
 /// `DELETE /v1/news/{id}`.
 #[utoipa::path(delete, path = "/v1/news/{id}",
     summary = "Delete an article (its author, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn delete(

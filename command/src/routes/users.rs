@@ -6,6 +6,7 @@ use newsroom_events::Category;
 use newsroom_events::users::Role;
 use newsroom_infra::http::{ApiError, FieldError, JsonBody};
 use newsroom_infra::kafka::Stream;
+use newsroom_infra::openapi::{Id, ProblemAnswer};
 use newsroom_infra::views::UserView;
 use uuid::Uuid;
 
@@ -214,13 +215,13 @@ pub fn read_role(fields: &mut Fields<'_>) -> Option<Role> {
     request_body = crate::openapi::RegisterUser,
     responses(
         (status = 201, description = "Registered; the event is committed", body = UserView, headers(("Location" = String), ("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn register(
@@ -287,22 +288,22 @@ async fn submit_here(
 #[tracing::instrument(skip_all, fields(user = %target.id))]
 #[utoipa::path(patch, path = "/v1/users/{id}",
     summary = "Change profile fields (self, admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     request_body = crate::openapi::UpdateUser,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Changed", body = UserView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 409, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 409, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn update(
@@ -393,21 +394,21 @@ pub async fn update(
 #[tracing::instrument(skip_all, fields(user = %target.id))]
 #[utoipa::path(put, path = "/v1/users/{id}/password",
     summary = "Set a new password (self)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     request_body = crate::openapi::ChangePassword,
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Changed; tokens issued before are revoked", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn change_password(
@@ -486,21 +487,21 @@ async fn revoke_tokens(state: &State, committed: &Committed<User>) {
 #[tracing::instrument(skip_all, fields(user = %target.id))]
 #[utoipa::path(put, path = "/v1/users/{id}/role",
     summary = "Give a role (admin)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     request_body = crate::openapi::ChangeRole,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Changed", body = UserView, headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 413, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 415, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 413, response = ProblemAnswer),
+        (status = 415, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn change_role(
@@ -541,18 +542,18 @@ pub async fn change_role(
 #[tracing::instrument(skip_all, fields(user = %target.id))]
 #[utoipa::path(delete, path = "/v1/users/{id}",
     summary = "Erase the user (self, admin): personal data becomes unreadable everywhere",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Writes),
+    params(Id, crate::openapi::Writes),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Erased", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 412, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 412, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn erase(
@@ -610,17 +611,17 @@ pub async fn erase(
 #[tracing::instrument(skip_all, fields(user = %target.id))]
 #[utoipa::path(post, path = "/v1/users/{id}/notifications/read",
     summary = "Mark every notification so far as read (self)",
-    params(("id" = uuid::Uuid, Path, description = "The aggregate's id"), crate::openapi::Keyed),
+    params(Id, crate::openapi::Keyed),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Done", headers(("ETag" = String, description = "The new version, in quotes"), ("X-Consistency-Token" = String, description = "Send it to the query API to read this write"))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 422, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 422, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 pub async fn notifications_read(

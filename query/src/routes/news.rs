@@ -1,5 +1,6 @@
 //! `/v1/news` reads.
 
+use newsroom_infra::openapi::{Id, ProblemAnswer};
 use std::collections::HashMap;
 
 use actix_web::http::header;
@@ -127,15 +128,15 @@ fn not_modified(req: &HttpRequest, version: i64) -> bool {
 /// `GET /v1/news/{id}`.
 #[utoipa::path(get, path = "/v1/news/{id}",
     summary = "An article (drafts and archived: author, admin); an authenticated read is recorded",
-    params(("id" = uuid::Uuid, Path), ("If-None-Match" = Option<String>, Header), crate::openapi::Consistency),
+    params(Id, ("If-None-Match" = Option<String>, Header), crate::openapi::Consistency),
     responses(
         (status = 200, description = "The article", body = NewsView, headers(("ETag" = String))),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all, fields(news = %id))]
@@ -263,9 +264,9 @@ pub fn limit(params: &HashMap<String, String>) -> Result<i64, ApiError> {
     params(crate::openapi::Filters, crate::openapi::Paging, crate::openapi::Consistency),
     responses(
         (status = 200, description = "A page (items without content)", body = Page<NewsView>),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all)]
@@ -438,9 +439,9 @@ struct TrendingRow {
     params(crate::openapi::CategoryFilter, crate::openapi::Limit, crate::openapi::Consistency),
     responses(
         (status = 200, description = "The list", body = Items<Trending>),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all)]

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use newsroom_infra::auth::Caller;
 use newsroom_infra::http::ApiError;
+use newsroom_infra::openapi::{Id, ProblemAnswer};
 use newsroom_infra::views::UserView;
 use uuid::Uuid;
 
@@ -13,16 +14,16 @@ use crate::State;
 /// `GET /v1/users/{id}`: the user themselves or an admin.
 #[utoipa::path(get, path = "/v1/users/{id}",
     summary = "A user (never the password or its hash)",
-    params(("id" = uuid::Uuid, Path), crate::openapi::Consistency),
+    params(Id, crate::openapi::Consistency),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The user", body = newsroom_infra::views::UserView, headers(("ETag" = String))),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip(req, state, caller))]
@@ -85,16 +86,16 @@ pub struct HistoryItem {
 /// `GET /v1/users/{id}/history?limit=&cursor=`: the user's reads, newest first (self, admin).
 #[utoipa::path(get, path = "/v1/users/{id}/history",
     summary = "The user's reads, newest first (self, admin)",
-    params(("id" = uuid::Uuid, Path), crate::openapi::Paging, crate::openapi::Consistency),
+    params(Id, crate::openapi::Paging, crate::openapi::Consistency),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "A page", body = crate::routes::news::Page<HistoryItem>),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all, fields(user = %id))]
@@ -184,16 +185,16 @@ struct RankedRow {
 /// ranked by affinity (self, admin). Redis first; PostgreSQL when Redis cannot answer.
 #[utoipa::path(get, path = "/v1/users/{id}/recommendations",
     summary = "Published articles the user has not read, ranked by their affinity to the articles' category and tags (self, admin)",
-    params(("id" = uuid::Uuid, Path), crate::openapi::Limit, crate::openapi::Consistency),
+    params(Id, crate::openapi::Limit, crate::openapi::Consistency),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The ranked recommendations", body = crate::routes::news::Items<Recommendation>),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all, fields(user = %id))]
@@ -304,16 +305,16 @@ pub struct Notification {
 /// the number of entries since they last marked them read (self, admin).
 #[utoipa::path(get, path = "/v1/users/{id}/notifications",
     summary = "The user's inbox, newest first, and how many entries came since they were last marked read (self, admin)",
-    params(("id" = uuid::Uuid, Path), crate::openapi::Paging, crate::openapi::Consistency),
+    params(Id, crate::openapi::Paging, crate::openapi::Consistency),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "A page of the inbox", body = Inbox),
-        (status = 400, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 401, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 403, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 404, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 429, response = newsroom_infra::openapi::ProblemAnswer),
-        (status = 503, response = newsroom_infra::openapi::ProblemAnswer),
+        (status = 400, response = ProblemAnswer),
+        (status = 401, response = ProblemAnswer),
+        (status = 403, response = ProblemAnswer),
+        (status = 404, response = ProblemAnswer),
+        (status = 429, response = ProblemAnswer),
+        (status = 503, response = ProblemAnswer),
     ),
 )]
 #[tracing::instrument(skip_all, fields(user = %id))]
