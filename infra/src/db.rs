@@ -97,16 +97,20 @@ fn connect_options(settings: &PostgresSettings) -> anyhow::Result<PgConnectOptio
 /// a connection of its own without the statement timeout (an index built on a large read
 /// model may take longer), which is closed afterwards.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    let mut connection = pool.acquire().await.context("connecting to migrate")?;
-    connection.close_on_drop();
-    sqlx::query("SET statement_timeout = 0")
-        .execute(&mut *connection)
+    // Opened with the limit lifted (the later option wins): a SET after connecting would
+    // itself be bound by the limit, and a tight one cancels it on a busy server.
+    use sqlx::Connection as _;
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("statement_timeout", "0")]);
+    let mut connection = sqlx::PgConnection::connect_with(&options)
         .await
-        .context("lifting the statement timeout to migrate")?;
+        .context("connecting to migrate")?;
     sqlx::migrate!("./migrations")
-        .run(&mut *connection)
+        .run(&mut connection)
         .await
         .context("applying the database migrations")?;
+    connection.close().await.ok();
     Ok(())
 }
 
