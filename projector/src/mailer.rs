@@ -27,7 +27,6 @@ const LEASE_SECS: f64 = 10.0;
 /// Pause when nothing is due.
 const IDLE: Duration = Duration::from_millis(200);
 
-#[derive(sqlx::FromRow)]
 struct Due {
     user_id: Uuid,
     news_id: Uuid,
@@ -151,17 +150,20 @@ async fn round(
     breaker: &mut Breaker,
     limit: i64,
 ) -> anyhow::Result<usize> {
-    let due: Vec<Due> = sqlx::query_as(
-        "WITH leased AS (UPDATE email_outbox SET next_attempt_at = now() + make_interval(secs => $2) \
-           WHERE (user_id, news_id) IN (SELECT user_id, news_id FROM email_outbox \
-             WHERE sent_at IS NULL AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-           RETURNING user_id, news_id, title, category, attempts, trace) \
-         SELECT l.user_id, l.news_id, l.title, l.category, l.attempts, \
-           CASE WHEN u.erased THEN NULL ELSE nullif(u.email, '') END AS email, u.name, l.trace \
-         FROM leased l LEFT JOIN users u ON u.id = l.user_id",
+    let due: Vec<Due> = sqlx::query_as!(
+        Due,
+        r#"WITH leased AS (UPDATE email_outbox SET next_attempt_at = now() + make_interval(secs => $2)
+           WHERE (user_id, news_id) IN (SELECT user_id, news_id FROM email_outbox
+             WHERE sent_at IS NULL AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+           RETURNING user_id, news_id, title, category, attempts, trace)
+         SELECT l.user_id AS "user_id!", l.news_id AS "news_id!", l.title AS "title!",
+           l.category AS "category!", l.attempts AS "attempts!",
+           CASE WHEN u.erased THEN NULL ELSE nullif(u.email, '') END AS "email?",
+           u.name AS "name?", l.trace AS "trace?"
+         FROM leased l LEFT JOIN users u ON u.id = l.user_id"#,
+        limit,
+        LEASE_SECS,
     )
-    .bind(limit)
-    .bind(LEASE_SECS)
     .fetch_all(pool)
     .await
     .context("leasing due e-mails")?;

@@ -99,21 +99,21 @@ async fn insert_drafts(
             columns.7.push(e.metadata.occurred_at());
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO news (id, author_id, category, title, content, tags, status, version, created_at, updated_at) \
          SELECT id, author, category, title, content, ARRAY(SELECT jsonb_array_elements_text(tags)), 'draft', version, at, at \
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bigint[], $8::timestamptz[]) \
            AS r(id, author, category, title, content, tags, version, at) \
          ON CONFLICT (id) DO NOTHING",
+        &columns.0,
+        &columns.1,
+        &columns.2 as &[&str],
+        &columns.3 as &[&str],
+        &columns.4 as &[&str],
+        &columns.5,
+        &columns.6,
+        &columns.7,
     )
-    .bind(&columns.0)
-    .bind(&columns.1)
-    .bind(&columns.2)
-    .bind(&columns.3)
-    .bind(&columns.4)
-    .bind(&columns.5)
-    .bind(&columns.6)
-    .bind(&columns.7)
     .execute(&mut **tx)
     .await
     .context("projecting news creations")?;
@@ -134,54 +134,54 @@ async fn apply_event(
         );
         // Every write is guarded by version: a redelivered or replayed event changes nothing.
         let status_change = |status: &'static str| {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE news SET status = $3, version = $2, updated_at = $4 WHERE id = $1 AND version < $2",
+                id,
+                version,
+                status,
+                at,
             )
-            .bind(id)
-            .bind(version)
-            .bind(status)
-            .bind(at)
         };
         let query = match event {
-            NewsEvent::Drafted(e) => sqlx::query(
+            NewsEvent::Drafted(e) => sqlx::query!(
                 "INSERT INTO news (id, author_id, category, title, content, tags, status, version, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $8, $8) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(e.author_id)
-            .bind(e.category.as_str())
-            .bind(e.title)
-            .bind(e.content)
-            .bind(e.tags)
-            .bind(version)
-            .bind(at),
-            NewsEvent::Edited(e) => sqlx::query(
+                id,
+                e.author_id,
+                e.category.as_str(),
+                e.title,
+                e.content,
+                &e.tags,
+                version,
+                at,
+            ),
+            NewsEvent::Edited(e) => sqlx::query!(
                 "UPDATE news SET category = COALESCE($3, category), title = COALESCE($4, title), \
                  content = COALESCE($5, content), tags = COALESCE($6, tags), version = $2, updated_at = $7 \
                  WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(e.category.map(|c| c.as_str()))
-            .bind(e.title)
-            .bind(e.content)
-            .bind(e.tags)
-            .bind(at),
-            NewsEvent::Published(e) => sqlx::query(
+                id,
+                version,
+                e.category.map(|c| c.as_str()),
+                e.title,
+                e.content,
+                e.tags.as_deref(),
+                at,
+            ),
+            NewsEvent::Published(e) => sqlx::query!(
                 "UPDATE news SET status = 'published', published_at = $3, version = $2, updated_at = $4 \
                  WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(DateTime::from_timestamp_micros(e.published_at))
-            .bind(at),
-            NewsEvent::Unpublished(_) => sqlx::query(
+                id,
+                version,
+                DateTime::from_timestamp_micros(e.published_at),
+                at,
+            ),
+            NewsEvent::Unpublished(_) => sqlx::query!(
                 "UPDATE news SET status = 'draft', published_at = NULL, version = $2, updated_at = $3 \
                  WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(at),
+                id,
+                version,
+                at,
+            ),
             NewsEvent::Archived(_) => status_change("archived"),
             NewsEvent::Deleted(_) => status_change("deleted"),
         };

@@ -36,21 +36,28 @@ async fn backfill(
     since: chrono::DateTime<chrono::Utc>,
     live: bool,
 ) -> anyhow::Result<()> {
-    sqlx::query(if live {
-        "WITH inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
-           SELECT $1, news_id, title, category, published_at FROM notify_articles \
-           WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
-         INSERT INTO email_outbox (user_id, news_id, title, category) \
-           SELECT i.user_id, i.news_id, i.title, i.category FROM inbox i \
-           JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING"
+    if live {
+        sqlx::query!(
+            "WITH inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+               SELECT $1, news_id, title, category, published_at FROM notify_articles \
+               WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
+             INSERT INTO email_outbox (user_id, news_id, title, category) \
+               SELECT i.user_id, i.news_id, i.title, i.category FROM inbox i \
+               JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING",
+            user,
+            categories,
+            since,
+        )
     } else {
-        "INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
-           SELECT $1, news_id, title, category, published_at FROM notify_articles \
-           WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING"
-    })
-    .bind(user)
-    .bind(categories)
-    .bind(since)
+        sqlx::query!(
+            "INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
+               SELECT $1, news_id, title, category, published_at FROM notify_articles \
+               WHERE category = ANY($2) AND published_at >= $3 ON CONFLICT DO NOTHING",
+            user,
+            categories,
+            since,
+        )
+    }
     .execute(&mut **tx)
     .await
     .context("filling in notifications of a new follow")?;
@@ -122,12 +129,12 @@ impl Projection for Notifier {
             match event {
                 UserEvent::Updated(e) => {
                     if let Some(on) = e.email_notifications {
-                        sqlx::query(
+                        sqlx::query!(
                             "INSERT INTO notify_subscribers (user_id, email_on) VALUES ($1, $2) \
                              ON CONFLICT (user_id) DO UPDATE SET email_on = EXCLUDED.email_on",
+                            user,
+                            on,
                         )
-                        .bind(user)
-                        .bind(on)
                         .execute(&mut **tx)
                         .await
                         .context("recording e-mail preferences")?;
@@ -137,39 +144,37 @@ impl Projection for Notifier {
                             categories.iter().map(|c| c.as_str().to_owned()).collect();
                         // Unfollowed: the interval ends; entries a publication after its end
                         // made (read before this event) go.
-                        let closed: Vec<(String,)> = sqlx::query_as(
+                        let closed: Vec<String> = sqlx::query_scalar!(
                             "UPDATE notify_follows SET until = $3 \
                              WHERE user_id = $1 AND until IS NULL AND NOT (category = ANY($2)) RETURNING category",
+                            user,
+                            &categories,
+                            at,
                         )
-                        .bind(user)
-                        .bind(&categories)
-                        .bind(at)
                         .fetch_all(&mut **tx)
                         .await
                         .context("closing follows")?;
-                        let closed: Vec<String> = closed.into_iter().map(|(c,)| c).collect();
-                        sqlx::query(
+                        sqlx::query!(
                             "DELETE FROM notify_inbox WHERE user_id = $1 AND category = ANY($2) AND created_at >= $3",
+                            user,
+                            &closed,
+                            at,
                         )
-                        .bind(user)
-                        .bind(&closed)
-                        .bind(at)
                         .execute(&mut **tx)
                         .await
                         .context("removing notifications after an unfollow")?;
-                        let opened: Vec<(String,)> = sqlx::query_as(
+                        let opened: Vec<String> = sqlx::query_scalar!(
                             "INSERT INTO notify_follows (user_id, category, since) \
                              SELECT $1, c, $3 FROM unnest($2::text[]) c WHERE NOT EXISTS \
                              (SELECT 1 FROM notify_follows f WHERE f.user_id = $1 AND f.category = c AND f.until IS NULL) \
                              ON CONFLICT DO NOTHING RETURNING category",
+                            user,
+                            &categories,
+                            at,
                         )
-                        .bind(user)
-                        .bind(&categories)
-                        .bind(at)
                         .fetch_all(&mut **tx)
                         .await
                         .context("opening follows")?;
-                        let opened: Vec<String> = opened.into_iter().map(|(c,)| c).collect();
                         if !opened.is_empty() {
                             backfill(tx, user, &opened, at, live).await?;
                         }
@@ -177,21 +182,20 @@ impl Projection for Notifier {
                 }
                 UserEvent::Erased(_) => {
                     for statement in [
-                        "DELETE FROM notify_inbox WHERE user_id = $1",
-                        "DELETE FROM notify_follows WHERE user_id = $1",
-                        "DELETE FROM notify_subscribers WHERE user_id = $1",
+                        sqlx::query!("DELETE FROM notify_inbox WHERE user_id = $1", user),
+                        sqlx::query!("DELETE FROM notify_follows WHERE user_id = $1", user),
+                        sqlx::query!("DELETE FROM notify_subscribers WHERE user_id = $1", user),
                     ] {
-                        sqlx::query(statement)
-                            .bind(user)
+                        statement
                             .execute(&mut **tx)
                             .await
                             .context("forgetting an erased user")?;
                     }
                     if live {
-                        sqlx::query(
+                        sqlx::query!(
                             "DELETE FROM email_outbox WHERE user_id = $1 AND sent_at IS NULL",
+                            user,
                         )
-                        .bind(user)
                         .execute(&mut **tx)
                         .await
                         .context("cancelling an erased user's e-mails")?;
@@ -206,27 +210,27 @@ impl Projection for Notifier {
             let (news, version) = (meta.aggregate_id, meta.aggregate_version);
             match event {
                 NewsEvent::Drafted(e) => {
-                    sqlx::query(
+                    sqlx::query!(
                         "INSERT INTO notify_articles (news_id, title, category, version) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT DO NOTHING",
+                        news,
+                        e.title,
+                        e.category.as_str(),
+                        version,
                     )
-                    .bind(news)
-                    .bind(e.title)
-                    .bind(e.category.as_str())
-                    .bind(version)
                     .execute(&mut **tx)
                     .await
                     .context("recording an article")?;
                 }
                 NewsEvent::Edited(e) => {
-                    sqlx::query(
+                    sqlx::query!(
                         "UPDATE notify_articles SET title = COALESCE($3, title), category = COALESCE($4, category), version = $2 \
                          WHERE news_id = $1 AND version < $2",
+                        news,
+                        version,
+                        e.title,
+                        e.category.map(|c| c.as_str()),
                     )
-                    .bind(news)
-                    .bind(version)
-                    .bind(e.title)
-                    .bind(e.category.map(|c| c.as_str()))
                     .execute(&mut **tx)
                     .await
                     .context("recording an edit")?;
@@ -236,7 +240,8 @@ impl Projection for Notifier {
                         .context("publication time out of range")?;
                     // Only the first publication notifies; the followers whose interval
                     // covers it get one entry each.
-                    let query = sqlx::query(if live {
+                    if live {
+                        sqlx::query!(
                         "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
                            RETURNING news_id, title, category, published_at), \
                          inbox AS (INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
@@ -246,28 +251,30 @@ impl Projection for Notifier {
                            ON CONFLICT DO NOTHING RETURNING user_id, news_id, title, category) \
                          INSERT INTO email_outbox (user_id, news_id, title, category, trace) \
                            SELECT i.user_id, i.news_id, i.title, i.category, $3 FROM inbox i \
-                           JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING"
+                           JOIN notify_subscribers s ON s.user_id = i.user_id AND s.email_on ON CONFLICT DO NOTHING",
+                        news,
+                        at,
+                        // Only the live notifier writes e-mails, with the publication's trace.
+                        trace.as_deref(),
+                        )
+                        .execute(&mut **tx)
+                        .await
                     } else {
+                        sqlx::query!(
                         "WITH first AS (UPDATE notify_articles SET published_at = $2 WHERE news_id = $1 AND published_at IS NULL \
                            RETURNING news_id, title, category, published_at) \
                          INSERT INTO notify_inbox (user_id, news_id, title, category, created_at) \
                            SELECT f.user_id, a.news_id, a.title, a.category, a.published_at FROM first a \
                            JOIN notify_follows f ON f.category = a.category AND f.since <= a.published_at \
                              AND (f.until IS NULL OR f.until > a.published_at) \
-                           ON CONFLICT DO NOTHING"
-                    })
-                    .bind(news)
-                    .bind(at);
-                    // Only the live notifier writes e-mails, with the publication's trace.
-                    let query = if live {
-                        query.bind(trace.as_deref())
-                    } else {
-                        query
-                    };
-                    query
+                           ON CONFLICT DO NOTHING",
+                        news,
+                        at,
+                        )
                         .execute(&mut **tx)
                         .await
-                        .context("notifying followers")?;
+                    }
+                    .context("notifying followers")?;
                 }
                 _ => {}
             }
@@ -285,14 +292,14 @@ async fn record_drafts(
     let titles: Vec<&str> = run.iter().map(|e| e.title.as_str()).collect();
     let categories: Vec<&str> = run.iter().map(|e| e.category.as_str()).collect();
     let versions: Vec<i64> = run.iter().map(|e| e.metadata.aggregate_version).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO notify_articles (news_id, title, category, version) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[]) ON CONFLICT DO NOTHING",
+        &ids,
+        &titles as &[&str],
+        &categories as &[&str],
+        &versions,
     )
-    .bind(ids)
-    .bind(titles)
-    .bind(categories)
-    .bind(versions)
     .execute(&mut **tx)
     .await
     .context("recording articles")?;

@@ -76,14 +76,13 @@ where
         let item = run.into_iter().next().expect("one item");
         return single(tx, item).await.map_err(|e| (first_index, e));
     }
-    let savepoint = |sql: &'static str| sqlx::query(sql);
-    savepoint("SAVEPOINT bulk")
+    sqlx::query!("SAVEPOINT bulk")
         .execute(&mut **tx)
         .await
         .map_err(|e| (first_index, e.into()))?;
     match bulk(tx, &run).await {
         Ok(()) => {
-            savepoint("RELEASE SAVEPOINT bulk")
+            sqlx::query!("RELEASE SAVEPOINT bulk")
                 .execute(&mut **tx)
                 .await
                 .map_err(|e| (first_index, e.into()))?;
@@ -98,7 +97,7 @@ where
             Err((first_index, e))
         }
         Err(_) => {
-            savepoint("ROLLBACK TO SAVEPOINT bulk")
+            sqlx::query!("ROLLBACK TO SAVEPOINT bulk")
                 .execute(&mut **tx)
                 .await
                 .map_err(|e| (first_index, e.into()))?;
@@ -149,18 +148,39 @@ fn outage(error: sqlx::Error) -> Failure {
 }
 
 /// The state of a projection's versions.
-#[derive(sqlx::FromRow)]
 struct Versions {
     active: i32,
     building: Option<i32>,
     switching: bool,
 }
 
-macro_rules! versions {
-    () => {
-        "SELECT active, building, coalesce(switching_until > now(), false) AS switching \
-         FROM projection_versions WHERE projection = $1"
-    };
+/// Reads the state of `projection`'s versions; `share`: sharing its row, which a replay's
+/// switch updates, so that a batch that reads it inside its transaction keeps out of the
+/// switch.
+async fn versions(
+    db: impl sqlx::PgExecutor<'_>,
+    projection: &str,
+    share: bool,
+) -> Result<Versions, sqlx::Error> {
+    if share {
+        sqlx::query_as!(
+            Versions,
+            r#"SELECT active, building, coalesce(switching_until > now(), false) AS "switching!"
+               FROM projection_versions WHERE projection = $1 FOR SHARE"#,
+            projection
+        )
+        .fetch_one(db)
+        .await
+    } else {
+        sqlx::query_as!(
+            Versions,
+            r#"SELECT active, building, coalesce(switching_until > now(), false) AS "switching!"
+               FROM projection_versions WHERE projection = $1"#,
+            projection
+        )
+        .fetch_one(db)
+        .await
+    }
 }
 
 impl<P: Projection> Store for Tables<P> {
@@ -173,9 +193,7 @@ impl<P: Projection> Store for Tables<P> {
     }
 
     async fn open(&self, mode: Mode) -> anyhow::Result<(i32, Offsets)> {
-        let versions: Versions = sqlx::query_as(versions!())
-            .bind(self.name())
-            .fetch_one(&self.pool)
+        let versions = versions(&self.pool, self.name(), false)
             .await
             .with_context(|| format!("reading the versions of {}", self.name()))?;
         let version = match mode {
@@ -219,12 +237,7 @@ impl<P: Projection> Store for Tables<P> {
         }
         let name = self.name();
         let mut tx = self.pool.begin().await.map_err(outage)?;
-        // A replay's switch updates this row; sharing it keeps batches out of the switch.
-        let versions: Versions = sqlx::query_as(concat!(versions!(), " FOR SHARE"))
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(outage)?;
+        let versions = versions(&mut *tx, name, true).await.map_err(outage)?;
         match mode {
             Mode::Live if versions.active != version => return Ok(Committed::Reopen),
             Mode::Live if versions.switching => return Ok(Committed::Paused),
@@ -244,7 +257,7 @@ impl<P: Projection> Store for Tables<P> {
         // batch is applied again. So commits need not wait for the disk — except those
         // that schedule e-mails, which must not be scheduled twice.
         if !(mode == Mode::Live && self.projection.side_effects()) {
-            sqlx::query("SET LOCAL synchronous_commit TO off")
+            sqlx::query!("SET LOCAL synchronous_commit TO off")
                 .execute(&mut *tx)
                 .await
                 .map_err(outage)?;

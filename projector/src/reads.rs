@@ -76,17 +76,17 @@ async fn insert_reads(
             .or_default() += 1;
         *counts.entry(read.news_id).or_default() += 1;
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO reading_history (event_id, user_id, news_id, read_at) \
          SELECT r.event_id, r.user_id, r.news_id, r.read_at \
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[]) AS r(event_id, user_id, news_id, read_at) \
          WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = r.user_id AND u.erased) \
          ON CONFLICT (event_id) DO NOTHING",
+        &events,
+        &users,
+        &news,
+        &at,
     )
-    .bind(&events)
-    .bind(&users)
-    .bind(&news)
-    .bind(&at)
     .execute(&mut **tx)
     .await
     .context("recording reads")?;
@@ -108,24 +108,24 @@ async fn insert_reads(
                 acc
             },
         );
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO news_reads_hourly (news_id, hour, reads) \
          SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[]) \
          ON CONFLICT (news_id, hour) DO UPDATE SET reads = news_reads_hourly.reads + EXCLUDED.reads",
+        &hour_news,
+        &hours,
+        &hour_reads,
     )
-    .bind(&hour_news)
-    .bind(&hours)
-    .bind(&hour_reads)
     .execute(&mut **tx)
     .await
     .context("counting reads for trending")?;
     let (count_news, count_reads): (Vec<_>, Vec<_>) = counts.into_iter().unzip();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO news_read_counts (news_id, reads) SELECT * FROM unnest($1::uuid[], $2::bigint[]) \
          ON CONFLICT (news_id) DO UPDATE SET reads = news_read_counts.reads + EXCLUDED.reads",
+        &count_news,
+        &count_reads,
     )
-    .bind(&count_news)
-    .bind(&count_reads)
     .execute(&mut **tx)
     .await
     .context("counting reads")?;
@@ -137,32 +137,32 @@ async fn apply_read(tx: &mut Transaction<'static, Postgres>, read: NewsRead) -> 
     {
         let meta = &read.metadata;
         // Erased users' reads stay counted but leave no history.
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO reading_history (event_id, user_id, news_id, read_at) \
              SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM users WHERE id = $2 AND erased) \
              ON CONFLICT (event_id) DO NOTHING",
+            meta.event_id,
+            meta.aggregate_id,
+            read.news_id,
+            meta.occurred_at(),
         )
-        .bind(meta.event_id)
-        .bind(meta.aggregate_id)
-        .bind(read.news_id)
-        .bind(meta.occurred_at())
         .execute(&mut **tx)
         .await
         .context("recording a read")?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO news_reads_hourly (news_id, hour, reads) VALUES ($1, date_trunc('hour', $2::timestamptz), 1) \
              ON CONFLICT (news_id, hour) DO UPDATE SET reads = news_reads_hourly.reads + 1",
+            read.news_id,
+            meta.occurred_at(),
         )
-        .bind(read.news_id)
-        .bind(meta.occurred_at())
         .execute(&mut **tx)
         .await
         .context("counting a read for trending")?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO news_read_counts (news_id, reads) VALUES ($1, 1) \
              ON CONFLICT (news_id) DO UPDATE SET reads = news_read_counts.reads + 1",
+            read.news_id,
         )
-        .bind(read.news_id)
         .execute(&mut **tx)
         .await
         .context("counting a read")?;

@@ -211,12 +211,13 @@ fn line(verb: &str, name: &str, new: i32, progress: &Progress, total: i64, start
 /// is held while the connection is, which is taken out of the pool and closed when dropped.
 async fn lock(pool: &PgPool, name: &str) -> anyhow::Result<sqlx::PgConnection> {
     let mut lock = pool.acquire().await.context("connecting to PostgreSQL")?;
-    let (locked,): (bool,) =
-        sqlx::query_as("SELECT pg_try_advisory_lock(hashtext('newsroom replay ' || $1))")
-            .bind(name)
-            .fetch_one(&mut *lock)
-            .await
-            .context("taking the replay lock")?;
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock(hashtext('newsroom replay ' || $1)) AS "locked!""#,
+        name
+    )
+    .fetch_one(&mut *lock)
+    .await
+    .context("taking the replay lock")?;
     anyhow::ensure!(locked, "another replay or verify of {name} is running");
     Ok(lock.detach())
 }
@@ -489,14 +490,14 @@ impl<S: Store> Store for Shared<S> {
 
 /// The base tables of a schema.
 async fn tables_of(pool: &PgPool, schema: &str) -> anyhow::Result<Vec<String>> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1",
+    sqlx::query_scalar!(
+        r#"SELECT table_name::text AS "table!" FROM information_schema.tables
+           WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1"#,
+        schema
     )
-    .bind(schema)
     .fetch_all(pool)
     .await
-    .context("listing a version's tables")?;
-    Ok(rows.into_iter().map(|(t,)| t).collect())
+    .context("listing a version's tables")
 }
 
 /// Identifiers built here come from information_schema and static names; quoting keeps
@@ -515,24 +516,26 @@ async fn execute(pool: impl sqlx::PgExecutor<'_>, statement: String) -> anyhow::
 
 impl<P: Projection + 'static> Versioned for Tables<P> {
     async fn building(&self) -> anyhow::Result<Option<i32>> {
-        let (building,): (Option<i32>,) =
-            sqlx::query_as("SELECT building FROM projection_versions WHERE projection = $1")
-                .bind(self.name())
-                .fetch_one(self.pool())
-                .await
-                .context("reading the projection's versions")?;
+        let building = sqlx::query_scalar!(
+            "SELECT building FROM projection_versions WHERE projection = $1",
+            self.name()
+        )
+        .fetch_one(self.pool())
+        .await
+        .context("reading the projection's versions")?;
         Ok(building)
     }
 
     async fn prepare(&self) -> anyhow::Result<(i32, i32)> {
         let pool = self.pool();
-        let (active, building): (i32, Option<i32>) = sqlx::query_as(
+        let versions = sqlx::query!(
             "SELECT active, building FROM projection_versions WHERE projection = $1",
+            self.name()
         )
-        .bind(self.name())
         .fetch_one(pool)
         .await
         .context("reading the projection's versions")?;
+        let (active, building) = (versions.active, versions.building);
         if let Some(left) = building {
             tracing::warn!(
                 projection = self.name(),
@@ -559,9 +562,11 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
             )
             .await?;
         }
-        sqlx::query("UPDATE projection_versions SET building = $2, switching_until = NULL WHERE projection = $1")
-            .bind(self.name())
-            .bind(new)
+        sqlx::query!(
+            "UPDATE projection_versions SET building = $2, switching_until = NULL WHERE projection = $1",
+            self.name(),
+            new,
+        )
             .execute(&mut *tx)
             .await?;
         tx.commit().await.context("creating the new version")?;
@@ -570,13 +575,13 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
 
     async fn hold_live(&self, new: i32) -> anyhow::Result<()> {
         // Waits for the live batch in flight (it shares this row), then holds the next ones.
-        let held = sqlx::query(
+        let held = sqlx::query!(
             "UPDATE projection_versions SET switching_until = now() + make_interval(secs => $3) \
              WHERE projection = $1 AND building = $2",
+            self.name(),
+            new,
+            HOLD.as_secs_f64(),
         )
-        .bind(self.name())
-        .bind(new)
-        .bind(HOLD.as_secs_f64())
         .execute(self.pool())
         .await
         .context("holding the live consumer")?
@@ -590,26 +595,28 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
     }
 
     async fn release_live(&self) -> anyhow::Result<()> {
-        sqlx::query("UPDATE projection_versions SET switching_until = NULL WHERE projection = $1")
-            .bind(self.name())
-            .execute(self.pool())
-            .await
-            .context("releasing the live consumer")?;
+        sqlx::query!(
+            "UPDATE projection_versions SET switching_until = NULL WHERE projection = $1",
+            self.name(),
+        )
+        .execute(self.pool())
+        .await
+        .context("releasing the live consumer")?;
         Ok(())
     }
 
     async fn switch(&self, old: i32, new: i32) -> anyhow::Result<()> {
         let pool = self.pool();
         let mut tx = pool.begin().await?;
-        let (active, building, held): (i32, Option<i32>, bool) = sqlx::query_as(
-            "SELECT active, building, coalesce(switching_until > now(), false) FROM projection_versions \
-             WHERE projection = $1 FOR UPDATE",
+        let versions = sqlx::query!(
+            r#"SELECT active, building, coalesce(switching_until > now(), false) AS "held!"
+               FROM projection_versions WHERE projection = $1 FOR UPDATE"#,
+            self.name()
         )
-        .bind(self.name())
         .fetch_one(&mut *tx)
         .await?;
         anyhow::ensure!(
-            active == old && building == Some(new) && held,
+            versions.active == old && versions.building == Some(new) && versions.held,
             "the switch of {} lost its hold on the live consumer",
             self.name()
         );
@@ -626,11 +633,11 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
             )
             .await?;
         }
-        sqlx::query(
+        sqlx::query!(
             "UPDATE projection_versions SET active = $2, building = NULL, switching_until = NULL WHERE projection = $1",
+            self.name(),
+            new,
         )
-        .bind(self.name())
-        .bind(new)
         .execute(&mut *tx)
         .await?;
         tx.commit().await.context("switching versions")?;
@@ -692,11 +699,12 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
 
     async fn drop_version(&self, version: i32) -> anyhow::Result<()> {
         let pool = self.pool();
-        let (active,): (i32,) =
-            sqlx::query_as("SELECT active FROM projection_versions WHERE projection = $1")
-                .bind(self.name())
-                .fetch_one(pool)
-                .await?;
+        let active = sqlx::query_scalar!(
+            "SELECT active FROM projection_versions WHERE projection = $1",
+            self.name()
+        )
+        .fetch_one(pool)
+        .await?;
         anyhow::ensure!(
             version != active,
             "refusing to drop the active version of {}",
@@ -711,19 +719,25 @@ impl<P: Projection + 'static> Versioned for Tables<P> {
             ),
         )
         .await?;
-        sqlx::query("DELETE FROM projection_offsets WHERE projection = $1 AND version = $2")
-            .bind(self.name())
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM dead_letters WHERE consumer = $1 AND version = $2")
-            .bind(self.name())
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE projection_versions SET building = NULL WHERE projection = $1 AND building = $2")
-            .bind(self.name())
-            .bind(version)
+        sqlx::query!(
+            "DELETE FROM projection_offsets WHERE projection = $1 AND version = $2",
+            self.name(),
+            version,
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            "DELETE FROM dead_letters WHERE consumer = $1 AND version = $2",
+            self.name(),
+            version,
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            "UPDATE projection_versions SET building = NULL WHERE projection = $1 AND building = $2",
+            self.name(),
+            version,
+        )
             .execute(&mut *tx)
             .await?;
         tx.commit().await.context("dropping a version")?;

@@ -60,16 +60,16 @@ impl Projection for UsersProjection {
         let query = match event {
             UserEvent::Registered(e) => {
                 let p = open(&mut **tx, id, &e.personal).await?;
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO users (id, name, email, role, version, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (id) DO NOTHING",
+                    id,
+                    p.name.unwrap_or_default(),
+                    p.email.unwrap_or_default(),
+                    e.role.as_str(),
+                    version,
+                    at,
                 )
-                .bind(id)
-                .bind(p.name.unwrap_or_default())
-                .bind(p.email.unwrap_or_default())
-                .bind(e.role.as_str())
-                .bind(version)
-                .bind(at)
             }
             UserEvent::Updated(e) => {
                 let p = match &e.personal {
@@ -79,48 +79,48 @@ impl Projection for UsersProjection {
                 let categories: Option<Vec<String>> = e
                     .followed_categories
                     .map(|cs| cs.iter().map(|c| c.as_str().to_owned()).collect());
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE users SET name = COALESCE($3, name), email = COALESCE($4, email), \
                      followed_categories = COALESCE($5, followed_categories), \
                      email_notifications = COALESCE($6, email_notifications), version = $2, updated_at = $7 \
                      WHERE id = $1 AND version < $2",
+                    id,
+                    version,
+                    p.name,
+                    p.email,
+                    categories.as_deref(),
+                    e.email_notifications,
+                    at,
                 )
-                .bind(id)
-                .bind(version)
-                .bind(p.name)
-                .bind(p.email)
-                .bind(categories)
-                .bind(e.email_notifications)
-                .bind(at)
             }
-            UserEvent::RoleChanged(e) => sqlx::query(
+            UserEvent::RoleChanged(e) => sqlx::query!(
                 "UPDATE users SET role = $3, version = $2, updated_at = $4 WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(e.role.as_str())
-            .bind(at),
-            UserEvent::PasswordChanged(_) => {
-                sqlx::query("UPDATE users SET version = $2, updated_at = $3 WHERE id = $1 AND version < $2")
-                    .bind(id)
-                    .bind(version)
-                    .bind(at)
-            }
-            UserEvent::NotificationsRead(e) => sqlx::query(
+                id,
+                version,
+                e.role.as_str(),
+                at,
+            ),
+            UserEvent::PasswordChanged(_) => sqlx::query!(
+                "UPDATE users SET version = $2, updated_at = $3 WHERE id = $1 AND version < $2",
+                id,
+                version,
+                at,
+            ),
+            UserEvent::NotificationsRead(e) => sqlx::query!(
                 "UPDATE users SET notifications_read_at = $3, version = $2, updated_at = $4 \
                  WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(chrono::DateTime::from_timestamp_micros(e.read_at))
-            .bind(at),
-            UserEvent::Erased(_) => sqlx::query(
+                id,
+                version,
+                chrono::DateTime::from_timestamp_micros(e.read_at),
+                at,
+            ),
+            UserEvent::Erased(_) => sqlx::query!(
                 "UPDATE users SET erased = true, name = '', email = '', version = $2, updated_at = $3 \
                  WHERE id = $1 AND version < $2",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(at),
+                id,
+                version,
+                at,
+            ),
         };
         query
             .execute(&mut **tx)
@@ -128,8 +128,7 @@ impl Projection for UsersProjection {
             .context("projecting a user event")?;
         if erased {
             // Their reads stay counted, anonymously; their history goes.
-            sqlx::query("DELETE FROM reading_history WHERE user_id = $1")
-                .bind(id)
+            sqlx::query!("DELETE FROM reading_history WHERE user_id = $1", id)
                 .execute(&mut **tx)
                 .await
                 .context("removing an erased user's history")?;

@@ -77,7 +77,10 @@ pub async fn build(
         readiness: Arc::new(move || {
             let state = ready_state.clone();
             Box::pin(async move {
-                let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+                let postgres = sqlx::query_scalar!("SELECT 1 AS one")
+                    .fetch_one(&state.pool)
+                    .await
+                    .is_ok();
                 vec![("postgres", postgres), ("redis", state.cache.is_up())]
             })
         }),

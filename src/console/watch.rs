@@ -267,21 +267,9 @@ impl Watch {
 
     /// Samples every [`EVERY`] while pages are asked for, then sleeps until one is.
     pub async fn run(self: Arc<Self>) {
-        let kafka = loop {
-            // One record is all it reads of a partition: no prefetching of more.
-            match read_committed_consumer(&self.kafka, "newsroom-console")
-                .set("enable.partition.eof", "false")
-                .set("queued.min.messages", "1")
-                .set("max.partition.fetch.bytes", "65536")
-                .create::<BaseConsumer>()
-            {
-                Ok(consumer) => break Arc::new(consumer),
-                Err(e) => {
-                    tracing::error!(error = %e, "the console cannot create its Kafka client; retrying");
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                }
-            }
-        };
+        // Made when a page is first looked at (a console nobody opens holds no Kafka
+        // connection), and again after a failure to make it.
+        let mut kafka: Option<Arc<BaseConsumer>> = None;
         loop {
             let idle = self.state().looked_at.is_none_or(|at| at.elapsed() > IDLE);
             if idle {
@@ -291,7 +279,21 @@ impl Watch {
                 continue;
             }
             let started = Instant::now();
-            let sample = self.sample(&kafka).await;
+            if kafka.is_none() {
+                // One record is all it reads of a partition: no prefetching of more.
+                match read_committed_consumer(&self.kafka, "newsroom-console")
+                    .set("enable.partition.eof", "false")
+                    .set("queued.min.messages", "1")
+                    .set("max.partition.fetch.bytes", "65536")
+                    .create::<BaseConsumer>()
+                {
+                    Ok(consumer) => kafka = Some(Arc::new(consumer)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the console cannot create its Kafka client")
+                    }
+                }
+            }
+            let sample = self.sample(kafka.clone()).await;
             let point = Point {
                 at: self.started.elapsed().as_secs_f64(),
                 values: sample
@@ -315,7 +317,8 @@ impl Watch {
         }
     }
 
-    async fn sample(&self, kafka: &Arc<BaseConsumer>) -> Sample {
+    /// Without a Kafka client, the stores' side alone, with the lag unknown.
+    async fn sample(&self, kafka: Option<Arc<BaseConsumer>>) -> Sample {
         // A store that does not answer is reported, not waited for.
         let readings = futures::future::join_all(self.models.iter().map(|m| async move {
             tokio::time::timeout(READ_TIMEOUT, m.versions())
@@ -348,8 +351,8 @@ impl Watch {
             .iter()
             .map(|m| format!("{}.{}", self.kafka.topic_prefix, m.name()))
             .collect();
-        let client = kafka.clone();
         let read = tokio::task::spawn_blocking(move || {
+            let client = kafka.context("no Kafka client could be made")?;
             let ends = ends(&client, &topics)?;
             // Offsets at or past the end have nothing to wait for.
             let mut waiting = BTreeSet::new();

@@ -256,6 +256,25 @@ impl TestApp {
         Ok(TestUser { token, ..user })
     }
 
+    /// `user` follows `categories` with e-mail on; the consistency token of the change.
+    pub async fn follow(&self, user: &TestUser, categories: &[&str]) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .patch(format!("{}/v1/users/{}", self.command_url, user.id))
+            .bearer_auth(&user.token)
+            .json(&serde_json::json!({"followed_categories": categories, "email_notifications": true}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == reqwest::StatusCode::OK,
+            "follow: {}",
+            response.status()
+        );
+        Ok(response.headers()["x-consistency-token"]
+            .to_str()?
+            .to_owned())
+    }
+
     /// The data key of `user` as stored by the command side, if it still exists.
     pub async fn user_key(
         &self,

@@ -13,14 +13,7 @@ use serde_json::json;
 async fn with_smtp_down_emails_wait_and_are_delivered_once_when_it_returns() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let (editor, follower) = (app.editor().await?, app.reader().await?);
-    let response = app
-        .http
-        .patch(format!("{}/v1/users/{}", app.command_url, follower.id))
-        .bearer_auth(&follower.token)
-        .json(&json!({"followed_categories": ["politics"], "email_notifications": true}))
-        .send()
-        .await?;
-    assert_eq!(response.status(), S::OK);
+    app.follow(&follower, &["politics"]).await?;
 
     infra(&["down", "smtp"])?;
     let outcome = async {

@@ -33,14 +33,7 @@ async fn a_publication_s_trace_links_the_command_the_projections_the_notifier_an
     let app = TestApp::spawn().await?;
     let editor = app.editor().await?;
     let follower = app.reader().await?;
-    let response = app
-        .http
-        .patch(format!("{}/v1/users/{}", app.command_url, follower.id))
-        .bearer_auth(&follower.token)
-        .json(&json!({"followed_categories": ["politics"], "email_notifications": true}))
-        .send()
-        .await?;
-    assert_eq!(response.status(), S::OK);
+    app.follow(&follower, &["politics"]).await?;
     let response = app
         .http
         .post(format!("{}/v1/news", app.command_url))

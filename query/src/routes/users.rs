@@ -174,7 +174,6 @@ pub struct Recommendation {
     pub reasons: Vec<String>,
 }
 
-#[derive(sqlx::FromRow)]
 struct RankedRow {
     id: Uuid,
     score: f64,
@@ -235,28 +234,29 @@ pub async fn recommendations(
     }
     crate::routes::news::answered("recommendations", "postgres");
     crate::consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
-    let ranked: Vec<RankedRow> = sqlx::query_as(
-        "WITH mine AS (SELECT news_id, read_at FROM reading_history WHERE user_id = $1), \
-         affinity AS (SELECT k.key, sum(power(2::float8, extract(epoch FROM (m.read_at - now()))::float8 / $3)) AS w \
-           FROM mine m JOIN news n ON n.id = m.news_id \
-           CROSS JOIN LATERAL (SELECT 'cat:' || n.category UNION SELECT 'tag:' || t FROM unnest(n.tags) t) k(key) \
-           GROUP BY k.key), \
-         candidates AS (SELECT id, category, tags, published_at FROM news \
-           WHERE status = 'published' AND id NOT IN (SELECT news_id FROM mine) \
-           ORDER BY published_at DESC, id DESC LIMIT $4) \
-         SELECT c.id, coalesce(sum(a.w), 0)::float8 AS score, \
-           coalesce(array_agg(k.name ORDER BY a.w DESC, k.name) FILTER (WHERE a.w IS NOT NULL), '{}') AS reasons \
-         FROM candidates c \
-         CROSS JOIN LATERAL (SELECT DISTINCT ON (name) key, name FROM \
-           (SELECT 'cat:' || c.category AS key, c.category AS name UNION ALL SELECT 'tag:' || t, t FROM unnest(c.tags) t) keys \
-           ORDER BY name, key) k \
-         LEFT JOIN affinity a ON a.key = k.key \
-         GROUP BY c.id, c.published_at ORDER BY score DESC, c.published_at DESC, c.id DESC LIMIT $2",
+    let ranked: Vec<RankedRow> = sqlx::query_as!(
+        RankedRow,
+        r#"WITH mine AS (SELECT news_id, read_at FROM reading_history WHERE user_id = $1),
+         affinity AS (SELECT k.key, sum(power(2::float8, extract(epoch FROM (m.read_at - now()))::float8 / $3)) AS w
+           FROM mine m JOIN news n ON n.id = m.news_id
+           CROSS JOIN LATERAL (SELECT 'cat:' || n.category UNION SELECT 'tag:' || t FROM unnest(n.tags) t) k(key)
+           GROUP BY k.key),
+         candidates AS (SELECT id, category, tags, published_at FROM news
+           WHERE status = 'published' AND id NOT IN (SELECT news_id FROM mine)
+           ORDER BY published_at DESC, id DESC LIMIT $4)
+         SELECT c.id AS "id!", coalesce(sum(a.w), 0)::float8 AS "score!",
+           coalesce(array_agg(k.name ORDER BY a.w DESC, k.name) FILTER (WHERE a.w IS NOT NULL), '{}') AS "reasons!"
+         FROM candidates c
+         CROSS JOIN LATERAL (SELECT DISTINCT ON (name) key, name FROM
+           (SELECT 'cat:' || c.category AS key, c.category AS name UNION ALL SELECT 'tag:' || t, t FROM unnest(c.tags) t) keys
+           ORDER BY name, key) k
+         LEFT JOIN affinity a ON a.key = k.key
+         GROUP BY c.id, c.published_at ORDER BY "score!" DESC, c.published_at DESC, c.id DESC LIMIT $2"#,
+        *id,
+        limit,
+        half_life.as_secs_f64(),
+        i64::from(state.recommend.candidates),
     )
-    .bind(*id)
-    .bind(limit)
-    .bind(half_life.as_secs_f64())
-    .bind(i64::from(state.recommend.candidates))
     .fetch_all(&state.pool)
     .await
     .map_err(unavailable)?;

@@ -63,21 +63,6 @@ async fn transition(
         .to_owned())
 }
 
-/// The user follows `categories` with e-mail on; the consistency token.
-async fn follow(app: &TestApp, user: &TestUser, categories: &[&str]) -> anyhow::Result<String> {
-    let response = app
-        .http
-        .patch(format!("{}/v1/users/{}", app.command_url, user.id))
-        .bearer_auth(&user.token)
-        .json(&json!({"followed_categories": categories, "email_notifications": true}))
-        .send()
-        .await?;
-    anyhow::ensure!(response.status() == S::OK, "follow: {}", response.status());
-    Ok(response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned())
-}
-
 async fn recommendations(
     app: &TestApp,
     user: &TestUser,
@@ -245,7 +230,7 @@ async fn a_follower_gets_one_inbox_entry_and_one_email_per_article_of_their_cate
         app.reader().await?,
         app.reader().await?,
     );
-    let followed = follow(&app, &follower, &["politics"]).await?;
+    let followed = app.follow(&follower, &["politics"]).await?;
     let body = inbox(&app, &follower, Some(&followed)).await?;
     assert_eq!(
         (
@@ -334,7 +319,7 @@ async fn a_follower_gets_one_inbox_entry_and_one_email_per_article_of_their_cate
 async fn an_erased_user_gets_nothing_more_and_their_inbox_is_removed() -> TestResult {
     let app = TestApp::spawn().await?;
     let (editor, follower, admin) = (app.editor().await?, app.reader().await?, app.admin().await?);
-    let followed = follow(&app, &follower, &["sports"]).await?;
+    let followed = app.follow(&follower, &["sports"]).await?;
     let (_, published) = publish(&app, &editor, "sports", "Before erasure", &[]).await?;
     // The follow is on the users stream, the publication on the news stream.
     let token = newsroom_tests::merge_tokens(&[&followed, &published])?;
@@ -410,7 +395,7 @@ async fn a_notifier_killed_ten_times_while_articles_are_published_leaves_one_ent
     let mut followers = Vec::new();
     for _ in 0..3 {
         let user = app.reader().await?;
-        follow(&app, &user, &["politics"]).await?;
+        app.follow(&user, &["politics"]).await?;
         followers.push(user);
     }
     let mut notifier = ChildRole::start(&app, "notify", 0)?;
@@ -605,7 +590,7 @@ async fn after_erasure_no_store_yields_the_name_or_the_email() -> TestResult {
         token,
     };
     // Everything a user leaves behind: follows, an inbox entry and an e-mail, reads.
-    follow(&app, &user, &["sports"]).await?;
+    app.follow(&user, &["sports"]).await?;
     let title = format!("Before erasure {tag}");
     let (article, published) = publish(&app, &editor, "sports", &title, &["erasure"]).await?;
     let (status, _) = query(
