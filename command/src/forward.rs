@@ -11,15 +11,16 @@ use anyhow::Context as _;
 use newsroom_infra::http::ApiError;
 use sqlx::PgPool;
 
-/// Marks a request as forwarded once: `<unix seconds>.<HMAC>` with a key every process of
-/// the deployment derives from its secrets, valid for `MARK_LIFETIME`, so that no outside
-/// caller can pass a request off as forwarded (a forwarded request skips the idempotency
-/// table and the throttles). The HMAC covers the time, method and path, the caller's
-/// `Authorization`, `Idempotency-Key` and `If-Match`, and the body's length: a mark seen on
-/// the wire cannot carry another caller's token, key or precondition. (It can still be
-/// replayed within its lifetime with another body of the same length — for an anonymous
-/// login, another guess — by someone who can watch the traffic between processes; a
-/// single-use mark would close that.)
+/// Marks a request as forwarded once: `<unix seconds>.<SHA-256 of the body>.<HMAC>` with a
+/// key every process of the deployment derives from its secrets, valid for
+/// `MARK_LIFETIME`, so that no outside caller can pass a request off as forwarded (a
+/// forwarded request skips the idempotency table and the throttles). The HMAC covers the
+/// time, method and path, the caller's `Authorization`, `Idempotency-Key` and `If-Match`,
+/// and the body's hash, which [`check_body`] compares with the bytes that came: a mark seen
+/// on the wire cannot carry another caller's token, key, precondition or body. (Within its
+/// lifetime it can still be sent again as it was, by someone who can watch the traffic
+/// between processes: the same command once more, which the owner's version checks and
+/// the forwarding process's idempotency record already answer.)
 pub const FORWARDED: &str = "x-newsroom-forwarded";
 
 /// How long a forwarding mark is valid (clocks of the deployment's machines agree closer).
@@ -91,9 +92,9 @@ impl Directory {
         method: &str,
         path: &str,
         headers: &actix_web::http::header::HeaderMap,
-        length: usize,
+        body_hash: &str,
     ) -> String {
-        let (at_text, length_text) = (at.to_string(), length.to_string());
+        let at_text = at.to_string();
         let mut parts: Vec<&[u8]> = vec![
             at_text.as_bytes(),
             b" ",
@@ -101,7 +102,7 @@ impl Directory {
             b" ",
             path.as_bytes(),
             b" ",
-            length_text.as_bytes(),
+            body_hash.as_bytes(),
         ];
         // Header values hold no line breaks: the parts cannot run into each other; a
         // missing header and an empty one differ.
@@ -112,40 +113,35 @@ impl Directory {
             }
         }
         format!(
-            "{at}.{}",
+            "{at}.{body_hash}.{}",
             crate::digest::hex(&crate::digest::hmac(&self.key, &parts))
         )
     }
 
-    /// Whether `req` was forwarded by a process of this deployment (its mark is valid).
+    /// Whether `req` was forwarded by a process of this deployment (its mark is valid; the
+    /// body it vouches for is compared by [`check_body`]).
     pub fn forwarded(&self, req: &actix_web::dev::RequestHead) -> bool {
-        let Some(mark) = req.headers.get(FORWARDED).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
+        self.vouched_body(req).is_some()
+    }
+
+    /// The hash of the body a valid forwarding mark on `req` vouches for.
+    fn vouched_body(&self, req: &actix_web::dev::RequestHead) -> Option<String> {
+        let mark = req.headers.get(FORWARDED)?.to_str().ok()?;
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let Some(at) = mark
-            .split_once('.')
-            .and_then(|(at, _)| at.parse::<u64>().ok())
-        else {
-            return false;
-        };
+        let mut fields = mark.splitn(3, '.');
+        let (at, body_hash) = (fields.next()?.parse::<u64>().ok()?, fields.next()?);
         if now_secs().abs_diff(at) > MARK_LIFETIME.as_secs() {
-            return false;
+            return None;
         }
-        let length = req
-            .headers
-            .get(actix_web::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        let expected = self.mark(at, req.method.as_str(), path, &req.headers, length);
+        let expected = self.mark(at, req.method.as_str(), path, &req.headers, body_hash);
         // Compared in constant time.
-        mark.len() == expected.len()
+        let valid = mark.len() == expected.len()
             && mark
                 .bytes()
                 .zip(expected.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+                == 0;
+        valid.then(|| body_hash.to_owned())
     }
 
     /// Records that this process now writes `partition`.
@@ -208,7 +204,7 @@ impl Directory {
                     req.method().as_str(),
                     path,
                     req.headers(),
-                    body.len(),
+                    &body_hash(body),
                 ),
             )
             .body(body.to_vec());
@@ -237,6 +233,40 @@ impl Directory {
         let bytes = answer.bytes().await.map_err(|_| moving())?;
         Ok(response.body(bytes))
     }
+}
+
+fn body_hash(body: &[u8]) -> String {
+    crate::digest::hex(&crate::digest::sha256(&[body]))
+}
+
+/// Refuses a request whose valid forwarding mark vouches for other bytes than its body
+/// (before the throttles and the idempotency table trust the mark).
+pub async fn check_body(
+    mut req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    use actix_web::{HttpMessage as _, ResponseError as _};
+    let vouched = req
+        .app_data::<actix_web::web::Data<crate::State>>()
+        .and_then(|state| state.shared.directory.vouched_body(req.head()));
+    let Some(vouched) = vouched else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let mut payload = req.take_payload();
+    let body = match newsroom_infra::http::read_body(&mut payload).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(req.into_response(refused.error_response())),
+    };
+    if body_hash(&body) != vouched {
+        tracing::warn!(
+            path = req.path(),
+            "a forwarding mark that does not match its body"
+        );
+        let refused = ApiError::Malformed("the forwarding mark does not match the body".into());
+        return Ok(req.into_response(refused.error_response()));
+    }
+    req.set_payload(actix_web::dev::Payload::from(body));
+    Ok(next.call(req).await?.map_into_boxed_body())
 }
 
 #[cfg(test)]
@@ -275,40 +305,45 @@ mod tests {
             "POST",
             "/v1/news",
             original.headers(),
-            body.len(),
+            &body_hash(body.as_bytes()),
         );
         let request = TestRequest::post()
             .uri("/v1/news")
             .insert_header((FORWARDED, mark.as_str()))
             .insert_header(("authorization", token))
-            .insert_header(("idempotency-key", key))
-            .insert_header(("content-length", body.len().to_string()));
+            .insert_header(("idempotency-key", key));
         (mark, request)
     }
 
     #[actix_web::test]
-    async fn a_mark_vouches_for_its_caller_key_and_body_length_only() {
+    async fn a_mark_vouches_for_its_caller_key_and_body() {
         let directory = directory();
         let (mark, request) = forwarded(&directory, "Bearer a", "k1", "{\"x\":1}");
-        assert!(directory.forwarded(request.to_http_request().head()));
-        // The same mark on a request of another caller, key or length: not forwarded.
-        for (token, key, length) in [
-            ("Bearer b", "k1", 7),
-            ("Bearer a", "k2", 7),
-            ("Bearer a", "k1", 8),
-        ] {
+        assert_eq!(
+            directory.vouched_body(request.to_http_request().head()),
+            Some(body_hash(b"{\"x\":1}"))
+        );
+        // The same mark on a request of another caller or key: not forwarded.
+        for (token, key) in [("Bearer b", "k1"), ("Bearer a", "k2")] {
             let replayed = TestRequest::post()
                 .uri("/v1/news")
                 .insert_header((FORWARDED, mark.as_str()))
                 .insert_header(("authorization", token))
                 .insert_header(("idempotency-key", key))
-                .insert_header(("content-length", length.to_string()))
                 .to_http_request();
-            assert!(
-                !directory.forwarded(replayed.head()),
-                "{token} {key} {length}"
-            );
+            assert!(!directory.forwarded(replayed.head()), "{token} {key}");
         }
+        // Nor with another body's hash put in its place.
+        let (at, rest) = mark.split_once('.').expect("a mark");
+        let (_, hmac) = rest.split_once('.').expect("a mark");
+        let swapped = format!("{at}.{}.{hmac}", body_hash(b"{\"x\":2}"));
+        let replayed = TestRequest::post()
+            .uri("/v1/news")
+            .insert_header((FORWARDED, swapped.as_str()))
+            .insert_header(("authorization", "Bearer a"))
+            .insert_header(("idempotency-key", "k1"))
+            .to_http_request();
+        assert!(!directory.forwarded(replayed.head()));
         // Nor one from a deployment with another key.
         let other = Directory {
             key: b"another key".to_vec(),

@@ -171,6 +171,7 @@ pub async fn build(
         App::new()
             .wrap(from_fn(idempotency::middleware))
             .wrap(from_fn(newsroom_infra::limit::middleware))
+            .wrap(from_fn(forward::check_body))
             .wrap(from_fn(newsroom_infra::auth::authenticate))
             .wrap(from_fn(http::request_id))
             .app_data(state.clone())

@@ -104,6 +104,7 @@ pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wa
             })?,
     };
     let mut positions = Vec::new();
+    let mut confirmed = true;
     for (stream, position) in token.positions() {
         let projection = projection_of(stream).ok_or_else(|| {
             ApiError::Malformed(format!(
@@ -111,7 +112,7 @@ pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wa
             ))
         })?;
         let topic = format!("{topic_prefix}.{stream}");
-        state
+        confirmed &= state
             .log_ends
             .check(&topic, position.partition, position.offset)
             .await?;
@@ -119,8 +120,20 @@ pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wa
     }
     Ok(Some(Wanted {
         positions,
-        deadline: tokio::time::Instant::now() + Duration::from_millis(timeout_ms),
+        deadline: tokio::time::Instant::now() + wait_for(timeout_ms, confirmed),
     }))
+}
+
+/// How long a token waits for the read models: what the caller asked, or no longer than
+/// the default when the log's end could not confirm it (a forged token then holds a
+/// request for seconds, not for the 30 s a caller may ask).
+fn wait_for(timeout_ms: u64, confirmed: bool) -> Duration {
+    let ms = if confirmed {
+        timeout_ms
+    } else {
+        timeout_ms.min(DEFAULT_TIMEOUT_MS)
+    };
+    Duration::from_millis(ms)
 }
 
 /// Waits until the read models include the request's token, if it has one.
@@ -169,6 +182,16 @@ pub async fn wait_postgres(pool: &PgPool, wanted: Option<&Wanted>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unconfirmed_token_waits_no_longer_than_the_default() {
+        assert_eq!(wait_for(MAX_TIMEOUT_MS, true).as_millis(), 30_000);
+        assert_eq!(
+            wait_for(MAX_TIMEOUT_MS, false).as_millis(),
+            u128::from(DEFAULT_TIMEOUT_MS)
+        );
+        assert_eq!(wait_for(100, false).as_millis(), 100);
+    }
 
     #[test]
     fn the_last_possible_offset_asks_for_no_more_than_it_can() {

@@ -9,7 +9,8 @@
 //! request for every partition of the streams tokens name, and shared: a token ahead of
 //! what is known asks for a refresh and waits for one that began after it arrived;
 //! concurrent requests share that refresh. Whatever goes wrong in reading them lets the
-//! token through (the read models' own wait decides then).
+//! token through unconfirmed: the read models' own wait decides then, for no longer than
+//! the default consistency timeout.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -106,8 +107,9 @@ impl LogEnds {
     }
 
     /// Refuses a position no command can have answered: a partition the topic does not
-    /// have, or an offset at or past the partition's end.
-    pub async fn check(&self, topic: &str, partition: i32, offset: i64) -> Result<(), ApiError> {
+    /// have, or an offset at or past the partition's end. `Ok(true)`: the position is
+    /// below the end read; `Ok(false)`: let through unconfirmed (the end could not be read).
+    pub async fn check(&self, topic: &str, partition: i32, offset: i64) -> Result<bool, ApiError> {
         let forged = || {
             ApiError::Malformed(
                 "X-Consistency-Token names a position this deployment's log does not have".into(),
@@ -117,7 +119,7 @@ impl LogEnds {
             return Err(forged());
         }
         if self.known(topic, partition).is_some_and(|end| offset < end) {
-            return Ok(());
+            return Ok(true);
         }
         // A refresh that began after this request: wait for the one running (if any) to
         // end, and for the next; refused only if that one read the partition's end.
@@ -138,7 +140,27 @@ impl LogEnds {
         .unwrap_or(false);
         match self.known(topic, partition) {
             Some(end) if read && offset >= end => Err(forged()),
-            _ => Ok(()),
+            Some(end) => Ok(offset < end),
+            None => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_position_whose_end_cannot_be_read_is_let_through_unconfirmed_within_the_lookup_limit()
+     {
+        let mut settings = newsroom_infra::Settings::local_defaults().kafka;
+        // Nothing listens there: the ends cannot be read.
+        settings.brokers = "127.0.0.1:1".into();
+        let ends = LogEnds::start(&settings, vec!["t.news".into()]).expect("a client");
+        let started = std::time::Instant::now();
+        assert_eq!(ends.check("t.news", 0, 5).await.ok(), Some(false));
+        assert!(started.elapsed() < LOOKUP_LIMIT + Duration::from_secs(1));
+        // A partition the topic cannot have is refused without the log.
+        assert!(ends.check("t.news", settings.partitions, 0).await.is_err());
     }
 }

@@ -38,6 +38,25 @@ pub async fn load<A: Aggregate>(
     )))
 }
 
+/// Drops the snapshot of `partition` if it was taken before `next_offset` (the partition
+/// is then rebuilt from the log's start at its next takeover).
+pub async fn drop_older<A: Aggregate>(
+    pool: &PgPool,
+    partition: i32,
+    next_offset: i64,
+) -> anyhow::Result<()> {
+    sqlx::query!(
+        "DELETE FROM cmd_snapshots WHERE stream = $1 AND partition = $2 AND next_offset < $3",
+        A::STREAM.name(),
+        partition,
+        next_offset,
+    )
+    .execute(pool)
+    .await
+    .context("dropping a snapshot")?;
+    Ok(())
+}
+
 /// Stores `states` as the snapshot of `partition` up to `next_offset` (unless a newer one
 /// is there).
 pub async fn save<A: Aggregate>(

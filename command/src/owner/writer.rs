@@ -113,6 +113,9 @@ pub struct Log<S> {
     states: HashMap<Uuid, S>,
     next_offset: i64,
     since_snapshot: u64,
+    /// Set when a snapshot an erasure asked for could be neither written nor replaced by
+    /// none: the next batch takes it again.
+    snapshot_owed: Arc<AtomicBool>,
 }
 
 impl<S> Log<S> {
@@ -122,6 +125,7 @@ impl<S> Log<S> {
             states,
             next_offset,
             since_snapshot: 0,
+            snapshot_owed: Arc::default(),
         }
     }
 }
@@ -1448,13 +1452,48 @@ fn settle<A: Aggregate>(
     read(log, reads);
     log.since_snapshot += events;
     let due = events > 0 && log.since_snapshot >= shared.kafka.snapshot_every;
-    if force_snapshot || due {
+    let forced = force_snapshot || log.snapshot_owed.swap(false, Ordering::SeqCst);
+    if forced || due {
         log.since_snapshot = 0;
         let states: Vec<A::State> = log.states.values().cloned().collect();
-        let (pool, next) = (shared.pool.clone(), log.next_offset);
+        let (pool, next, owed) = (
+            shared.pool.clone(),
+            log.next_offset,
+            log.snapshot_owed.clone(),
+        );
         runtime.spawn(async move {
-            if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
-                tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
+            if !forced {
+                if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
+                    tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
+                }
+                return;
+            }
+            // An erasure: the older snapshot may hold what was erased, so it is replaced,
+            // or else dropped (a takeover then rebuilds from the log), or else owed.
+            use newsroom_infra::retry::with_retries;
+            let Err(e) = with_retries("taking the snapshot an erasure asks for", || {
+                snapshot::save::<A>(&pool, partition, states.clone(), next)
+            })
+            .await
+            else {
+                return;
+            };
+            tracing::warn!(
+                partition,
+                error = format!("{e:#}"),
+                "snapshot after an erasure failed; dropping the older one"
+            );
+            if let Err(e) = with_retries("dropping the snapshot older than an erasure", || {
+                snapshot::drop_older::<A>(&pool, partition, next)
+            })
+            .await
+            {
+                owed.store(true, Ordering::SeqCst);
+                tracing::error!(
+                    partition,
+                    error = format!("{e:#}"),
+                    "the snapshot older than an erasure is still there; the next batch tries again"
+                );
             }
         });
     }

@@ -645,6 +645,58 @@ async fn after_erasure_the_raw_events_no_longer_yield_name_or_email() -> TestRes
     app.stop().await
 }
 
+/// The user rows of `users` snapshots that hold `text`.
+async fn snapshots_holding(db: &sqlx::PgPool, text: &str) -> anyhow::Result<usize> {
+    let rows: Vec<(Vec<u8>,)> =
+        sqlx::query_as("SELECT state FROM cmd_snapshots WHERE stream = 'users'")
+            .fetch_all(db)
+            .await?;
+    Ok(rows
+        .iter()
+        .filter(|(s,)| String::from_utf8_lossy(s).contains(text))
+        .count())
+}
+
+#[tokio::test]
+async fn when_the_snapshot_after_an_erasure_cannot_be_written_the_older_one_goes() -> TestResult {
+    // A snapshot after every batch: the registration leaves one that holds the e-mail.
+    let app = TestApp::spawn_adjusted(newsroom::Roles::ALL, |s| s.kafka.snapshot_every = 1).await?;
+    let user = app.reader().await?;
+    let db = sqlx::PgPool::connect(&app.settings.postgres.url).await?;
+    newsroom_tests::until(
+        "a snapshot holding the user",
+        std::time::Duration::from_secs(10),
+        || async { Ok(snapshots_holding(&db, &user.email).await? > 0) },
+    )
+    .await?;
+    // From now on no snapshot can be written (deleting one still works).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_snapshots() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'snapshots refused by the test'; END $$; \
+         CREATE TRIGGER refuse_snapshots BEFORE INSERT OR UPDATE ON cmd_snapshots \
+           FOR EACH ROW EXECUTE FUNCTION refuse_snapshots();",
+    )
+    .execute(&db)
+    .await?;
+    let (status, _) = app
+        .command(
+            Method::DELETE,
+            &format!("/v1/users/{}", user.id),
+            Some(&user.token),
+            None,
+            None,
+        )
+        .await?;
+    assert_eq!(status, S::NO_CONTENT);
+    newsroom_tests::until(
+        "no snapshot holding the erased user",
+        std::time::Duration::from_secs(15),
+        || async { Ok(snapshots_holding(&db, &user.email).await? == 0) },
+    )
+    .await?;
+    app.stop().await
+}
+
 #[tokio::test]
 async fn a_forged_forwarding_mark_does_not_skip_idempotency() -> TestResult {
     // A request forwarded between command processes skips the idempotency record (the
