@@ -19,8 +19,8 @@ use sqlx::PgPool;
 /// and the body's hash, which [`check_body`] compares with the bytes that came: a mark seen
 /// on the wire cannot carry another caller's token, key, precondition or body. (Within its
 /// lifetime it can still be sent again as it was, by someone who can watch the traffic
-/// between processes: the same command once more, which the owner's version checks and
-/// the forwarding process's idempotency record already answer.)
+/// between processes: the same command once more, straight to the owner, which its
+/// logged outcomes (under an Idempotency-Key) and version checks answer.)
 pub const FORWARDED: &str = "x-newsroom-forwarded";
 
 /// How long a forwarding mark is valid (clocks of the deployment's machines agree closer).
@@ -118,8 +118,9 @@ impl Directory {
         )
     }
 
-    /// Whether `req` was forwarded by a process of this deployment (its mark is valid; the
-    /// body it vouches for is compared by [`check_body`]).
+    /// Whether `req` was forwarded by a process of this deployment (its mark is valid;
+    /// [`check_body`], ahead of every step that asks, refused it if its body is not the
+    /// one the mark vouches for).
     pub fn forwarded(&self, req: &actix_web::dev::RequestHead) -> bool {
         self.vouched_body(req).is_some()
     }
@@ -247,8 +248,8 @@ pub async fn check_body(
 ) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     use actix_web::{HttpMessage as _, ResponseError as _};
     let vouched = req
-        .app_data::<actix_web::web::Data<crate::State>>()
-        .and_then(|state| state.shared.directory.vouched_body(req.head()));
+        .app_data::<actix_web::web::Data<Directory>>()
+        .and_then(|directory| directory.vouched_body(req.head()));
     let Some(vouched) = vouched else {
         return Ok(next.call(req).await?.map_into_boxed_body());
     };
@@ -331,7 +332,10 @@ mod tests {
                 .insert_header(("authorization", token))
                 .insert_header(("idempotency-key", key))
                 .to_http_request();
-            assert!(!directory.forwarded(replayed.head()), "{token} {key}");
+            assert!(
+                directory.vouched_body(replayed.head()).is_none(),
+                "{token} {key}"
+            );
         }
         // Nor with another body's hash put in its place.
         let (at, rest) = mark.split_once('.').expect("a mark");
@@ -343,13 +347,64 @@ mod tests {
             .insert_header(("authorization", "Bearer a"))
             .insert_header(("idempotency-key", "k1"))
             .to_http_request();
-        assert!(!directory.forwarded(replayed.head()));
+        assert!(directory.vouched_body(replayed.head()).is_none());
         // Nor one from a deployment with another key.
         let other = Directory {
             key: b"another key".to_vec(),
             ..directory.clone()
         };
         let (_, request) = forwarded(&directory, "Bearer a", "k1", "{}");
-        assert!(!other.forwarded(request.to_http_request().head()));
+        assert!(
+            other
+                .vouched_body(request.to_http_request().head())
+                .is_none()
+        );
+    }
+
+    #[actix_web::test]
+    async fn a_forwarded_request_passes_only_with_the_body_its_mark_vouches_for() {
+        use actix_web::{App, HttpRequest, HttpResponse, test, web};
+        let directory = directory();
+        let app = test::init_service(
+            App::new()
+                .app_data(web::Data::new(directory.clone()))
+                .wrap(actix_web::middleware::from_fn(check_body))
+                .route(
+                    "/v1/news",
+                    web::post().to(|req: HttpRequest, body: web::Bytes| async move {
+                        let forwarded = req
+                            .app_data::<web::Data<Directory>>()
+                            .is_some_and(|d| d.forwarded(req.head()));
+                        HttpResponse::Ok()
+                            .insert_header(("x-forwarded", forwarded.to_string()))
+                            .body(body)
+                    }),
+                ),
+        )
+        .await;
+        let body = "{\"x\":1}";
+        let seen = |response: &actix_web::dev::ServiceResponse| {
+            response
+                .headers()
+                .get("x-forwarded")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        // The bytes it vouches for: forwarded, and the handler reads them whole.
+        let (_, request) = forwarded(&directory, "Bearer a", "k1", body);
+        let response = test::call_service(&app, request.set_payload(body).to_request()).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(seen(&response), "true");
+        assert_eq!(test::read_body(response).await, body.as_bytes());
+        // Other bytes under the same mark: refused before anything trusts it.
+        let (_, request) = forwarded(&directory, "Bearer a", "k1", body);
+        let response =
+            test::call_service(&app, request.set_payload("{\"x\":2}").to_request()).await;
+        assert_eq!(response.status(), 400);
+        // No mark: an outside request, served as one.
+        let request = TestRequest::post().uri("/v1/news").set_payload(body);
+        let response = test::call_service(&app, request.to_request()).await;
+        assert_eq!(seen(&response), "false");
     }
 }

@@ -55,6 +55,8 @@ pub struct State {
     pub authors: routes::news::AuthorNames,
     /// Throttles of the endpoints that hash passwords.
     pub throttles: throttle::Throttles,
+    /// Failed logins per account, shared by the deployment's command processes.
+    pub login_failures: Arc<throttle::SharedFailures>,
     /// Token floors (revocations).
     pub revocations: newsroom_infra::auth::Revocations,
 }
@@ -115,6 +117,8 @@ pub async fn build(
         }
     };
     let revocations = newsroom_infra::auth::Revocations::new(pool.clone());
+    let login_failures =
+        throttle::SharedFailures::start(pool.clone(), settings.http.login_failures_per_account);
     let state = web::Data::new(State {
         owners: owners.clone(),
         shared,
@@ -123,6 +127,7 @@ pub async fn build(
         pool,
         authors: routes::news::AuthorNames::default(),
         throttles: throttle::Throttles::new(&settings.http)?,
+        login_failures,
         revocations,
     });
     if let (Some(email), Some(password)) =
@@ -147,6 +152,7 @@ pub async fn build(
         &settings.http,
         Some(Box::new(move |head| directory.forwarded(head))),
     )?);
+    let directory = web::Data::new(state.shared.directory.clone());
     let ready_state = state.clone();
     let ops = Ops {
         service: "command-api",
@@ -179,6 +185,7 @@ pub async fn build(
             .app_data(revocations.clone())
             .app_data(idempotency.clone())
             .app_data(limiter.clone())
+            .app_data(directory.clone())
             .app_data(http::path_config())
             .configure(|cfg| http::ops_routes(cfg, ops.clone()))
             .route("/v1/users", web::post().to(routes::users::register))

@@ -1,9 +1,13 @@
 //! Throttles of the endpoints that spend a password hash (ADR 17): failed logins per
 //! account and per client address, registrations and password changes per client
 //! address. Counted in fixed one-minute windows, in memory, per process (a client spread
-//! over several processes gets each one's allowance). Over a limit → 429 `rate_limited`
-//! with `Retry-After`, before any hashing. An attempt is counted when it starts (so that
-//! concurrent attempts cannot all pass a check first) and given back when it did not fail.
+//! over several processes gets each one's allowance), and failed logins per account also
+//! in PostgreSQL ([`SharedFailures`]), which every process reads: an account's limit holds
+//! across processes. Over a limit → 429 `rate_limited` with `Retry-After`, before any
+//! hashing. An attempt is counted in memory when it starts (so that concurrent attempts
+//! cannot all pass a check first) and given back when it did not fail; the shared count
+//! grows when one failed (so concurrent attempts on several processes may pass it by as
+//! many as run at once).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -133,13 +137,22 @@ impl Throttles {
     }
 
     /// Starts a login to `account` (a key naming it) from `address`: 429 when the address
-    /// is over its limit, or the account is over its limit and this address failed on it
+    /// is over its limit, or the account is over its limit (here, or across processes:
+    /// `shared_over` holds the seconds its window has left) and this address failed on it
     /// a few times already.
-    pub fn login(&self, account: &str, address: &str) -> Result<LoginAttempt<'_>, ApiError> {
+    pub fn login(
+        &self,
+        account: &str,
+        address: &str,
+        shared_over: Option<u64>,
+    ) -> Result<LoginAttempt<'_>, ApiError> {
         self.login_address.attempt(address)?;
         let mut keys = vec![(&self.login_address, address.to_owned())];
         let pair = format!("{account}|{address}");
-        let by_account = self.login_account.attempt(account);
+        let by_account = match shared_over {
+            Some(seconds) => Err(ApiError::RateLimited(seconds)),
+            None => self.login_account.attempt(account),
+        };
         let by_pair = self.login_pair.attempt(&pair);
         if by_account.is_ok() {
             keys.push((&self.login_account, account.to_owned()));
@@ -160,6 +173,93 @@ impl Throttles {
     /// The client's address (see [`ClientAddress`]).
     pub fn address(&self, req: &HttpRequest) -> String {
         self.address.of(req)
+    }
+}
+
+/// Failed logins per account (an e-mail claim), counted in PostgreSQL for every command
+/// process of the deployment.
+pub struct SharedFailures {
+    pool: sqlx::PgPool,
+    limit: u32,
+}
+
+impl SharedFailures {
+    /// `limit` failures per account per window (0: none counted); ended windows are
+    /// deleted every minute by a task this starts.
+    pub fn start(pool: sqlx::PgPool, limit: u32) -> std::sync::Arc<Self> {
+        let shared = std::sync::Arc::new(SharedFailures { pool, limit });
+        if limit > 0 {
+            let weak = std::sync::Arc::downgrade(&shared);
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(WINDOW);
+                loop {
+                    every.tick().await;
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = sqlx::query!(
+                        "DELETE FROM cmd_login_failures WHERE window_start <= now() - make_interval(secs => $1)",
+                        WINDOW.as_secs_f64(),
+                    )
+                    .execute(&shared.pool)
+                    .await
+                    {
+                        tracing::debug!(error = %e, "deleting ended login-failure windows");
+                    }
+                }
+            });
+        }
+        shared
+    }
+
+    /// The seconds left in the window of `claim` if it failed `limit` times in it. A
+    /// database that does not answer counts nothing (the login needs it anyway).
+    pub async fn over(&self, claim: &str) -> Option<u64> {
+        if self.limit == 0 {
+            return None;
+        }
+        let row = sqlx::query!(
+            r#"SELECT failures, extract(epoch FROM window_start + make_interval(secs => $2) - now())::float8 AS "left!"
+               FROM cmd_login_failures WHERE claim = $1 AND window_start > now() - make_interval(secs => $2)"#,
+            claim,
+            WINDOW.as_secs_f64(),
+        )
+        .fetch_optional(&self.pool)
+        .await;
+        match row {
+            Ok(Some(row)) if row.failures >= i32::try_from(self.limit).unwrap_or(i32::MAX) => {
+                // As the in-memory throttle counts: whole seconds left, plus one.
+                Some(row.left.max(0.0) as u64 + 1)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading an account's failed logins");
+                None
+            }
+        }
+    }
+
+    /// Counts a failed login on `claim`, if some user holds it.
+    pub async fn failed(&self, claim: &str) {
+        if self.limit == 0 {
+            return;
+        }
+        let counted = sqlx::query!(
+            "INSERT INTO cmd_login_failures (claim, window_start, failures) \
+             SELECT $1, now(), 1 WHERE EXISTS (SELECT 1 FROM cmd_email_claims WHERE claim = $1 AND state = 'held') \
+             ON CONFLICT (claim) DO UPDATE SET \
+               failures = CASE WHEN cmd_login_failures.window_start > now() - make_interval(secs => $2) \
+                 THEN cmd_login_failures.failures + 1 ELSE 1 END, \
+               window_start = CASE WHEN cmd_login_failures.window_start > now() - make_interval(secs => $2) \
+                 THEN cmd_login_failures.window_start ELSE now() END",
+            claim,
+            WINDOW.as_secs_f64(),
+        )
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = counted {
+            tracing::warn!(error = %e, "counting a failed login");
+        }
     }
 }
 
@@ -198,18 +298,18 @@ mod tests {
         let throttles = Throttles::new(&settings).expect("throttles");
         for _ in 0..10 {
             throttles
-                .login("acct", "attacker")
+                .login("acct", "attacker", None)
                 .expect("allowed")
                 .end(true);
         }
         // The attacker's address is stopped: the account is over its limit, and the
         // address failed on it more than a few times.
-        assert!(throttles.login("acct", "attacker").is_err());
+        assert!(throttles.login("acct", "attacker", None).is_err());
         // The owner, elsewhere, may still log in.
         throttles
-            .login("acct", "owner")
+            .login("acct", "owner", None)
             .expect("the owner tries")
             .end(false);
-        assert!(throttles.login("acct", "owner").is_ok());
+        assert!(throttles.login("acct", "owner", None).is_ok());
     }
 }

@@ -49,6 +49,9 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("client.id", format!("newsroom-{}", settings.instance_id))
         .set("socket.connection.setup.timeout.ms", "2000")
         .set("reconnect.backoff.max.ms", "1000")
+        // Metadata cached while a broker was away (a partition "unknown", a leader gone)
+        // is asked for again within 30 s, not the default 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "30000")
         .set("log_level", "4")
         .set("security.protocol", &settings.security_protocol);
     if settings
@@ -193,12 +196,19 @@ impl PartitionEnds {
         Ok(PartitionEnds(client))
     }
 
-    /// Where `partition` of `topic` ends now (blocking).
+    /// Where `partition` of `topic` ends now (blocking). A first failure asks the cluster
+    /// for the topic's metadata before the one retry: the client answers from its cache,
+    /// and a cache filled while a broker was down can say "unknown partition" until its
+    /// periodic refresh, five minutes later (the chaos run's stalls after broker kills).
     pub fn end(&self, topic: &str, partition: i32, timeout: Duration) -> anyhow::Result<i64> {
         use rdkafka::consumer::Consumer as _;
-        let (_, high) = self
-            .0
-            .fetch_watermarks(topic, partition, timeout)
+        let read = || self.0.fetch_watermarks(topic, partition, timeout);
+        let (_, high) = read()
+            .or_else(|first| {
+                tracing::debug!(%topic, partition, error = %first, "reading a partition's end; refreshing the metadata");
+                self.0.fetch_metadata(Some(topic), timeout)?;
+                read()
+            })
             .with_context(|| format!("reading the end of {topic}/{partition}"))?;
         Ok(high)
     }

@@ -83,6 +83,7 @@ impl Wanted {
 
 /// The request's token, if it has one (400 if it names a position the log does not have).
 pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wanted>, ApiError> {
+    let arrived = tokio::time::Instant::now();
     let topic_prefix = &state.topic_prefix;
     let Some(text) = header(req, TOKEN)? else {
         return Ok(None);
@@ -104,7 +105,6 @@ pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wa
             })?,
     };
     let mut positions = Vec::new();
-    let mut confirmed = true;
     for (stream, position) in token.positions() {
         let projection = projection_of(stream).ok_or_else(|| {
             ApiError::Malformed(format!(
@@ -112,15 +112,16 @@ pub async fn wanted(req: &HttpRequest, state: &crate::State) -> Result<Option<Wa
             ))
         })?;
         let topic = format!("{topic_prefix}.{stream}");
-        confirmed &= state
-            .log_ends
-            .check(&topic, position.partition, position.offset)
-            .await?;
         positions.push((projection, topic, position.partition, position.offset));
     }
+    let named: Vec<(String, i32, i64)> = positions
+        .iter()
+        .map(|(_, topic, partition, offset)| (topic.clone(), *partition, *offset))
+        .collect();
+    let confirmed = state.log_ends.check(&named).await?;
     Ok(Some(Wanted {
         positions,
-        deadline: tokio::time::Instant::now() + wait_for(timeout_ms, confirmed),
+        deadline: arrived + wait_for(timeout_ms, confirmed),
     }))
 }
 

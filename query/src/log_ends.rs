@@ -106,19 +106,24 @@ impl LogEnds {
         ends.get(topic)?.get(&partition).copied()
     }
 
-    /// Refuses a position no command can have answered: a partition the topic does not
-    /// have, or an offset at or past the partition's end. `Ok(true)`: the position is
-    /// below the end read; `Ok(false)`: let through unconfirmed (the end could not be read).
-    pub async fn check(&self, topic: &str, partition: i32, offset: i64) -> Result<bool, ApiError> {
+    /// Refuses a token naming a position no command can have answered: a partition the
+    /// topic does not have, or an offset at or past the partition's end. `Ok(true)`: every
+    /// position is below the end read; `Ok(false)`: let through unconfirmed (an end could
+    /// not be read). Waits for at most one refresh, whatever the number of positions.
+    pub async fn check(&self, positions: &[(String, i32, i64)]) -> Result<bool, ApiError> {
         let forged = || {
             ApiError::Malformed(
                 "X-Consistency-Token names a position this deployment's log does not have".into(),
             )
         };
-        if partition >= self.partitions {
+        if positions.iter().any(|(_, p, _)| *p >= self.partitions) {
             return Err(forged());
         }
-        if self.known(topic, partition).is_some_and(|end| offset < end) {
+        let below = |(topic, partition, offset): &(String, i32, i64)| {
+            self.known(topic, *partition)
+                .is_some_and(|end| *offset < end)
+        };
+        if positions.iter().all(below) {
             return Ok(true);
         }
         // A refresh that began after this request: wait for the one running (if any) to
@@ -138,11 +143,15 @@ impl LogEnds {
         })
         .await
         .unwrap_or(false);
-        match self.known(topic, partition) {
-            Some(end) if read && offset >= end => Err(forged()),
-            Some(end) => Ok(offset < end),
-            None => Ok(false),
+        let mut confirmed = true;
+        for (topic, partition, offset) in positions {
+            match self.known(topic, *partition) {
+                Some(end) if read && *offset >= end => return Err(forged()),
+                Some(end) => confirmed &= *offset < end,
+                None => confirmed = false,
+            }
         }
+        Ok(confirmed)
     }
 }
 
@@ -157,10 +166,15 @@ mod tests {
         // Nothing listens there: the ends cannot be read.
         settings.brokers = "127.0.0.1:1".into();
         let ends = LogEnds::start(&settings, vec!["t.news".into()]).expect("a client");
+        // However many positions the token names, one lookup's time.
+        let positions: Vec<(String, i32, i64)> = (0..settings.partitions)
+            .flat_map(|p| [("t.news".to_owned(), p, 5), ("t.users".to_owned(), p, 5)])
+            .collect();
         let started = std::time::Instant::now();
-        assert_eq!(ends.check("t.news", 0, 5).await.ok(), Some(false));
+        assert_eq!(ends.check(&positions).await.ok(), Some(false));
         assert!(started.elapsed() < LOOKUP_LIMIT + Duration::from_secs(1));
         // A partition the topic cannot have is refused without the log.
-        assert!(ends.check("t.news", settings.partitions, 0).await.is_err());
+        let beyond = [("t.news".to_owned(), settings.partitions, 0)];
+        assert!(ends.check(&beyond).await.is_err());
     }
 }

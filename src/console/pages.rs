@@ -99,7 +99,7 @@ pub(super) async fn login(
     // client called it directly.
     let address = console.throttles.address(&req);
     let account = format!("account:{}", form.email.trim().to_lowercase());
-    let Ok(attempt) = console.throttles.login(&account, &address) else {
+    let Ok(attempt) = console.throttles.login(&account, &address, None) else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many failed logins: wait a minute.",

@@ -273,6 +273,8 @@ impl Watch {
         loop {
             let idle = self.state().looked_at.is_none_or(|at| at.elapsed() > IDLE);
             if idle {
+                // Nobody looks: no Kafka connection held.
+                kafka = None;
                 self.wake.notified().await;
                 // The graphs show the minutes since sampling resumed, not a gap.
                 self.state().history.clear();
@@ -289,7 +291,7 @@ impl Watch {
                 {
                     Ok(consumer) => kafka = Some(Arc::new(consumer)),
                     Err(e) => {
-                        tracing::error!(error = %e, "the console cannot create its Kafka client")
+                        tracing::warn!(error = %e, "the console cannot create its Kafka client")
                     }
                 }
             }

@@ -270,7 +270,10 @@ impl TestApp {
             "follow: {}",
             response.status()
         );
-        Ok(response.headers()["x-consistency-token"]
+        Ok(response
+            .headers()
+            .get("x-consistency-token")
+            .context("a write without a consistency token")?
             .to_str()?
             .to_owned())
     }

@@ -159,6 +159,55 @@ async fn login(
 }
 
 #[tokio::test]
+async fn failed_logins_on_one_account_count_across_command_processes() -> anyhow::Result<()> {
+    let app = TestApp::spawn_with(Roles::NONE).await?;
+    let http = newsroom_tests::client();
+    let (a, b) = (Process::start(&app, "a")?, Process::start(&app, "b")?);
+    until(
+        "both processes write partitions that add up to all of them",
+        Duration::from_secs(60),
+        || async {
+            match (a.owned(&http).await, b.owned(&http).await) {
+                (Some(x), Some(y)) => {
+                    x > 0 && y > 0 && x + y == i64::from(app.settings.kafka.partitions)
+                }
+                _ => false,
+            }
+        },
+    )
+    .await?;
+    let user = new_user();
+    let (status, body) = call(
+        &http,
+        reqwest::Method::POST,
+        format!("{}/v1/users", a.url),
+        None,
+        Some(user.clone()),
+        None,
+    )
+    .await?;
+    assert_eq!(status, S::CREATED, "{body}");
+    let guess = |url: &str| {
+        let (http, url) = (http.clone(), format!("{url}/v1/auth/token"));
+        let body = json!({"email": user["email"], "password": "not the password"});
+        async move { anyhow::Ok(http.post(url).json(&body).send().await?) }
+    };
+    // The limit is 10 failures a minute per account: five on each process use it up.
+    for url in [&a.url, &b.url] {
+        for _ in 0..5 {
+            assert_eq!(guess(url).await?.status(), S::UNAUTHORIZED);
+        }
+    }
+    // Each process saw five (under the limit), but the account's count is shared.
+    for url in [&a.url, &b.url] {
+        let refused = guess(url).await?;
+        assert_eq!(refused.status(), S::TOO_MANY_REQUESTS, "at {url}");
+        assert!(refused.headers().contains_key("retry-after"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_frozen_one()
 -> anyhow::Result<()> {
     let app = TestApp::spawn_with(Roles {

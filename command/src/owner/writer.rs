@@ -116,6 +116,9 @@ pub struct Log<S> {
     /// Set when a snapshot an erasure asked for could be neither written nor replaced by
     /// none: the next batch takes it again.
     snapshot_owed: Arc<AtomicBool>,
+    /// The snapshot task last started: each waits for the one before, so that an older
+    /// snapshot cannot land after a newer one or after the drop an erasure asked for.
+    snapshotting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<S> Log<S> {
@@ -126,6 +129,7 @@ impl<S> Log<S> {
             next_offset,
             since_snapshot: 0,
             snapshot_owed: Arc::default(),
+            snapshotting: None,
         }
     }
 }
@@ -1461,7 +1465,11 @@ fn settle<A: Aggregate>(
             log.next_offset,
             log.snapshot_owed.clone(),
         );
-        runtime.spawn(async move {
+        let previous = log.snapshotting.take();
+        log.snapshotting = Some(runtime.spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
             if !forced {
                 if let Err(e) = snapshot::save::<A>(&pool, partition, states, next).await {
                     tracing::warn!(partition, error = format!("{e:#}"), "snapshot failed");
@@ -1495,7 +1503,7 @@ fn settle<A: Aggregate>(
                     "the snapshot older than an erasure is still there; the next batch tries again"
                 );
             }
-        });
+        }));
     }
 }
 

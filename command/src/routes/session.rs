@@ -45,7 +45,8 @@ pub async fn token(
         .as_str()
         .map(|email| state.shared.claims.claim_of(email))
         .unwrap_or_default();
-    let attempt = throttles.login(&format!("account:{account}"), &address)?;
+    let shared_over = state.login_failures.over(&account).await;
+    let attempt = throttles.login(&format!("account:{account}"), &address, shared_over)?;
     let answer = log_in(&req, &body, &state).await;
     let failed = match &answer {
         Err(ApiError::Unauthenticated) => true,
@@ -53,6 +54,9 @@ pub async fn token(
         Err(_) => false,
     };
     attempt.end(failed);
+    if failed {
+        state.login_failures.failed(&account).await;
+    }
     answer
 }
 
