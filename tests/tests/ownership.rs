@@ -163,19 +163,7 @@ async fn failed_logins_on_one_account_count_across_command_processes() -> anyhow
     let app = TestApp::spawn_with(Roles::NONE).await?;
     let http = newsroom_tests::client();
     let (a, b) = (Process::start(&app, "a")?, Process::start(&app, "b")?);
-    until(
-        "both processes write partitions that add up to all of them",
-        Duration::from_secs(60),
-        || async {
-            match (a.owned(&http).await, b.owned(&http).await) {
-                (Some(x), Some(y)) => {
-                    x > 0 && y > 0 && x + y == i64::from(app.settings.kafka.partitions)
-                }
-                _ => false,
-            }
-        },
-    )
-    .await?;
+    split_between(&app, &http, &a, &b).await?;
     let user = new_user();
     let (status, body) = call(
         &http,
@@ -221,19 +209,7 @@ async fn two_processes_share_partitions_take_over_from_a_dead_one_and_fence_a_fr
     let b = Process::start(&app, "b")?;
 
     // The partitions are split between the two.
-    until(
-        "both processes write partitions that add up to all of them",
-        Duration::from_secs(60),
-        || async {
-            match (a.owned(&http).await, b.owned(&http).await) {
-                (Some(x), Some(y)) => {
-                    x > 0 && y > 0 && x + y == i64::from(app.settings.kafka.partitions)
-                }
-                _ => false,
-            }
-        },
-    )
-    .await?;
+    split_between(&app, &http, &a, &b).await?;
 
     // Users created through A land in A's partitions; commands sent to B for them are
     // forwarded to A.
@@ -586,6 +562,28 @@ async fn registered(http: &reqwest::Client, url: &str) -> anyhow::Result<(Uuid, 
     let email = body["email"].as_str().unwrap_or_default();
     let password = body["password"].as_str().unwrap_or_default();
     Ok((id, login(http, url, email, password).await?))
+}
+
+/// Waits until `a` and `b` each write some partitions and together all of them.
+async fn split_between(
+    app: &TestApp,
+    http: &reqwest::Client,
+    a: &Process,
+    b: &Process,
+) -> anyhow::Result<()> {
+    until(
+        "both processes write partitions that add up to all of them",
+        Duration::from_secs(60),
+        || async {
+            match (a.owned(http).await, b.owned(http).await) {
+                (Some(x), Some(y)) => {
+                    x > 0 && y > 0 && x + y == i64::from(app.settings.kafka.partitions)
+                }
+                _ => false,
+            }
+        },
+    )
+    .await
 }
 
 /// Starts a command process that writes every partition, and points `app` at it.
