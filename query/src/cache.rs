@@ -61,12 +61,42 @@ impl Source {
     }
 }
 
-/// How long a rendered first page of a list is answered again while its list is unchanged.
+/// How long a rendered page of a list is answered again while its list is unchanged.
 pub const PAGE_FRESH: Duration = Duration::from_secs(1);
 /// At most this many rendered pages are kept per process (all are dropped past it).
 const PAGES_KEPT: usize = 4096;
+/// At most this many bytes of rendered pages are kept per process (all are dropped past
+/// it): a client walking every cursor of every list at the largest limit fills this, not
+/// the memory.
+const PAGES_BYTES: usize = 32 << 20;
 
-/// A first page of a list this process rendered, and what it was read at.
+/// A page of a list: its index, the cursor it starts after and its limit.
+type PageKey = (String, Option<(i64, Uuid)>, i64);
+
+/// The pages of lists this process rendered last, and their bytes.
+#[derive(Default)]
+struct KeptPages {
+    pages: HashMap<PageKey, PageMemo>,
+    bytes: usize,
+}
+
+impl KeptPages {
+    /// Keeps `memo` under `key`, dropping every page kept first once the count or the
+    /// bytes would pass their bound (see [`keep_bounded`]).
+    fn keep(&mut self, key: PageKey, memo: PageMemo) {
+        let size = memo.body.len();
+        if self.pages.len() >= PAGES_KEPT || self.bytes + size > PAGES_BYTES {
+            self.pages.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        if let Some(old) = self.pages.insert(key, memo) {
+            self.bytes -= old.body.len();
+        }
+    }
+}
+
+/// A page of a list this process rendered, and what it was read at.
 struct PageMemo {
     version: String,
     listing: String,
@@ -184,8 +214,8 @@ pub struct Cache {
     trending: Arc<Mutex<TrendingMemos>>,
     /// Held while a trending list is computed without one to answer meanwhile.
     trending_turn: Arc<tokio::sync::Mutex<()>>,
-    /// The first pages of lists rendered last, by index and limit.
-    pages: Arc<Mutex<HashMap<(String, i64), PageMemo>>>,
+    /// The pages of lists rendered last, by index, cursor and limit.
+    pages: Arc<Mutex<KeptPages>>,
     /// The articles of each user's recommendations read last, by user and limit.
     recommended: Arc<Mutex<HashMap<(Uuid, i64), KeptArticles>>>,
 }
@@ -407,11 +437,13 @@ impl Cache {
     }
 
     /// A page of `listing` as `render` writes it (see [`Cache::list`] for the
-    /// rest). The first page of a list, asked without a consistency token, is answered
-    /// from the one this process rendered last while the model's version and its count
-    /// of listings and withdrawals (`listing`) are as they were then, for up to
-    /// [`PAGE_FRESH`]: one small read instead of the articles (their read counts and
-    /// authors' names may then be that much older; ADR 28).
+    /// rest). A page asked without a consistency token (the first, or the one after a
+    /// cursor) is answered from the one this process rendered last while the model's
+    /// version and its count of listings and withdrawals (`listing`) are as they were
+    /// then, for up to [`PAGE_FRESH`]: one small read instead of the articles (their read
+    /// counts and authors' names may then be that much older; ADR 28). A page after a
+    /// cursor is the same list's articles older than the cursor, so the same count says
+    /// when it changed.
     pub async fn list_page(
         &self,
         listing: &Listing,
@@ -421,7 +453,7 @@ impl Cache {
         render: impl Fn(Vec<NewsRow>, i64) -> Bytes,
     ) -> Option<(Bytes, Source)> {
         let count = usize::try_from(limit).ok()? + 1;
-        if after.is_some() || wanted.is_some() {
+        if wanted.is_some() {
             let rows = self.list(listing, after, count, wanted).await?;
             return Some((render(rows, limit), Source::Redis));
         }
@@ -444,19 +476,17 @@ impl Cache {
             return None;
         }
         let changes = text(changes);
-        let key = (listing.key(), limit);
-        if let Some(memo) = self.pages.lock().ok()?.get(&key)
+        let key = (listing.key(), after, limit);
+        if let Some(memo) = self.pages.lock().ok()?.pages.get(&key)
             && memo.version == version
             && memo.listing == changes
             && memo.at.elapsed() < PAGE_FRESH
         {
             return Some((memo.body.clone(), Source::Memo));
         }
-        let rows = self.list(listing, None, count, None).await?;
+        let rows = self.list(listing, after, count, None).await?;
         let body = render(rows, limit);
-        keep_bounded(
-            &self.pages,
-            PAGES_KEPT,
+        self.pages.lock().ok()?.keep(
             key,
             PageMemo {
                 version,
@@ -464,7 +494,7 @@ impl Cache {
                 at: std::time::Instant::now(),
                 body: body.clone(),
             },
-        )?;
+        );
         Some((body, Source::Redis))
     }
 
