@@ -81,11 +81,17 @@ struct KeptPages {
 }
 
 impl KeptPages {
-    /// Keeps `memo` under `key`, dropping every page kept first once the count or the
-    /// bytes would pass their bound (see [`keep_bounded`]).
+    /// Keeps `memo` under `key`. Once the count or the bytes would pass their bound, the
+    /// pages past [`PAGE_FRESH`] are dropped, and if that is not enough, every page (a
+    /// client walking cursors empties the kept pages rather than growing them).
     fn keep(&mut self, key: PageKey, memo: PageMemo) {
         let size = memo.body.len();
-        if self.pages.len() >= PAGES_KEPT || self.bytes + size > PAGES_BYTES {
+        let full = |kept: &Self| kept.pages.len() >= PAGES_KEPT || kept.bytes + size > PAGES_BYTES;
+        if full(self) {
+            self.pages.retain(|_, m| m.at.elapsed() < PAGE_FRESH);
+            self.bytes = self.pages.values().map(|m| m.body.len()).sum();
+        }
+        if full(self) {
             self.pages.clear();
             self.bytes = 0;
         }
