@@ -3,6 +3,7 @@
 //! prints how long the takeover took); one frozen with SIGSTOP in the middle of a
 //! transaction while it loses its partitions → once resumed it cannot append (the group
 //! generation fences its transaction), and nothing acknowledged is lost or duplicated.
+//! Also what a takeover stands on: partitions' ends read past a stale metadata cache.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -1518,4 +1519,68 @@ mod writers {
         member.leave();
         f.app.stop().await
     }
+}
+
+/// The chaos run's stall after a broker kill (ADR 22): a takeover read a partition's end
+/// from the client's metadata cache, which said "unknown partition" until its periodic
+/// refresh. Here the cache goes stale the way a cluster can leave it: the topic gains
+/// partitions after the client cached it. The end of a new partition is read at once
+/// (before the fix, not for `topic.metadata.refresh.interval.ms`).
+#[tokio::test]
+async fn the_end_of_a_partition_missing_from_the_clients_metadata_cache_is_read_at_once()
+-> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let app = TestApp::spawn_with(Roles::NONE).await?;
+    let kafka = &app.settings.kafka;
+    let topic = format!("{}.ends-regression", kafka.topic_prefix);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let created = admin
+        .create_topics(
+            [&NewTopic::new(
+                &topic,
+                1,
+                TopicReplication::Fixed(kafka.replication),
+            )],
+            &options,
+        )
+        .await?;
+    anyhow::ensure!(created.iter().all(Result::is_ok), "creating: {created:?}");
+    let ends = newsroom_infra::kafka::PartitionEnds::new(kafka)?;
+    let timeout = Duration::from_secs(5);
+    // The client caches the topic with one partition.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ends.end(&topic, 0, timeout).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the new topic never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grown = admin
+        .create_partitions([&NewPartitions::new(&topic, 3)], &options)
+        .await?;
+    anyhow::ensure!(
+        grown.iter().all(Result::is_ok),
+        "adding partitions: {grown:?}"
+    );
+    // Until the cluster serves the new partitions (another client's metadata says so; the
+    // cache of `ends` still holds one partition).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = admin.inner().fetch_metadata(Some(&topic), timeout)?;
+        if metadata.topics().iter().any(|t| t.partitions().len() == 3) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the partitions were never added");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let end = ends.end(&topic, 2, timeout);
+    let took = started.elapsed();
+    admin.delete_topics(&[topic.as_str()], &options).await?;
+    assert_eq!(end?, 0, "an empty partition ends at 0");
+    assert!(took < Duration::from_secs(10), "read in {took:?}");
+    app.stop().await
 }
