@@ -1565,15 +1565,15 @@ async fn the_end_of_a_partition_missing_from_the_clients_metadata_cache_is_read_
         grown.iter().all(Result::is_ok),
         "adding partitions: {grown:?}"
     );
-    // Until the cluster serves the new partitions (another client's metadata says so; the
-    // cache of `ends` still holds one partition).
+    // Until the cluster serves the new partition: a client of its own reads its end (its
+    // leader may take a moment under load; the cache of `ends` still holds one partition).
+    let fresh = newsroom_infra::kafka::PartitionEnds::new(kafka)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metadata = admin.inner().fetch_metadata(Some(&topic), timeout)?;
-        if metadata.topics().iter().any(|t| t.partitions().len() == 3) {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the partitions were never added");
+    while fresh.end(&topic, 2, timeout).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the new partition was never served"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let started = Instant::now();
