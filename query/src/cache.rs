@@ -63,11 +63,10 @@ impl Source {
 
 /// How long a rendered page of a list is answered again while its list is unchanged.
 pub const PAGE_FRESH: Duration = Duration::from_secs(1);
-/// At most this many rendered pages are kept per process (all are dropped past it).
+/// At most this many rendered pages are kept per process (see [`KeptPages::keep`]).
 const PAGES_KEPT: usize = 4096;
-/// At most this many bytes of rendered pages are kept per process (all are dropped past
-/// it): a client walking every cursor of every list at the largest limit fills this, not
-/// the memory.
+/// At most this many bytes of rendered pages are kept per process: a client walking every
+/// cursor of every list at the largest limit fills this, not the memory.
 const PAGES_BYTES: usize = 32 << 20;
 
 /// A page of a list: its index, the cursor it starts after and its limit.

@@ -1553,11 +1553,10 @@ async fn the_end_of_a_partition_missing_from_the_clients_metadata_cache_is_read_
     let ends = newsroom_infra::kafka::PartitionEnds::new(kafka)?;
     let timeout = Duration::from_secs(5);
     // The client caches the topic with one partition.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ends.end(&topic, 0, timeout).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the new topic never answered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until("the new topic answers", Duration::from_secs(30), || async {
+        ends.end(&topic, 0, timeout).is_ok()
+    })
+    .await?;
     let grown = admin
         .create_partitions([&NewPartitions::new(&topic, 3)], &options)
         .await?;
@@ -1568,14 +1567,12 @@ async fn the_end_of_a_partition_missing_from_the_clients_metadata_cache_is_read_
     // Until the cluster serves the new partition: a client of its own reads its end (its
     // leader may take a moment under load; the cache of `ends` still holds one partition).
     let fresh = newsroom_infra::kafka::PartitionEnds::new(kafka)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fresh.end(&topic, 2, timeout).is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the new partition was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        "the new partition is served",
+        Duration::from_secs(30),
+        || async { fresh.end(&topic, 2, timeout).is_ok() },
+    )
+    .await?;
     let started = Instant::now();
     let end = ends.end(&topic, 2, timeout);
     let took = started.elapsed();
