@@ -11,6 +11,12 @@ pub const OFFSETS: &str = "offsets";
 /// The layout number a model version was built with, set by its first batch (a version
 /// built before layouts were numbered has none: layout 1).
 pub const LAYOUT: &str = "layout";
+/// The channel on which a model's live batches announce what they wrote
+/// (`<root>:changed`, beside `<root>:active`): each message is the version written, then
+/// the keys written, relative to the version's prefix, separated by spaces; a replay's
+/// switch announces the new version alone. Query processes forget what they kept of
+/// those keys (ADR 33).
+pub const CHANGED: &str = "changed";
 
 /// The `cache` model: articles, their readers' counts and the trending buckets.
 pub mod cache {
@@ -152,6 +158,7 @@ pub fn lua(script: &str) -> String {
         ("{{ARTICLE}}", cache::ARTICLE),
         ("{{OFFSETS}}", OFFSETS),
         ("{{LAYOUT}}", LAYOUT),
+        ("{{CHANGED}}", CHANGED),
         ("{{READS}}", cache::READS),
         ("{{TRENDING}}", cache::TRENDING),
         ("{{AUTHOR_NAME}}", cache::AUTHOR_NAME),

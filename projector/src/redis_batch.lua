@@ -71,8 +71,16 @@ local function withdraw(doc, member)
 end
 local i = first + 3 * n
 local skip = 0
+-- A live batch announces the keys of documents and counters it wrote (read_models.rs
+-- `CHANGED`): query processes forget what they kept of them.
+local changed = { version }
+local announce = {}
+if mode == 'live' then
+  announce = { H = true, E = true, L = true, W = true, J = true, I = true }
+end
 while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
+  if announce[op] then changed[#changed + 1] = ARGV[i + 1] end
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     local current = redis.call('HGET', key, '{{F_VERSION}}')
@@ -118,6 +126,7 @@ while i <= #ARGV do
     for _, doc in ipairs(redis.call('SMEMBERS', prefix .. ARGV[i + 4])) do
       if redis.call('EXISTS', prefix .. doc) == 1 then
         redis.call('HSET', prefix .. doc, ARGV[i + 3], value)
+        if mode == 'live' then changed[#changed + 1] = doc end
       end
     end
     i = i + 5
@@ -152,5 +161,8 @@ while i <= #ARGV do
 end
 for j = first, first + 3 * (n - 1), 3 do
   redis.call('HSET', offsets, ARGV[j], ARGV[j + 2])
+end
+if #changed > 1 then
+  redis.call('PUBLISH', root .. ':{{CHANGED}}', table.concat(changed, ' '))
 end
 return 'done'

@@ -321,12 +321,14 @@ impl<M: Model> Versioned for RedisStore<M> {
                 or redis.call('EXISTS', root .. ':switching') == 0 then return 0 end \
              redis.call('SET', root .. ':active', ARGV[3]) \
              redis.call('DEL', root .. ':building', root .. ':switching') \
+             redis.call('PUBLISH', root .. ':' .. ARGV[4], ARGV[3]) \
              return 1",
         );
         let switched: i64 = script
             .arg(&self.root)
             .arg(old)
             .arg(new)
+            .arg(newsroom_infra::read_models::CHANGED)
             .invoke_async(&mut self.redis.clone())
             .await?;
         anyhow::ensure!(

@@ -18,6 +18,7 @@ use redis::{Script, Value};
 use uuid::Uuid;
 
 use crate::consistency::Wanted;
+use crate::kept::{Bounded, KeptArticle, KeptArticles, Ticket, Weighed};
 use crate::recommend::{self, KEPT, Ranked, Rankings};
 use crate::routes::news::NewsRow;
 
@@ -63,7 +64,7 @@ impl Source {
 
 /// How long a rendered page of a list is answered again while its list is unchanged.
 pub const PAGE_FRESH: Duration = Duration::from_secs(1);
-/// At most this many rendered pages are kept per process (see [`KeptPages::keep`]).
+/// At most this many rendered pages are kept per process (see [`Bounded::keep`]).
 const PAGES_KEPT: usize = 4096;
 /// At most this many bytes of rendered pages are kept per process: a client walking every
 /// cursor of every list at the largest limit fills this, not the memory.
@@ -72,33 +73,11 @@ const PAGES_BYTES: usize = 32 << 20;
 /// A page of a list: its index, the cursor it starts after and its limit.
 type PageKey = (String, Option<(i64, Uuid)>, i64);
 
-/// The pages of lists this process rendered last, and their bytes.
-#[derive(Default)]
-struct KeptPages {
-    pages: HashMap<PageKey, PageMemo>,
-    bytes: usize,
-}
-
-impl KeptPages {
-    /// Keeps `memo` under `key`. Once the count or the bytes would pass their bound, the
-    /// pages past [`PAGE_FRESH`] are dropped, and if that is not enough, every page (a
-    /// client walking cursors empties the kept pages rather than growing them).
-    fn keep(&mut self, key: PageKey, memo: PageMemo) {
-        let size = memo.body.len();
-        let full = |kept: &Self| kept.pages.len() >= PAGES_KEPT || kept.bytes + size > PAGES_BYTES;
-        if full(self) {
-            self.pages.retain(|_, m| m.at.elapsed() < PAGE_FRESH);
-            self.bytes = self.pages.values().map(|m| m.body.len()).sum();
-        }
-        if full(self) {
-            self.pages.clear();
-            self.bytes = 0;
-        }
-        self.bytes += size;
-        if let Some(old) = self.pages.insert(key, memo) {
-            self.bytes -= old.body.len();
-        }
-    }
+/// What keeps an article read from Redis without a consistency token: the model version it
+/// was read at and the ticket taken before.
+pub struct Keeping {
+    ticket: Ticket,
+    version: String,
 }
 
 /// A page of a list this process rendered, and what it was read at.
@@ -109,12 +88,21 @@ struct PageMemo {
     body: Bytes,
 }
 
+impl Weighed for PageMemo {
+    fn at(&self) -> std::time::Instant {
+        self.at
+    }
+    fn size(&self) -> usize {
+        self.body.len()
+    }
+}
+
 /// At most this many users' recommended articles are kept per process (all are dropped past
 /// it; a second is all they are kept for anyway): up to ~40 MB at 100 articles each.
 const RECOMMENDED_KEPT: usize = 1024;
 
 /// The articles of a user's recommendations, read for one ranking.
-struct KeptArticles {
+struct RecommendedArticles {
     ranking: Arc<Vec<Ranked>>,
     at: std::time::Instant,
     rows: Arc<Vec<NewsRow>>,
@@ -220,9 +208,11 @@ pub struct Cache {
     /// Held while a trending list is computed without one to answer meanwhile.
     trending_turn: Arc<tokio::sync::Mutex<()>>,
     /// The pages of lists rendered last, by index, cursor and limit.
-    pages: Arc<Mutex<KeptPages>>,
+    pages: Arc<Mutex<Bounded<PageKey, PageMemo>>>,
+    /// Articles read last, until the projection announces a change to them.
+    kept: KeptArticles,
     /// The articles of each user's recommendations read last, by user and limit.
-    recommended: Arc<Mutex<HashMap<(Uuid, i64), KeptArticles>>>,
+    recommended: Arc<Mutex<HashMap<(Uuid, i64), RecommendedArticles>>>,
 }
 
 impl Cache {
@@ -235,6 +225,7 @@ impl Cache {
         recommend_root: String,
         kept_users: usize,
     ) -> anyhow::Result<Self> {
+        let kept = KeptArticles::follow(settings, &root);
         Ok(Cache {
             health: Health::watch(connect(settings)?, Duration::from_millis(500)),
             settings: settings.clone(),
@@ -248,7 +239,12 @@ impl Cache {
             )),
             trending: Arc::default(),
             trending_turn: Arc::default(),
-            pages: Arc::default(),
+            pages: Arc::new(Mutex::new(Bounded::new(
+                PAGES_KEPT,
+                PAGES_BYTES,
+                PAGE_FRESH,
+            ))),
+            kept,
             recommended: Arc::default(),
         })
     }
@@ -304,9 +300,33 @@ impl Cache {
         }
     }
 
-    /// The article `id` with its author's name and read count.
-    pub async fn article(&self, id: Uuid, wanted: Option<&Wanted>) -> Option<NewsRow> {
-        self.articles(&[id], true, wanted).await?.pop()
+    /// The article `id` as this process kept it (ADR 33): for requests without a
+    /// consistency token.
+    pub fn kept_article(&self, id: Uuid) -> Option<Arc<KeptArticle>> {
+        self.kept.get(id)
+    }
+
+    /// The article `id` with its author's name and read count, and, when asked without a
+    /// consistency token, what keeps it in this process ([`Cache::keep_article`]).
+    pub async fn article(
+        &self,
+        id: Uuid,
+        wanted: Option<&Wanted>,
+    ) -> Option<(NewsRow, Option<Keeping>)> {
+        let ticket = wanted.is_none().then(|| self.kept.ticket()).flatten();
+        let (version, mut rows) = self.articles_at(&[id], true, wanted).await?;
+        let row = rows.pop()?;
+        if wanted.is_some() {
+            self.kept.saw(&row);
+        }
+        let keeping = ticket.map(|ticket| Keeping { ticket, version });
+        Some((row, keeping))
+    }
+
+    /// Keeps `article`, read from Redis with `keeping`, for the next requests without a
+    /// consistency token.
+    pub fn keep_article(&self, keeping: Keeping, article: Arc<KeptArticle>) {
+        self.kept.keep(keeping.ticket, &keeping.version, article);
     }
 
     /// The articles `ids`, in that order, each with its author's name and read count, with
@@ -321,6 +341,16 @@ impl Cache {
         content: bool,
         wanted: Option<&Wanted>,
     ) -> Option<Vec<NewsRow>> {
+        Some(self.articles_at(ids, content, wanted).await?.1)
+    }
+
+    /// [`Cache::articles`], with the model version they were read at.
+    async fn articles_at(
+        &self,
+        ids: &[Uuid],
+        content: bool,
+        wanted: Option<&Wanted>,
+    ) -> Option<(String, Vec<NewsRow>)> {
         let least = Least::of(wanted, &CACHE_STREAMS);
         let (v, answer) = self
             .read_active(&self.root, &self.active, &least, wanted, |pipe, prefix| {
@@ -383,7 +413,7 @@ impl Cache {
                 .ok()?;
             rows.push(row);
         }
-        Some(rows)
+        Some((v, rows))
     }
 
     /// Up to `count` published articles of `listing` (an index of `read_models::index`),
@@ -482,7 +512,7 @@ impl Cache {
         }
         let changes = text(changes);
         let key = (listing.key(), after, limit);
-        if let Some(memo) = self.pages.lock().ok()?.pages.get(&key)
+        if let Some(memo) = self.pages.lock().ok()?.get(&key)
             && memo.version == version
             && memo.listing == changes
             && memo.at.elapsed() < PAGE_FRESH
@@ -710,7 +740,7 @@ impl Cache {
                     &self.recommended,
                     RECOMMENDED_KEPT,
                     (user, limit),
-                    KeptArticles {
+                    RecommendedArticles {
                         ranking: ranking.clone(),
                         at: std::time::Instant::now(),
                         rows: rows.clone(),

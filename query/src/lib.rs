@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod consistency;
+pub mod kept;
 pub mod log_ends;
 pub mod openapi;
 pub mod reads;

@@ -2,6 +2,7 @@
 
 use newsroom_infra::openapi::{Id, ProblemAnswer};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -17,6 +18,7 @@ use uuid::Uuid;
 use crate::State;
 use crate::cache::Listing;
 use crate::consistency;
+use crate::kept::KeptArticle;
 
 /// The news rows with their author's name, in `NewsRow` order (a macro, so that queries
 /// stay static strings).
@@ -147,24 +149,44 @@ pub async fn get(
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
     let wanted = consistency::wanted(&req, &state).await?;
-    let row = match state.cache.article(*id, wanted.as_ref()).await {
-        Some(row) => {
-            answered("article", "redis");
-            Some(row)
+    let kept = wanted
+        .is_none()
+        .then(|| state.cache.kept_article(*id))
+        .flatten();
+    let article = match kept {
+        Some(article) => {
+            answered("article", "memo");
+            Some(article)
         }
-        None => {
-            answered("article", "postgres");
-            consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
-            sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
-                .bind(*id)
-                .fetch_optional(&state.pool)
-                .await
-                .map_err(unavailable)?
-        }
+        None => match state.cache.article(*id, wanted.as_ref()).await {
+            Some((row, keeping)) => {
+                answered("article", "redis");
+                let article = Arc::new(KeptArticle::new(row.clone(), render(row)?));
+                if let Some(keeping) = keeping {
+                    state.cache.keep_article(keeping, article.clone());
+                }
+                Some(article)
+            }
+            None => {
+                answered("article", "postgres");
+                consistency::wait_postgres(&state.pool, wanted.as_ref()).await?;
+                let row: Option<NewsRow> =
+                    sqlx::query_as(concat!(select_news!(), "WHERE n.id = $1"))
+                        .bind(*id)
+                        .fetch_optional(&state.pool)
+                        .await
+                        .map_err(unavailable)?;
+                match row {
+                    Some(row) => Some(Arc::new(KeptArticle::new(row.clone(), render(row)?))),
+                    None => None,
+                }
+            }
+        },
     };
-    let row = row
-        .filter(|r| r.visible_to(caller.0))
+    let article = article
+        .filter(|a| a.row.visible_to(caller.0))
         .ok_or(ApiError::NotFound)?;
+    let row = &article.row;
     if let Some(reader) = caller.0.filter(|_| row.status == "published") {
         match newsroom_events::Category::parse(&row.category) {
             Some(category) => state.reads.record(crate::reads::Read {
@@ -185,7 +207,15 @@ pub async fn get(
     }
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, etag))
-        .json(row.view(true)))
+        .content_type(header::ContentType::json())
+        .body(article.body.clone()))
+}
+
+/// An article's JSON, as `GET /v1/news/{id}` answers it.
+fn render(row: NewsRow) -> Result<web::Bytes, ApiError> {
+    serde_json::to_vec(&row.view(true))
+        .map(web::Bytes::from)
+        .map_err(|e| ApiError::Internal(e.into()))
 }
 
 /// A whole list (the answer of lists without pages).

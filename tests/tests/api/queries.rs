@@ -234,6 +234,89 @@ async fn an_article_served_from_redis_names_its_author_as_they_are_now() -> Test
     app.stop().await
 }
 
+/// Asks for `path` without a token until `done` holds of the answer, for up to five
+/// seconds: half of what an article is kept for without an announcement (ADR 33), so that
+/// a change that was not announced fails the test.
+async fn announced_within(
+    app: &TestApp,
+    path: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (status, body) = query(app, path, None, None).await?;
+        anyhow::ensure!(status == S::OK, "{path}: {status}");
+        if done(&body) {
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{path} still answers {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_article_kept_by_the_query_process_is_given_up_when_a_change_is_announced() -> TestResult
+{
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let reader = app.reader().await?;
+    let live = publish(&app, &editor, "sports", &["kept"]).await?;
+    let path = format!("/v1/news/{}", live.id);
+    let (_, first) = query(&app, &path, None, Some(&live.token)).await?;
+    assert_eq!(first["status"], "published");
+    // Without a token it is read from Redis once, then answered from what was kept.
+    let kept = async {
+        for _ in 0..50 {
+            let memo = app.query_answers("article", "memo").await?;
+            let (_, again) = query(&app, &path, None, None).await?;
+            assert_eq!(again, first);
+            if app.query_answers("article", "memo").await? > memo {
+                return anyhow::Ok(true);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Ok(false)
+    };
+    assert!(kept.await?, "an article answered from what was kept");
+
+    // An edit: the next answers without a token show it (the batch that wrote it announced
+    // its key), well before the kept copy would be read again anyway.
+    retitle(&app, &editor, live.id, "A kept story, retitled").await?;
+    announced_within(&app, &path, |b| b["title"] == "A kept story, retitled").await?;
+    // A read changes the read count only (not the version): announced the same way.
+    let (status, _) = query(&app, &path, Some(&reader.token), None).await?;
+    assert_eq!(status, S::OK);
+    let read = announced_within(&app, &path, |b| b["read_count"] == 1).await?;
+    // With a token, a newer copy replaces the kept one at once.
+    let token = retitle(&app, &editor, live.id, "Retitled once more").await?;
+    let (_, with_token) = query(&app, &path, None, Some(&token)).await?;
+    assert_eq!(with_token["title"], "Retitled once more");
+    let (_, without) = query(&app, &path, None, None).await?;
+    assert_eq!(without["title"], "Retitled once more", "{read}");
+
+    // A replay switches versions: its switch is announced, and what was kept of the old
+    // version is not answered again (else it would be for ten seconds).
+    app.newsroom_cli(&["replay", "cache", "--quiet"]).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let from_redis = app.query_answers("article", "redis").await?;
+        let (_, body) = query(&app, &path, None, None).await?;
+        assert_eq!(body, without);
+        if app.query_answers("article", "redis").await? > from_redis {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old version's copy is still answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.stop().await
+}
+
 #[tokio::test]
 async fn an_unchanged_article_answers_304_to_its_etag() -> TestResult {
     let app = TestApp::spawn().await?;
