@@ -248,6 +248,7 @@ async fn consumer_context(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::R
         kafka: settings.kafka.clone(),
         pool: pool.clone(),
         registry: Registry::connect(&settings.registry).await?,
+        lanes: usize::from(settings.kafka.consumer_lanes),
     })
 }
 

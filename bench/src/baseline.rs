@@ -196,6 +196,7 @@ pub async fn project_backlog(
         kafka: settings.kafka.clone(),
         pool: pool.clone(),
         registry: Registry::connect(&settings.registry).await?,
+        lanes: usize::from(settings.kafka.consumer_lanes),
     };
     let mut rates = Vec::new();
     let news = Tables::new(

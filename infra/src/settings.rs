@@ -136,6 +136,17 @@ pub struct KafkaSettings {
         default_value_t = 10_000
     )]
     pub snapshot_every: u64,
+    /// Consumers of each read model that one process runs side by side, each a member of
+    /// the model's consumer group with its share of the partitions (ADR 34). A replay runs
+    /// one per core whatever this says.
+    #[arg(
+        global = true,
+        long = "consumer-lanes",
+        env = "NEWSROOM_CONSUMER_LANES",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub consumer_lanes: u16,
     /// Identity of this command process; part of its Kafka transactional id.
     #[arg(
         global = true,

@@ -191,6 +191,24 @@ pub struct Context {
     pub pool: PgPool,
     /// Schemas.
     pub registry: Registry,
+    /// How many live consumers of each store run side by side in this process, each with
+    /// its own share of the partitions (ADR 34); a replay runs one per core.
+    pub lanes: usize,
+}
+
+/// Which share of the partitions a consumer of a process's lanes takes: in a replay, the
+/// partitions whose number is `index` modulo `of` (a live consumer is given its share by
+/// its group).
+#[derive(Clone, Copy)]
+struct Lane {
+    index: usize,
+    of: usize,
+}
+
+impl Lane {
+    fn takes(self, partition: i32) -> bool {
+        usize::try_from(partition).is_ok_and(|p| p % self.of == self.index)
+    }
 }
 
 /// Runs `store`'s consumer in `mode` until `shutdown` resolves, publishing the offsets it
@@ -235,8 +253,19 @@ async fn run_within<S: Store>(
         Mode::Live => store.name().to_owned(),
         Mode::Replay(v) => format!("{}-replay-v{v}", store.name()),
     };
-    tokio::pin!(shutdown);
-    loop {
+    // Each lane is a consumer of its own (a member of the group when live) on the
+    // partitions it is given, applying its batches beside the others'.
+    let (stop, stopping) = watch::channel(false);
+    let of = match mode {
+        Mode::Live => context.lanes.max(1),
+        // A replay is a batch job: as many lanes as cores.
+        Mode::Replay(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let lanes = futures::future::try_join_all((0..of).map(|index| {
+        let mut stopping = stopping.clone();
+        let shutdown = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
         let session = Session {
             store: &store,
             mode,
@@ -245,16 +274,16 @@ async fn run_within<S: Store>(
             producer: &producer,
             progress: &progress,
             label: &label,
+            lane: Lane { index, of },
         };
-        match session.run(&mut shutdown).await {
-            Ok(true) => break,
-            Ok(false) => {}
-            // A live consumer outlasts every outage; a replay reports it.
-            Err(e) if mode == Mode::Live => {
-                tracing::warn!(consumer = %label, error = format!("{e:#}"), "consumer failed; starting over");
-                tokio::time::sleep(OUTAGE_PAUSE).await;
-            }
-            Err(e) => return Err(e),
+        session.run_until(shutdown)
+    }));
+    tokio::pin!(lanes);
+    tokio::select! {
+        done = &mut lanes => { done?; }
+        () = shutdown => {
+            let _ = stop.send(true);
+            lanes.await?;
         }
     }
     tracing::info!(consumer = %label, "consumer stopped");
@@ -269,9 +298,27 @@ struct Session<'a, S> {
     producer: &'a Producer,
     progress: &'a watch::Sender<Progress>,
     label: &'a str,
+    lane: Lane,
 }
 
 impl<S: Store> Session<'_, S> {
+    /// Runs sessions until `shutdown` resolves; a live consumer outlasts every outage, a
+    /// replay reports it.
+    async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            match self.run(&mut shutdown).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if self.mode == Mode::Live => {
+                    tracing::warn!(consumer = %self.label, error = format!("{e:#}"), "consumer failed; starting over");
+                    tokio::time::sleep(OUTAGE_PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Opens the store and consumes until shutdown (`true`) or until it must reopen.
     async fn run(
         &self,
@@ -297,6 +344,7 @@ impl<S: Store> Session<'_, S> {
             offsets: Offsets::new(),
             held: Some(BTreeSet::new()),
             label: self.label.to_owned(),
+            lane: self.lane,
         };
         let consumer = match self.mode {
             // A live consumer holds what its group gives it (see `follow`).
@@ -305,14 +353,17 @@ impl<S: Store> Session<'_, S> {
                 worker.subscribe(&self.context.kafka, holding.clone())?
             }
             Mode::Replay(_) => {
-                worker.offsets = offsets;
+                // This lane's partitions only: the others move under other lanes.
+                worker.offsets = offsets
+                    .into_iter()
+                    .filter(|(p, _)| self.lane.takes(p.1))
+                    .collect();
                 worker.held = None;
                 worker.parked = worker.parking.load(None).await?;
                 worker.assign(&self.context.kafka, holding.clone()).await?
             }
         };
-        self.progress
-            .send_modify(|p| p.offsets.clone_from(&worker.offsets));
+        self.progress.send_modify(|p| worker.report(p, 0));
         tracing::info!(consumer = %self.label, version, "consumer started");
         let max = match self.mode {
             Mode::Live => MAX_BATCH,
@@ -368,10 +419,7 @@ impl<S: Store> Session<'_, S> {
                 return Ok(false);
             }
             holding.know_held(&worker.offsets);
-            self.progress.send_modify(|p| {
-                p.offsets.clone_from(&worker.offsets);
-                p.events += count;
-            });
+            self.progress.send_modify(|p| worker.report(p, count));
         }
     }
 }
@@ -423,6 +471,7 @@ impl Holding {
         &self,
         consumer: &BaseConsumer<ConsumerState>,
         label: &str,
+        lane: usize,
         err: RDKafkaRespErr,
         list: &mut TopicPartitionList,
     ) {
@@ -482,7 +531,7 @@ impl Holding {
         match result {
             // A cooperative rebalance that moved nothing here.
             Ok(()) if positions.is_empty() => {}
-            Ok(()) => tracing::info!(consumer = %label, %partitions, %holding, "{what}"),
+            Ok(()) => tracing::info!(consumer = %label, lane, %partitions, %holding, "{what}"),
             Err(e) => {
                 tracing::error!(consumer = %label, %partitions, error = %e, "{what}, but librdkafka refused")
             }
@@ -512,6 +561,7 @@ struct Worker<'a, S> {
     /// The offsets a bounded build stops below (see [`run_below`]).
     ceiling: Option<&'a Offsets>,
     label: String,
+    lane: Lane,
 }
 
 enum Decoding {
@@ -533,6 +583,7 @@ impl<S: Store> Worker<'_, S> {
             .set("heartbeat.interval.ms", "1000")
             .create_with_context(ConsumerState {
                 consumer: self.label.clone(),
+                lane: self.lane.index,
                 holding,
             })
             .context("creating the consumer")
@@ -548,6 +599,9 @@ impl<S: Store> Worker<'_, S> {
         let mut assignment = TopicPartitionList::new();
         for topic in self.store.topics() {
             for partition in partitions_of(&consumer, &topic).await? {
+                if !self.lane.takes(partition) {
+                    continue;
+                }
                 let offset = self
                     .offsets
                     .get(&(topic.clone(), partition))
@@ -630,8 +684,18 @@ impl<S: Store> Worker<'_, S> {
         }
     }
 
+    /// Adds to `progress` (shared by the lanes) this lane's offsets and `events` more.
+    fn report(&self, progress: &mut Progress, events: u64) {
+        let held = self.offsets.iter().filter(|(p, _)| self.holds(p));
+        progress.offsets.extend(held.map(|(p, o)| (p.clone(), *o)));
+        progress.events += events;
+    }
+
     fn holds(&self, position: &Position) -> bool {
-        self.held.as_ref().is_none_or(|h| h.contains(position))
+        match &self.held {
+            Some(held) => held.contains(position),
+            None => self.lane.takes(position.1),
+        }
     }
 
     async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, Decoding> {
@@ -886,6 +950,8 @@ impl<S: Store> Worker<'_, S> {
 /// `newsroom_projection_lag_events`, and the rebalances of a live consumer's group.
 pub struct ConsumerState {
     consumer: String,
+    /// Which of the process's lanes it is.
+    lane: usize,
     holding: Arc<Holding>,
 }
 
@@ -918,7 +984,8 @@ impl rdkafka::consumer::ConsumerContext for ConsumerState {
         err: RDKafkaRespErr,
         list: &mut TopicPartitionList,
     ) {
-        self.holding.rebalance(consumer, &self.consumer, err, list);
+        self.holding
+            .rebalance(consumer, &self.consumer, self.lane, err, list);
     }
 }
 

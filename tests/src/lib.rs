@@ -677,6 +677,16 @@ pub struct ChildRole {
 impl ChildRole {
     /// Starts `newsroom <role>`; `run` tells its log files apart.
     pub fn start(app: &TestApp, role: &str, run: usize) -> anyhow::Result<ChildRole> {
+        ChildRole::start_with(app, role, run, &[])
+    }
+
+    /// [`ChildRole::start`] with more arguments after the role.
+    pub fn start_with(
+        app: &TestApp,
+        role: &str,
+        run: usize,
+        args: &[&str],
+    ) -> anyhow::Result<ChildRole> {
         let log = std::env::temp_dir().join(format!(
             "newsroom-{role}-{}-{run}.log",
             app.settings.kafka.topic_prefix
@@ -684,6 +694,7 @@ impl ChildRole {
         let child = app
             .newsroom(&format!("{role}-{run}"))?
             .arg(role)
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;

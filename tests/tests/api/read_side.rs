@@ -585,6 +585,9 @@ async fn verify_names_a_row_and_a_key_that_differ_from_a_fresh_build_and_leaves_
     app.stop().await
 }
 
+/// The projector's even runs, the last one among them, apply each model's partitions in
+/// two lanes (two group members in one process, ADR 34): runs of one and of two lanes
+/// hand their partitions to each other.
 #[tokio::test]
 async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal_to_a_fresh_replay()
 -> TestResult {
@@ -594,15 +597,34 @@ async fn a_projector_killed_ten_times_while_events_flow_leaves_read_models_equal
         ..newsroom::Roles::NONE
     })
     .await?;
-    let mut projector = ChildRole::start(&app, "project", 0)?;
+    let lanes = |run: usize| if run.is_multiple_of(2) { "2" } else { "1" };
+    let start =
+        |run| ChildRole::start_with(&app, "project", run, &["--consumer-lanes", lanes(run)]);
+    let mut projector = start(0)?;
     let load = EditorialLoad::start(&app).await?;
     for run in 1..=10 {
         tokio::time::sleep(Duration::from_millis(300 + random_below(700))).await;
         projector.kill()?;
-        projector = ChildRole::start(&app, "project", run)?;
+        projector = start(run)?;
     }
     let drafted = load.finish().await?;
     read_models_equal_a_fresh_replay(&app, drafted).await?;
+    // The last run's lanes shared each model's partitions.
+    for consumer in ["users", "news", "reads", "cache"] {
+        let lanes: HashSet<i64> = projector
+            .logged()?
+            .iter()
+            .filter(|f| {
+                f["consumer"] == consumer && f["holding"].as_str().is_some_and(|h| !h.is_empty())
+            })
+            .filter_map(|f| f["lane"].as_i64())
+            .collect();
+        assert_eq!(
+            lanes,
+            HashSet::from([0, 1]),
+            "{consumer}: both lanes held partitions"
+        );
+    }
     drop(projector);
     app.stop().await
 }
