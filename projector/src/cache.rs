@@ -40,6 +40,10 @@ impl Model for Cache {
         self.topics.clone()
     }
 
+    fn announces(&self) -> bool {
+        true
+    }
+
     fn layout(&self) -> u32 {
         rm::cache::LAYOUT
     }

@@ -34,6 +34,8 @@ use crate::dead_letters::{Aggregate, Parking};
 /// has no reader waiting for each batch).
 const MAX_BATCH: usize = 1000;
 const MAX_REPLAY_BATCH: usize = 5000;
+/// Most lanes a replay runs (one per core up to this).
+const MAX_REPLAY_LANES: usize = 8;
 /// Times an event that fails to apply is tried before it is dead-lettered.
 const ATTEMPTS: u32 = 3;
 /// Pause after a failure of the store itself (retried without end: an outage is not the
@@ -213,7 +215,7 @@ impl Lane {
 
 /// Runs `store`'s consumer in `mode` until `shutdown` resolves, publishing the offsets it
 /// has committed on `progress`.
-pub async fn run<S: Store>(
+pub async fn run<S: Store + 'static>(
     store: S,
     mode: Mode,
     context: Context,
@@ -227,7 +229,7 @@ pub async fn run<S: Store>(
 /// has stored, applying only the records below `ceiling` on each partition (none of a
 /// partition it does not name), until `shutdown` resolves. What it stops short of is read
 /// again by the next run from the stored offsets.
-pub async fn run_below<S: Store>(
+pub async fn run_below<S: Store + 'static>(
     store: S,
     version: i32,
     ceiling: &Offsets,
@@ -239,7 +241,7 @@ pub async fn run_below<S: Store>(
     run_within(store, mode, Some(ceiling), context, progress, shutdown).await
 }
 
-async fn run_within<S: Store>(
+async fn run_within<S: Store + 'static>(
     store: S,
     mode: Mode,
     ceiling: Option<&Offsets>,
@@ -254,36 +256,58 @@ async fn run_within<S: Store>(
         Mode::Replay(v) => format!("{}-replay-v{v}", store.name()),
     };
     // Each lane is a consumer of its own (a member of the group when live) on the
-    // partitions it is given, applying its batches beside the others'.
+    // partitions it is given, on a task of its own: it decodes and applies its batches
+    // beside the others'. Dropping the set (an error in one lane) stops the others.
     let (stop, stopping) = watch::channel(false);
     let of = match mode {
         Mode::Live => context.lanes.max(1),
-        // A replay is a batch job: as many lanes as cores.
-        Mode::Replay(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // A replay is a batch job: as many lanes as cores (lanes beyond the partitions
+        // would idle).
+        Mode::Replay(_) => {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_REPLAY_LANES))
+        }
     };
-    let lanes = futures::future::try_join_all((0..of).map(|index| {
-        let mut stopping = stopping.clone();
-        let shutdown = async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        };
-        let session = Session {
-            store: &store,
-            mode,
-            ceiling,
-            context: &context,
-            producer: &producer,
-            progress: &progress,
-            label: &label,
-            lane: Lane { index, of },
-        };
-        session.run_until(shutdown)
-    }));
-    tokio::pin!(lanes);
-    tokio::select! {
-        done = &mut lanes => { done?; }
-        () = shutdown => {
-            let _ = stop.send(true);
-            lanes.await?;
+    let shared = Arc::new((
+        store,
+        context,
+        producer,
+        progress,
+        label.clone(),
+        ceiling.cloned(),
+    ));
+    let mut lanes = tokio::task::JoinSet::new();
+    for index in 0..of {
+        let (shared, mut stopping) = (shared.clone(), stopping.clone());
+        lanes.spawn(async move {
+            let (store, context, producer, progress, label, ceiling) = &*shared;
+            let shutdown = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            let session = Session {
+                store,
+                mode,
+                ceiling: ceiling.as_ref(),
+                context,
+                producer,
+                progress,
+                label,
+                lane: Lane { index, of },
+            };
+            session.run_until(shutdown).await
+        });
+    }
+    tokio::pin!(shutdown);
+    let mut stopped = false;
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if !stopped => {
+                stopped = true;
+                let _ = stop.send(true);
+            }
+            done = lanes.join_next() => match done {
+                None => break,
+                Some(done) => done.context("a consumer lane failed")??,
+            },
         }
     }
     tracing::info!(consumer = %label, "consumer stopped");

@@ -1,6 +1,7 @@
 -- One batch of a Redis read model (see redis_store.rs): checks, writes, offsets at once.
 -- ARGV: root, version, mode ('live' | 'replay'), caught up ('1' | '0'), the model's layout
--- number (recorded by the first batch of a version built from scratch), n, then n triples
+-- number (recorded by the first batch of a version built from scratch), whether a live
+-- batch announces the keys it wrote ('1' | '0', read_models.rs `CHANGED`), n, then n triples
 -- (offset field, offset this consumer started from or '', next offset), then writes, each
 -- an op and a key relative to the version's prefix:
 --   H key version create nfields (field value)*   hash fields, guarded by the hash's version
@@ -31,8 +32,9 @@ end
 local prefix = root .. ':v' .. version .. ':'
 local offsets = prefix .. '{{OFFSETS}}'
 local layout = ARGV[5]
-local n = tonumber(ARGV[6])
-local first = 7
+local announces = mode == 'live' and ARGV[6] == '1'
+local n = tonumber(ARGV[7])
+local first = 8
 for i = first, first + 3 * (n - 1), 3 do
   if (redis.call('HGET', offsets, ARGV[i]) or '') ~= ARGV[i + 1] then return 'reopen' end
 end
@@ -71,16 +73,24 @@ local function withdraw(doc, member)
 end
 local i = first + 3 * n
 local skip = 0
--- A live batch announces the keys of documents and counters it wrote (read_models.rs
--- `CHANGED`): query processes forget what they kept of them.
+-- A live batch of a model that announces names the keys of documents and counters it
+-- wrote, once each (read_models.rs `CHANGED`): query processes forget what they kept of
+-- them.
 local changed = { version }
+local seen = {}
+local function wrote(key)
+  if not seen[key] then
+    seen[key] = true
+    changed[#changed + 1] = key
+  end
+end
 local announce = {}
-if mode == 'live' then
+if announces then
   announce = { H = true, E = true, L = true, W = true, J = true, I = true }
 end
 while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
-  if announce[op] then changed[#changed + 1] = ARGV[i + 1] end
+  if announce[op] then wrote(ARGV[i + 1]) end
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     local current = redis.call('HGET', key, '{{F_VERSION}}')
@@ -126,7 +136,7 @@ while i <= #ARGV do
     for _, doc in ipairs(redis.call('SMEMBERS', prefix .. ARGV[i + 4])) do
       if redis.call('EXISTS', prefix .. doc) == 1 then
         redis.call('HSET', prefix .. doc, ARGV[i + 3], value)
-        if mode == 'live' then changed[#changed + 1] = doc end
+        if announces then wrote(doc) end
       end
     end
     i = i + 5

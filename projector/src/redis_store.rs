@@ -130,6 +130,11 @@ pub trait Model: Send + Sync + 'static {
     fn layout(&self) -> u32 {
         1
     }
+    /// Whether its live batches announce the keys they wrote (`read_models::CHANGED`): a
+    /// model whose documents query processes keep.
+    fn announces(&self) -> bool {
+        false
+    }
     /// The writes one event makes. A database error (users' keys) is an outage unless the
     /// database refused the statement.
     fn writes(
@@ -239,6 +244,7 @@ impl<M: Model> Store for RedisStore<M> {
             })
             .arg(if caught_up { "1" } else { "0" })
             .arg(self.model.layout())
+            .arg(if self.model.announces() { "1" } else { "0" })
             .arg(to.len());
         for ((topic, partition), next) in to {
             let previous = from.get(&(topic.clone(), *partition));

@@ -54,8 +54,12 @@ impl<K: Hash + Eq, V: Weighed> Bounded<K, V> {
     /// Keeps `value` under `key`, within the bounds.
     pub fn keep(&mut self, key: K, value: V) {
         let size = value.size();
-        let full =
-            |kept: &Self| kept.entries.len() >= kept.most || kept.bytes + size > kept.most_bytes;
+        // Replacing an entry adds none, and takes its bytes back.
+        let full = |kept: &Self| {
+            let old = kept.entries.get(&key);
+            kept.entries.len() + usize::from(old.is_none()) > kept.most
+                || kept.bytes - old.map_or(0, V::size) + size > kept.most_bytes
+        };
         if full(self) {
             let fresh = self.fresh;
             self.entries.retain(|_, v| v.at().elapsed() < fresh);
@@ -249,16 +253,19 @@ impl KeptArticles {
     }
 
     /// Forgets the kept copy of `row`'s article if `row` is newer (read with a consistency
-    /// token): a request without one then reads no older copy than the one answered
-    /// before it, even before the change is announced.
+    /// token), and keeps nothing read before now (a read still under way may be older
+    /// than `row`): a request without a token then reads no older copy than the one
+    /// answered with it, even before the change is announced.
     pub fn saw(&self, row: &NewsRow) {
-        if let Some(mut state) = self.lock()
-            && state
+        if let Some(mut state) = self.lock() {
+            state.generation += 1;
+            if state
                 .articles
                 .get(&row.id)
                 .is_some_and(|k| newer(row, &k.row))
-        {
-            state.articles.forget(&row.id);
+            {
+                state.articles.forget(&row.id);
+            }
         }
     }
 }
@@ -420,6 +427,34 @@ mod tests {
         assert!(body(&kept, a).is_some(), "the same copy stays");
         kept.saw(&article(a, 4, 6).row);
         assert_eq!(body(&kept, a), None, "a newer one read with a token");
+        // A read under way while a newer copy was read with a token is not kept.
+        let ticket = kept.ticket().expect("live");
+        kept.saw(&article(a, 5, 6).row);
+        kept.keep(ticket, "1", article(a, 4, 6));
+        assert_eq!(body(&kept, a), None);
+    }
+
+    #[test]
+    fn a_bounded_map_drops_expired_entries_then_all_and_replacing_one_adds_none() {
+        let mut kept = Bounded::new(2, 10_000, Duration::from_secs(60));
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        kept.keep(a, article(a, 1, 0));
+        kept.keep(b, article(b, 1, 0));
+        kept.keep(b, article(b, 2, 0));
+        assert_eq!(kept.len(), 2, "a replaced entry is not one more");
+        kept.keep(c, article(c, 1, 0));
+        assert_eq!(kept.len(), 1, "none expired: all dropped");
+        assert!(kept.get(&c).is_some());
+        let mut expired = Bounded::new(2, 10_000, Duration::ZERO);
+        expired.keep(a, article(a, 1, 0));
+        expired.keep(b, article(b, 1, 0));
+        expired.keep(c, article(c, 1, 0));
+        assert_eq!(expired.len(), 1, "the expired ones dropped");
+        let mut small = Bounded::new(10, 1000, Duration::from_secs(60));
+        small.keep(a, article(a, 1, 0));
+        small.keep(b, article(b, 1, 0));
+        assert_eq!(small.len(), 1, "the bytes bound");
+        assert!(!small.is_empty());
     }
 
     #[test]
