@@ -262,10 +262,14 @@ async fn run_within<S: Store + 'static>(
     let of = match mode {
         Mode::Live => context.lanes.max(1),
         // A replay is a batch job: as many lanes as cores (lanes beyond the partitions
-        // would idle).
-        Mode::Replay(_) => {
+        // would idle), for a model of one topic. A model that joins topics (an inbox entry
+        // needs the follow, from another topic, applied before the publication) is built
+        // by one lane: lanes run at their own pace, so one topic's partitions would run
+        // ahead of the other's.
+        Mode::Replay(_) if store.topics().len() == 1 => {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_REPLAY_LANES))
         }
+        Mode::Replay(_) => 1,
     };
     let shared = Arc::new((
         store,
