@@ -376,6 +376,11 @@ mod tests {
         announced(&mut kept.lock().expect("state"), text);
     }
 
+    /// Keeps `article` read at `version` with a ticket taken just before.
+    fn keep_now(kept: &KeptArticles, version: &str, article: Arc<KeptArticle>) {
+        kept.keep(kept.ticket().expect("live"), version, article);
+    }
+
     fn body(kept: &KeptArticles, id: Uuid) -> Option<Bytes> {
         kept.get(id).map(|a| a.body.clone())
     }
@@ -417,11 +422,11 @@ mod tests {
         let kept = live();
         let a = Uuid::now_v7();
         announce(&kept, "1");
-        kept.keep(kept.ticket().expect("live"), "1", article(a, 3, 5));
-        kept.keep(kept.ticket().expect("live"), "1", article(a, 3, 4));
-        kept.keep(kept.ticket().expect("live"), "1", article(a, 2, 9));
+        keep_now(&kept, "1", article(a, 3, 5));
+        keep_now(&kept, "1", article(a, 3, 4));
+        keep_now(&kept, "1", article(a, 2, 9));
         assert_eq!(body(&kept, a).as_deref(), Some(&b"3/5"[..]));
-        kept.keep(kept.ticket().expect("live"), "1", article(a, 3, 6));
+        keep_now(&kept, "1", article(a, 3, 6));
         assert_eq!(body(&kept, a).as_deref(), Some(&b"3/6"[..]));
         kept.saw(&article(a, 3, 6).row);
         assert!(body(&kept, a).is_some(), "the same copy stays");
@@ -462,19 +467,15 @@ mod tests {
         let kept = live();
         let a = Uuid::now_v7();
         announce(&kept, "1");
-        kept.keep(kept.ticket().expect("live"), "1", article(a, 2, 0));
-        kept.keep(
-            kept.ticket().expect("live"),
-            "2",
-            article(Uuid::now_v7(), 2, 0),
-        );
+        keep_now(&kept, "1", article(a, 2, 0));
+        keep_now(&kept, "2", article(Uuid::now_v7(), 2, 0));
         assert!(
             body(&kept, a).is_some(),
             "only the announced version is kept"
         );
         announce(&kept, "2");
         assert_eq!(body(&kept, a), None, "a replay switched versions");
-        kept.keep(kept.ticket().expect("live"), "2", article(a, 2, 0));
+        keep_now(&kept, "2", article(a, 2, 0));
         assert!(body(&kept, a).is_some());
         end_subscription(&kept.state);
         assert_eq!(body(&kept, a), None);
