@@ -10,6 +10,7 @@ use newsroom_events::news::{NewsDrafted, NewsEvent};
 use newsroom_events::{EventMetadata, metadata::micros};
 use newsroom_infra::Settings;
 use newsroom_infra::kafka::{Stream, transactional_producer};
+use newsroom_infra::read_models::field;
 use newsroom_infra::registry::Registry;
 use newsroom_projector::consumer::{self, Context, Mode, Progress};
 use newsroom_projector::postgres::Tables;
@@ -295,6 +296,57 @@ pub async fn postgres_inserts(settings: &Settings, count: usize) -> anyhow::Resu
         done += batch;
     }
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Writes `count` hashes shaped like the cache model's articles (the same twelve fields)
+/// under a scratch prefix, each article's key added to its author's set as the model does,
+/// 1,000 articles per pipelined MULTI/EXEC, with no script, guard or offsets; articles per
+/// second. The keys are removed afterwards (not timed).
+pub async fn redis_writes(settings: &Settings, count: usize) -> anyhow::Result<f64> {
+    let client = redis::Client::open(settings.redis.url.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let prefix = format!("{}:bench-writes:", settings.kafka.topic_prefix);
+    let author = Uuid::now_v7().to_string();
+    let authored = format!("{prefix}authored:{author}");
+    let content =
+        "A short body of text, about the size of a news teaser, for the benchmark. ".repeat(4);
+    let started = Instant::now();
+    let mut done = 0;
+    while done < count {
+        let batch = (count - done).min(1000);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for i in done..done + batch {
+            let id = Uuid::now_v7().to_string();
+            let key = format!("{prefix}news:{id}");
+            let at = chrono::Utc::now().timestamp_micros().to_string();
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg(
+                    &[
+                        (field::VERSION, "1"),
+                        (field::ID, &id),
+                        (field::CATEGORY, ["famous", "politics", "sports"][i % 3]),
+                        (field::TITLE, &format!("Backlog article {i}")),
+                        (field::CONTENT, &content),
+                        (field::TAGS, &format!("[\"bench\",\"t{}\"]", i % 10)),
+                        (field::AUTHOR, &author),
+                        (field::STATUS, "draft"),
+                        (field::CREATED, &at),
+                        (field::UPDATED, &at),
+                        (field::PUBLISHED, ""),
+                        (field::AUTHOR_NAME, "Bench Author"),
+                    ][..],
+                )
+                .ignore();
+            pipe.cmd("SADD").arg(&authored).arg(&key).ignore();
+        }
+        let (): () = pipe.query_async(&mut connection).await?;
+        done += batch;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    remove_keys(settings, &format!("{prefix}*")).await?;
+    Ok(rate)
 }
 
 /// The machine the figures come from.

@@ -726,7 +726,25 @@ async fn main() -> anyhow::Result<()> {
             ratio: None,
             target: None,
         };
+        let redis_writes =
+            baseline::redis_writes(&backlog.settings, args.backlog.min(200_000)).await?;
+        let redis_figure = Figure {
+            name:
+                "baseline: pipelined HSET + SADD of the same articles (Redis, MULTI/EXEC of 1,000)"
+                    .into(),
+            value: redis_writes,
+            unit: "articles/s",
+            stats: None,
+            baseline: None,
+            ratio: None,
+            target: None,
+        };
         for (name, rate) in &projection {
+            let raw = if name.contains("Redis") {
+                &redis_figure
+            } else {
+                &insert_figure
+            };
             figures.push(
                 Figure {
                     name: format!("projection {name} on a backlog of {}", args.backlog),
@@ -737,10 +755,11 @@ async fn main() -> anyhow::Result<()> {
                     ratio: None,
                     target: Some(">= 100,000/s (issue 12)".into()),
                 }
-                .against(&insert_figure),
+                .against(raw),
             );
         }
         figures.push(insert_figure);
+        figures.push(redis_figure);
         for name in ["news", "cache"] {
             let report = newsroom::replay(&backlog.settings, name, true).await?;
             figures.push(Figure {

@@ -169,3 +169,46 @@ impl Registry {
         }
     }
 }
+
+/// Whether `error` (from [`Registry::body_reader`] or [`Registry::schema`]) is the registry
+/// not answering (a failed connection, a timeout, 502 or 503: the client's `retriable`; or
+/// an answer cut short), which says nothing of the schema asked for: such a read is tried
+/// again, never taken for a record that cannot be decoded, even if the registry answers
+/// the next moment.
+pub fn unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<schema_registry_converter::error::SRCError>()
+            .is_some_and(|e| e.retriable)
+            || cause
+                .downcast_ref::<reqwest::Error>()
+                .is_some_and(|e| e.is_timeout() || e.is_connect() || e.is_body())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use schema_registry_converter::error::SRCError;
+
+    use super::unavailable;
+
+    fn fetched(error: SRCError) -> anyhow::Error {
+        anyhow::Error::new(error).context("fetching schema 7 from the registry")
+    }
+
+    #[test]
+    fn a_registry_that_times_out_is_unavailable_and_an_unknown_id_is_not() {
+        let timeout = SRCError::retryable_with_cause(
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+            "http call to schema registry failed",
+        );
+        assert!(unavailable(&fetched(timeout)));
+        let not_found = SRCError::new(
+            "HTTP request to schema registry failed with status 404 Not Found",
+            None,
+            false,
+        );
+        assert!(!unavailable(&fetched(not_found)));
+        assert!(!unavailable(&anyhow::anyhow!("unknown event type x")));
+    }
+}

@@ -18,7 +18,7 @@ use newsroom_infra::read_models::{self as rm, field};
 use newsroom_infra::views::DELETED_AUTHOR;
 use sqlx::PgPool;
 
-use crate::redis_store::{Model, Writes};
+use crate::redis_store::{Join, Model, Writes};
 
 /// The consumer's name.
 pub const NAME: &str = "cache";
@@ -59,10 +59,13 @@ impl Model for Cache {
             match event {
                 NewsEvent::Drafted(e) => {
                     let author = e.author_id;
-                    out.hash(
+                    let (name, authored) = (
+                        rm::key(rm::cache::AUTHOR_NAME, author),
+                        rm::key(rm::cache::AUTHORED, author),
+                    );
+                    out.create_joined(
                         &key,
                         version,
-                        true,
                         &[
                             (field::ID, id.clone()),
                             (field::CATEGORY, e.category.as_str().to_owned()),
@@ -75,13 +78,12 @@ impl Model for Cache {
                             (field::UPDATED, at),
                             (field::PUBLISHED, String::new()),
                         ],
-                    );
-                    out.join(
-                        &key,
-                        field::AUTHOR_NAME,
-                        &rm::key(rm::cache::AUTHOR_NAME, author),
-                        field::NAME,
-                        &rm::key(rm::cache::AUTHORED, author),
+                        &Join {
+                            field: field::AUTHOR_NAME,
+                            from: &name,
+                            from_field: field::NAME,
+                            members: &authored,
+                        },
                     );
                 }
                 NewsEvent::Edited(e) => {

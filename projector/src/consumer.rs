@@ -19,7 +19,7 @@ use newsroom_infra::codec::{self, Decoded};
 use newsroom_infra::kafka::{best_effort_producer, dead_letter_topic, read_committed_consumer};
 use newsroom_infra::metrics::{CONSUMER_EVENTS, PROJECTION_LAG_EVENTS, PROJECTION_LAG_MS};
 use newsroom_infra::producer::Producer;
-use newsroom_infra::registry::Registry;
+use newsroom_infra::registry::{self, Registry};
 use newsroom_infra::settings::KafkaSettings;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, RebalanceProtocol, StreamConsumer};
 use rdkafka::message::Message as _;
@@ -397,18 +397,64 @@ impl<S: Store> Session<'_, S> {
             Mode::Live => MAX_BATCH,
             Mode::Replay(_) => MAX_REPLAY_BATCH,
         };
-        let mut batches = consumer.stream().ready_chunks(max);
+        // The feeder fetches and decodes the next batch while this loop applies one.
+        let (fed, feed) = tokio::sync::mpsc::channel(1);
+        let feeder = Feeder(tokio::spawn(feed_from(
+            consumer,
+            self.context.registry.clone(),
+            max,
+            self.label.to_owned(),
+            fed,
+        )));
+        let outcome = self
+            .consume(&mut worker, &holding, feed, max, shutdown)
+            .await;
+        // The consumer leaves (its group, when live) before another one is made.
+        feeder.finish().await;
+        outcome
+    }
+
+    /// Applies what the feeder hands over until shutdown (`true`) or until the consumer
+    /// must reopen.
+    async fn consume(
+        &self,
+        worker: &mut Worker<'_, S>,
+        holding: &Arc<Holding>,
+        mut feed: tokio::sync::mpsc::Receiver<Fed>,
+        max: usize,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> anyhow::Result<bool> {
         let mut tick = tokio::time::interval(IDLE_TICK);
         let mut refreshed = tokio::time::Instant::now();
+        // A chunk that did not fit in the last batch.
+        let mut next: Option<Fed> = None;
         loop {
-            let chunk = tokio::select! {
-                () = shutdown.as_mut() => return Ok(true),
-                _ = tick.tick() => None,
-                chunk = batches.next() => chunk,
+            let mut chunk = match next.take() {
+                Some(fed) => Some(fed),
+                None => tokio::select! {
+                    () = shutdown.as_mut() => return Ok(true),
+                    _ = tick.tick() => None,
+                    fed = feed.recv() => match fed {
+                        Some(fed) => Some(fed),
+                        None => anyhow::bail!("the consumer's feeder stopped"),
+                    },
+                },
             };
+            // What else is decoded already joins the batch, up to its size.
+            if let Some(fed) = &mut chunk {
+                while let Ok(more) = feed.try_recv() {
+                    if fed.records.len() + more.records.len() > max {
+                        next = Some(more);
+                        break;
+                    }
+                    fed.records.extend(more.records);
+                    fed.decoded.extend(more.decoded);
+                }
+                fed.more = next.is_some() || !feed.is_empty();
+            }
             // The group moved partitions while the consumer was polled: before anything
             // fetched is applied, follow what this process holds now.
-            if holding.changed() && !worker.follow(&holding).await? {
+            if holding.changed() && !worker.follow(holding).await? {
                 return Ok(false);
             }
             if !worker.requests().await? {
@@ -421,34 +467,134 @@ impl<S: Store> Session<'_, S> {
                 }
                 if self.mode == Mode::Live && refreshed.elapsed() >= KNOWN_REFRESH {
                     refreshed = tokio::time::Instant::now();
-                    if !worker.refresh(&holding).await {
+                    if !worker.refresh(holding).await {
                         return Ok(false);
                     }
                 }
                 continue;
             };
-            let mut records = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                match message {
-                    Ok(m) => records.push(Record {
-                        topic: Arc::from(m.topic()),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        appended_ms: m.timestamp().to_millis(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().map(<[u8]>::to_vec),
-                        trace: traced(&m),
-                    }),
-                    Err(e) => tracing::warn!(consumer = %self.label, error = %e, "consumer error"),
-                }
-            }
-            let count = records.len() as u64;
-            if !worker.batch(records).await? {
+            let count = chunk.records.len() as u64;
+            if !worker.batch(chunk).await? {
                 return Ok(false);
             }
             holding.know_held(&worker.offsets);
             self.progress.send_modify(|p| worker.report(p, count));
         }
+    }
+}
+
+/// Records as fetched, each with what decoding it gave (see [`feed_from`]).
+struct Fed {
+    records: Vec<Record>,
+    /// Per record: its event, or why it could not be decoded (`None`: not tried); taken by
+    /// the first attempt to apply it (a retry decodes again).
+    decoded: Vec<Option<Result<Decoded, Decoding>>>,
+    /// Whether more was fetched already than this batch holds (it has not caught up).
+    more: bool,
+}
+
+/// The task that fetches and decodes; stopped when dropped.
+struct Feeder(tokio::task::JoinHandle<()>);
+
+impl Feeder {
+    /// Waits for the feeder to stop (its receiver is gone) and drop its consumer, at most
+    /// [`FEEDER_STOP`]; then it is aborted (which drops the consumer too).
+    async fn finish(mut self) {
+        let _ = tokio::time::timeout(FEEDER_STOP, &mut self.0).await;
+    }
+}
+
+/// How long a consumer waits for its feeder to stop.
+const FEEDER_STOP: Duration = Duration::from_secs(10);
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fetches chunks of up to `max` records from `consumer` and decodes them, on a task of
+/// its own, so that decoding (CPU) runs beside the store applying the previous batch;
+/// hands them to `out` until it is closed. Polling the consumer here also runs its
+/// rebalance callbacks.
+async fn feed_from(
+    consumer: StreamConsumer<ConsumerState>,
+    registry: Registry,
+    max: usize,
+    label: String,
+    out: tokio::sync::mpsc::Sender<Fed>,
+) {
+    let mut chunks = consumer.stream().ready_chunks(max);
+    loop {
+        let chunk = tokio::select! {
+            () = out.closed() => return,
+            chunk = chunks.next() => chunk,
+        };
+        let Some(chunk) = chunk else { return };
+        let mut records = Vec::with_capacity(chunk.len());
+        for message in chunk {
+            match message {
+                Ok(m) => records.push(Record {
+                    topic: Arc::from(m.topic()),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    appended_ms: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    trace: traced(&m),
+                }),
+                Err(e) => tracing::warn!(consumer = %label, error = %e, "consumer error"),
+            }
+        }
+        // After an outage the rest is left to the loop, which decodes again what it
+        // needs once the registry is back; the loop going away stops the decoding.
+        let decoding = async {
+            let mut decoded = Vec::with_capacity(records.len());
+            let mut out_of_service = false;
+            for record in &records {
+                if out_of_service {
+                    decoded.push(None);
+                    continue;
+                }
+                let result = decode(&registry, record.payload.as_deref()).await;
+                out_of_service = matches!(result, Err(Decoding::Outage(_)));
+                decoded.push(Some(result));
+            }
+            decoded
+        };
+        let decoded = tokio::select! {
+            () = out.closed() => return,
+            decoded = decoding => decoded,
+        };
+        let fed = Fed {
+            records,
+            decoded,
+            more: false,
+        };
+        if out.send(fed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Decodes a record's payload; a registry that does not answer is an outage, anything
+/// else the record's fault.
+async fn decode(registry: &Registry, payload: Option<&[u8]>) -> Result<Decoded, Decoding> {
+    let Some(bytes) = payload else {
+        return Err(Decoding::Permanent(anyhow::anyhow!(
+            "a record without a payload"
+        )));
+    };
+    match codec::decode(registry, bytes).await {
+        Ok(decoded) => Ok(decoded),
+        // A fetch of the schema that timed out (under load the registry can be slow to
+        // answer one call and quick the next) is an outage whatever a ping says.
+        Err(e) if registry::unavailable(&e) => Err(Decoding::Outage(e)),
+        // Garbage, or a schema id the registry (which answers) does not know.
+        Err(e) if wire::unframe(bytes).is_err() || registry.ping().await => {
+            Err(Decoding::Permanent(e))
+        }
+        Err(e) => Err(Decoding::Outage(e)),
     }
 }
 
@@ -727,30 +873,21 @@ impl<S: Store> Worker<'_, S> {
     }
 
     async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, Decoding> {
-        let Some(bytes) = payload else {
-            return Err(Decoding::Permanent(anyhow::anyhow!(
-                "a record without a payload"
-            )));
-        };
-        match codec::decode(self.registry, bytes).await {
-            Ok(decoded) => Ok(decoded),
-            // Garbage, or a schema id the registry (which answers) does not know.
-            Err(e) if wire::unframe(bytes).is_err() || self.registry.ping().await => {
-                Err(Decoding::Permanent(e))
-            }
-            Err(e) => Err(Decoding::Outage(e)),
-        }
+        decode(self.registry, payload).await
     }
 
     /// Applies one batch; `false` when the consumer must reopen.
-    async fn batch(&mut self, records: Vec<Record>) -> anyhow::Result<bool> {
+    async fn batch(&mut self, fed: Fed) -> anyhow::Result<bool> {
         // Only partitions held now, and only what is not applied yet: after a reopen or a
         // rebalance, records fetched before it may still arrive, and a partition given
         // back may be fetched again from where the store was.
         let mut to = self.offsets.clone();
-        let records: Vec<Record> = records
+        let fed_more = fed.more;
+        let (records, mut decoded): (Vec<Record>, Vec<_>) = fed
+            .records
             .into_iter()
-            .filter(|r| {
+            .zip(fed.decoded)
+            .filter(|(r, _)| {
                 let position = (r.topic.to_string(), r.partition);
                 if !self.holds(&position)
                     || to.get(&position).is_some_and(|next| r.offset < *next)
@@ -763,7 +900,7 @@ impl<S: Store> Worker<'_, S> {
                 to.insert(position, r.offset + 1);
                 true
             })
-            .collect();
+            .unzip();
         if records.is_empty() {
             return Ok(true);
         }
@@ -804,7 +941,15 @@ impl<S: Store> Worker<'_, S> {
                     blocked.insert(aggregate);
                     continue;
                 }
-                match self.decode(r.payload.as_deref()).await {
+                let decoding = match decoded[i].take() {
+                    Some(Ok(event)) => Ok(event),
+                    Some(Err(Decoding::Permanent(e))) => Err(Decoding::Permanent(e)),
+                    // Decoded again: the registry was out, or this is a retry.
+                    Some(Err(Decoding::Outage(_))) | None => {
+                        self.decode(r.payload.as_deref()).await
+                    }
+                };
+                match decoding {
                     Ok(mut event) => {
                         // What the store starts from this event (an e-mail) continues
                         // this consumer's span.
@@ -840,7 +985,7 @@ impl<S: Store> Worker<'_, S> {
                 events,
                 from: &self.offsets,
                 to: &to,
-                caught_up: records.len() < MAX_BATCH,
+                caught_up: records.len() < MAX_BATCH && !fed_more,
             };
             match self.store.commit(self.mode, self.version, batch).await {
                 Ok(Committed::Done) => {

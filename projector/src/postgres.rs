@@ -111,6 +111,29 @@ where
     }
 }
 
+/// `items` as PostgreSQL's text input of a `text[]` (`{"a","b \"c\""}`): every element
+/// quoted, backslashes and double quotes escaped, so that braces, commas, spaces and the
+/// word NULL are read back as the text they are.
+pub fn text_array(items: &[String]) -> String {
+    let mut out = String::with_capacity(2 + items.iter().map(|i| i.len() + 3).sum::<usize>());
+    out.push('{');
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 /// The schema holding `version` of `projection`'s tables.
 pub fn schema(projection: &str, version: i32) -> String {
     format!("{projection}_v{version}")
@@ -310,5 +333,28 @@ impl<P: Projection> Store for Tables<P> {
         }
         tx.commit().await.map_err(outage)?;
         Ok(Committed::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_array;
+
+    #[test]
+    fn an_array_literal_quotes_every_element_and_escapes_quotes_and_backslashes() {
+        let items = [
+            "plain",
+            "two words",
+            "NULL",
+            "a,b{c}",
+            r#"say "hi""#,
+            r"back\slash",
+        ]
+        .map(str::to_owned);
+        assert_eq!(
+            text_array(&items),
+            r#"{"plain","two words","NULL","a,b{c}","say \"hi\"","back\\slash"}"#
+        );
+        assert_eq!(text_array(&[]), "{}");
     }
 }

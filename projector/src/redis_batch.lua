@@ -14,8 +14,10 @@
 --   D key member nkeys key*                       set add, then the keys deleted
 --   L doc member score | W doc member             list | withdraw a document in its indexes
 --   E doc member version nfields (field value)*   H for a listed document, reindexed
---   J doc field from from_field members           doc joins set members; its field copies
---                                                 from's from_field (if doc exists)
+--   C doc version nfields (field value)* field from from_field members
+--                                                 H with create, and doc joins set members:
+--                                                 its field copies from's from_field (read
+--                                                 once per batch while no other write runs)
 --   P from from_field field members               every member copies from's from_field
 local root, version, mode, caught_up = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local activate = false
@@ -86,11 +88,16 @@ local function wrote(key)
 end
 local announce = {}
 if announces then
-  announce = { H = true, E = true, L = true, W = true, J = true, I = true }
+  announce = { H = true, E = true, L = true, W = true, C = true, I = true }
 end
+-- What C read of its `from` hashes in this batch (hash -> field -> value); forgotten on
+-- any write other than C, I and T (which write counters and sorted sets, never such a
+-- hash), and a C forgets what it read of the document it writes.
+local joined = {}
 while i <= #ARGV do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
   if announce[op] then wrote(ARGV[i + 1]) end
+  if op ~= 'C' and op ~= 'I' and op ~= 'T' and next(joined) then joined = {} end
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     local current = redis.call('HGET', key, '{{F_VERSION}}')
@@ -125,12 +132,33 @@ while i <= #ARGV do
       if listed then list(key, member, listed) end
     end
     i = i + 5 + 2 * nf
-  elseif op == 'J' then
-    redis.call('SADD', prefix .. ARGV[i + 5], ARGV[i + 1])
-    if redis.call('EXISTS', key) == 1 then
-      redis.call('HSET', key, ARGV[i + 2], redis.call('HGET', prefix .. ARGV[i + 3], ARGV[i + 4]) or '')
+  elseif op == 'C' then
+    local v, nf = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    local j = i + 4 + 2 * nf
+    local field, from, from_field = ARGV[j], prefix .. ARGV[j + 1], ARGV[j + 2]
+    redis.call('SADD', prefix .. ARGV[j + 3], ARGV[i + 1])
+    joined[key] = nil
+    local read = joined[from] or {}
+    local value = read[from_field]
+    if not value then
+      value = redis.call('HGET', from, from_field) or ''
+      read[from_field] = value
+      joined[from] = read
     end
-    i = i + 6
+    local current = redis.call('HGET', key, '{{F_VERSION}}')
+    if not current or tonumber(current) < v then
+      local args = { '{{F_VERSION}}', ARGV[i + 2] }
+      for f = 0, nf - 1 do
+        args[#args + 1] = ARGV[i + 4 + 2 * f]
+        args[#args + 1] = ARGV[i + 5 + 2 * f]
+      end
+      args[#args + 1] = field
+      args[#args + 1] = value
+      redis.call('HSET', key, unpack(args))
+    else
+      redis.call('HSET', key, field, value)
+    end
+    i = j + 4
   elseif op == 'P' then
     local value = redis.call('HGET', key, ARGV[i + 2]) or ''
     for _, doc in ipairs(redis.call('SMEMBERS', prefix .. ARGV[i + 4])) do

@@ -47,10 +47,23 @@ impl Writes {
         }
     }
 
-    /// Document `doc` joins set `members`, and its `field` copies `from_field` of hash
-    /// `from` (a value denormalised for readers; [`Writes::propagate`] keeps it in step).
-    pub fn join(&mut self, doc: &str, field: &str, from: &str, from_field: &str, members: &str) {
-        self.push(&["J", doc, field, from, from_field, members]);
+    /// Creates document `doc` as [`Writes::hash`] with `create` does, and joins it: `doc`
+    /// joins set `join.members`, and its `join.field` copies `join.from_field` of hash
+    /// `join.from` (a value denormalised for readers; [`Writes::propagate`] keeps it in
+    /// step). The batch script reads each `from` once while nothing else is written.
+    pub fn create_joined(
+        &mut self,
+        doc: &str,
+        version: i64,
+        fields: &[(&str, String)],
+        join: &Join<'_>,
+    ) {
+        let (version, count) = (version.to_string(), fields.len().to_string());
+        self.push(&["C", doc, &version, &count]);
+        for (field, value) in fields {
+            self.push(&[field, value]);
+        }
+        self.push(&[join.field, join.from, join.from_field, join.members]);
     }
 
     /// Every document of set `members` copies `from_field` of hash `from` into its `field`.
@@ -117,6 +130,19 @@ impl Writes {
             self.push(&[field, value]);
         }
     }
+}
+
+/// How a document copies a field of another hash, and the set of the documents that do
+/// (see [`Writes::create_joined`]).
+pub struct Join<'a> {
+    /// The document's field.
+    pub field: &'a str,
+    /// The hash copied from.
+    pub from: &'a str,
+    /// Its field.
+    pub from_field: &'a str,
+    /// The set the document joins.
+    pub members: &'a str,
 }
 
 /// A read model kept in Redis.

@@ -585,6 +585,116 @@ async fn verify_names_a_row_and_a_key_that_differ_from_a_fresh_build_and_leaves_
     app.stop().await
 }
 
+/// Tags of any spelling (quotes, backslashes, braces, commas, the word null) read back as
+/// drafted: one event at a time (the live projector) and in runs of creations, whose
+/// statement carries each row's tags as the text of an array (`postgres::text_array`).
+#[tokio::test]
+async fn tags_of_any_spelling_are_projected_as_drafted_one_at_a_time_and_in_runs() -> TestResult {
+    use newsroom_events::news::{NewsDrafted, NewsEvent};
+    let app = TestApp::spawn().await?;
+    let editor = app.editor().await?;
+    let tricky = [
+        r#"say "hi""#,
+        r"back\slash",
+        "a,b",
+        "{brace}",
+        "null",
+        "two words",
+        "ünï",
+    ];
+    let tricky: Vec<String> = tricky.map(str::to_owned).to_vec();
+    // Rows of different tags, of different counts, none among them.
+    let mut reversed = tricky.clone();
+    reversed.reverse();
+    let per_row: Vec<Vec<String>> = vec![tricky.clone(), Vec::new(), vec!["only".into()], reversed];
+    let pool = app.pool().await?;
+
+    // A run of creations in one statement, as the projector writes it (rolled back).
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL search_path TO news_v1, public")
+        .execute(&mut *tx)
+        .await?;
+    let author = Uuid::now_v7();
+    let run: Vec<NewsEvent> = per_row
+        .iter()
+        .map(|tags| {
+            NewsEvent::Drafted(NewsDrafted {
+                metadata: newsroom_events::EventMetadata {
+                    event_id: Uuid::now_v7(),
+                    aggregate_id: Uuid::now_v7(),
+                    aggregate_version: 1,
+                    occurred_at: newsroom_events::metadata::micros(chrono::Utc::now()),
+                    correlation_id: "test".into(),
+                    causation_id: "test".into(),
+                    actor_id: Some(author),
+                    schema_version: 0,
+                },
+                author_id: author,
+                category: newsroom_events::Category::Sports,
+                title: "Tagged".into(),
+                content: "Text.".into(),
+                tags: tags.clone(),
+            })
+        })
+        .collect();
+    newsroom_projector::news::insert_drafts(&mut tx, &run).await?;
+    for (event, tags) in run.iter().zip(&per_row) {
+        let (stored,): (Vec<String>,) = sqlx::query_as("SELECT tags FROM news WHERE id = $1")
+            .bind(event.metadata().aggregate_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        assert_eq!(&stored, tags);
+    }
+    tx.rollback().await?;
+
+    // Drafts through the API: the live projector applies them as they come, a fresh
+    // build (verify) reads them back to back, in runs.
+    let mut drafted = Vec::new();
+    for (i, tags) in per_row.iter().cycle().take(8).enumerate() {
+        let body = json!({"category": "politics", "title": format!("Tagged {i}"), "content": "Text.", "tags": tags});
+        let (status, created) = app
+            .command(
+                Method::POST,
+                "/v1/news",
+                Some(&editor.token),
+                Some(&body),
+                None,
+            )
+            .await?;
+        assert_eq!(status, S::CREATED, "{created}");
+        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        drafted.push((id, tags.clone()));
+    }
+    let ids: Vec<Uuid> = drafted.iter().map(|(id, _)| *id).collect();
+    until(
+        "the drafts in the news model",
+        Duration::from_secs(30),
+        || {
+            let (pool, ids) = (pool.clone(), ids.clone());
+            async move {
+                let (count,): (i64,) =
+                    sqlx::query_as("SELECT count(*) FROM news WHERE id = ANY($1)")
+                        .bind(&ids)
+                        .fetch_one(&pool)
+                        .await?;
+                Ok(count as usize == ids.len())
+            }
+        },
+    )
+    .await?;
+    for (id, tags) in &drafted {
+        let (stored,): (Vec<String>,) = sqlx::query_as("SELECT tags FROM news WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+        assert_eq!(&stored, tags);
+    }
+    let said = app.newsroom_cli(&["verify", "news", "--quiet"]).await?;
+    assert!(said.contains("version 1 equals a fresh build"), "{said}");
+    pool.close().await;
+    app.stop().await
+}
+
 /// The projector's even runs, the last one among them, apply each model's partitions in
 /// two lanes (two group members in one process, ADR 34): runs of one and of two lanes
 /// hand their partitions to each other.
