@@ -428,8 +428,11 @@ impl<S: Store> Session<'_, S> {
         let mut refreshed = tokio::time::Instant::now();
         // A chunk that did not fit in the last batch.
         let mut next: Option<Fed> = None;
+        // A batch to apply again, after the stored offsets moved under it.
+        let mut again: Option<Fed> = None;
         loop {
-            let mut chunk = match next.take() {
+            let retrying = again.is_some();
+            let mut chunk = match again.take().or_else(|| next.take()) {
                 Some(fed) => Some(fed),
                 None => tokio::select! {
                     () = shutdown.as_mut() => return Ok(true),
@@ -442,7 +445,9 @@ impl<S: Store> Session<'_, S> {
             };
             // What else is decoded already joins the batch, up to its size.
             if let Some(fed) = &mut chunk {
-                while let Ok(more) = feed.try_recv() {
+                while next.is_none()
+                    && let Ok(more) = feed.try_recv()
+                {
                     if fed.records.len() + more.records.len() > max {
                         next = Some(more);
                         break;
@@ -474,13 +479,42 @@ impl<S: Store> Session<'_, S> {
                 continue;
             };
             let count = chunk.records.len() as u64;
-            if !worker.batch(chunk).await? {
-                return Ok(false);
+            match worker.batch(chunk).await? {
+                Applied::Done => {}
+                Applied::Reopen => return Ok(false),
+                // The group moved a partition of the batch while it was applied (the
+                // feeder polls the consumer meanwhile), and its new holder went first, or
+                // this lane was given a partition whose offsets another process moved:
+                // reread the stored offsets and apply the rest, once; a second time, or a
+                // switched version, reopens.
+                Applied::Moved(records) if !retrying => {
+                    if !worker.follow(holding).await? {
+                        return Ok(false);
+                    }
+                    again = Some(Fed {
+                        decoded: records.iter().map(|_| None).collect(),
+                        records,
+                        more: true,
+                    });
+                    continue;
+                }
+                Applied::Moved(_) => return Ok(false),
             }
             holding.know_held(&worker.offsets);
             self.progress.send_modify(|p| worker.report(p, count));
         }
     }
+}
+
+/// What became of a batch.
+enum Applied {
+    /// Applied (or parked), offsets moved.
+    Done,
+    /// Nothing written; the consumer must reopen.
+    Reopen,
+    /// Nothing written: the stored offsets or the version moved under the batch; its
+    /// records, to apply again after rereading them.
+    Moved(Vec<Record>),
 }
 
 /// Records as fetched, each with what decoding it gave (see [`feed_from`]).
@@ -876,8 +910,8 @@ impl<S: Store> Worker<'_, S> {
         decode(self.registry, payload).await
     }
 
-    /// Applies one batch; `false` when the consumer must reopen.
-    async fn batch(&mut self, fed: Fed) -> anyhow::Result<bool> {
+    /// Applies one batch.
+    async fn batch(&mut self, fed: Fed) -> anyhow::Result<Applied> {
         // Only partitions held now, and only what is not applied yet: after a reopen or a
         // rebalance, records fetched before it may still arrive, and a partition given
         // back may be fetched again from where the store was.
@@ -902,7 +936,7 @@ impl<S: Store> Worker<'_, S> {
             })
             .unzip();
         if records.is_empty() {
-            return Ok(true);
+            return Ok(Applied::Done);
         }
         // Each event that carries a trace context gets a span of that trace, open until
         // the batch is committed (or the consumer reopens).
@@ -993,12 +1027,16 @@ impl<S: Store> Worker<'_, S> {
                     self.parked = blocked;
                     let parked = fates.iter().filter(|f| matches!(f, Fate::Park(_))).count();
                     self.observe(&records, count, parked as u64);
-                    return Ok(true);
+                    return Ok(Applied::Done);
                 }
                 Ok(Committed::Paused) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Committed::Reopen) if self.mode == Mode::Live => {
+                    tracing::info!(consumer = %self.label, "version or offsets moved; rereading them");
+                    return Ok(Applied::Moved(records));
+                }
                 Ok(Committed::Reopen) => {
                     tracing::info!(consumer = %self.label, "version or offsets moved; reopening");
-                    return Ok(false);
+                    return Ok(Applied::Reopen);
                 }
                 Err(Failure::Outage(e)) => {
                     tracing::warn!(consumer = %self.label, error = format!("{e:#}"), "the store failed; retrying");
