@@ -730,7 +730,7 @@ async fn main() -> anyhow::Result<()> {
             baseline::redis_writes(&backlog.settings, args.backlog.min(200_000)).await?;
         let redis_figure = Figure {
             name:
-                "baseline: pipelined HSET + SADD of articles of the same shape (Redis, MULTI/EXEC of 1,000)"
+                "baseline: pipelined HSET + SADD of articles of the same shape (Redis, MULTI/EXEC of 1,000, two writers)"
                     .into(),
             value: redis_writes,
             unit: "articles/s",

@@ -176,10 +176,10 @@ pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     // FORCE cannot end a session of another role, such as an autovacuum worker that
-    // happens to be on the database: those end by themselves, so try again.
-    let mut attempt = 0;
+    // happens to be on the database: those end by themselves (one on a table of a million
+    // rows takes a while), so try again for up to a minute.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        attempt += 1;
         let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
         )))
@@ -187,7 +187,7 @@ pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
         .await;
         match dropped {
             Ok(_) => return Ok(()),
-            Err(_) if attempt < 10 => {
+            Err(_) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await
             }
             Err(e) => return Err(e).with_context(|| format!("dropping database {name}")),

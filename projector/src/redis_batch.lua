@@ -77,7 +77,7 @@ local i = first + 3 * n
 local skip = 0
 -- A live batch of a model that announces names the keys of documents and counters it
 -- wrote, once each (read_models.rs `CHANGED`): query processes forget what they kept of
--- them.
+-- them. A document C creates is not named: no query process kept it.
 local changed = { version }
 local seen = {}
 local function wrote(key)
@@ -88,26 +88,37 @@ local function wrote(key)
 end
 local announce = {}
 if announces then
-  announce = { H = true, E = true, L = true, W = true, C = true, I = true }
+  announce = { H = true, E = true, L = true, W = true, I = true }
 end
--- What C read of its `from` hashes in this batch (hash -> field -> value); forgotten on
--- any write other than C, I and T (which write counters and sorted sets, never such a
--- hash), and a C forgets what it read of the document it writes.
+-- What C read of its `from` hashes in this batch (hash relative to the prefix -> field ->
+-- value); forgotten on any write other than C, I and T (which write counters and sorted
+-- sets, never such a hash), and a C forgets what it read of the document it writes.
 local joined = {}
-while i <= #ARGV do
+-- The documents C has yet to add to sets (set relative to the prefix -> documents): one
+-- SADD per set, before any write other than C, I and T (a P reads such a set) and at the
+-- end.
+local joining = {}
+local function join()
+  for set, docs in pairs(joining) do
+    for k = 1, #docs, 512 do
+      redis.call('SADD', prefix .. set, unpack(docs, k, math.min(k + 511, #docs)))
+    end
+  end
+  joining = {}
+end
+local nargs = #ARGV
+while i <= nargs do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
   if announce[op] then wrote(ARGV[i + 1]) end
-  if op ~= 'C' and op ~= 'I' and op ~= 'T' and next(joined) then joined = {} end
+  if op ~= 'C' and op ~= 'I' and op ~= 'T' then
+    if next(joined) then joined = {} end
+    if next(joining) then join() end
+  end
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     local current = redis.call('HGET', key, '{{F_VERSION}}')
     if (not current and create) or (current and tonumber(current) < v) then
-      local args = { '{{F_VERSION}}', ARGV[i + 2] }
-      for j = 0, nf - 1 do
-        args[#args + 1] = ARGV[i + 5 + 2 * j]
-        args[#args + 1] = ARGV[i + 6 + 2 * j]
-      end
-      redis.call('HSET', key, unpack(args))
+      redis.call('HSET', key, '{{F_VERSION}}', ARGV[i + 2], unpack(ARGV, i + 5, i + 4 + 2 * nf))
     end
     i = i + 5 + 2 * nf
   elseif op == 'L' then
@@ -123,38 +134,32 @@ while i <= #ARGV do
     if current and tonumber(current) < v then
       local listed = redis.call('HGET', key, '{{F_LISTED}}')
       if listed then withdraw(key, member) end
-      local args = { '{{F_VERSION}}', ARGV[i + 3] }
-      for j = 0, nf - 1 do
-        args[#args + 1] = ARGV[i + 5 + 2 * j]
-        args[#args + 1] = ARGV[i + 6 + 2 * j]
-      end
-      redis.call('HSET', key, unpack(args))
+      redis.call('HSET', key, '{{F_VERSION}}', ARGV[i + 3], unpack(ARGV, i + 5, i + 4 + 2 * nf))
       if listed then list(key, member, listed) end
     end
     i = i + 5 + 2 * nf
   elseif op == 'C' then
     local v, nf = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     local j = i + 4 + 2 * nf
-    local field, from, from_field = ARGV[j], prefix .. ARGV[j + 1], ARGV[j + 2]
-    redis.call('SADD', prefix .. ARGV[j + 3], ARGV[i + 1])
-    joined[key] = nil
+    local field, from, from_field = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+    local docs = joining[ARGV[j + 3]]
+    if not docs then
+      docs = {}
+      joining[ARGV[j + 3]] = docs
+    end
+    docs[#docs + 1] = ARGV[i + 1]
+    joined[ARGV[i + 1]] = nil
     local read = joined[from] or {}
     local value = read[from_field]
     if not value then
-      value = redis.call('HGET', from, from_field) or ''
+      value = redis.call('HGET', prefix .. from, from_field) or ''
       read[from_field] = value
       joined[from] = read
     end
     local current = redis.call('HGET', key, '{{F_VERSION}}')
+    if current and announces then wrote(ARGV[i + 1]) end
     if not current or tonumber(current) < v then
-      local args = { '{{F_VERSION}}', ARGV[i + 2] }
-      for f = 0, nf - 1 do
-        args[#args + 1] = ARGV[i + 4 + 2 * f]
-        args[#args + 1] = ARGV[i + 5 + 2 * f]
-      end
-      args[#args + 1] = field
-      args[#args + 1] = value
-      redis.call('HSET', key, unpack(args))
+      redis.call('HSET', key, '{{F_VERSION}}', ARGV[i + 2], field, value, unpack(ARGV, i + 4, j - 1))
     else
       redis.call('HSET', key, field, value)
     end
@@ -197,6 +202,7 @@ while i <= #ARGV do
     return redis.error_reply('unknown write ' .. tostring(op))
   end
 end
+join()
 for j = first, first + 3 * (n - 1), 3 do
   redis.call('HSET', offsets, ARGV[j], ARGV[j + 2])
 end

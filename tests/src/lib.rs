@@ -36,6 +36,22 @@ pub struct TestUser {
     pub token: String,
 }
 
+/// The consistency token of a write `what` answered 200 by `response`; fails on any other
+/// status.
+pub fn consistency_token(response: &reqwest::Response, what: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        response.status() == reqwest::StatusCode::OK,
+        "{what}: {}",
+        response.status()
+    );
+    Ok(response
+        .headers()
+        .get("x-consistency-token")
+        .with_context(|| format!("{what}: no consistency token"))?
+        .to_str()?
+        .to_owned())
+}
+
 /// A running newsroom with its own topics and database.
 pub struct TestApp {
     /// Base URL of the command API.
@@ -265,17 +281,7 @@ impl TestApp {
             .json(&serde_json::json!({"followed_categories": categories, "email_notifications": true}))
             .send()
             .await?;
-        anyhow::ensure!(
-            response.status() == reqwest::StatusCode::OK,
-            "follow: {}",
-            response.status()
-        );
-        Ok(response
-            .headers()
-            .get("x-consistency-token")
-            .context("a write without a consistency token")?
-            .to_str()?
-            .to_owned())
+        consistency_token(&response, "follow")
     }
 
     /// The data key of `user` as stored by the command side, if it still exists.
@@ -333,6 +339,38 @@ impl TestApp {
             serde_json::from_str(&text)?
         };
         Ok((status, value))
+    }
+
+    /// Drafts the article `body` as the holder of `token`; fails unless it is created. Its
+    /// id and the command API's answer.
+    pub async fn draft(&self, token: &str, body: &Value) -> anyhow::Result<(Uuid, Value)> {
+        let (status, created) = self
+            .command(
+                reqwest::Method::POST,
+                "/v1/news",
+                Some(token),
+                Some(body),
+                None,
+            )
+            .await?;
+        anyhow::ensure!(
+            status == reqwest::StatusCode::CREATED,
+            "drafting: {status} {created}"
+        );
+        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        Ok((id, created))
+    }
+
+    /// Publishes the article `id` as the holder of `token`; fails unless it is published.
+    /// The publication's consistency token.
+    pub async fn publish(&self, token: &str, id: Uuid) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .post(format!("{}/v1/news/{id}/publish", self.command_url))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        consistency_token(&response, "publish")
     }
 
     /// POSTs `body` as JSON to the command API.

@@ -23,17 +23,7 @@ async fn with_kafka_down_registration_is_503_and_nothing_is_appended() -> anyhow
     // An article to read while Kafka is down.
     let admin = app.admin().await?;
     let article = serde_json::json!({"category": "sports", "title": "Read me", "content": "x"});
-    let (status, created) = app
-        .command(
-            reqwest::Method::POST,
-            "/v1/news",
-            Some(&admin.token),
-            Some(&article),
-            None,
-        )
-        .await?;
-    assert_eq!(status, StatusCode::CREATED);
-    let news = created["id"].as_str().unwrap_or_default().to_owned();
+    let (news, _) = app.draft(&admin.token, &article).await?;
     let (status, _) = app
         .command(
             reqwest::Method::POST,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use newsroom_tests::{TestApp, TestUser, infra, until};
-use reqwest::{Method, StatusCode as S};
+use reqwest::StatusCode as S;
 use serde_json::{Value, json};
 
 /// How long a test waits for what happens asynchronously.
@@ -29,28 +29,9 @@ async fn publish(
     category: &str,
 ) -> anyhow::Result<(String, String)> {
     let body = json!({"category": category, "title": format!("About {category}"), "content": "Text.", "tags": ["t"]});
-    let (status, created) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&editor.token),
-            Some(&body),
-            None,
-        )
-        .await?;
-    anyhow::ensure!(status == S::CREATED, "draft: {status}");
-    let id = created["id"].as_str().unwrap_or_default().to_owned();
-    let response = app
-        .http
-        .post(format!("{}/v1/news/{id}/publish", app.command_url))
-        .bearer_auth(&editor.token)
-        .send()
-        .await?;
-    anyhow::ensure!(response.status() == S::OK, "publish: {}", response.status());
-    let token = response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned();
-    Ok((id, token))
+    let (id, _) = app.draft(&editor.token, &body).await?;
+    let token = app.publish(&editor.token, id).await?;
+    Ok((id.to_string(), token))
 }
 
 async fn readiness(app: &TestApp) -> anyhow::Result<(S, String)> {

@@ -22,17 +22,7 @@ fn article() -> Value {
 }
 
 async fn draft(app: &TestApp, editor: &TestUser) -> anyhow::Result<Uuid> {
-    let (status, body) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&editor.token),
-            Some(&article()),
-            None,
-        )
-        .await?;
-    anyhow::ensure!(status == S::CREATED, "drafting: {status} {body}");
-    Ok(Uuid::parse_str(body["id"].as_str().unwrap_or_default())?)
+    Ok(app.draft(&editor.token, &article()).await?.0)
 }
 
 #[tokio::test]
@@ -861,17 +851,7 @@ async fn an_article_answer_stored_for_someone_else_leaves_with_its_author() -> T
     let app = TestApp::spawn().await?;
     let pool = app.pool().await?;
     let (author, admin) = (app.editor().await?, app.admin().await?);
-    let (status, created) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&author.token),
-            Some(&article()),
-            None,
-        )
-        .await?;
-    assert_eq!(status, S::CREATED, "{created}");
-    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    let id = draft(&app, &author).await?;
     // An admin edits it with a key: the stored answer names the author.
     let key = Uuid::now_v7().to_string();
     let response = app

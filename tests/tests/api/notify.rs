@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use newsroom_tests::{TestApp, TestUser, mails_to, until};
+use newsroom_tests::{TestApp, TestUser, consistency_token, mails_to, until};
 use reqwest::Method;
 use reqwest::StatusCode as S;
 use serde_json::{Value, json};
@@ -25,19 +25,9 @@ async fn publish(
     tags: &[&str],
 ) -> anyhow::Result<(String, String)> {
     let body = json!({"category": category, "title": title, "content": "Text.", "tags": tags});
-    let (status, created) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&editor.token),
-            Some(&body),
-            None,
-        )
-        .await?;
-    anyhow::ensure!(status == S::CREATED, "draft: {status} {created}");
-    let id = created["id"].as_str().unwrap_or_default().to_owned();
-    let token = transition(app, editor, &id, "publish").await?;
-    Ok((id, token))
+    let (id, _) = app.draft(&editor.token, &body).await?;
+    let token = app.publish(&editor.token, id).await?;
+    Ok((id.to_string(), token))
 }
 
 /// POSTs `/v1/news/{id}/{action}`; the consistency token.
@@ -53,14 +43,7 @@ async fn transition(
         .bearer_auth(&editor.token)
         .send()
         .await?;
-    anyhow::ensure!(
-        response.status() == S::OK,
-        "{action}: {}",
-        response.status()
-    );
-    Ok(response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned())
+    consistency_token(&response, action)
 }
 
 async fn recommendations(

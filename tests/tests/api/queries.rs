@@ -5,8 +5,7 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use newsroom_tests::{TestApp, TestUser};
-use reqwest::Method;
+use newsroom_tests::{TestApp, TestUser, consistency_token};
 use reqwest::StatusCode as S;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -32,10 +31,7 @@ async fn retitle(
         .json(&json!({"title": title}))
         .send()
         .await?;
-    anyhow::ensure!(response.status() == S::OK, "edit: {}", response.status());
-    Ok(response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned())
+    consistency_token(&response, "edit")
 }
 
 /// Drafts and publishes an article; returns its id and the publication's consistency token.
@@ -46,27 +42,8 @@ pub(crate) async fn publish(
     tags: &[&str],
 ) -> anyhow::Result<Published> {
     let body = json!({"category": category, "title": format!("A {category} story"), "content": "Text.", "tags": tags});
-    let (status, created) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&editor.token),
-            Some(&body),
-            None,
-        )
-        .await?;
-    anyhow::ensure!(status == S::CREATED, "draft: {status} {created}");
-    let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
-    let response = app
-        .http
-        .post(format!("{}/v1/news/{id}/publish", app.command_url))
-        .bearer_auth(&editor.token)
-        .send()
-        .await?;
-    anyhow::ensure!(response.status() == S::OK, "publish: {}", response.status());
-    let token = response.headers()["x-consistency-token"]
-        .to_str()?
-        .to_owned();
+    let (id, _) = app.draft(&editor.token, &body).await?;
+    let token = app.publish(&editor.token, id).await?;
     Ok(Published { id, token })
 }
 
@@ -95,17 +72,12 @@ async fn a_published_article_is_public_and_a_draft_exists_only_for_its_author_an
     let app = TestApp::spawn().await?;
     let (author, other, admin) = (app.editor().await?, app.editor().await?, app.admin().await?);
     let live = publish(&app, &author, "sports", &["football"]).await?;
-    let (status, draft) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&author.token),
-            Some(&json!({"category": "famous", "title": "Secret", "content": "x"})),
-            None,
+    let (draft_id, _) = app
+        .draft(
+            &author.token,
+            &json!({"category": "famous", "title": "Secret", "content": "x"}),
         )
         .await?;
-    assert_eq!(status, S::CREATED);
-    let draft_id = draft["id"].as_str().unwrap_or_default().to_owned();
 
     let (status, body) = query(
         &app,
@@ -402,12 +374,9 @@ async fn lists_show_published_news_newest_first_with_filters_and_cursors() -> Te
     }
     let last = &published[published.len() - 1].token;
     // A draft never shows up in lists.
-    app.command(
-        Method::POST,
-        "/v1/news",
-        Some(&alice.token),
-        Some(&json!({"category": "sports", "title": "Draft", "content": "x"})),
-        None,
+    app.draft(
+        &alice.token,
+        &json!({"category": "sports", "title": "Draft", "content": "x"}),
     )
     .await?;
 

@@ -66,17 +66,7 @@ async fn a_garbage_record_and_an_event_that_fails_to_apply_are_dead_lettered_and
 
     // An article whose creation the read model refuses, then edited and published.
     let body = json!({"category": "politics", "title": "poison", "content": "Text.", "tags": []});
-    let (status, created) = app
-        .command(
-            Method::POST,
-            "/v1/news",
-            Some(&editor.token),
-            Some(&body),
-            None,
-        )
-        .await?;
-    assert_eq!(status, S::CREATED, "{created}");
-    let poisoned = created["id"].as_str().unwrap_or_default().to_owned();
+    let poisoned = app.draft(&editor.token, &body).await?.0.to_string();
     let (status, _) = app
         .command(
             Method::PATCH,
@@ -652,17 +642,7 @@ async fn tags_of_any_spelling_are_projected_as_drafted_one_at_a_time_and_in_runs
     let mut drafted = Vec::new();
     for (i, tags) in per_row.iter().cycle().take(8).enumerate() {
         let body = json!({"category": "politics", "title": format!("Tagged {i}"), "content": "Text.", "tags": tags});
-        let (status, created) = app
-            .command(
-                Method::POST,
-                "/v1/news",
-                Some(&editor.token),
-                Some(&body),
-                None,
-            )
-            .await?;
-        assert_eq!(status, S::CREATED, "{created}");
-        let id = Uuid::parse_str(created["id"].as_str().unwrap_or_default())?;
+        let (id, _) = app.draft(&editor.token, &body).await?;
         drafted.push((id, tags.clone()));
     }
     let ids: Vec<Uuid> = drafted.iter().map(|(id, _)| *id).collect();
@@ -855,4 +835,151 @@ async fn a_statement_that_outlasts_the_statement_timeout_is_cancelled_but_a_migr
     .await;
     newsroom_infra::db::drop_database(&admin_url, &database).await?;
     checked
+}
+
+/// A model whose writes are spelled by the events' names: `c <doc>` creates `doc` joined
+/// to author `a`'s name, `name <text>` renames author `a` (creating the name at version
+/// 1, changing it after).
+struct Spelled;
+
+impl newsroom_projector::redis_store::Model for Spelled {
+    fn name(&self) -> &'static str {
+        "spelled"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn announces(&self) -> bool {
+        true
+    }
+
+    async fn writes(
+        &self,
+        event: newsroom_infra::codec::Decoded,
+        out: &mut newsroom_projector::redis_store::Writes,
+    ) -> anyhow::Result<()> {
+        use newsroom_infra::read_models::field;
+        match event.name.split_once(' ') {
+            Some(("c", doc)) => out.create_joined(
+                doc,
+                1,
+                &[(field::TITLE, format!("title of {doc}"))],
+                &newsroom_projector::redis_store::Join {
+                    field: field::AUTHOR_NAME,
+                    from: "name:a",
+                    from_field: field::NAME,
+                    members: "authored:a",
+                },
+            ),
+            Some(("name", text)) => {
+                let version = if text == "first" { 1 } else { 2 };
+                out.hash(
+                    "name:a",
+                    version,
+                    version == 1,
+                    &[(field::NAME, text.into())],
+                );
+                out.propagate("name:a", field::NAME, field::AUTHOR_NAME, "authored:a");
+            }
+            _ => anyhow::bail!("unspelled event {}", event.name),
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_batch_script_joins_creations_in_log_order_and_announces_only_documents_that_were_there()
+-> TestResult {
+    use newsroom_projector::consumer::{Batch, Committed, Mode, Offsets, Store as _};
+    use redis::AsyncCommands as _;
+
+    let settings = newsroom_infra::Settings::local_defaults();
+    let root = format!("test_{}:spelled", Uuid::now_v7().simple());
+    let client = redis::Client::open(settings.redis.url.as_str())?;
+    let mut redis = client.get_connection_manager().await?;
+    let store =
+        newsroom_projector::redis_store::RedisStore::new(Spelled, redis.clone(), root.clone());
+    let mut offsets = Offsets::new();
+    let commit = |mode: Mode, from: Offsets, names: &[&str]| {
+        let to: Offsets = [(
+            ("spelled".to_owned(), 0),
+            from.values().sum::<i64>() + names.len() as i64,
+        )]
+        .into_iter()
+        .collect();
+        let events = names
+            .iter()
+            .map(|n| newsroom_infra::codec::Decoded {
+                name: (*n).to_owned(),
+                value: apache_avro::types::Value::Null,
+                trace: None,
+            })
+            .collect();
+        let store = &store;
+        async move {
+            let committed = store
+                .commit(
+                    mode,
+                    1,
+                    Batch {
+                        events,
+                        from: &from,
+                        to: &to,
+                        caught_up: true,
+                    },
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("the batch failed"))?;
+            anyhow::ensure!(
+                matches!(committed, Committed::Done),
+                "the batch was refused"
+            );
+            Ok::<_, anyhow::Error>(to)
+        }
+    };
+    let doc = |d: &str| format!("{root}:v1:{d}");
+    let outcome = async {
+        // A replay's batch: the rename in the middle reaches the documents created before
+        // it in the same batch, and the one after it reads the new name.
+        let _: () = redis.set(format!("{root}:building"), 1).await?;
+        offsets = commit(Mode::Replay(1), offsets, &["name first", "c d1", "c d2"]).await?;
+        offsets = commit(
+            Mode::Replay(1),
+            offsets,
+            &["c d3", "c d4", "name second", "c d5"],
+        )
+        .await?;
+        for d in ["d1", "d2", "d3", "d4", "d5"] {
+            let name: Option<String> = redis.hget(doc(d), "author_name").await?;
+            assert_eq!(name.as_deref(), Some("second"), "{d}");
+        }
+        let mut members: Vec<String> = redis.smembers(doc("authored:a")).await?;
+        members.sort();
+        assert_eq!(members, ["d1", "d2", "d3", "d4", "d5"]);
+
+        // A live batch announces a document written again (here: the name copied into
+        // it), not one it creates: no query process can have kept that one.
+        let _: () = redis.set(format!("{root}:active"), 1).await?;
+        let mut subscription = client.get_async_pubsub().await?;
+        subscription.subscribe(format!("{root}:changed")).await?;
+        commit(Mode::Live, offsets.clone(), &["c d6", "c d1"]).await?;
+        let message = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut subscription.on_message()),
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no announcement"))?;
+        assert_eq!(message.get_payload::<String>()?, "1 d1");
+        let created: Option<String> = redis.hget(doc("d6"), "author_name").await?;
+        assert_eq!(created.as_deref(), Some("second"));
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let keys: Vec<String> = redis.keys(format!("{root}:*")).await?;
+    if !keys.is_empty() {
+        let _: () = redis.del(keys).await?;
+    }
+    outcome
 }
