@@ -300,7 +300,7 @@ pub async fn postgres_inserts(settings: &Settings, count: usize) -> anyhow::Resu
 
 /// How many writers the raw Redis baseline runs at once: one building its next pipeline
 /// while Redis applies the other's, so that Redis rather than the client bounds it.
-const REDIS_WRITERS: usize = 2;
+pub const REDIS_WRITERS: usize = 2;
 
 /// Writes `count` hashes shaped like the cache model's articles (the same twelve fields)
 /// under a scratch prefix, each article's key added to its author's set as the model does,

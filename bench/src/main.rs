@@ -729,9 +729,10 @@ async fn main() -> anyhow::Result<()> {
         let redis_writes =
             baseline::redis_writes(&backlog.settings, args.backlog.min(200_000)).await?;
         let redis_figure = Figure {
-            name:
-                "baseline: pipelined HSET + SADD of articles of the same shape (Redis, MULTI/EXEC of 1,000, two writers)"
-                    .into(),
+            name: format!(
+                "baseline: pipelined HSET + SADD of articles of the same shape (Redis, MULTI/EXEC of 1,000, {} writers)",
+                baseline::REDIS_WRITERS
+            ),
             value: redis_writes,
             unit: "articles/s",
             stats: None,

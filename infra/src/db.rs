@@ -187,7 +187,7 @@ pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
         .await;
         match dropped {
             Ok(_) => return Ok(()),
-            Err(_) if std::time::Instant::now() < deadline => {
+            Err(sqlx::Error::Database(_)) if std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await
             }
             Err(e) => return Err(e).with_context(|| format!("dropping database {name}")),

@@ -95,8 +95,8 @@ end
 -- sets, never such a hash), and a C forgets what it read of the document it writes.
 local joined = {}
 -- The documents C has yet to add to sets (set relative to the prefix -> documents): one
--- SADD per set, before any write other than C, I and T (a P reads such a set) and at the
--- end.
+-- SADD per set, before any write that reads or writes a set (P, S, G, D: a P reads such
+-- a set) and at the end.
 local joining = {}
 local function join()
   for set, docs in pairs(joining) do
@@ -110,10 +110,8 @@ local nargs = #ARGV
 while i <= nargs do
   local op, key = ARGV[i], prefix .. ARGV[i + 1]
   if announce[op] then wrote(ARGV[i + 1]) end
-  if op ~= 'C' and op ~= 'I' and op ~= 'T' then
-    if next(joined) then joined = {} end
-    if next(joining) then join() end
-  end
+  if op ~= 'C' and op ~= 'I' and op ~= 'T' and next(joined) then joined = {} end
+  if (op == 'P' or op == 'S' or op == 'G' or op == 'D') and next(joining) then join() end
   if op == 'H' then
     local v, create, nf = tonumber(ARGV[i + 2]), ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     local current = redis.call('HGET', key, '{{F_VERSION}}')

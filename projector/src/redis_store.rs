@@ -58,6 +58,8 @@ impl Writes {
         fields: &[(&str, String)],
         join: &Join<'_>,
     ) {
+        // The batch script sets the joined field first (Lua expands the fields last).
+        debug_assert!(fields.iter().all(|(f, _)| *f != join.field));
         let (version, count) = (version.to_string(), fields.len().to_string());
         self.push(&["C", doc, &version, &count]);
         for (field, value) in fields {

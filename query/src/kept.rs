@@ -170,7 +170,8 @@ struct ArticlesState {
 
 /// Articles of the `cache` model kept per process until the cache projection announces a
 /// change to them (ADR 33). The projector's batch script publishes, with each live batch,
-/// the keys it wrote on `<root>:changed` (read_models.rs `CHANGED`); a replay's switch
+/// the keys it wrote on `<root>:changed` (read_models.rs `CHANGED`), but for the articles
+/// it created (no process can have kept those, ADR 36); a replay's switch
 /// publishes the new version. A kept article is answered to requests without a
 /// consistency token only, while the subscription lives.
 #[derive(Clone)]
