@@ -14,9 +14,9 @@ pub const LAYOUT: &str = "layout";
 /// The channel on which a model's live batches announce what they wrote
 /// (`<root>:changed`, beside `<root>:active`): each message is the version written, then
 /// the keys written, relative to the version's prefix, separated by spaces (a document
-/// created by the write is left out, ADR 36; a batch that only creates sends none); a replay's
-/// switch announces the new version alone. Query processes forget what they kept of
-/// those keys (ADR 33).
+/// created by the write is left out, ADR 36; a batch that only creates sends none); a
+/// replay's switch announces the new version alone. Query processes forget what they
+/// kept of those keys (ADR 33).
 pub const CHANGED: &str = "changed";
 
 /// The `cache` model: articles, their readers' counts and the trending buckets.
