@@ -725,6 +725,17 @@ impl ChildRole {
         run: usize,
         args: &[&str],
     ) -> anyhow::Result<ChildRole> {
+        ChildRole::start_with_env(app, role, run, args, &[])
+    }
+
+    /// [`ChildRole::start_with`] with more environment variables.
+    pub fn start_with_env(
+        app: &TestApp,
+        role: &str,
+        run: usize,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ChildRole> {
         let log = std::env::temp_dir().join(format!(
             "newsroom-{role}-{}-{run}.log",
             app.settings.kafka.topic_prefix
@@ -733,10 +744,18 @@ impl ChildRole {
             .newsroom(&format!("{role}-{run}"))?
             .arg(role)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
         Ok(ChildRole { child, log })
+    }
+
+    /// The last `lines` lines of its log, as written.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Each JSON line it logged so far.

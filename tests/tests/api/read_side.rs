@@ -752,13 +752,20 @@ async fn two_projectors_share_the_partitions_and_one_takes_all_when_the_other_is
     .await?;
     let partitions = app.settings.kafka.partitions as usize;
     let load = EditorialLoad::start(&app).await?;
-    let (first, second) = (
-        ChildRole::start(&app, "project", 0)?,
-        ChildRole::start(&app, "project", 1)?,
-    );
+    // librdkafka's consumer-group log in each projector's, for the failure's message.
+    let start = |run| {
+        ChildRole::start_with_env(
+            &app,
+            "project",
+            run,
+            &[],
+            &[("NEWSROOM_KAFKA_DEBUG", "cgrp")],
+        )
+    };
+    let (first, second) = (start(0)?, start(1)?);
     // Each model's group shares out its partitions: both hold some, none is held twice.
     for consumer in ["users", "news", "reads", "cache"] {
-        newsroom_tests::until(
+        let shared = newsroom_tests::until(
             &format!("the {consumer} partitions shared by two projectors"),
             Duration::from_secs(60),
             || async {
@@ -770,7 +777,16 @@ async fn two_projectors_share_the_partitions_and_one_takes_all_when_the_other_is
                 Ok(!a.is_empty() && !b.is_empty() && all.len() == a.len() + b.len())
             },
         )
-        .await?;
+        .await;
+        if shared.is_err() {
+            for (run, projector) in [(0, &first), (1, &second)] {
+                eprintln!(
+                    "projector {run}, the end of its log:\n{}",
+                    projector.log_tail(80)
+                );
+            }
+        }
+        shared?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     first.kill()?;
