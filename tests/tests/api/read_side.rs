@@ -759,7 +759,13 @@ async fn two_projectors_share_the_partitions_and_one_takes_all_when_the_other_is
             "project",
             run,
             &[],
-            &[("NEWSROOM_KAFKA_DEBUG", "cgrp")],
+            &[
+                ("NEWSROOM_KAFKA_DEBUG", "cgrp"),
+                (
+                    "NEWSROOM_LOG",
+                    "info,librdkafka=debug,rdkafka=warn,sqlx=warn",
+                ),
+            ],
         )
     };
     let (first, second) = (start(0)?, start(1)?);
